@@ -1,0 +1,124 @@
+"""Rank and node discovery: the one place that reads ranks, nodes and launcher variables.
+
+Ranks come from MPI (mpi4py): ``mpiexec`` locally, ``srun --mpi=pmi2|pmix`` under Slurm. Nodes are found
+with MPI's shared-memory split; ``ranks_per_node`` overrides that so that tests can make ranks of one host
+behave as separate nodes. Before ``torch.distributed`` starts, the variables it and DeepSpeed read are
+exported (never overwriting ones the launcher already set, except the ones this module owns).
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+from mpi4py import MPI
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    node_index: int
+    num_nodes: int
+    local_rank: int
+    local_size: int
+    host_local_size: int
+    hostname: str
+
+
+@dataclass
+class DistEnv:
+    """MPI communicators of this process: the world, and the ranks of its (real or posed) node."""
+
+    info: RankInfo
+    world: MPI.Comm
+    node: MPI.Comm
+
+    @property
+    def rank(self) -> int:
+        return self.info.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.info.world_size
+
+
+def _node_comm(world: MPI.Comm, ranks_per_node: int | None) -> MPI.Comm:
+    if ranks_per_node:
+        if ranks_per_node < 1 or world.Get_size() % ranks_per_node:
+            raise ValueError(f"launch.ranks_per_node={ranks_per_node} must be a positive divisor of the "
+                             f"job's {world.Get_size()} ranks")
+        return world.Split(color=world.Get_rank() // ranks_per_node, key=world.Get_rank())
+    return world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
+
+
+def discover(ranks_per_node: int | None = None) -> DistEnv:
+    """Find this rank's place in the job from MPI (collective over MPI.COMM_WORLD)."""
+    world = MPI.COMM_WORLD
+    node = _node_comm(world, ranks_per_node)
+    host = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
+    host_local_size = host.Get_size()
+    host.Free()
+    # Number the nodes by their lowest world rank, identically on every rank.
+    leaders = world.allgather(world.Get_rank() if node.Get_rank() == 0 else -1)
+    node_leaders = sorted(r for r in leaders if r >= 0)
+    my_leader = node.bcast(world.Get_rank() if node.Get_rank() == 0 else None, root=0)
+    info = RankInfo(rank=world.Get_rank(), world_size=world.Get_size(),
+                    node_index=node_leaders.index(my_leader), num_nodes=len(node_leaders),
+                    local_rank=node.Get_rank(), local_size=node.Get_size(),
+                    host_local_size=host_local_size, hostname=socket.gethostname())
+    return DistEnv(info=info, world=world, node=node)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def export_torch_env(env: DistEnv) -> None:
+    """Export what torch.distributed and DeepSpeed read: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_SIZE and a
+    rendezvous (MASTER_ADDR/PORT) chosen by rank 0 and broadcast over MPI.
+
+    LOCAL_SIZE matters: DeepSpeed's CPU shared-memory all-reduce crashes without it.
+    """
+    if env.rank == 0:
+        addr = os.environ.get("MASTER_ADDR") or _routable_address()
+        port = os.environ.get("MASTER_PORT") or str(_free_port())
+        rendezvous = (addr, port)
+    else:
+        rendezvous = None
+    addr, port = env.world.bcast(rendezvous, root=0)
+    os.environ.update({
+        "RANK": str(env.rank), "WORLD_SIZE": str(env.world_size),
+        "LOCAL_RANK": str(env.info.local_rank), "LOCAL_SIZE": str(env.info.local_size),
+        "MASTER_ADDR": addr, "MASTER_PORT": port,
+    })
+
+
+def _routable_address() -> str:
+    """An address of this host that other nodes can reach (the loopback when alone)."""
+    if MPI.COMM_WORLD.Get_size() == 1:
+        return "127.0.0.1"
+    hostname = socket.gethostname()
+    try:
+        return socket.gethostbyname(hostname)
+    except OSError:
+        return "127.0.0.1"
+
+
+def under_launcher() -> bool:
+    """True when this process was started by an MPI launcher or srun (so it must not start one itself)."""
+    markers = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "MPI_LOCALRANKID", "HYDI_CONTROL_FD")
+    if any(name in os.environ for name in markers):
+        return True
+    return "SLURM_STEP_ID" in os.environ and "SLURM_PROCID" in os.environ
+
+
+def cores_per_rank(local_size: int) -> int:
+    """Threads each rank should use so the ranks of a node do not fight over cores."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    total = int(os.environ.get("SLURM_CPUS_ON_NODE", available))
+    return max(1, total // max(1, local_size))

@@ -1,0 +1,66 @@
+"""The device-tier KV cache of one rank: paged blocks for the layers and KV heads this rank holds.
+
+Blocks are ``[block_size, kv_heads, head_dim]`` (token-major inside a block, which makes appending one token
+per sequence a single indexed write); one tensor per K and V of shape
+``[layers, blocks, block_size, kv_heads, head_dim]``. Layers are addressed by their global index.
+"""
+from __future__ import annotations
+
+import torch
+
+from seesaw_ds.kv.blocks import BlockAllocator
+
+
+class DeviceKVCache:
+    """Paged K/V storage plus the allocator that hands its blocks to sequences."""
+
+    def __init__(self, layers: range, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.layers = layers
+        self.block_size = block_size
+        shape = (len(layers), num_blocks, block_size, num_kv_heads, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.allocator = BlockAllocator(num_blocks, block_size)
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.keys.numel() * self.keys.element_size()
+
+    def _local(self, layer: int) -> int:
+        return layer - self.layers.start
+
+    def slots(self, seq_id: int, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block, offset) of token positions ``start .. start+count`` of a sequence (blocks must exist)."""
+        table = torch.tensor(self.allocator.tables[seq_id], dtype=torch.long)
+        positions = torch.arange(start, start + count)
+        return table[positions // self.block_size].to(self.keys.device), (positions % self.block_size).to(
+            self.keys.device)
+
+    def write_tokens(self, layer: int, blocks: torch.Tensor, offsets: torch.Tensor, keys: torch.Tensor,
+                     values: torch.Tensor) -> None:
+        """Write one token per row: ``keys``/``values`` are ``[N, kv_heads, head_dim]``."""
+        local = self._local(layer)
+        self.keys[local, blocks, offsets] = keys.to(self.keys.dtype)
+        self.values[local, blocks, offsets] = values.to(self.values.dtype)
+
+    def write_sequence(self, layer: int, seq_id: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write a run of tokens of one sequence: ``keys``/``values`` are ``[kv_heads, T, head_dim]``."""
+        blocks, offsets = self.slots(seq_id, start, keys.shape[1])
+        self.write_tokens(layer, blocks, offsets, keys.transpose(0, 1), values.transpose(0, 1))
+
+    def gather(self, layer: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of each row's blocks as ``[N, kv_heads, max_blocks*block_size, head_dim]``."""
+        local = self._local(layer)
+        count, max_blocks = block_tables.shape
+        keys = self.keys[local, block_tables].reshape(count, max_blocks * self.block_size, *self.keys.shape[-2:])
+        values = self.values[local, block_tables].reshape(count, max_blocks * self.block_size,
+                                                          *self.values.shape[-2:])
+        return keys.transpose(1, 2), values.transpose(1, 2)
+
+    def read_sequence(self, layer: int, seq_id: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of one sequence's first ``length`` tokens as ``[kv_heads, length, head_dim]``."""
+        blocks, offsets = self.slots(seq_id, 0, length)
+        local = self._local(layer)
+        return (self.keys[local, blocks, offsets].transpose(0, 1),
+                self.values[local, blocks, offsets].transpose(0, 1))

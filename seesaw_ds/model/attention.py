@@ -1,0 +1,106 @@
+"""Ragged, paged attention plugged into transformers' ``AttentionInterface``.
+
+The transformers decoder layers run unchanged; their attention call lands in :func:`seesaw_attention`,
+which reads the per-batch metadata passed down as the ``seesaw`` keyword:
+
+- **prefill**: many sequences of different lengths packed into one row of ``T`` tokens (no padding);
+  causal attention within each sequence over its in-batch keys, and the new K/V handed to a *sink* (the
+  host staging area, or the device tier) in head-major order;
+- **decode**: one new token per sequence, batched as ``[N, heads, 1, head_dim]``; its K/V are written into
+  the paged device-tier cache and attention reads each sequence's blocks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+ATTENTION_NAME = "seesaw"
+
+
+class PrefillSink(Protocol):
+    """Where prefill K/V go: called once per layer with ``[kv_heads, T, head_dim]`` tensors."""
+
+    def __call__(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None: ...
+
+
+@dataclass
+class PrefillMeta:
+    """Packed prefill batch: sequence boundaries in the packed row and the KV sink."""
+
+    cu_seqlens: list[int]
+    sink: PrefillSink
+
+
+@dataclass
+class DecodeMeta:
+    """Decode batch over the paged cache: per sequence its blocks, length after this token, write slot."""
+
+    cache: "object"                 # seesaw_ds.kv.device.DeviceKVCache
+    block_tables: torch.Tensor      # [N, max_blocks] long
+    lengths: torch.Tensor           # [N] long, KV length including the new token
+    write_blocks: torch.Tensor      # [N] long
+    write_offsets: torch.Tensor     # [N] long
+
+
+def _window_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    mask = key_pos[None, :] <= query_pos[:, None]
+    if window:
+        mask &= key_pos[None, :] > query_pos[:, None] - window
+    return mask
+
+
+def _prefill(module, query, key, value, meta: PrefillMeta, scaling, window) -> torch.Tensor:
+    # query [1, Hq, T, D]; key/value [1, Hkv, T, D]
+    meta.sink(module.layer_idx, key[0], value[0])
+    bounds = meta.cu_seqlens
+    outputs = []
+    gqa = query.shape[1] != key.shape[1]
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        q, k, v = query[:, :, start:stop], key[:, :, start:stop], value[:, :, start:stop]
+        if window and stop - start > window:
+            positions = torch.arange(stop - start, device=query.device)
+            mask = _window_mask(positions, positions, window)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
+        outputs.append(out)
+    return torch.cat(outputs, dim=2)
+
+
+def _decode(module, query, key, value, meta: DecodeMeta, scaling, window) -> torch.Tensor:
+    # query [N, Hq, 1, D]; key/value [N, Hkv, 1, D]
+    cache = meta.cache
+    cache.write_tokens(module.layer_idx, meta.write_blocks, meta.write_offsets, key[:, :, 0], value[:, :, 0])
+    keys, values = cache.gather(module.layer_idx, meta.block_tables)  # [N, Hkv, L, D]
+    positions = torch.arange(keys.shape[2], device=keys.device)
+    mask = positions[None, :] < meta.lengths[:, None]
+    if window:
+        mask &= positions[None, :] >= meta.lengths[:, None] - window
+    mask = mask[:, None, None, :]
+    return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling,
+                                          enable_gqa=query.shape[1] != keys.shape[1])
+
+
+def seesaw_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                     sliding_window=None, seesaw=None, **kwargs):
+    """transformers attention function: dispatch to the prefill or decode path of the batch metadata."""
+    if seesaw is None:
+        raise RuntimeError("seesaw attention called without batch metadata (the `seesaw` keyword)")
+    if isinstance(seesaw, PrefillMeta):
+        out = _prefill(module, query, key, value, seesaw, scaling, sliding_window)
+    else:
+        out = _decode(module, query, key, value, seesaw, scaling, sliding_window)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> str:
+    """Register the attention function with transformers (idempotent); returns its name."""
+    AttentionInterface.register(ATTENTION_NAME, seesaw_attention)
+    return ATTENTION_NAME
+
+
+SinkFactory = Callable[[int], PrefillSink]

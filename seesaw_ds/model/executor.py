@@ -1,0 +1,198 @@
+"""Run a batch under the active layout, and switch layouts at run time.
+
+Every rank of an instance calls the same methods with the same :class:`ForwardPlan` (SPMD). The executor
+keeps one :class:`~seesaw_ds.model.stage.StageModel` per distinct layout, all built at start-up from the
+one host copy, so ``activate`` only moves the new layout's shard onto the device (nothing on a CPU).
+A forward pass splits this rank's replica's sequences into micro-batches, runs its pipeline stage on
+each (hidden states travel point-to-point), and on the last stage returns the logits of each sequence's
+last position.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from seesaw_ds.backends import deepspeed as backend
+from seesaw_ds.dist.groups import Topology
+from seesaw_ds.dist.layout import ModelDims, kv_head_range, layer_range
+from seesaw_ds.kv.device import DeviceKVCache
+from seesaw_ds.model.attention import DecodeMeta, PrefillMeta
+from seesaw_ds.model.loader import HostWeights
+from seesaw_ds.model.stage import StageModel
+
+
+@dataclass
+class SeqWork:
+    """One sequence's share of a forward pass."""
+
+    seq_id: int
+    replica: int          # data-parallel replica of the active layout that runs it
+    tokens: list[int]     # prefill: the prompt; decode: the last sampled token
+    start: int = 0        # KV tokens already cached for this sequence
+
+
+@dataclass
+class ForwardPlan:
+    """What every rank of the instance runs in one step (sent by the instance leader)."""
+
+    kind: str                             # "prefill" | "decode"
+    seqs: list[SeqWork]
+    sink: str = "device"                  # prefill K/V destination: "device" or "staging"
+    free: list[int] = field(default_factory=list)  # sequences whose device blocks are released first
+
+
+@dataclass
+class SwitchStats:
+    """What one layout switch cost."""
+
+    layout: str
+    bytes_moved: int
+    shard_bytes: int
+    seconds: float
+
+
+def micro_batches(seqs: list[SeqWork], count: int, by_tokens: bool) -> list[list[SeqWork]]:
+    """Split ``seqs`` into at most ``count`` contiguous micro-batches of balanced size (pure)."""
+    if not seqs:
+        return []
+    count = max(1, min(count, len(seqs)))
+    weights = [len(s.tokens) if by_tokens else 1 for s in seqs]
+    total = sum(weights)
+    batches, current, acc = [], [], 0
+    for seq, weight in zip(seqs, weights):
+        current.append(seq)
+        acc += weight
+        if len(batches) < count - 1 and acc >= total * (len(batches) + 1) / count:
+            batches.append(current)
+            current = []
+    if current:
+        batches.append(current)
+    return batches
+
+
+class Executor:
+    """This rank's model under every configured layout, one of them active."""
+
+    def __init__(self, topology: Topology, host: HostWeights, template, dims: ModelDims,
+                 row_parallel: frozenset[str], *, device_tokens: int, block_size: int = 16,
+                 device: torch.device | None = None, staging=None):
+        self.topology = topology
+        self.dims = dims
+        self.device = device or backend.device()
+        self.dtype = host.dtype
+        self.block_size = block_size
+        self.device_blocks = max(1, device_tokens // block_size)
+        self.staging = staging
+        self.stages: dict[str, StageModel] = {}
+        by_layout: dict[object, StageModel] = {}
+        for name, groups in topology.layouts.items():
+            if groups.layout not in by_layout:
+                by_layout[groups.layout] = StageModel(template, host, dims, groups, row_parallel, self.device)
+            self.stages[name] = by_layout[groups.layout]
+        self.caches: dict[object, DeviceKVCache] = {}
+        self.active: str | None = None
+        self.switches: list[SwitchStats] = []
+
+    # ---------------------------------------------------------------- layouts
+    def activate(self, name: str) -> SwitchStats:
+        """Make layout ``name`` the one forward passes run under."""
+        start = time.perf_counter()
+        stage = self.stages[name]
+        moved = 0
+        if self.active is None or self.stages[self.active] is not stage:
+            if self.active is not None:
+                self.stages[self.active].to_host()
+            moved = stage.to_device()
+        backend.use_shm_allreduce(self.topology.layouts[name].shm_allreduce)
+        self.active = name
+        stats = SwitchStats(name, moved, stage.shard_bytes, time.perf_counter() - start)
+        self.switches.append(stats)
+        return stats
+
+    @property
+    def groups(self):
+        return self.topology.layouts[self.active]
+
+    def cache(self, name: str | None = None) -> DeviceKVCache:
+        """The device-tier KV cache of a layout (allocated on first use, kept while the job runs)."""
+        groups = self.topology.layouts[name or self.active]
+        if groups.layout not in self.caches:
+            layers = layer_range(self.dims.num_layers, groups.layout.pp, groups.pp_index)
+            heads = kv_head_range(self.dims.num_kv_heads, groups.layout.tp, groups.tp_index)
+            self.caches[groups.layout] = DeviceKVCache(layers, self.device_blocks, self.block_size, len(heads),
+                                                       self.dims.head_dim, self.dtype, self.device)
+        return self.caches[groups.layout]
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, plan: ForwardPlan) -> tuple[list[int], torch.Tensor | None]:
+        """Run ``plan`` on this rank; the last stage returns (seq ids, last-position logits [N, vocab])."""
+        groups = self.groups
+        stage = self.stages[self.active]
+        cache = self.cache()
+        for seq_id in plan.free:
+            cache.allocator.free(seq_id)
+        mine = [s for s in plan.seqs if s.replica == groups.dp_index]
+        prefill = plan.kind == "prefill"
+        batches = micro_batches(mine, groups.layout.pp, by_tokens=prefill)
+        pending_sends, seq_ids, logits = [], [], []
+        with torch.inference_mode():
+            for batch in batches:
+                meta, token_ids, positions = (self._prefill_inputs(batch, cache, plan.sink) if prefill
+                                              else self._decode_inputs(batch, cache))
+                if groups.is_first_stage:
+                    hidden = stage.embed_tokens(token_ids)
+                else:
+                    hidden = torch.empty((*token_ids.shape, self.dims.hidden_size), dtype=self.dtype,
+                                         device=self.device)
+                    backend.recv(hidden, groups.prev_rank)
+                hidden = stage.run_layers(hidden, positions, meta)
+                if groups.is_last_stage:
+                    last = self._last_positions(batch, prefill)
+                    logits.append(stage.head(hidden.reshape(-1, hidden.shape[-1])[last]))
+                    seq_ids.extend(s.seq_id for s in batch)
+                else:
+                    pending_sends.append(backend.isend(hidden.contiguous(), groups.next_rank))
+        for handle in pending_sends:
+            handle.wait()
+        if not groups.is_last_stage:
+            return [], None
+        return seq_ids, (torch.cat(logits) if logits else None)
+
+    def _last_positions(self, batch: list[SeqWork], prefill: bool) -> torch.Tensor:
+        if not prefill:
+            return torch.arange(len(batch), device=self.device)
+        ends = torch.tensor([len(s.tokens) for s in batch]).cumsum(0) - 1
+        return ends.to(self.device)
+
+    def _prefill_inputs(self, batch: list[SeqWork], cache: DeviceKVCache, sink: str):
+        tokens = [t for s in batch for t in s.tokens]
+        positions = [s.start + i for s in batch for i in range(len(s.tokens))]
+        bounds = [0]
+        for s in batch:
+            bounds.append(bounds[-1] + len(s.tokens))
+        if sink == "device":
+            for s in batch:
+                cache.allocator.ensure(s.seq_id, s.start + len(s.tokens))
+
+            def write(layer, keys, values):
+                for s, lo, hi in zip(batch, bounds[:-1], bounds[1:]):
+                    cache.write_sequence(layer, s.seq_id, s.start, keys[:, lo:hi], values[:, lo:hi])
+        else:
+            write = self.staging.prefill_sink(batch, bounds, self.groups)
+        meta = PrefillMeta(cu_seqlens=bounds, sink=write)
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)[None, :]
+        return meta, as_tensor(tokens), as_tensor(positions)
+
+    def _decode_inputs(self, batch: list[SeqWork], cache: DeviceKVCache):
+        tables = [cache.allocator.ensure(s.seq_id, s.start + 1) for s in batch]
+        width = max(len(t) for t in tables)
+        padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=self.device)
+        starts = torch.tensor([s.start for s in batch], dtype=torch.long)
+        table_index = starts // self.block_size
+        write_blocks = padded.cpu()[torch.arange(len(batch)), table_index].to(self.device)
+        meta = DecodeMeta(cache=cache, block_tables=padded, lengths=(starts + 1).to(self.device),
+                          write_blocks=write_blocks, write_offsets=(starts % self.block_size).to(self.device))
+        token_ids = torch.tensor([s.tokens[-1] for s in batch], dtype=torch.long, device=self.device)[:, None]
+        return meta, token_ids, starts.to(self.device)[:, None]

@@ -1,0 +1,60 @@
+"""Start-up of one rank: from settings to a ready executor (discovery, validation, groups, weights).
+
+Everything that can be checked before work is checked here, on every rank identically, so that a bad
+layout or model directory stops the whole job with one message and no rank left waiting.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from seesaw_ds.backends import deepspeed as backend
+from seesaw_ds.dist import env as dist_env
+from seesaw_ds.dist.groups import Topology, build_topology
+from seesaw_ds.dist.layout import Layout, validate_layouts
+from seesaw_ds.model.executor import Executor
+from seesaw_ds.model.loader import Checkpoint, HostWeights, open_checkpoint, parse_dtype
+from seesaw_ds.model.stage import build_template
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """What a rank holds once started: its topology, the checkpoint, the host weights and the executor."""
+
+    topology: Topology
+    checkpoint: Checkpoint
+    host: HostWeights
+    executor: Executor
+    layouts: dict[str, Layout]
+
+    def close(self) -> None:
+        """Release the node-shared memory (collective over the node)."""
+        self.topology.env.node.Barrier()
+        self.host.free()
+
+
+def start(model_path: str, layouts: dict[str, Layout], *, device_tokens: int, block_size: int = 16,
+          ranks_per_node: int | None = None, dtype: str | None = None, allow_pickle: bool = False,
+          trust_remote_code: bool = False, comm_timeout_s: float = 600.0, staging_factory=None) -> Runtime:
+    """Start this rank (collective over MPI.COMM_WORLD). Raises ValueError subclasses on bad settings."""
+    env = dist_env.discover(ranks_per_node)
+    torch.set_num_threads(dist_env.cores_per_rank(env.info.host_local_size))
+    checkpoint = open_checkpoint(model_path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    validate_layouts(layouts["prefill"], layouts["decode"], checkpoint.dims, env.world_size)
+    dist_env.export_torch_env(env)
+    backend.init_comm(comm_timeout_s, env.info.local_rank)
+    topology = build_topology(env, layouts)
+    template = build_template(checkpoint.config)
+    _, row_parallel = backend.row_parallel_names(template)
+    stored = next(iter(checkpoint.tensors.values())).dtype
+    host = HostWeights(checkpoint, env.node, row_parallel, parse_dtype(dtype, stored),
+                       pin=backend.accelerator_name() != "cpu")
+    staging = staging_factory(topology, checkpoint.dims, host.dtype) if staging_factory else None
+    executor = Executor(topology, host, template, checkpoint.dims, row_parallel, device_tokens=device_tokens,
+                        block_size=block_size, staging=staging)
+    return Runtime(topology=topology, checkpoint=checkpoint, host=host, executor=executor, layouts=layouts)
