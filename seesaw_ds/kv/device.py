@@ -64,3 +64,13 @@ class DeviceKVCache:
         local = self._local(layer)
         return (self.keys[local, blocks, offsets].transpose(0, 1),
                 self.values[local, blocks, offsets].transpose(0, 1))
+
+    def write_heads(self, layer: int, seq_id: int, keys: torch.Tensor, values: torch.Tensor, head_lo: int,
+                    head_hi: int) -> None:
+        """Write tokens ``0..T`` of a sequence into local KV heads ``head_lo:head_hi`` (``[heads, T, dim]``)."""
+        blocks, offsets = self.slots(seq_id, 0, keys.shape[1])
+        local = self._local(layer)
+        self.keys[local, blocks, offsets, head_lo:head_hi] = keys.transpose(0, 1).to(self.keys.device,
+                                                                                     self.keys.dtype)
+        self.values[local, blocks, offsets, head_lo:head_hi] = values.transpose(0, 1).to(self.values.device,
+                                                                                         self.values.dtype)

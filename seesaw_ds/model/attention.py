@@ -44,6 +44,7 @@ class DecodeMeta:
     lengths: torch.Tensor           # [N] long, KV length including the new token
     write_blocks: torch.Tensor      # [N] long
     write_offsets: torch.Tensor     # [N] long
+    ready: Callable[[int], None] | None = None  # blocks until a layer's swapped-in KV has landed
 
 
 def _window_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -74,6 +75,8 @@ def _prefill(module, query, key, value, meta: PrefillMeta, scaling, window) -> t
 def _decode(module, query, key, value, meta: DecodeMeta, scaling, window) -> torch.Tensor:
     # query [N, Hq, 1, D]; key/value [N, Hkv, 1, D]
     cache = meta.cache
+    if meta.ready is not None:
+        meta.ready(module.layer_idx)
     cache.write_tokens(module.layer_idx, meta.write_blocks, meta.write_offsets, key[:, :, 0], value[:, :, 0])
     keys, values = cache.gather(module.layer_idx, meta.block_tables)  # [N, Hkv, L, D]
     positions = torch.arange(keys.shape[2], device=keys.device)
@@ -102,5 +105,3 @@ def register() -> str:
     AttentionInterface.register(ATTENTION_NAME, seesaw_attention)
     return ATTENTION_NAME
 
-
-SinkFactory = Callable[[int], PrefillSink]

@@ -31,6 +31,7 @@ class SeqWork:
     replica: int          # data-parallel replica of the active layout that runs it
     tokens: list[int]     # prefill: the prompt; decode: the last sampled token
     start: int = 0        # KV tokens already cached for this sequence
+    staging_extents: list[tuple[int, int]] | None = None  # prefill into staging: the sequence's slots
 
 
 @dataclass
@@ -126,21 +127,25 @@ class Executor:
         return self.caches[groups.layout]
 
     # ---------------------------------------------------------------- forward
-    def forward(self, plan: ForwardPlan) -> tuple[list[int], torch.Tensor | None]:
-        """Run ``plan`` on this rank; the last stage returns (seq ids, last-position logits [N, vocab])."""
+    def forward(self, plan: ForwardPlan, ready=None) -> tuple[list[int], torch.Tensor | None]:
+        """Run ``plan`` on this rank; the last stage returns (seq ids, last-position logits [N, vocab]).
+
+        ``ready(layer)``, when given, is awaited before a decode step's attention reads ``layer`` (a swap-in
+        still landing in the device tier).
+        """
         groups = self.groups
         stage = self.stages[self.active]
-        cache = self.cache()
+        prefill = plan.kind == "prefill"
+        cache = self.cache() if not prefill or plan.sink == "device" else None
         for seq_id in plan.free:
             cache.allocator.free(seq_id)
         mine = [s for s in plan.seqs if s.replica == groups.dp_index]
-        prefill = plan.kind == "prefill"
         batches = micro_batches(mine, groups.layout.pp, by_tokens=prefill)
         pending_sends, seq_ids, logits = [], [], []
         with torch.inference_mode():
             for batch in batches:
                 meta, token_ids, positions = (self._prefill_inputs(batch, cache, plan.sink) if prefill
-                                              else self._decode_inputs(batch, cache))
+                                              else self._decode_inputs(batch, cache, ready))
                 if groups.is_first_stage:
                     hidden = stage.embed_tokens(token_ids)
                 else:
@@ -185,7 +190,7 @@ class Executor:
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)[None, :]
         return meta, as_tensor(tokens), as_tensor(positions)
 
-    def _decode_inputs(self, batch: list[SeqWork], cache: DeviceKVCache):
+    def _decode_inputs(self, batch: list[SeqWork], cache: DeviceKVCache, ready):
         tables = [cache.allocator.ensure(s.seq_id, s.start + 1) for s in batch]
         width = max(len(t) for t in tables)
         padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=self.device)
@@ -193,6 +198,26 @@ class Executor:
         table_index = starts // self.block_size
         write_blocks = padded.cpu()[torch.arange(len(batch)), table_index].to(self.device)
         meta = DecodeMeta(cache=cache, block_tables=padded, lengths=(starts + 1).to(self.device),
-                          write_blocks=write_blocks, write_offsets=(starts % self.block_size).to(self.device))
+                          write_blocks=write_blocks, write_offsets=(starts % self.block_size).to(self.device),
+                          ready=ready)
         token_ids = torch.tensor([s.tokens[-1] for s in batch], dtype=torch.long, device=self.device)[:, None]
         return meta, token_ids, starts.to(self.device)[:, None]
+
+    def evict(self, staged_seqs, layout_name: str) -> None:
+        """Swap running sequences of this rank's replica out of the device tier into the staging area."""
+        from seesaw_ds.kv.plan import kv_writes
+
+        groups = self.topology.layouts[layout_name]
+        cache = self.cache(layout_name)
+        share = kv_writes(groups.layout, self.dims, self.topology.instance_rank)
+        local_heads = kv_head_range(self.dims.num_kv_heads, groups.layout.tp, groups.tp_index)
+        for staged in staged_seqs:
+            if staged.writer_replica != groups.dp_index:
+                continue
+            if share is not None:
+                layers, heads = share
+                lo, hi = heads.start - local_heads.start, heads.stop - local_heads.start
+                for layer in layers:
+                    keys, values = cache.read_sequence(layer, staged.seq_id, staged.num_tokens)
+                    self.staging.write_sequence(layer, staged, keys[lo:hi], values[lo:hi], heads)
+            cache.allocator.free(staged.seq_id)

@@ -1,0 +1,161 @@
+"""The job's settings: dataclass schemas registered in Hydra's ConfigStore (values live in ``conf/``).
+
+Hydra checks every override against these schemas, so a mistyped key or a wrong type is an error before
+any rank starts. ``to_settings`` turns the composed config into these plain dataclasses once, at the entry
+point, so no ``DictConfig`` travels inward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from seesaw_ds.dist.layout import Layout
+
+
+@dataclass
+class ModelConfig:
+    """Which checkpoint to serve and how."""
+
+    path: Optional[str] = None
+    """Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer); None = the embedded tiny model."""
+    dtype: str = "auto"
+    """Weights and KV dtype: auto (the checkpoint's), float32, bfloat16, float16."""
+    allow_pickle: bool = False
+    """Accept pickle (*.bin) checkpoints; off because unpickling runs arbitrary code."""
+    trust_remote_code: bool = False
+    """Let transformers run code shipped with the checkpoint."""
+    max_model_len: Optional[int] = None
+    """Longest prompt + output in tokens; None = the model's max_position_embeddings."""
+
+
+@dataclass
+class LayoutConfig:
+    """One parallel layout of an instance: dp replicas of pp stages of tp ranks."""
+
+    dp: int = 1
+    """Data-parallel replicas inside the instance."""
+    tp: int = 1
+    """Tensor-parallel degree (must divide the attention heads)."""
+    pp: int = 1
+    """Pipeline stages (at most the number of layers)."""
+
+
+@dataclass
+class ParallelConfig:
+    """The prefill and decode layouts; dp*tp*pp must be equal for both and divide the job's ranks."""
+
+    prefill: LayoutConfig = field(default_factory=lambda: LayoutConfig(pp=2))
+    """Layout for prefill steps (compute-bound: pipeline or data parallel wins)."""
+    decode: LayoutConfig = field(default_factory=lambda: LayoutConfig(tp=2))
+    """Layout for decode steps (weight-bandwidth-bound: tensor parallel wins)."""
+
+
+@dataclass
+class LaunchConfig:
+    """How ranks are started."""
+
+    nproc: int = 2
+    """Ranks to start with mpiexec when not already under mpiexec/srun."""
+    ranks_per_node: Optional[int] = None
+    """Treat every N consecutive ranks as one node (testing multi-node on one host); None = detect."""
+    comm_timeout_s: float = 300.0
+    """Collective timeout: a rank that stops answering ends the job after this many seconds."""
+    mpiexec: str = "mpiexec"
+    """The MPI launcher used outside Slurm (the mpich wheel's, from the venv)."""
+
+
+@dataclass
+class KVConfig:
+    """The two KV tiers."""
+
+    host_tokens: Optional[int] = None
+    """Capacity of the host staging area per instance, in tokens; None = sized from free host memory."""
+    host_memory_fraction: float = 0.3
+    """With host_tokens unset: the share of available host memory the staging area may take."""
+    device_tokens: int = 8192
+    """Capacity of the device-tier paged cache per data-parallel replica, in tokens."""
+    block_size: int = 16
+    """Tokens per device-tier block."""
+
+
+@dataclass
+class SchedulerSettings:
+    """Phase scheduling."""
+
+    policy: str = "seesaw"
+    """seesaw (transition-minimizing) | prefill_first (vLLM-like) | decode_first."""
+    max_prefill_tokens: int = 4096
+    """Prompt tokens per prefill step."""
+    low_watermark: float = 0.2
+    """seesaw: back to prefill when staging occupancy falls below this and prompts wait."""
+    max_decode_seqs: int = 256
+    """Running sequences per decode replica."""
+
+
+@dataclass
+class SamplingConfig:
+    """Job-wide sampling defaults (vLLM names); None = not set (the model's generation_config decides)."""
+
+    max_tokens: Optional[int] = None
+    min_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    seed: Optional[int] = None
+    stop: Optional[list[str]] = None
+    stop_token_ids: Optional[list[int]] = None
+    ignore_eos: Optional[bool] = None
+
+
+@dataclass
+class IOConfig:
+    """Where requests come from and results go."""
+
+    input: Optional[str] = None
+    """Input JSONL; None = the bundled sample prompts."""
+    output: Optional[str] = None
+    """Output JSONL (appended, resumable); None = outputs.jsonl in the run directory."""
+    errors: Optional[str] = None
+    """Bad input lines; None = <output stem>.errors.jsonl beside the output."""
+    metrics: Optional[str] = None
+    """Metrics JSON; None = <output stem>.metrics.json beside the output."""
+    progress_interval_s: float = 5.0
+    """Seconds between progress lines on rank 0."""
+
+
+@dataclass
+class JobConfig:
+    """A whole seesaw_ds job."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    kv: KVConfig = field(default_factory=KVConfig)
+    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    io: IOConfig = field(default_factory=IOConfig)
+    seed: int = 0
+    """Job seed: requests without their own seed sample from a seed derived from it and their custom_id."""
+    run_dir: Optional[str] = None
+    """Where this run's files go (decided once, by the launcher); None = Hydra's run directory."""
+
+
+def register() -> None:
+    """Register the schema with Hydra's ConfigStore (the base of conf/config.yaml)."""
+    store = ConfigStore.instance()
+    store.store(name="job_schema", node=JobConfig)
+
+
+def layout_of(config: LayoutConfig) -> Layout:
+    return Layout(dp=config.dp, tp=config.tp, pp=config.pp)
+
+
+def to_settings(cfg: Any) -> JobConfig:
+    """Composed Hydra config (DictConfig) -> plain :class:`JobConfig`."""
+    if isinstance(cfg, JobConfig):
+        return cfg
+    merged = OmegaConf.merge(OmegaConf.structured(JobConfig), cfg)
+    return OmegaConf.to_object(merged)

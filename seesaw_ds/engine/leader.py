@@ -1,0 +1,225 @@
+"""The instance leader: turns scheduler plans into step messages and step results into answers.
+
+The leader (instance rank 0) owns every request's state: its prompt, its sampling, where its KV lies
+(waiting, staged in which extents, running on which decode replica), its stop checker. Each step it asks
+the :class:`~seesaw_ds.engine.scheduler.Scheduler` what to do, allocates staging extents, and builds the
+:class:`~seesaw_ds.engine.worker.StepMessage`; after the step it feeds the sampled tokens to the stop
+checkers, hands finished requests to the result sink and tells the scheduler.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from seesaw_ds.engine.requests import BadLine, Request
+from seesaw_ds.engine.sampling import StopChecker
+from seesaw_ds.engine.scheduler import Phase, Scheduler, StepPlan
+from seesaw_ds.engine.worker import SeqSampling, StepMessage, StepResult
+from seesaw_ds.kv.staging import ExtentAllocator, StagedSeq
+from seesaw_ds.model.executor import ForwardPlan, SeqWork
+
+
+@dataclass
+class SeqState:
+    """Everything the leader knows about one request in flight."""
+
+    request: Request
+    checker: StopChecker
+    kv_tokens: int = 0
+    staged: StagedSeq | None = None
+    replica: int | None = None
+    last_token: int | None = None
+
+
+@dataclass
+class Finished:
+    """A request that finished, ready to be written."""
+
+    request: Request
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+
+
+@dataclass
+class StepRecord:
+    """One point of the timeline: what a step did and how full the staging area was after it."""
+
+    time: float
+    phase: str
+    batch_size: int
+    tokens: int
+    staging_tokens: int
+    seconds: float
+
+
+@dataclass
+class LeaderStats:
+    """Counters the leader keeps for the metrics file."""
+
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    finished: int = 0
+    rejected: int = 0
+    phase_seconds: dict[str, float] = field(default_factory=lambda: {"prefill": 0.0, "decode": 0.0})
+    transition_seconds: float = 0.0
+    reshard_bytes: int = 0
+    timeline: list[StepRecord] = field(default_factory=list)
+
+
+class Leader:
+    """Decides every step of one instance."""
+
+    def __init__(self, scheduler: Scheduler, staging_tokens: int, tokenizer, eos_ids: list[int],
+                 source, *, refill_tokens: int, want_logits: bool = False):
+        self.scheduler = scheduler
+        self.extents = ExtentAllocator(staging_tokens)
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.source = source
+        self.refill_tokens = refill_tokens
+        self.want_logits = want_logits
+        self.seqs: dict[int, SeqState] = {}
+        self.logits: dict[int, list] = {}
+        self.stats = LeaderStats()
+        self._next_id = 0
+        self._waiting_tokens = 0
+        self._release: list[int] = []
+        self._plan: StepPlan | None = None
+        self._swapped_in: list[StagedSeq] = []
+        self._began = time.perf_counter()
+        self._exhausted = False
+
+    # ------------------------------------------------------------ input
+    def _refill(self, rejected: list) -> None:
+        while not self._exhausted and self._waiting_tokens < self.refill_tokens:
+            batch = self.source.take(16)
+            if not batch:
+                self._exhausted = True
+                break
+            for item in batch:
+                if isinstance(item, BadLine):
+                    rejected.append(item)
+                    continue
+                self._admit(item, rejected)
+
+    def _admit(self, request: Request, rejected: list) -> None:
+        seq_id = self._next_id
+        self._next_id += 1
+        try:
+            self.scheduler.add_request(seq_id, len(request.prompt_token_ids), request.sampling.max_tokens)
+        except ValueError as error:
+            rejected.append(BadLine(request.line_no, request.custom_id, str(error), request.kind))
+            return
+        checker = StopChecker(self.tokenizer, request.sampling, self.eos_ids, request.prompt_token_ids)
+        self.seqs[seq_id] = SeqState(request=request, checker=checker)
+        self._waiting_tokens += len(request.prompt_token_ids)
+
+    # ------------------------------------------------------------ plan -> message
+    def next_message(self, rejected: list) -> StepMessage:
+        """The next step (``phase == "stop"`` once every request is answered)."""
+        self._refill(rejected)
+        plan = self.scheduler.schedule()
+        if plan is None:
+            return StepMessage("stop", release=self._take_release())
+        self._plan = plan
+        if plan.phase is Phase.PREFILL:
+            return self._prefill_message(plan)
+        return self._decode_message(plan)
+
+    def _take_release(self) -> list[int]:
+        release, self._release = self._release, []
+        return release
+
+    def _prefill_message(self, plan: StepPlan) -> StepMessage:
+        works, register = [], {}
+        for replica, seq_ids in enumerate(plan.prefill):
+            for seq_id in seq_ids:
+                state = self.seqs[seq_id]
+                prompt = state.request.prompt_token_ids
+                extents = self.extents.allocate(len(prompt))
+                state.staged = StagedSeq(seq_id, extents, len(prompt), writer="prefill", writer_replica=replica)
+                state.kv_tokens = len(prompt)
+                self._waiting_tokens -= len(prompt)
+                works.append(SeqWork(seq_id, replica, list(prompt), 0, staging_extents=extents))
+                register[seq_id] = SeqSampling(state.request.sampling, state.request.seed, len(prompt))
+        return StepMessage("prefill", forward=ForwardPlan("prefill", works, sink="staging"), register=register,
+                           release=self._take_release(), want_logits=self.want_logits)
+
+    def _decode_message(self, plan: StepPlan) -> StepMessage:
+        swap_out, swap_in, works, banned = [], [], [], {}
+        for replica, seq_ids in enumerate(plan.swap_out):
+            for seq_id in seq_ids:
+                state = self.seqs[seq_id]
+                extents = self.extents.allocate(state.kv_tokens)
+                state.staged = StagedSeq(seq_id, extents, state.kv_tokens, writer="decode", writer_replica=replica)
+                state.replica = None
+                swap_out.append(state.staged)
+        for replica, seq_ids in enumerate(plan.swap_in):
+            for seq_id in seq_ids:
+                state = self.seqs[seq_id]
+                state.staged.reader_replica = replica
+                state.replica = replica
+                swap_in.append(state.staged)
+        for replica, seq_ids in enumerate(plan.decode):
+            for seq_id in seq_ids:
+                state = self.seqs[seq_id]
+                works.append(SeqWork(seq_id, replica, [state.last_token], state.kv_tokens))
+                ban = state.checker.banned_token_ids()
+                if ban:
+                    banned[seq_id] = ban
+        self._swapped_in = swap_in
+        return StepMessage("decode", forward=ForwardPlan("decode", works), release=self._take_release(),
+                           swap_out=swap_out, swap_in=swap_in, banned=banned, want_logits=self.want_logits)
+
+    # ------------------------------------------------------------ results
+    def absorb(self, message: StepMessage, results: list[StepResult], seconds: float) -> list[Finished]:
+        """Apply one step's results; returns the requests that finished."""
+        plan, self._plan = self._plan, None
+        tokens: dict[int, int] = {}
+        for result in results:
+            tokens.update(result.tokens)
+            if result.logits:
+                for seq_id, row in result.logits.items():
+                    self.logits.setdefault(self.seqs[seq_id].request.custom_id, []).append(row)
+        switch = max((r.switch_seconds for r in results), default=0.0)
+        self.stats.transition_seconds += switch
+        self.stats.reshard_bytes += sum(r.switch_bytes for r in results)
+        self.stats.phase_seconds[message.phase] += max(0.0, seconds - switch)
+        for staged in self._swapped_in:
+            self.extents.free(staged.extents)
+            self.seqs[staged.seq_id].staged = None
+        self._swapped_in = []
+        finished_ids, done = [], []
+        for work in message.forward.seqs:
+            state = self.seqs[work.seq_id]
+            if message.phase == "decode":
+                state.kv_tokens += 1
+            state.last_token = tokens[work.seq_id]
+            reason = state.checker.append(state.last_token)
+            if reason is None and state.checker.finished:
+                reason = state.checker.finish_reason
+            if reason is not None:
+                finished_ids.append(work.seq_id)
+                done.append(self._finish(work.seq_id, reason))
+        self.scheduler.complete(plan, finished_ids)
+        batch_tokens = sum(len(w.tokens) for w in message.forward.seqs)
+        self.stats.timeline.append(StepRecord(time.perf_counter() - self._began, message.phase,
+                                              len(message.forward.seqs), batch_tokens,
+                                              self.scheduler.staging_used_tokens, seconds))
+        return done
+
+    def _finish(self, seq_id: int, reason: str) -> Finished:
+        state = self.seqs.pop(seq_id)
+        if state.staged is not None:
+            self.extents.free(state.staged.extents)
+        self._release.append(seq_id)
+        checker = state.checker
+        self.stats.finished += 1
+        self.stats.prompt_tokens += len(state.request.prompt_token_ids)
+        self.stats.output_tokens += len(checker.token_ids)
+        return Finished(state.request, list(checker.token_ids), checker.text, reason)
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self._began

@@ -1,0 +1,181 @@
+"""Results on disk: the output and error record shapes, the append-only JSONL writer, and resume scanning.
+
+This module owns the output contract: plain results `{"custom_id", "text", "token_ids", "finish_reason",
+"usage"}`, OpenAI batch results `{"id", "custom_id", "response": {"status_code", "request_id", "body"},
+"error"}`, and error records. Files are only ever appended to, one whole line per `os.write` on an O_APPEND
+descriptor (rank 0 writes); after a hard kill `scan_answered` finds which custom_ids are done and cuts a torn
+last line so that appending can resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from typing import Any, Iterator
+
+from seesaw_ds.engine.requests import BadLine, Request
+
+__all__ = ["JsonlAppender", "format_error", "format_result", "scan_answered", "scan_error_lines"]
+
+_LOG = logging.getLogger(__name__)
+
+
+def _stable_hex(custom_id: str) -> str:
+    """A stable 24-hex-digit id for a custom_id, so reruns write the same ids."""
+    return hashlib.sha256(custom_id.encode()).hexdigest()[:24]
+
+
+def format_result(request: Request, token_ids: list[int], text: str, finish_reason: str, *,
+                  model: str | None = None, created: int | None = None) -> dict[str, Any]:
+    """The output record for a finished request, in the shape its input line asked for.
+
+    `token_ids` are the generated ids (an eos or stop token that finished the request included);
+    `model` names the model in OpenAI bodies when the line gave no body.model; `created` defaults to now.
+    """
+    usage = {"prompt_tokens": len(request.prompt_token_ids), "completion_tokens": len(token_ids)}
+    if request.kind == "plain":
+        return {"custom_id": request.custom_id, "text": text, "token_ids": list(token_ids),
+                "finish_reason": finish_reason, "usage": usage}
+    stable = _stable_hex(request.custom_id)
+    if request.kind == "chat":
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                  "finish_reason": finish_reason}
+        body_id, obj = f"chatcmpl-{stable}", "chat.completion"
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        body_id, obj = f"cmpl-{stable}", "text_completion"
+    body = {"id": body_id, "object": obj, "created": int(time.time()) if created is None else created,
+            "model": request.model or model or "", "choices": [choice],
+            "usage": {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}}
+    return {"id": f"batch_req_{stable}", "custom_id": request.custom_id,
+            "response": {"status_code": 200, "request_id": f"req_{stable}", "body": body}, "error": None}
+
+
+def format_error(bad_line: BadLine) -> dict[str, Any]:
+    """The errors-file record for a bad input line: `{"custom_id", "line", "error"}`.
+
+    OpenAI batch lines get the batch error shape as well: `id`, `response: null` and `error` as an object
+    `{"code", "message"}`; `line` is kept in both shapes.
+    """
+    if bad_line.kind == "plain":
+        return {"custom_id": bad_line.custom_id, "line": bad_line.line_no, "error": bad_line.message}
+    stable = _stable_hex(bad_line.custom_id if bad_line.custom_id is not None else f"line:{bad_line.line_no}")
+    return {"id": f"batch_req_{stable}", "custom_id": bad_line.custom_id, "line": bad_line.line_no,
+            "response": None, "error": {"code": "invalid_request", "message": bad_line.message}}
+
+
+class JsonlAppender:
+    """Append-only JSONL writer: each record is one whole line written by one `os.write` (O_APPEND)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.fspath(path)
+        existed = os.path.exists(self.path)
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        if not existed:  # make the new directory entry durable too
+            _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record as one line."""
+        if self._fd is None:
+            raise ValueError(f"write to closed JsonlAppender({self.path!r})")
+        data = (json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+        written = os.write(self._fd, data)
+        # A short write (disk full, signal) is rare; finish the line rather than leave it torn mid-file.
+        while written < len(data):
+            written += os.write(self._fd, data[written:])
+
+    def flush_and_sync(self) -> None:
+        """Make everything written so far durable (fsync)."""
+        if self._fd is not None:
+            os.fsync(self._fd)
+
+    def close(self) -> None:
+        """fsync and close; further writes raise."""
+        if self._fd is not None:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "JsonlAppender":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on directories
+    finally:
+        os.close(fd)
+
+
+def _records(path: str) -> Iterator[tuple[int, int, dict | None]]:
+    """(line start offset, line end offset, record or None if the line is torn/invalid), streaming."""
+    offset = 0
+    with open(path, "rb") as lines:
+        for raw in lines:
+            start, offset = offset, offset + len(raw)
+            record = None
+            if raw.endswith(b"\n"):
+                try:
+                    record = json.loads(raw)
+                except ValueError:
+                    record = None
+            yield start, offset, record if isinstance(record, dict) else None
+
+
+def _scan(path: str | os.PathLike, *, repair: bool) -> Iterator[dict]:
+    """Yield the whole records of a JSONL output file; with `repair`, cut an invalid tail back to the last
+    whole line (a hard kill can leave a torn last line)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        return
+    good_end = 0
+    invalid_lines: list[int] = []
+    for line_no, (start, end, record) in enumerate(_records(path), start=1):
+        if record is None:
+            invalid_lines.append(line_no)
+            continue
+        if invalid_lines and repair:
+            _LOG.warning("%s: skipping %d invalid line(s) before line %d (not at the end, left in place)",
+                         path, len(invalid_lines), line_no)
+            invalid_lines = []
+        good_end = end
+        yield record
+    size = os.path.getsize(path)
+    if repair and size > good_end:
+        _LOG.warning("%s: truncating a torn tail (%d bytes after the last whole line at byte %d); those "
+                     "requests will be run again", path, size - good_end, good_end)
+        os.truncate(path, good_end)
+
+
+def scan_answered(path: str | os.PathLike, errors_path: str | os.PathLike | None = None) -> set[str]:
+    """custom_ids already written to the output file (and to the errors file, if given).
+
+    A missing file counts as empty. A torn last line (no trailing newline, or invalid JSON at the end) is
+    cut off each file, with a warning, so that appending resumes on a line boundary.
+    """
+    answered: set[str] = set()
+    for file_path in (path, errors_path):
+        if file_path is None:
+            continue
+        for record in _scan(file_path, repair=True):
+            if isinstance(record.get("custom_id"), str):
+                answered.add(record["custom_id"])
+    return answered
+
+
+def scan_error_lines(errors_path: str | os.PathLike) -> set[int]:
+    """Input line numbers already in the errors file (for bad lines that have no custom_id); read-only."""
+    return {record["line"] for record in _scan(errors_path, repair=False)
+            if isinstance(record.get("line"), int) and not isinstance(record.get("line"), bool)}

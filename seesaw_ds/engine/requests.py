@@ -1,0 +1,295 @@
+"""Streamed request input: one JSONL line in, one `Request` (or one `BadLine`) out.
+
+This module owns the input contract: plain lines `{"custom_id", "prompt" | "prompt_token_ids" | "messages",
+<sampling keys>}` and OpenAI batch lines `{"custom_id", "method": "POST", "url": "/v1/completions" |
+"/v1/chat/completions", "body": {...}}`; tokenization (chat template for messages); validation of every
+field against the model (length, vocabulary) with a message that names the problem; and skipping
+requests already answered by an earlier run. The file is read one line at a time, so memory does not grow
+with its size (only the set of custom_ids seen, needed to reject duplicates).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Iterator, Mapping
+
+from seesaw_ds.engine.sampling import (SAMPLING_KEYS, RequestError, SamplingParams, request_seed,
+                                       resolve_sampling)
+
+__all__ = ["BadLine", "Request", "RequestError", "iter_requests", "OPENAI_URLS"]
+
+#: OpenAI batch URLs we answer, and the request kind each one makes.
+OPENAI_URLS = MappingProxyType({"/v1/completions": "completions", "/v1/chat/completions": "chat"})
+_PROMPT_KEYS = ("prompt", "prompt_token_ids", "messages")
+#: Body keys accepted and ignored (they do not change what is generated).
+_BODY_IGNORED = frozenset({"model", "user", "metadata", "store", "service_tier", "stream_options"})
+#: Body keys accepted only at the value that means "feature off".
+_BODY_NEUTRAL = MappingProxyType({"n": 1, "stream": False, "echo": False, "logprobs": False,
+                                  "frequency_penalty": 0, "presence_penalty": 0, "repetition_penalty": 1})
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One valid request, ready to schedule."""
+
+    custom_id: str
+    """The caller's id, unique within the input file; results are keyed by it."""
+    line_no: int
+    """1-based line number in the input file."""
+    prompt_token_ids: list[int]
+    """The tokenized prompt (after the chat template for messages)."""
+    sampling: SamplingParams
+    """Resolved sampling parameters (all defaults applied)."""
+    seed: int
+    """The seed the sampler uses: the request's own, else derived from the job seed and custom_id."""
+    kind: str = "plain"
+    """"plain", "completions" or "chat": decides the output shape."""
+    model: str | None = None
+    """body.model of an OpenAI batch line (echoed in the response), else None."""
+
+
+@dataclass(frozen=True, slots=True)
+class BadLine:
+    """An input line that cannot be served; it goes to the errors file and the stream goes on."""
+
+    line_no: int
+    """1-based line number in the input file."""
+    custom_id: str | None
+    """The line's custom_id when it could be read, else None."""
+    message: str
+    """What is wrong and, where it helps, how to fix it."""
+    kind: str = "plain"
+    """The kind the line asked for ("plain", "completions" or "chat"), for the error's shape."""
+
+
+class _LineError(Exception):
+    """Internal: the current line is bad; carries the message."""
+
+
+@dataclass(frozen=True)
+class _Context:
+    tokenizer: Any
+    job_sampling: Mapping[str, Any]
+    model_defaults: Mapping[str, Any]
+    max_model_len: int
+    vocab_size: int
+    job_seed: int
+
+
+def iter_requests(path: str | os.PathLike, tokenizer: Any, *, job_sampling: Mapping[str, Any],
+                  model_defaults: Mapping[str, Any], max_model_len: int, vocab_size: int,
+                  skip_ids: set[str] | frozenset[str] = frozenset(),
+                  skip_lines: set[int] | frozenset[int] = frozenset()) -> Iterator[Request | BadLine]:
+    """Stream `Request`s and `BadLine`s from a JSONL file, lazily, one line at a time.
+
+    Blank lines are ignored; lines whose custom_id is in `skip_ids` (answered by an earlier run) are skipped
+    silently, and so are the line numbers in `skip_lines` (bad lines without a custom_id already in the
+    errors file: `outputs.scan_error_lines`). The job-wide `sampling.*` values and the model defaults are checked here, before the first
+    line is read: a bad one raises `RequestError`, since it would make every line bad. `job_sampling["seed"]`
+    (None counts as 0) is the job seed from which requests without their own seed get theirs.
+    """
+    resolve_sampling(model_defaults, job_sampling, {})
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"input file {os.fspath(path)!r} does not exist (io.input)")
+    context = _Context(tokenizer, dict(job_sampling), dict(model_defaults), max_model_len, vocab_size,
+                       job_sampling.get("seed") or 0)
+    return _stream(path, context, skip_ids, skip_lines)
+
+
+def _stream(path, context: _Context, skip_ids, skip_lines) -> Iterator[Request | BadLine]:
+    first_line_of: dict[str, int] = {}
+    with open(path, "rb") as lines:
+        for line_no, raw in enumerate(lines, start=1):
+            if line_no in skip_lines:
+                continue
+            item = _parse_line(raw, line_no, context, skip_ids, first_line_of)
+            if item is not None:
+                yield item
+
+
+def _parse_line(raw: bytes, line_no: int, context: _Context, skip_ids, first_line_of: dict[str, int]
+                ) -> Request | BadLine | None:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return BadLine(line_no, None, f"line is not valid UTF-8 (byte {raw[exc.start]:#04x} at offset "
+                                      f"{exc.start}); save the input file as UTF-8")
+    text = text.removeprefix("\ufeff") if line_no == 1 else text
+    if not text.strip():
+        return None
+    try:
+        record = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
+        return BadLine(line_no, None, f"invalid JSON: {exc}")
+    if not isinstance(record, dict):
+        return BadLine(line_no, None, f"a line must be a JSON object, got {type(record).__name__}")
+    is_openai = any(key in record for key in ("url", "body", "method"))
+    url = record.get("url")
+    kind = OPENAI_URLS.get(url, "completions") if is_openai and isinstance(url, str) else \
+        ("completions" if is_openai else "plain")
+    custom_id = record.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        shown = "missing" if custom_id is None else f"{custom_id!r} ({type(custom_id).__name__})"
+        return BadLine(line_no, None, f"custom_id is {shown}: every line needs a non-empty string custom_id",
+                       kind)
+    if custom_id in skip_ids:
+        return None
+    if custom_id in first_line_of:
+        return BadLine(line_no, custom_id, f"duplicate custom_id {custom_id!r} (first used on line "
+                                           f"{first_line_of[custom_id]}); custom_ids must be unique", kind)
+    first_line_of[custom_id] = line_no
+    try:
+        if is_openai:
+            return _openai_request(record, line_no, custom_id, context)
+        return _plain_request(record, line_no, custom_id, context)
+    except (_LineError, RequestError) as exc:
+        return BadLine(line_no, custom_id, str(exc), kind)
+
+
+def _plain_request(record: dict, line_no: int, custom_id: str, context: _Context) -> Request:
+    given = [key for key in _PROMPT_KEYS if key in record]
+    if len(given) != 1:
+        problem = "has none" if not given else f"has {len(given)} ({', '.join(given)})"
+        raise _LineError(f"a line needs exactly one of prompt, prompt_token_ids, messages; this one {problem}")
+    key = given[0]
+    sampling_keys = {k: v for k, v in record.items() if k not in ("custom_id", key)}
+    sampling = resolve_sampling(context.model_defaults, context.job_sampling, sampling_keys)
+    if key == "prompt":
+        if not isinstance(record[key], str):
+            raise _LineError(f"prompt must be a string, got {type(record[key]).__name__} "
+                             "(give token ids as prompt_token_ids)")
+        ids = _encode_text(record[key], context.tokenizer)
+    elif key == "prompt_token_ids":
+        ids = _token_id_list(record[key], "prompt_token_ids")
+    else:
+        ids = _encode_chat(record[key], context.tokenizer)
+    return _finish_request(custom_id, line_no, ids, sampling, "plain", None, context)
+
+
+def _openai_request(record: dict, line_no: int, custom_id: str, context: _Context) -> Request:
+    url = record.get("url")
+    if not isinstance(url, str) or url not in OPENAI_URLS:
+        raise _LineError(f"unsupported url {url!r}; supported: {', '.join(OPENAI_URLS)}")
+    if record.get("method", "POST") != "POST":
+        raise _LineError(f"unsupported method {record.get('method')!r}; batch lines use \"POST\"")
+    body = record.get("body")
+    if not isinstance(body, dict):
+        raise _LineError(f"body must be a JSON object, got {type(body).__name__}")
+    kind = OPENAI_URLS[url]
+    prompt_key = "prompt" if kind == "completions" else "messages"
+    if prompt_key not in body:
+        raise _LineError(f"body has no {prompt_key} (url {url})")
+    sampling_keys: dict[str, Any] = {}
+    for key, value in body.items():
+        if key == prompt_key or key in _BODY_IGNORED or value is None:
+            continue
+        if key in _BODY_NEUTRAL:
+            if not _is_neutral(key, value):
+                raise _LineError(f"body.{key}={value!r} is not supported (only {_BODY_NEUTRAL[key]!r})")
+            continue
+        if key == "max_completion_tokens":
+            key = "max_tokens"
+        elif key == "max_tokens" and body.get("max_completion_tokens") is not None:
+            continue
+        elif key not in SAMPLING_KEYS:
+            raise _LineError(f"unsupported key body.{key}; supported: {prompt_key}, max_completion_tokens, "
+                             f"{', '.join(SAMPLING_KEYS)} (and ignored: {', '.join(sorted(_BODY_IGNORED))})")
+        sampling_keys[key] = value
+    sampling = resolve_sampling(context.model_defaults, context.job_sampling, sampling_keys)
+    if kind == "chat":
+        ids = _encode_chat(body["messages"], context.tokenizer)
+    else:
+        ids = _completion_prompt(body["prompt"], context.tokenizer)
+    model = body.get("model") if isinstance(body.get("model"), str) else None
+    return _finish_request(custom_id, line_no, ids, sampling, kind, model, context)
+
+
+def _is_neutral(key: str, value: Any) -> bool:
+    """True when body.<key> has the value that turns its feature off (logprobs: false or 0)."""
+    neutral = _BODY_NEUTRAL[key]
+    if key == "logprobs":
+        return value is False or (type(value) is int and value == 0)
+    return type(value) in (int, float, bool) and value == neutral \
+        and isinstance(value, bool) == isinstance(neutral, bool)
+
+
+def _completion_prompt(prompt: Any, tokenizer: Any) -> list[int]:
+    """body.prompt: a string, a list of token ids, or a one-element list of either."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return _encode_text(prompt, tokenizer)
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        raise _LineError(f"body.prompt holds {len(prompt)} prompts; give one prompt per line")
+    return _token_id_list(prompt, "body.prompt")
+
+
+def _encode_text(text: str, tokenizer: Any) -> list[int]:
+    if not text:
+        raise _LineError("prompt is empty")
+    ids = list(tokenizer.encode(text))
+    if not ids:
+        raise _LineError("prompt is empty after tokenization")
+    return ids
+
+
+def _token_id_list(value: Any, name: str) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        raise _LineError(f"{name} must be a list of integer token ids, got {_preview(value)}")
+    if not value:
+        raise _LineError(f"{name} is empty")
+    return value
+
+
+def _encode_chat(messages: Any, tokenizer: Any) -> list[int]:
+    if not isinstance(messages, list) or not messages:
+        raise _LineError(f"messages must be a non-empty list of {{role, content}} objects, got {_preview(messages)}")
+    flat = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise _LineError(f"messages[{index}] must be an object with a string role, got {_preview(message)}")
+        flat.append({**message, "content": _message_text(message.get("content"), index)})
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise _LineError("the model's tokenizer has no chat template; send prompt instead of messages")
+    try:
+        text = tokenizer.apply_chat_template(flat, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # a template may raise anything (jinja errors, raise_exception(...))
+        raise _LineError(f"the chat template rejected the messages: {exc}") from None
+    ids = list(tokenizer.encode(text, add_special_tokens=False))
+    if not ids:
+        raise _LineError("messages are empty after the chat template")
+    return ids
+
+
+def _message_text(content: Any, index: int) -> str:
+    """Message content as a string: a string, null, or a list of {"type": "text", "text"} parts."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "".join(part["text"] for part in content)
+    raise _LineError(f"messages[{index}].content must be a string or a list of text parts, got "
+                     f"{_preview(content)}")
+
+
+def _finish_request(custom_id: str, line_no: int, ids: list[int], sampling: SamplingParams, kind: str,
+                    model: str | None, context: _Context) -> Request:
+    room = context.max_model_len - sampling.max_tokens
+    if len(ids) > room:
+        raise _LineError(f"prompt has {len(ids)} tokens but only {max(room, 0)} fit: max_model_len "
+                         f"{context.max_model_len} - max_tokens {sampling.max_tokens}; shorten the prompt or "
+                         "lower max_tokens")
+    for name, values in (("prompt token id", ids), ("stop_token_ids entry", sampling.stop_token_ids)):
+        bad = next((t for t in values if not 0 <= t < context.vocab_size), None)
+        if bad is not None:
+            raise _LineError(f"{name} {bad} is outside the vocabulary [0, {context.vocab_size})")
+    seed = request_seed(context.job_seed, custom_id, sampling.seed)
+    return Request(custom_id, line_no, ids, sampling, seed, kind, model)
+
+
+def _preview(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= limit else text[:limit] + "..."

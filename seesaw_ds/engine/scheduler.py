@@ -1,0 +1,453 @@
+"""Step policy: decides which sequences prefill, swap between KV tiers, and decode at each engine step.
+
+Pure bookkeeping (no torch, no I/O), shared by the SPMD engine's leader rank and by the simulator. A
+sequence is always in exactly one place: *waiting* (prompt only), *staged* (its KV in the host staging
+area) or *running* on one decode replica (its KV in that replica's paged device tier). ``schedule()``
+commits the moves of one step and returns them as a ``StepPlan``; ``complete()`` applies the outcome.
+
+Token accounting follows the engine: prefill of a P-token prompt leaves P KV tokens in staging and one
+pending output token; a sequence with n KV tokens needs ceil((n+1)/block_size) device blocks to decode
+once, and each decode appends one KV token. Running sequences that no longer fit are evicted LIFO back to
+staging (never recomputed, never dropped).
+
+Deadlock freedom rests on one invariant, kept by every move (the *staging invariant*):
+``staging_used + sum over replicas of drain_need(replica) <= staging_tokens``, where drain_need is the
+largest LIFO suffix of the replica's running sequences (in KV tokens) that a *serial drain* would evict:
+the oldest sequence grows to its maximum length while the younger ones pause, then the next oldest, and so
+on. Hence LIFO evictions always fit in staging, and the oldest sequence of a replica (which fits the
+replica alone, checked by ``add_request``) decodes at every decode step: each step makes progress and the
+run ends. Younger sequences decode only while their growth keeps the invariant; otherwise they pause for
+a step (``stats()['paused_slots']``). To make pauses rare, prefill keeps a growth reserve of free staging
+for the resident sequences' remaining growth that their device tiers cannot absorb.
+"""
+from __future__ import annotations
+
+import bisect
+import enum
+import itertools
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterable
+
+POLICIES = ("seesaw", "prefill_first", "decode_first")
+
+
+class Phase(enum.Enum):
+    """Which layout a step runs under."""
+
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SchedulerConfig:
+    """Policy knobs of the scheduler (`scheduler.*` in the Hydra config)."""
+
+    policy: str = "seesaw"
+    """`seesaw` (transition-minimizing), `prefill_first` (vLLM-like) or `decode_first` (FasterTransformer-like)."""
+    max_prefill_tokens: int = 4096
+    """Prompt tokens per prefill step, all prefill replicas together; a longer single prompt still runs alone."""
+    low_watermark: float = 0.2
+    """seesaw: go back to prefill once staging occupancy is below this fraction and prompts wait."""
+    max_decode_seqs: int = 256
+    """Running sequences per decode replica."""
+    admit_headroom: float = 0.05
+    """Fraction of a replica's device blocks kept free when admitting, as growth room (avoids evict/admit thrash)."""
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"scheduler.policy={self.policy!r} is unknown; use one of {', '.join(POLICIES)}")
+        if self.max_prefill_tokens < 1 or self.max_decode_seqs < 1:
+            raise ValueError(f"scheduler.max_prefill_tokens={self.max_prefill_tokens} and scheduler.max_decode_seqs="
+                             f"{self.max_decode_seqs} must both be >= 1")
+        if not 0.0 <= self.low_watermark <= 1.0 or not 0.0 <= self.admit_headroom < 1.0:
+            raise ValueError(f"scheduler.low_watermark={self.low_watermark} must lie in [0, 1] and "
+                             f"scheduler.admit_headroom={self.admit_headroom} in [0, 1)")
+
+
+@dataclass
+class StepPlan:
+    """One step: a prefill step (only `prefill` filled) or a decode step (only the three decode lists)."""
+
+    phase: Phase
+    prefill: list[list[int]]
+    """Per prefill replica: sequences prefilled this step; their KV goes to staging."""
+    swap_out: list[list[int]]
+    """Per decode replica: running sequences evicted to staging before this step's decode."""
+    swap_in: list[list[int]]
+    """Per decode replica: staged sequences moved into the replica's device tier before this step's decode."""
+    decode: list[list[int]]
+    """Per decode replica: running sequences (swapped-in ones included) that decode one token this step."""
+
+    def ran(self) -> set[int]:
+        """Sequence ids that produced a token this step."""
+        return {s for group in (*self.prefill, *self.decode) for s in group}
+
+
+class _Where(enum.Enum):
+    WAITING = 0
+    STAGED = 1
+    RUNNING = 2
+
+
+@dataclass
+class _Seq:
+    seq_id: int
+    order: int  # arrival index: the FIFO key for prefill and swap-in
+    prompt_len: int
+    max_new_tokens: int
+    where: _Where = _Where.WAITING
+    num_kv: int = 0
+    num_generated: int = 0
+    replica: int = -1
+    blocks: int = 0  # device blocks held while running
+    admitted: int = -1  # admission stamp; the newest running sequence is evicted first
+
+    @property
+    def max_kv(self) -> int:
+        """KV tokens the sequence holds at most: the last sampled token never needs KV."""
+        return self.prompt_len + self.max_new_tokens - 1
+
+
+def _pick_replica(free: list[int], counts: list[int], need: int, headroom: int, max_seqs: int,
+                  allowed: list[bool]) -> int | None:
+    """Replica with the most free blocks that can take `need` blocks, keeping `headroom` free unless it is empty."""
+    best = None
+    for r, room in enumerate(free):
+        if not allowed[r] or counts[r] >= max_seqs or room < need or (counts[r] and room - need < headroom):
+            continue
+        if best is None or (room, -counts[r]) > (free[best], -counts[best]):
+            best = r
+    return best
+
+
+class Scheduler:
+    """Phase-aware scheduler over a host staging area and `num_decode_replicas` paged device tiers."""
+
+    def __init__(self, config: SchedulerConfig, *, staging_tokens: int, device_tokens: int, block_size: int,
+                 num_prefill_replicas: int = 1, num_decode_replicas: int = 1) -> None:
+        if block_size < 1 or device_tokens < block_size or staging_tokens < 1:
+            raise ValueError(f"need block_size >= 1, device_tokens >= block_size and staging_tokens >= 1; got "
+                             f"block_size={block_size}, device_tokens={device_tokens}, staging_tokens={staging_tokens}"
+                             "; raise kv.device_tokens / kv.host_tokens")
+        if num_prefill_replicas < 1 or num_decode_replicas < 1:
+            raise ValueError(f"num_prefill_replicas={num_prefill_replicas} and num_decode_replicas="
+                             f"{num_decode_replicas} must both be >= 1")
+        self.config = config
+        self.staging_tokens = staging_tokens
+        self.block_size = block_size
+        self.blocks_per_replica = device_tokens // block_size
+        self.num_prefill_replicas = num_prefill_replicas
+        self.num_decode_replicas = num_decode_replicas
+        self.max_growth_reserve_tokens = min(num_decode_replicas * self.blocks_per_replica * block_size,
+                                         staging_tokens // 2)
+        self.phase: Phase | None = None
+        self.num_transitions = 0
+        self._headroom = math.ceil(config.admit_headroom * self.blocks_per_replica)
+        self._seqs: dict[int, _Seq] = {}
+        self._waiting: deque[int] = deque()
+        self._staged: list[tuple[int, int]] = []  # (order, seq_id), sorted
+        self._running: list[list[int]] = [[] for _ in range(num_decode_replicas)]  # admission order
+        self._device_used = [0] * num_decode_replicas
+        self._staging_used = 0
+        self._next_order = 0
+        self._next_stamp = 0
+        self._pending: StepPlan | None = None
+        self._stats = dict(prefill_steps=0, decode_steps=0, transitions=0, prefilled_seqs=0, finished_seqs=0,
+                           decoded_tokens=0, evictions=0, swap_ins=0, paused_slots=0,
+                           peak_staging_tokens=0, peak_device_blocks=0, peak_running_seqs=0)
+
+    # -- public API ---------------------------------------------------------------------------------------------
+    @property
+    def staging_used_tokens(self) -> int:
+        """KV tokens currently held (or reserved by the pending prefill) in the staging area."""
+        return self._staging_used
+
+    def device_used_blocks(self, replica: int) -> int:
+        """Device blocks held by the running sequences of one decode replica."""
+        return self._device_used[replica]
+
+    def num_unfinished(self) -> int:
+        """Requests added and not finished yet."""
+        return len(self._seqs)
+
+    def stats(self) -> dict:
+        """Counters: steps per phase, transitions, evictions, swap-ins, paused decode slots, peak occupancies."""
+        return dict(self._stats, transitions=self.num_transitions)
+
+    def add_request(self, seq_id: int, prompt_len: int, max_new_tokens: int) -> None:
+        """Queue a prompt; raises ValueError when it could never fit the staging area or one device tier."""
+        if seq_id in self._seqs:
+            raise ValueError(f"seq_id {seq_id} is already scheduled; give every request its own id")
+        if prompt_len < 1 or max_new_tokens < 1:
+            raise ValueError(f"request {seq_id}: prompt_len={prompt_len} and max_new_tokens={max_new_tokens} "
+                             "must both be >= 1")
+        max_kv = prompt_len + max_new_tokens - 1
+        if max_kv > self.staging_tokens:
+            raise ValueError(f"request {seq_id}: prompt_len={prompt_len} + max_new_tokens={max_new_tokens} needs up "
+                             f"to {max_kv} KV tokens in the staging area, which holds {self.staging_tokens}; raise "
+                             "kv.host_tokens or lower max_tokens / shorten the prompt")
+        need = self._blocks_for(max_kv) if max_new_tokens > 1 else 0
+        if need > self.blocks_per_replica:
+            raise ValueError(f"request {seq_id}: prompt_len={prompt_len} + max_new_tokens={max_new_tokens} needs up "
+                             f"to {need} blocks of {self.block_size} tokens in one decode replica, which holds "
+                             f"{self.blocks_per_replica} ({self.blocks_per_replica * self.block_size} tokens); raise "
+                             "kv.device_tokens (or decode tp/pp) or lower max_tokens / shorten the prompt")
+        self._seqs[seq_id] = _Seq(seq_id, self._next_order, prompt_len, max_new_tokens)
+        self._next_order += 1
+        self._waiting.append(seq_id)
+
+    def schedule(self) -> StepPlan | None:
+        """Commit and return the next step, or None when every added request has finished."""
+        if self._pending is not None:
+            raise RuntimeError("schedule() called twice: complete() the previous plan first")
+        if not self._seqs:
+            return None
+        first, second = (self._prefill_plan, self._decode_plan)
+        if self._preferred_phase() is Phase.DECODE:
+            first, second = second, first
+        plan = first() or second()
+        assert plan is not None, "scheduler stalled with unfinished requests"
+        if self.phase is not None and plan.phase is not self.phase:
+            self.num_transitions += 1
+        self.phase = plan.phase
+        self._pending = plan
+        self._stats["prefill_steps" if plan.phase is Phase.PREFILL else "decode_steps"] += 1
+        self._note_peaks()
+        return plan
+
+    def complete(self, plan: StepPlan, finished: Iterable[int]) -> None:
+        """Apply the outcome of `plan`: every sequence in it produced a token; `finished` ones ended there."""
+        if plan is not self._pending:
+            raise ValueError("complete() got a plan that is not the one schedule() last returned")
+        finished = set(finished)
+        stray = finished - plan.ran()
+        if stray:
+            raise ValueError(f"finished ids {sorted(stray)} did not prefill or decode in this plan")
+        self._pending = None
+        for seq_id in (s for group in plan.prefill for s in group):
+            seq = self._seqs[seq_id]
+            seq.num_generated = 1
+            self._stats["prefilled_seqs"] += 1
+            self._finish_if_done(seq, seq_id in finished)
+        for seq_id in (s for group in plan.decode for s in group):
+            seq = self._seqs[seq_id]
+            seq.num_kv += 1
+            seq.num_generated += 1
+            self._stats["decoded_tokens"] += 1
+            self._finish_if_done(seq, seq_id in finished)
+
+    # -- policy ---------------------------------------------------------------------------------------------------
+    def _preferred_phase(self) -> Phase:
+        """The phase the policy asks for; schedule() falls back to the other one when it has nothing to run."""
+        in_flight = bool(self._staged) or any(self._running)
+        if not self._waiting:
+            return Phase.DECODE
+        if not in_flight or self.config.policy == "prefill_first" or self.phase is not Phase.DECODE:
+            return Phase.PREFILL  # a prefill phase lasts while prompts fit (seesaw: staging; decode_first: device)
+        if self.config.policy == "decode_first":
+            return Phase.DECODE  # until every running and staged sequence has finished
+        drained = self._staging_used == 0 or self._staging_used < self.config.low_watermark * self.staging_tokens
+        return Phase.PREFILL if drained else Phase.DECODE
+
+    def _prefill_plan(self) -> StepPlan | None:
+        batch = self._pick_prefill(device_fit=self.config.policy != "seesaw")
+        if not batch:
+            return None
+        loads = [0] * self.num_prefill_replicas
+        prefill: list[list[int]] = [[] for _ in loads]
+        for seq_id in batch:
+            seq = self._seqs[self._waiting.popleft()]
+            assert seq.seq_id == seq_id
+            seq.where, seq.num_kv = _Where.STAGED, seq.prompt_len
+            self._staging_used += seq.prompt_len
+            bisect.insort(self._staged, (seq.order, seq_id))
+            r = loads.index(min(loads))  # balance prompt tokens across prefill replicas
+            loads[r] += seq.prompt_len
+            prefill[r].append(seq_id)
+        return StepPlan(Phase.PREFILL, prefill, *([[] for _ in self._running] for _ in range(3)))
+
+    def _pick_prefill(self, device_fit: bool) -> list[int]:
+        """FIFO prompts for one prefill step that keep the staging invariant and the growth reserve."""
+        used = self._staging_used + sum(self._drain_need(run) for run in self._running) + self._growth_reserve()
+        free = [self.blocks_per_replica - u for u in self._device_used]
+        counts = [len(run) for run in self._running]
+        if device_fit:  # staged sequences go to the device first; a prompt is prefilled only if it follows them
+            for _, seq_id in self._staged:
+                if not self._fit(free, counts, self._blocks_for(self._seqs[seq_id].num_kv + 1)):
+                    return []
+        batch: list[int] = []
+        tokens = 0
+        for seq_id in self._waiting:
+            seq = self._seqs[seq_id]
+            if batch and tokens + seq.prompt_len > self.config.max_prefill_tokens:
+                break
+            if used + tokens + seq.prompt_len > self.staging_tokens:
+                break
+            if device_fit and seq.max_new_tokens > 1 and not self._fit(free, counts,
+                                                                         self._blocks_for(seq.prompt_len + 1)):
+                break
+            batch.append(seq_id)
+            tokens += seq.prompt_len
+        return batch
+
+    def _growth_reserve(self) -> int:
+        """Staging kept free by prefill for resident sequences' growth that their device tiers cannot absorb.
+
+        Without it a full staging area leaves no room for evictions and young sequences pause; capped so that
+        prefill can always use at least half of the staging area.
+        """
+        growth = sum(self._seqs[s].max_kv - self._seqs[s].num_kv for run in self._running for s in run)
+        free = sum(self.blocks_per_replica - used for used in self._device_used) * self.block_size
+        return max(0, min(growth - free, self.max_growth_reserve_tokens))
+
+    def _fit(self, free: list[int], counts: list[int], need: int) -> bool:
+        r = _pick_replica(free, counts, need, self._headroom, self.config.max_decode_seqs, [True] * len(free))
+        if r is not None:
+            free[r] -= need
+            counts[r] += 1
+        return r is not None
+
+    def _decode_plan(self) -> StepPlan | None:
+        if not self._staged and not any(self._running):
+            return None
+        n = self.num_decode_replicas
+        # The oldest sequence of each replica always decodes; younger ones (oldest first) as far as the
+        # staging invariant allows once their growth is counted; the rest pause for this step.
+        oldest = {run[0] for run in self._running if run}
+        younger = sorted((self._seqs[s] for run in self._running for s in run[1:]), key=lambda q: q.admitted)
+        lo, hi = 0, len(younger)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self._safe_after(oldest | {q.seq_id for q in younger[:mid]}):
+                lo = mid
+            else:
+                hi = mid - 1
+        decoding = oldest | {q.seq_id for q in younger[:lo]}
+        swap_out: list[list[int]] = [[] for _ in range(n)]
+        for r in range(n):
+            victims, need = self._replica_step(r, decoding)
+            for victim in victims:
+                assert victim != self._running[r][0], "the oldest sequence of a replica always fits alone"
+                decoding.discard(victim)
+                self._evict(victim)
+                swap_out[r].append(victim)
+            for s in self._running[r]:
+                self._seqs[s].blocks = need[s]
+            self._device_used[r] = sum(need.values())
+        self._stats["paused_slots"] += sum(1 for run in self._running for s in run if s not in decoding)
+        swap_in = self._swap_in(swap_out, decoding)
+        decode = [[s for s in run if s in decoding] for run in self._running]
+        return StepPlan(Phase.DECODE, [[] for _ in range(self.num_prefill_replicas)], swap_out, swap_in, decode)
+
+    def _swap_in(self, swap_out: list[list[int]], decoding: set[int]) -> list[list[int]]:
+        """Move staged sequences (FIFO) into the device tiers; not into a replica that just evicted (thrash)."""
+        swap_in: list[list[int]] = [[] for _ in self._running]
+        just_evicted = {s for group in swap_out for s in group}
+        free = [self.blocks_per_replica - u for u in self._device_used]
+        counts = [len(run) for run in self._running]
+        drain = [self._drain_need(run, decoding) for run in self._running]
+        staging_after = self._staging_used
+        for _, seq_id in list(self._staged):
+            if seq_id in just_evicted:
+                continue
+            seq = self._seqs[seq_id]
+            need = self._blocks_for(seq.num_kv + 1)
+            allowed = [not group for group in swap_out]
+            while (r := _pick_replica(free, counts, need, self._headroom, self.config.max_decode_seqs,
+                                      allowed)) is not None:
+                # does the staging invariant still hold once it joins and decodes?
+                drain_r = self._drain_need([*self._running[r], seq_id], decoding | {seq_id})
+                if staging_after - seq.num_kv + sum(drain) - drain[r] + drain_r <= self.staging_tokens:
+                    break
+                allowed[r] = False
+            if r is None:
+                break
+            drain[r], staging_after = drain_r, staging_after - seq.num_kv
+            free[r] -= need
+            counts[r] += 1
+            decoding.add(seq_id)
+            self._running[r].append(seq_id)
+            self._staged.remove((seq.order, seq_id))
+            self._staging_used -= seq.num_kv
+            seq.where, seq.replica, seq.blocks = _Where.RUNNING, r, need
+            seq.admitted, self._next_stamp = self._next_stamp, self._next_stamp + 1
+            self._device_used[r] += need
+            swap_in[r].append(seq_id)
+            self._stats["swap_ins"] += 1
+        return swap_in
+
+    # -- staging invariant ------------------------------------------------------------------------------------
+    def _replica_step(self, r: int, decoding: set[int]) -> tuple[list[int], dict[int, int]]:
+        """LIFO victims of replica r for a step decoding `decoding`, and the blocks each kept sequence holds."""
+        run = self._running[r]
+        need = {s: self._blocks_for(self._seqs[s].num_kv + 1) if s in decoding else self._seqs[s].blocks
+                for s in run}
+        total, victims = sum(need.values()), []
+        for s in reversed(run):
+            if total <= self.blocks_per_replica:
+                break
+            total -= need.pop(s)
+            victims.append(s)
+        return victims, need
+
+    def _drain_need(self, run: list[int], decoding: set[int] = frozenset()) -> int:
+        """Staging tokens a serial drain of one replica's `run` needs after a step decoding `decoding`.
+
+        Serial drain: the oldest sequence grows to its maximum length while the younger ones pause and the
+        newest of them are evicted (LIFO) to make room; then the next oldest, and so on. The largest LIFO
+        suffix any stage evicts is what staging must be able to take.
+        """
+        seqs = [self._seqs[s] for s in run]
+        kv = [q.num_kv + (q.seq_id in decoding) for q in seqs]
+        held = list(itertools.accumulate((self._blocks_for(k + 1) for k in kv), initial=0))
+        cut = len(seqs)
+        for k, q in enumerate(seqs):
+            if k + 1 >= cut:
+                break
+            room = self.blocks_per_replica - self._blocks_for(q.max_kv)
+            cut = min(cut, bisect.bisect_right(held, held[k + 1] + room) - 1)
+        return sum(kv[cut:])
+
+    def _safe_after(self, decoding: set[int]) -> bool:
+        """Does the staging invariant hold after a decode step (evictions included) decoding `decoding`?"""
+        staging = self._staging_used
+        total_need = 0
+        for r in range(self.num_decode_replicas):
+            victims, kept = self._replica_step(r, decoding)
+            staging += sum(self._seqs[s].num_kv for s in victims)
+            total_need += self._drain_need(list(kept), decoding)
+        return staging + total_need <= self.staging_tokens
+
+    # -- bookkeeping ----------------------------------------------------------------------------------------------
+    def _blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _evict(self, seq_id: int) -> None:
+        seq = self._seqs[seq_id]
+        self._running[seq.replica].remove(seq_id)
+        self._device_used[seq.replica] -= seq.blocks
+        seq.where, seq.replica, seq.blocks = _Where.STAGED, -1, 0
+        self._staging_used += seq.num_kv
+        assert self._staging_used <= self.staging_tokens, "staging invariant broken"
+        bisect.insort(self._staged, (seq.order, seq_id))
+        self._stats["evictions"] += 1
+
+    def _finish_if_done(self, seq: _Seq, reported: bool) -> None:
+        if not reported and seq.num_generated < seq.max_new_tokens:
+            return
+        if seq.where is _Where.STAGED:
+            self._staged.remove((seq.order, seq.seq_id))
+            self._staging_used -= seq.num_kv
+        else:
+            self._running[seq.replica].remove(seq.seq_id)
+            self._device_used[seq.replica] -= seq.blocks
+        del self._seqs[seq.seq_id]
+        self._stats["finished_seqs"] += 1
+
+    def _note_peaks(self) -> None:
+        st = self._stats
+        st["peak_staging_tokens"] = max(st["peak_staging_tokens"], self._staging_used)
+        st["peak_device_blocks"] = max(st["peak_device_blocks"], *self._device_used)
+        st["peak_running_seqs"] = max(st["peak_running_seqs"], *(len(run) for run in self._running))

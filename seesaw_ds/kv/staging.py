@@ -1,0 +1,310 @@
+"""The host staging tier: every staged sequence's KV in node-shared memory, in a layout-neutral order.
+
+One area per instance and node, shaped ``[layer, k|v, kv_head, token_slot, head_dim]`` so that the slice any
+rank needs under any layout (its layers, its KV heads, a sequence's slots) is a few contiguous reads.
+A sequence occupies a few contiguous *extents* of token slots handed out by the instance leader
+(:class:`ExtentAllocator`): first fit, split across free runs when no single run is long enough, so an
+allocation succeeds whenever enough slots are free and the scheduler's token counts are exact.
+
+- **swap-out** (prefill, or eviction during decode): each rank writes its share (its layers, its KV heads)
+  into its own node's area, on a background thread so the copy overlaps the rest of the forward pass;
+- **swap-in** (decode): each rank pulls its decode-layout share into the device tier. Pieces written on
+  its node are read from shared memory, layer by layer on a background thread that the attention of each
+  layer waits for (so later layers copy while earlier ones compute); pieces written on another node come
+  point-to-point from their writer, following :func:`seesaw_ds.kv.plan.plan_kv_reshard`.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import psutil
+import torch
+
+from seesaw_ds.backends import deepspeed as backend
+from seesaw_ds.dist.groups import Topology
+from seesaw_ds.dist.hostmem import NodeSharedBuffer
+from seesaw_ds.dist.layout import ModelDims, kv_head_range
+from seesaw_ds.kv.plan import kv_writes, plan_kv_reshard
+
+
+class StagingCapacityError(ValueError):
+    """The staging area cannot fit in host memory; the message names the sizes and the fix."""
+
+
+def bytes_per_token(dims: ModelDims, dtype: torch.dtype) -> int:
+    """Host bytes one token of KV takes (all layers, K and V, all KV heads)."""
+    return dims.num_layers * 2 * dims.num_kv_heads * dims.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def staging_capacity(requested: int | None, dims: ModelDims, dtype: torch.dtype, areas_on_node: int,
+                     fraction: float) -> int:
+    """Tokens of staging per instance: ``requested`` if it fits in available memory, else a clear error."""
+    per_token = bytes_per_token(dims, dtype)
+    available = psutil.virtual_memory().available
+    if requested is None:
+        tokens = int(available * fraction) // (per_token * max(1, areas_on_node))
+        if tokens < 1:
+            raise StagingCapacityError(f"no host memory left for a KV staging area ({available >> 20} MiB "
+                                       f"available); set kv.host_tokens explicitly")
+        return tokens
+    if requested < 1:
+        raise StagingCapacityError(f"kv.host_tokens={requested} must be positive")
+    needed = requested * per_token * max(1, areas_on_node)
+    if needed > available:
+        fit = available // (per_token * max(1, areas_on_node))
+        raise StagingCapacityError(
+            f"kv.host_tokens={requested} needs {needed >> 20} MiB of host memory per node but only "
+            f"{available >> 20} MiB are available; use kv.host_tokens<={fit}")
+    return requested
+
+
+class ExtentAllocator:
+    """Token slots of the staging area as sorted free runs (pure, leader-side)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._free: list[tuple[int, int]] = [(0, capacity)]  # sorted (start, length)
+        self.used = 0
+
+    def allocate(self, tokens: int) -> list[tuple[int, int]]:
+        """Extents ``(start, length)`` covering ``tokens`` slots: one run when one fits, else several."""
+        if tokens > self.capacity - self.used:
+            raise MemoryError(f"staging area full: {tokens} slots asked, {self.capacity - self.used} free")
+        for index, (start, length) in enumerate(self._free):
+            if length >= tokens:
+                self._free[index:index + 1] = [(start + tokens, length - tokens)] if length > tokens else []
+                self.used += tokens
+                return [(start, tokens)]
+        extents, remaining = [], tokens
+        while remaining:
+            start, length = self._free[0]
+            take = min(length, remaining)
+            extents.append((start, take))
+            self._free[0:1] = [(start + take, length - take)] if length > take else []
+            remaining -= take
+        self.used += tokens
+        return extents
+
+    def free(self, extents: list[tuple[int, int]]) -> None:
+        """Return extents to the free list, merging neighbouring runs."""
+        runs = sorted(self._free + [tuple(e) for e in extents])
+        merged: list[tuple[int, int]] = []
+        for start, length in runs:
+            if merged and merged[-1][0] + merged[-1][1] == start:
+                merged[-1] = (merged[-1][0], merged[-1][1] + length)
+            else:
+                merged.append((start, length))
+        self._free = merged
+        self.used -= sum(length for _, length in extents)
+
+
+@dataclass
+class StagedSeq:
+    """Where a staged sequence's KV lies and who wrote it."""
+
+    seq_id: int
+    extents: list[tuple[int, int]]
+    num_tokens: int
+    writer: str           # layout name that wrote it ("prefill" or "decode")
+    writer_replica: int
+    reader_replica: int = 0
+
+
+@dataclass
+class TransferStats:
+    """Bytes and seconds of KV movement, and how much of it the compute hid."""
+
+    swap_out_bytes: int = 0
+    swap_out_seconds: float = 0.0
+    swap_out_wait_seconds: float = 0.0
+    swap_in_bytes: int = 0
+    swap_in_seconds: float = 0.0
+    swap_in_wait_seconds: float = 0.0
+    remote_bytes: int = 0
+    events: list = field(default_factory=list)
+
+
+class StagingArea:
+    """This rank's handle on its instance's staging area (collective over the instance to create)."""
+
+    def __init__(self, topology: Topology, dims: ModelDims, dtype: torch.dtype, capacity_tokens: int):
+        self.topology = topology
+        self.dims = dims
+        self.dtype = dtype
+        self.capacity = capacity_tokens
+        env = topology.env
+        self._comm = env.node.Split(color=topology.instance_index, key=env.rank)
+        shape = (dims.num_layers, 2, dims.num_kv_heads, self.capacity, dims.head_dim)
+        element = torch.empty((), dtype=dtype).element_size()
+        nbytes = element * dims.num_layers * 2 * dims.num_kv_heads * self.capacity * dims.head_dim
+        self._buffer = NodeSharedBuffer(self._comm, nbytes, pin=torch.cuda.is_available())
+        self.kv = self._buffer.view(0, shape, dtype)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seesaw-kv")
+        self._pending: list[Future] = []
+        self.stats = TransferStats()
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------ swap-out
+    def prefill_sink(self, batch, bounds: list[int], groups):
+        """A prefill sink writing this rank's share of each sequence's new K/V into its extents, asynchronously."""
+        share = kv_writes(groups.layout, self.dims, self.topology.instance_rank)
+        if share is None:
+            return lambda layer, keys, values: None
+        _, heads = share
+        local_heads = kv_head_range(self.dims.num_kv_heads, groups.layout.tp, groups.tp_index)
+        head_lo = heads.start - local_heads.start
+        head_hi = head_lo + len(heads)
+
+        def write(layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+            def copy() -> float:
+                began = time.perf_counter()
+                for seq, lo, hi in zip(batch, bounds[:-1], bounds[1:]):
+                    self._store(layer, 0, heads, seq.staging_extents, keys[head_lo:head_hi, lo:hi])
+                    self._store(layer, 1, heads, seq.staging_extents, values[head_lo:head_hi, lo:hi])
+                return time.perf_counter() - began
+            self._pending.append(self._worker.submit(copy))
+            with self._lock:
+                self.stats.swap_out_bytes += 2 * keys[head_lo:head_hi].numel() * keys.element_size()
+        return write
+
+    def finish_writes(self) -> None:
+        """Wait for outstanding swap-out copies (before the blocks are read or the step is reported)."""
+        began = time.perf_counter()
+        copied = sum(future.result() for future in self._pending)
+        self._pending = []
+        self.stats.swap_out_seconds += copied
+        self.stats.swap_out_wait_seconds += time.perf_counter() - began
+
+    def write_sequence(self, layer: int, staged: StagedSeq, keys: torch.Tensor, values: torch.Tensor,
+                       heads: range) -> None:
+        """Write one sequence's K/V (``[kv_heads, tokens, head_dim]`` for global ``heads``) into its extents."""
+        self._store(layer, 0, heads, staged.extents, keys.to("cpu"))
+        self._store(layer, 1, heads, staged.extents, values.to("cpu"))
+        self.stats.swap_out_bytes += 2 * keys.numel() * keys.element_size()
+
+    def _store(self, layer: int, kv_index: int, heads: range, extents, data: torch.Tensor) -> None:
+        """Write ``data`` (``[heads, tokens, head_dim]``) into a sequence's extents, from its first token."""
+        done = 0
+        for start, length in extents:
+            take = min(length, data.shape[1] - done)
+            if take <= 0:
+                break
+            self.kv[layer, kv_index, heads.start:heads.stop, start:start + take] = data[:, done:done + take]
+            done += take
+
+    def _load(self, layers: range, heads: range, extents, tokens: int) -> torch.Tensor:
+        """A sequence's K/V for ``layers`` x ``heads``: ``[layers, 2, heads, tokens, head_dim]``."""
+        parts, done = [], 0
+        for start, length in extents:
+            take = min(length, tokens - done)
+            if take <= 0:
+                break
+            parts.append(self.kv[layers.start:layers.stop, :, heads.start:heads.stop, start:start + take])
+            done += take
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=3)
+
+    # ------------------------------------------------------------ swap-in
+    def swap_in(self, seqs: list[StagedSeq], layout_name: str, cache) -> "SwapIn":
+        """Pull every sequence's share for layout ``layout_name`` into ``cache`` (every instance rank calls).
+
+        Remote pieces move point-to-point now; local pieces are copied layer by layer on the worker
+        thread. Returns a handle whose ``wait(layer)`` blocks until that layer is in the device tier.
+        """
+        topology = self.topology
+        me = topology.instance_rank
+        dst_layout = topology.layouts[layout_name].layout
+        node_of = lambda instance_rank: topology.node_of_rank[topology.instance_to_global(instance_rank)]
+        local_reads, sends, recvs = [], [], []
+        for staged in seqs:
+            src_layout = topology.layouts[staged.writer].layout
+            for piece in plan_kv_reshard(src_layout, staged.writer_replica, dst_layout, staged.reader_replica,
+                                         self.dims):
+                remote = node_of(piece.src_rank) != node_of(piece.dst_rank)
+                if piece.dst_rank == me:
+                    (recvs if remote else local_reads).append((staged, piece))
+                elif piece.src_rank == me and remote:
+                    sends.append((staged, piece))
+        handles = []
+        for staged, piece in sends:
+            block = self._slice(staged, piece).contiguous()
+            handles.append(backend.isend(block, topology.instance_to_global(piece.dst_rank)))
+        received = []
+        for staged, piece in recvs:
+            block = torch.empty_like(self._slice(staged, piece))
+            backend.recv(block, topology.instance_to_global(piece.src_rank))
+            received.append((staged, piece, block))
+            self.stats.remote_bytes += block.numel() * block.element_size()
+        for handle in handles:
+            handle.wait()
+        mine = dst_layout.coords(me)
+        my_heads = kv_head_range(self.dims.num_kv_heads, dst_layout.tp, mine[2])
+        for staged in seqs:
+            if staged.reader_replica == mine[0]:
+                cache.allocator.ensure(staged.seq_id, staged.num_tokens)
+        return SwapIn(self, cache, local_reads, received, my_heads)
+
+    def _slice(self, staged: StagedSeq, piece) -> torch.Tensor:
+        return self._load(piece.layers, piece.kv_heads, staged.extents, staged.num_tokens)
+
+    def close(self) -> None:
+        """Stop the worker and release the shared memory (collective over the instance's node ranks)."""
+        self._worker.shutdown(wait=True)
+        self._comm.Barrier()
+        self._buffer.free()
+        self._comm.Free()
+
+
+class SwapIn:
+    """An in-flight swap-in: layers land in the device tier in order; ``wait(layer)`` blocks on one."""
+
+    def __init__(self, area: StagingArea, cache, local_reads, received, heads: range):
+        self.area = area
+        self._ready: dict[int, threading.Event] = {layer: threading.Event() for layer in cache.layers}
+        self._waited = 0.0
+        by_layer: dict[int, list] = {layer: [] for layer in cache.layers}
+        for staged, piece, block in received:
+            for offset, layer in enumerate(piece.layers):
+                by_layer[layer].append((staged, piece.kv_heads, block[offset]))
+        for staged, piece in local_reads:
+            for layer in piece.layers:
+                by_layer[layer].append((staged, piece.kv_heads, (range(layer, layer + 1), staged)))
+        element = torch.empty((), dtype=area.dtype).element_size()
+        self.nbytes = sum(2 * len(kv_heads) * staged.num_tokens * area.dims.head_dim * element
+                          for items in by_layer.values() for staged, kv_heads, _ in items)
+        self._future = area._worker.submit(self._copy, cache, by_layer, heads)
+
+    def _copy(self, cache, by_layer, heads: range) -> float:
+        began = time.perf_counter()
+        try:
+            for layer in cache.layers:
+                for staged, kv_heads, block in by_layer[layer]:
+                    if isinstance(block, tuple):  # a local piece: read it from shared memory now
+                        block = self.area._load(block[0], kv_heads, staged.extents, staged.num_tokens)[0]
+                    lo, hi = kv_heads.start - heads.start, kv_heads.stop - heads.start
+                    cache.write_heads(layer, staged.seq_id, block[0], block[1], lo, hi)
+                self._ready[layer].set()
+        finally:
+            for event in self._ready.values():
+                event.set()
+        return time.perf_counter() - began
+
+    def wait(self, layer: int) -> None:
+        """Block until ``layer`` of every swapped-in sequence is in the device tier."""
+        event = self._ready.get(layer)
+        if event is not None and not event.is_set():
+            began = time.perf_counter()
+            event.wait()
+            self._waited += time.perf_counter() - began
+
+    def finish(self) -> None:
+        """Wait for the whole swap-in and account for it."""
+        began = time.perf_counter()
+        copied = self._future.result()
+        self._waited += time.perf_counter() - began
+        stats = self.area.stats
+        stats.swap_in_bytes += self.nbytes
+        stats.swap_in_seconds += copied
+        stats.swap_in_wait_seconds += self._waited

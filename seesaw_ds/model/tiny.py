@@ -1,0 +1,410 @@
+"""Builds the project's own tiny, deterministic Hugging Face checkpoints (model, tokenizer, chat template).
+
+No model hub is reachable on the build machines, so tests, the default job and benchmarks run on models
+made here: a randomly initialised Llama / Mistral / Qwen2 written as a complete checkpoint directory
+(``config.json``, ``model.safetensors``, ``generation_config.json``, tokenizer files) that
+``AutoModelForCausalLM`` and ``AutoTokenizer`` load offline.
+
+Two properties matter to the rest of the project:
+
+- **Determinism**: the same arguments give a byte-identical ``model.safetensors`` (every parameter is drawn
+  from one explicitly seeded ``torch.Generator`` in name order, independent of transformers' own init) and
+  an identical tokenizer (BPE trained on the bundled corpus; the trainer is deterministic).
+- **Decisive logits**: a plain random init gives nearly flat logits, and greedy ties make token-exact tests
+  flaky. Here the output embedding is scaled so that logits have a standard deviation of about
+  ``LOGIT_STD`` (typical top-2 gap ~2 in fp32), and the sublayer output projections are scaled so that the
+  residual stream is dominated by attention / MLP outputs rather than by the current token's embedding:
+  generations then depend on the whole context (they exercise the KV cache) instead of repeating the last
+  token, which a tied, embedding-dominated model would do.
+
+The default model (``make_tiny_model(path)``: 3 layers, hidden 64, 4 heads, 2 KV heads, intermediate 128,
+vocab 1024, untied) has 242,240 parameters (about 1 MB in fp32). The benchmark preset
+(``BENCHMARK_MODEL_KWARGS``: 8 layers, hidden 512, 8 heads, 4 KV heads, intermediate 1376, 2048 positions)
+has 24,256,000 parameters with the 1024-token vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+FAMILIES = ("llama", "mistral", "qwen2")
+"""Model families ``make_tiny_model`` can build."""
+
+TOKENIZER_VOCAB_SIZE = 1024
+"""Size of the bundled byte-level BPE tokenizer (special tokens included); the default model vocabulary."""
+
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>")
+"""Special tokens, in id order: unk=0, bos=1, eos=2, pad=3, then the chat role markers."""
+
+UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = SPECIAL_TOKENS[:4]
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+"""Jinja chat template: ``<s><|user|>\\nhello</s>\\n<|assistant|>\\n`` for one user turn plus a generation prompt."""
+
+LOGIT_STD = 12.0
+"""Target standard deviation of the output logits of a freshly built model (see the module docstring)."""
+
+RESIDUAL_GAIN = 2.0
+"""RMS of each attention / MLP output relative to the token embedding's RMS."""
+
+DEFAULT_MODEL_NAME = "tiny-llama"
+"""Directory name of the default model under a cache directory (see ``ensure_default_model``)."""
+
+MANIFEST_NAME = "seesaw_tiny.json"
+"""File in each built checkpoint recording the build arguments; ``ensure_default_model`` compares it."""
+
+MANIFEST_VERSION = 1
+"""Bumped whenever the build recipe changes, so that cached default models are rebuilt."""
+
+BENCHMARK_MODEL_KWARGS = MappingProxyType(
+    {
+        "num_layers": 8,
+        "hidden_size": 512,
+        "num_heads": 8,
+        "num_kv_heads": 4,
+        "intermediate_size": 1376,
+        "max_position_embeddings": 2048,
+    }
+)
+"""The standard benchmark model: ``make_tiny_model(path, "llama", **BENCHMARK_MODEL_KWARGS)``."""
+
+REQUIRED_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+                  "tokenizer_config.json", MANIFEST_NAME)
+"""Files a complete checkpoint directory built here contains."""
+
+_CORPUS_NAME = "tokenizer_corpus.txt"
+
+
+def load_tokenizer_corpus() -> str:
+    """Return the bundled English corpus the tokenizer is trained on."""
+    return resources.files("seesaw_ds").joinpath("data", _CORPUS_NAME).read_text(encoding="utf-8")
+
+
+def build_tokenizer(vocab_size: int = TOKENIZER_VOCAB_SIZE) -> PreTrainedTokenizerFast:
+    """Train the byte-level BPE tokenizer on the bundled corpus and wrap it as a ``PreTrainedTokenizerFast``.
+
+    Deterministic; any UTF-8 text round-trips through encode/decode (byte-level alphabet). Plain encoding
+    prepends ``<s>``; the chat template writes its own ``<s>``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    num_base = len(SPECIAL_TOKENS) + len(pre_tokenizers.ByteLevel.alphabet())
+    if vocab_size < num_base:
+        raise ValueError(f"tokenizer vocab_size must be at least {num_base}, got {vocab_size}")
+    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(load_tokenizer_corpus().splitlines(keepends=True), trainer=trainer)
+    bos_id = tok.token_to_id(BOS_TOKEN)
+    tok.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(
+            single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B", special_tokens=[(BOS_TOKEN, bos_id)]
+        ),
+    ])
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        unk_token=UNK_TOKEN,
+        additional_special_tokens=list(SPECIAL_TOKENS[4:]),
+        model_max_length=1 << 30,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
+    wrapped.chat_template = CHAT_TEMPLATE
+    return wrapped
+
+
+def _make_config(family: str, *, vocab_size: int, num_layers: int, hidden_size: int, num_heads: int,
+                 num_kv_heads: int, intermediate_size: int, max_position_embeddings: int,
+                 tie_word_embeddings: bool, sliding_window: int | None, token_ids: dict[str, int],
+                 dtype: torch.dtype):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=token_ids["bos"],
+        eos_token_id=token_ids["eos"],
+        pad_token_id=token_ids["pad"],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        dtype=dtype,
+    )
+    head_dim = hidden_size // num_heads
+    if family == "llama":
+        return LlamaConfig(**common, head_dim=head_dim, attention_bias=False, mlp_bias=False)
+    if family == "mistral":
+        return MistralConfig(**common, head_dim=head_dim, sliding_window=sliding_window)
+    if family == "qwen2":
+        # Qwen2 always has q/k/v biases; use_sliding_window=True is needed for a window to take effect.
+        return Qwen2Config(**common, use_sliding_window=sliding_window is not None,
+                           sliding_window=sliding_window, max_window_layers=num_layers)
+    raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+
+
+def _init_parameters(model: torch.nn.Module, *, seed: int, num_real_tokens: int,
+                     silent_token_ids: Sequence[int]) -> None:
+    """Overwrite every parameter from one seeded generator, in name order (see the module docstring)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    hidden_size = model.config.hidden_size
+    embed_std = LOGIT_STD / math.sqrt(hidden_size)  # logits = normed hidden (RMS 1) . output rows
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters(remove_duplicate=True), key=lambda item: item[0]):
+            leaf = name.rsplit(".", 1)[-1]
+            if name == "model.norm.weight":
+                # Random signs: in a tied model this removes the affinity of each position's logits for
+                # its own input token (row i of the output matrix becomes e_i * signs, uncorrelated with e_i).
+                values = torch.randint(0, 2, param.shape, generator=gen).float() * 2.0 - 1.0
+            elif "norm" in name:
+                values = torch.ones(param.shape)
+            elif leaf == "bias":
+                values = torch.randn(param.shape, generator=gen) * 0.1
+            elif "embed_tokens" in name or "lm_head" in name:
+                values = torch.randn(param.shape, generator=gen) * embed_std
+                # Zero rows get logit 0, far below the maximum: never produced by greedy decoding.
+                values[num_real_tokens:] = 0.0
+                if name == "lm_head.weight":  # untied only: tied rows are also the input embeddings
+                    values[list(silent_token_ids)] = 0.0
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                fan_in = param.shape[1]
+                values = torch.randn(param.shape, generator=gen) * (RESIDUAL_GAIN * embed_std / math.sqrt(fan_in))
+            elif param.dim() == 2:
+                fan_in = param.shape[1]
+                values = torch.randn(param.shape, generator=gen) / math.sqrt(fan_in)
+            else:
+                raise ValueError(f"no init rule for parameter {name} of shape {tuple(param.shape)}")
+            param.copy_(values.to(param.dtype))
+
+
+def build_tiny_model(
+    family: str = "llama",
+    *,
+    num_layers: int = 3,
+    hidden_size: int = 64,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    vocab_size: int | None = None,
+    max_position_embeddings: int = 512,
+    tie_word_embeddings: bool | None = None,
+    sliding_window: int | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Build the tiny model and its tokenizer in memory; returns ``(model, tokenizer)``.
+
+    Arguments as for ``make_tiny_model``, which writes the result to disk.
+    """
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    for arg_name, value in (("num_layers", num_layers), ("hidden_size", hidden_size), ("num_heads", num_heads),
+                            ("num_kv_heads", num_kv_heads), ("intermediate_size", intermediate_size),
+                            ("max_position_embeddings", max_position_embeddings)):
+        if value < 1:
+            raise ValueError(f"{arg_name} must be positive, got {value}")
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads {num_heads} is not divisible by num_kv_heads {num_kv_heads}")
+    if (hidden_size // num_heads) % 2:
+        raise ValueError(f"head dim {hidden_size // num_heads} must be even (rotary embeddings)")
+
+    tokenizer = build_tokenizer()
+    num_tokens = len(tokenizer)
+    if vocab_size is None:
+        vocab_size = num_tokens
+    elif vocab_size < num_tokens:
+        raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer's {num_tokens} tokens")
+    if tie_word_embeddings is None:
+        tie_word_embeddings = family == "qwen2"
+    token_ids = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}
+    config = _make_config(
+        family, vocab_size=vocab_size, num_layers=num_layers, hidden_size=hidden_size, num_heads=num_heads,
+        num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings, tie_word_embeddings=tie_word_embeddings,
+        sliding_window=sliding_window, token_ids=token_ids, dtype=dtype,
+    )
+    # transformers' own init draws from the global RNG: fork it so callers' random state is untouched.
+    with torch.random.fork_rng(devices=[]):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    silent = [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS if t != EOS_TOKEN]
+    _init_parameters(model, seed=seed, num_real_tokens=num_tokens, silent_token_ids=silent)
+    model = model.to(dtype).eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=token_ids["bos"], eos_token_id=token_ids["eos"], pad_token_id=token_ids["pad"]
+    )
+    return model, tokenizer
+
+
+def make_tiny_model(
+    out_dir: str | Path,
+    family: str = "llama",
+    *,
+    num_layers: int = 3,
+    hidden_size: int = 64,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    vocab_size: int | None = None,
+    max_position_embeddings: int = 512,
+    tie_word_embeddings: bool | None = None,
+    sliding_window: int | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write a complete, deterministic, randomly initialised HF checkpoint of ``family`` to ``out_dir``.
+
+    ``vocab_size`` may only enlarge the model's vocabulary beyond the tokenizer's (padded rows are zero);
+    ``tie_word_embeddings`` defaults to False for llama / mistral and True for qwen2; ``sliding_window``
+    (mistral, qwen2) defaults to none. Files: ``config.json``, ``model.safetensors``,
+    ``generation_config.json``, the tokenizer files, and ``seesaw_tiny.json`` (the build arguments).
+    Returns ``out_dir`` as a ``Path``.
+    """
+    model, tokenizer = build_tiny_model(
+        family, num_layers=num_layers, hidden_size=hidden_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
+        intermediate_size=intermediate_size, vocab_size=vocab_size,
+        max_position_embeddings=max_position_embeddings, tie_word_embeddings=tie_word_embeddings,
+        sliding_window=sliding_window, seed=seed, dtype=dtype,
+    )
+    config = model.config
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    manifest = {
+        "manifest_version": MANIFEST_VERSION,
+        "family": family,
+        "num_layers": num_layers,
+        "hidden_size": hidden_size,
+        "num_heads": num_heads,
+        "num_kv_heads": num_kv_heads,
+        "intermediate_size": intermediate_size,
+        "vocab_size": config.vocab_size,
+        "max_position_embeddings": max_position_embeddings,
+        "tie_word_embeddings": bool(config.tie_word_embeddings),
+        "sliding_window": sliding_window,
+        "seed": seed,
+        "dtype": str(dtype).removeprefix("torch."),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+    }
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return out
+
+
+def read_manifest(model_dir: str | Path) -> dict | None:
+    """Return the build manifest of a checkpoint made here, or None when absent or unreadable."""
+    try:
+        return json.loads((Path(model_dir) / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def is_complete_checkpoint(model_dir: str | Path) -> bool:
+    """True when ``model_dir`` holds every file a checkpoint built here has."""
+    path = Path(model_dir)
+    return all((path / name).is_file() for name in REQUIRED_FILES)
+
+
+def default_model_dir(cache_dir: str | Path) -> Path:
+    """Where ``ensure_default_model`` keeps the default model under ``cache_dir``."""
+    return Path(cache_dir) / DEFAULT_MODEL_NAME
+
+
+def _is_current_default(model_dir: Path) -> bool:
+    manifest = read_manifest(model_dir)
+    return (is_complete_checkpoint(model_dir) and manifest is not None
+            and manifest.get("manifest_version") == MANIFEST_VERSION
+            and manifest.get("family") == "llama" and manifest.get("seed") == 0)
+
+
+def ensure_default_model(cache_dir: str | Path) -> Path:
+    """Build the default tiny Llama into ``cache_dir/tiny-llama`` unless a complete, current one is there.
+
+    Safe for concurrent ranks and processes: each builder writes into its own temporary directory beside
+    the target and renames it into place, so no reader ever sees a half-written checkpoint; the builds are
+    deterministic, so whichever rename wins, the result is the same.
+    """
+    cache = Path(cache_dir)
+    target = default_model_dir(cache)
+    if _is_current_default(target):
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}.tmp-", dir=cache))
+    try:
+        make_tiny_model(tmp / "model")
+        if target.exists() and not _is_current_default(target):
+            # Stale or incomplete: move it aside (another process may have done so already) and drop it.
+            stale = tmp / "stale"
+            try:
+                os.rename(target, stale)
+            except OSError:
+                pass
+        try:
+            os.rename(tmp / "model", target)
+        except OSError:
+            # Another process renamed its (identical) build into place first.
+            if not _is_current_default(target):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def greedy_top2_gaps(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32):
+    """Greedy-generate from each prompt; return (min top-2 logit gap over all steps, generated id lists).
+
+    Used to check that a built model's greedy output is far from ties (``LOGIT_STD``) and prompt dependent.
+    """
+    min_gap = math.inf
+    outputs = []
+    with torch.no_grad():
+        for prompt in prompts:
+            input_ids = tokenizer(prompt, return_tensors="pt").input_ids
+            result = model.generate(
+                input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                do_sample=False, output_logits=True, return_dict_in_generate=True,
+            )
+            for step_logits in result.logits:
+                top2 = torch.topk(step_logits.float(), 2, dim=-1).values
+                min_gap = min(min_gap, float((top2[:, 0] - top2[:, 1]).min()))
+            outputs.append(result.sequences[0, input_ids.shape[1]:].tolist())
+    return min_gap, outputs

@@ -1,0 +1,305 @@
+"""Scheduler policy tests: hand-made step outcomes, an independent model of KV placement, no torch."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import pytest
+
+from seesaw_ds.engine.scheduler import Phase, Scheduler, SchedulerConfig, StepPlan
+
+
+@dataclass
+class Request:
+    seq_id: int
+    prompt_len: int
+    max_new_tokens: int
+    finish_at: int  # output tokens after which the "engine" reports it finished (<= max_new_tokens)
+
+
+@dataclass
+class Checker:
+    """Replays plans on its own model of where every sequence is and checks capacities at each sub-step."""
+
+    sched: Scheduler
+    requests: dict[int, Request]
+    where: dict[int, object] = field(default_factory=dict)  # "staged" or decode replica index
+    kv: dict[int, int] = field(default_factory=dict)
+    held: dict[int, int] = field(default_factory=dict)
+    generated: dict[int, int] = field(default_factory=dict)
+    done: set[int] = field(default_factory=set)
+    plans: list[StepPlan] = field(default_factory=list)
+    resident_at_prefill: list[set[int]] = field(default_factory=list)  # running sequences at each prefill step
+    in_flight_at_prefill: list[int] = field(default_factory=list)  # running + staged sequences at each prefill
+
+    def blocks(self, tokens: int) -> int:
+        return -(-tokens // self.sched.block_size)
+
+    def staging(self) -> int:
+        return sum(self.kv[s] for s, w in self.where.items() if w == "staged")
+
+    def device(self, r: int) -> int:
+        return sum(self.held[s] for s, w in self.where.items() if w == r)
+
+    def check_capacity(self) -> None:
+        assert self.staging() <= self.sched.staging_tokens
+        for r in range(self.sched.num_decode_replicas):
+            assert self.device(r) <= self.sched.blocks_per_replica
+            running = sum(1 for w in self.where.values() if w == r)
+            assert running <= self.sched.config.max_decode_seqs
+
+    def apply(self, plan: StepPlan) -> list[int]:
+        """Check `plan` against the model, advance the model, return the ids that finish."""
+        self.plans.append(plan)
+        prefill = [s for group in plan.prefill for s in group]
+        decode = [s for group in plan.decode for s in group]
+        assert len(plan.prefill) == self.sched.num_prefill_replicas
+        assert len(plan.decode) == len(plan.swap_in) == len(plan.swap_out) == self.sched.num_decode_replicas
+        assert prefill or decode, "every step must make progress"
+        finished = []
+        if plan.phase is Phase.PREFILL:
+            assert not decode and not any(plan.swap_in) and not any(plan.swap_out)
+            self.in_flight_at_prefill.append(len(self.where))
+            self.resident_at_prefill.append({s for s, w in self.where.items() if w != "staged"})
+            for s in prefill:
+                assert s not in self.where and s not in self.done and s not in self.generated, s
+                self.where[s], self.kv[s], self.generated[s] = "staged", self.requests[s].prompt_len, 1
+                if self.generated[s] == self.requests[s].finish_at:
+                    finished.append(s)
+            assert len(set(prefill)) == len(prefill)
+            self.check_capacity()
+            return finished
+        assert not prefill
+        for r, group in enumerate(plan.swap_out):
+            for s in group:
+                assert self.where.get(s) == r, (s, r, self.where.get(s))
+                self.where[s], self.held[s] = "staged", 0
+        self.check_capacity()
+        for r, group in enumerate(plan.swap_in):
+            for s in group:
+                assert self.where.get(s) == "staged" and s not in plan.swap_out[r], s
+                self.where[s], self.held[s] = r, self.blocks(self.kv[s] + 1)
+            assert set(group) <= set(plan.decode[r])
+        self.check_capacity()
+        assert len(set(decode)) == len(decode)
+        for r, group in enumerate(plan.decode):
+            for s in group:
+                assert self.where.get(s) == r, (s, r, self.where.get(s))
+                self.held[s] = max(self.held[s], self.blocks(self.kv[s] + 1))
+        self.check_capacity()
+        for s in decode:
+            self.kv[s] += 1
+            self.generated[s] += 1
+            if self.generated[s] == self.requests[s].finish_at:
+                finished.append(s)
+        return finished
+
+    def finish(self, finished: list[int]) -> None:
+        for s in finished:
+            del self.where[s]
+            self.done.add(s)
+        assert self.sched.staging_used_tokens == self.staging()
+        for r in range(self.sched.num_decode_replicas):
+            assert self.sched.device_used_blocks(r) == self.device(r)
+
+
+def run(sched: Scheduler, requests: list[Request], *, late: list[Request] = (), late_at: int = 0) -> Checker:
+    """Drive `sched` to the end with scripted outcomes; `late` requests arrive after `late_at` steps."""
+    checker = Checker(sched, {q.seq_id: q for q in [*requests, *late]})
+    phase0, transitions0 = sched.phase, sched.num_transitions
+    for q in requests:
+        sched.add_request(q.seq_id, q.prompt_len, q.max_new_tokens)
+    budget = 10 * sum(q.finish_at + 1 for q in checker.requests.values()) + 10
+    for step in range(budget):
+        if step == late_at:
+            for q in late:
+                sched.add_request(q.seq_id, q.prompt_len, q.max_new_tokens)
+        plan = sched.schedule()
+        if plan is None:
+            if step >= late_at:
+                break
+            continue
+        finished = checker.apply(plan)
+        sched.complete(plan, finished)
+        checker.finish(finished)
+    else:
+        raise AssertionError("scheduler did not finish: livelock")
+    assert checker.done == set(checker.requests), "every request finishes"
+    assert all(checker.generated[s] == q.finish_at for s, q in checker.requests.items())
+    phases = [phase0] * (phase0 is not None) + [p.phase for p in checker.plans]
+    assert sched.num_transitions - transitions0 == sum(a is not b for a, b in zip(phases, phases[1:]))
+    return checker
+
+
+def make(policy: str = "seesaw", *, staging: int, device: int, block: int = 16, prefill_replicas: int = 1,
+         decode_replicas: int = 1, **config) -> Scheduler:
+    return Scheduler(SchedulerConfig(policy=policy, **config), staging_tokens=staging, device_tokens=device,
+                     block_size=block, num_prefill_replicas=prefill_replicas, num_decode_replicas=decode_replicas)
+
+
+def uniform(n: int, prompt_len: int, max_new: int, finish=lambda i: None) -> list[Request]:
+    return [Request(i, prompt_len, max_new, finish(i) or max_new) for i in range(n)]
+
+
+# -- transition counts ----------------------------------------------------------------------------------------
+STAGING = 4096  # 4x the device tier, as in the paper's setting (host memory >> device memory)
+# 128 prompts of 128 tokens = 4 staging areas; outputs end after 32..64 tokens (a finishes-after-k table)
+WORKLOAD = uniform(128, 128, 64, finish=lambda i: 32 + (i * 7) % 33)
+
+
+def transitions(policy: str) -> int:
+    sched = make(policy, staging=STAGING, device=1024, max_prefill_tokens=512)
+    run(sched, WORKLOAD)
+    assert sched.stats()["paused_slots"] == 0
+    return sched.num_transitions
+
+
+def test_seesaw_transitions_follow_staging_fills():
+    total_prompt = sum(q.prompt_len for q in WORKLOAD)
+    expected = 2 * -(-total_prompt // STAGING)
+    assert abs(transitions("seesaw") - expected) <= 2
+
+
+def test_prefill_first_switches_far_more_often_than_seesaw():
+    assert transitions("prefill_first") >= 3 * transitions("seesaw")
+
+
+def test_seesaw_fills_staging_then_drains_it():
+    sched = make(staging=STAGING, device=1024, max_prefill_tokens=512)
+    checker = run(sched, WORKLOAD)
+    first_decode = next(i for i, p in enumerate(checker.plans) if p.phase is Phase.DECODE)
+    prefilled = sum(len(g) for p in checker.plans[:first_decode] for g in p.prefill)
+    assert prefilled * 128 == STAGING  # the first prefill phase filled the staging area
+    assert sched.stats()["peak_staging_tokens"] == STAGING
+    # the next prefill phase starts only once decode has drained staging below the low watermark
+    second_prefill = next(i for i in range(first_decode, len(checker.plans))
+                          if checker.plans[i].phase is Phase.PREFILL)
+    staged_then = checker.in_flight_at_prefill[1] - len(checker.resident_at_prefill[1])
+    assert 0 < staged_then * 128 < 0.2 * STAGING and second_prefill > first_decode
+
+
+def test_decode_first_finishes_each_batch_before_the_next_prefill():
+    sched = make("decode_first", staging=STAGING, device=1024, max_prefill_tokens=512)
+    checker = run(sched, WORKLOAD)
+    prefill_steps = [i for i, p in enumerate(checker.plans) if p.phase is Phase.PREFILL]
+    starts = [i for i in prefill_steps if i == 0 or checker.plans[i - 1].phase is Phase.DECODE]
+    assert len(starts) > 1
+    assert all(n == 0 for i, n in zip(prefill_steps, checker.in_flight_at_prefill) if i in starts)
+    assert sched.stats()["peak_staging_tokens"] <= 1024 + 128  # staging is only a pass-through
+
+
+def test_resident_sequences_survive_a_prefill_phase():
+    sched = make(staging=STAGING, device=1024, max_prefill_tokens=512)
+    checker = run(sched, WORKLOAD)
+    phases = [p.phase for p in checker.plans]
+    starts = [i for i in range(1, len(phases)) if phases[i] is Phase.PREFILL and phases[i - 1] is Phase.DECODE]
+    prefill_index = [i for i, phase in enumerate(phases) if phase is Phase.PREFILL]
+    for start in starts:
+        resident = checker.resident_at_prefill[prefill_index.index(start)]
+        assert resident  # sequences stay in their device tier through the prefill phase ...
+        resumed = next(p for p in checker.plans[start:] if p.phase is Phase.DECODE)
+        assert resident <= set(resumed.decode[0]) and not resident & set(resumed.swap_in[0])  # ... and resume
+
+
+# -- eviction, balance, replicas ------------------------------------------------------------------------------
+def test_small_device_evicts_lifo_and_evicted_sequences_resume_and_finish():
+    sched = make(staging=4096, device=128, block=16, admit_headroom=0.0)
+    checker = run(sched, uniform(6, 30, 60))
+    evicted = [s for p in checker.plans for g in p.swap_out for s in g]
+    assert evicted and sched.stats()["evictions"] == len(evicted)
+    first = next(p for p in checker.plans if any(p.swap_out))
+    running_before = [s for s in checker.plans[checker.plans.index(first) - 1].decode[0]]
+    assert first.swap_out[0][0] == running_before[-1]  # the most recently admitted goes first
+    for s in set(evicted):
+        later = [p for p in checker.plans if s in p.swap_in[0]]
+        assert len(later) >= 2  # admitted, evicted, swapped back in
+
+
+def test_decode_replicas_get_balanced_load():
+    sched = make(staging=4096, device=1024, decode_replicas=2, prefill_replicas=3, max_prefill_tokens=4096)
+    checker = run(sched, [Request(i, 40 + 10 * (i % 3), 20, 20) for i in range(12)])
+    prefill = checker.plans[0].prefill
+    loads = [sum(checker.requests[s].prompt_len for s in group) for group in prefill]
+    assert max(loads) - min(loads) <= 60 and all(loads)
+    first_decode = next(p for p in checker.plans if p.phase is Phase.DECODE)
+    assert [len(g) for g in first_decode.swap_in] == [6, 6]
+    assert [len(g) for g in first_decode.decode] == [6, 6]
+
+
+def test_max_decode_seqs_caps_each_replica():
+    sched = make(staging=4096, device=4096, decode_replicas=2, max_decode_seqs=3)
+    checker = run(sched, uniform(10, 16, 8))
+    assert max(len(g) for p in checker.plans for g in p.decode) == 3
+    assert sched.stats()["peak_running_seqs"] == 3
+
+
+def test_long_prompt_runs_alone_and_prefill_batch_respects_token_budget():
+    sched = make(staging=4096, device=2048, max_prefill_tokens=100)
+    checker = run(sched, [Request(0, 300, 4, 4), Request(1, 60, 4, 4), Request(2, 30, 4, 4), Request(3, 30, 4, 4)])
+    batches = [sorted(s for g in p.prefill for s in g) for p in checker.plans if p.phase is Phase.PREFILL]
+    assert batches == [[0], [1, 2], [3]]
+
+
+# -- outcomes and errors --------------------------------------------------------------------------------------
+def test_early_finish_and_finish_at_prefill_release_capacity():
+    sched = make(staging=256, device=256)
+    run(sched, [Request(0, 50, 10, 1), Request(1, 50, 10, 3), Request(2, 50, 10, 10)])
+    assert sched.staging_used_tokens == 0 and sched.device_used_blocks(0) == 0
+    assert sched.schedule() is None
+    run(sched, [Request(7, 10, 2, 2)])  # the scheduler accepts work again after draining
+
+
+def test_bad_requests_and_configs_raise_clear_errors():
+    sched = make(staging=100, device=64, block=16)
+    with pytest.raises(ValueError, match=r"prompt_len=90 \+ max_new_tokens=20 .*staging area, which holds 100"):
+        sched.add_request(1, 90, 20)
+    with pytest.raises(ValueError, match=r"5 blocks .* which holds 4 .*kv.device_tokens"):
+        sched.add_request(2, 60, 10)
+    with pytest.raises(ValueError, match="must both be >= 1"):
+        sched.add_request(3, 0, 5)
+    sched.add_request(4, 10, 5)
+    with pytest.raises(ValueError, match="already scheduled"):
+        sched.add_request(4, 10, 5)
+    with pytest.raises(ValueError, match="policy='fifo'"):
+        SchedulerConfig(policy="fifo")
+    with pytest.raises(ValueError, match="low_watermark=1.5"):
+        SchedulerConfig(low_watermark=1.5)
+    with pytest.raises(ValueError, match="device_tokens=8"):
+        make(staging=100, device=8, block=16)
+
+
+def test_protocol_misuse_is_rejected():
+    sched = make(staging=256, device=256)
+    sched.add_request(1, 10, 5)
+    plan = sched.schedule()
+    with pytest.raises(RuntimeError, match="complete"):
+        sched.schedule()
+    with pytest.raises(ValueError, match=r"\[99\]"):
+        sched.complete(plan, [99])
+    sched.complete(plan, [])
+    with pytest.raises(ValueError, match="not the one"):
+        sched.complete(plan, [])
+
+
+# -- property: no deadlock, no livelock, capacities hold, one place per sequence ------------------------------
+@pytest.mark.parametrize("policy", ["seesaw", "prefill_first", "decode_first"])
+def test_random_workloads_always_finish_within_capacity(policy):
+    for seed in range(150):
+        rng = random.Random(seed)
+        block = rng.choice([1, 2, 4, 8])
+        device = block * rng.randint(2, 12)
+        staging = rng.randint(8, 120)
+        sched = make(policy, staging=staging, device=device, block=block,
+                     prefill_replicas=rng.randint(1, 3), decode_replicas=rng.randint(1, 3),
+                     max_prefill_tokens=rng.randint(1, 40), max_decode_seqs=rng.randint(1, 6),
+                     low_watermark=rng.choice([0.0, 0.2, 0.5, 1.0]), admit_headroom=rng.choice([0.0, 0.05, 0.3]))
+        limit = min(staging, (device // block) * block)
+
+        def request(i: int) -> Request:
+            prompt = rng.randint(1, max(1, limit - 1))
+            max_new = rng.randint(1, limit - prompt + 1)
+            return Request(i, prompt, max_new, rng.randint(1, max_new))
+
+        first = [request(i) for i in range(rng.randint(1, 25))]
+        late = [request(100 + i) for i in range(rng.randint(0, 10))]
+        run(sched, first, late=late, late_at=rng.randint(0, 30))
