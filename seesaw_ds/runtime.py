@@ -14,7 +14,7 @@ import torch
 from seesaw_ds.backends import deepspeed as backend
 from seesaw_ds.dist import env as dist_env
 from seesaw_ds.dist.groups import Topology, build_topology
-from seesaw_ds.dist.layout import Layout, validate_layouts
+from seesaw_ds.dist.layout import Layout, validate_named_layouts
 from seesaw_ds.model.executor import Executor
 from seesaw_ds.model.loader import Checkpoint, HostWeights, open_checkpoint, parse_dtype
 from seesaw_ds.model.stage import build_template
@@ -41,11 +41,14 @@ class Runtime:
 def start(model_path: str, layouts: dict[str, Layout], *, device_tokens: int, block_size: int = 16,
           ranks_per_node: int | None = None, dtype: str | None = None, allow_pickle: bool = False,
           trust_remote_code: bool = False, comm_timeout_s: float = 600.0, staging_factory=None) -> Runtime:
-    """Start this rank (collective over MPI.COMM_WORLD). Raises ValueError subclasses on bad settings."""
+    """Start this rank (collective over MPI.COMM_WORLD). Raises ValueError subclasses on bad settings.
+
+    ``layouts`` names every layout the executor can switch to (a job has "prefill" and "decode").
+    """
     env = dist_env.discover(ranks_per_node)
     torch.set_num_threads(dist_env.cores_per_rank(env.info.host_local_size))
     checkpoint = open_checkpoint(model_path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    validate_layouts(layouts["prefill"], layouts["decode"], checkpoint.dims, env.world_size)
+    validate_named_layouts(layouts, checkpoint.dims, env.world_size)
     dist_env.export_torch_env(env)
     backend.init_comm(comm_timeout_s, env.info.local_rank)
     topology = build_topology(env, layouts)

@@ -41,7 +41,9 @@ def device() -> torch.device:
 
 
 def init_comm(timeout_s: float, local_rank: int) -> None:
-    """Start deepspeed.comm over the exported RANK/WORLD_SIZE/MASTER_* variables."""
+    """Start deepspeed.comm over the exported RANK/WORLD_SIZE/MASTER_* variables (once per process)."""
+    if ds_comm.is_initialized():
+        return
     accel = get_accelerator()
     if accel.device_name() != "cpu":
         accel.set_device(local_rank % max(1, accel.device_count()))

@@ -130,16 +130,24 @@ def validate_layouts(prefill: Layout, decode: Layout, dims: ModelDims, world_siz
     Both layouts must occupy the same ranks (an instance switches between them in place), and the
     instance size must divide the job's ranks.
     """
-    validate_layout("prefill", prefill, dims)
-    validate_layout("decode", decode, dims)
-    if prefill.num_ranks != decode.num_ranks:
-        raise LayoutError(
-            f"parallel.prefill ({prefill.dp}x{prefill.tp}x{prefill.pp}={prefill.num_ranks} ranks) and "
-            f"parallel.decode ({decode.dp}x{decode.tp}x{decode.pp}={decode.num_ranks} ranks) must use the same "
-            f"number of ranks: dp*tp*pp of both layouts must be equal")
-    if world_size % prefill.num_ranks:
+    return validate_named_layouts({"prefill": prefill, "decode": decode}, dims, world_size)
+
+
+def validate_named_layouts(layouts: dict[str, Layout], dims: ModelDims, world_size: int) -> int:
+    """Check every named layout against the model and that all of them fit the job the same way;
+    returns the number of instances."""
+    for name, layout in layouts.items():
+        validate_layout(name, layout, dims)
+    names = list(layouts)
+    first = layouts[names[0]]
+    for name in names[1:]:
+        if layouts[name].num_ranks != first.num_ranks:
+            raise LayoutError(
+                f"parallel.{names[0]} ({first.num_ranks} ranks) and parallel.{name} ({layouts[name].num_ranks} "
+                f"ranks) must use the same number of ranks: dp*tp*pp of every layout must be equal")
+    if world_size % first.num_ranks:
         valid = [n for n in range(1, world_size + 1) if world_size % n == 0]
         raise LayoutError(
-            f"dp*tp*pp={prefill.num_ranks} does not divide the job's {world_size} ranks "
+            f"dp*tp*pp={first.num_ranks} does not divide the job's {world_size} ranks "
             f"(launch.nproc or the Slurm allocation); use layouts of {valid} ranks or change the rank count")
-    return world_size // prefill.num_ranks
+    return world_size // first.num_ranks

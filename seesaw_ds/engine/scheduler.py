@@ -68,7 +68,11 @@ class SchedulerConfig:
 
 @dataclass
 class StepPlan:
-    """One step: a prefill step (only `prefill` filled) or a decode step (only the three decode lists)."""
+    """One step: a prefill step (only `prefill` filled) or a decode step (only the three decode lists).
+
+    A decode step runs swap_out, swap_in, then decode. No replica both evicts and admits in one step and no
+    sequence is both evicted and admitted, so the two swaps may also overlap or run in either order.
+    """
 
     phase: Phase
     prefill: list[list[int]]
@@ -100,6 +104,7 @@ class _Seq:
     where: _Where = _Where.WAITING
     num_kv: int = 0
     num_generated: int = 0
+    max_blocks: int = 0  # device blocks for its last decode step
     replica: int = -1
     blocks: int = 0  # device blocks held while running
     admitted: int = -1  # admission stamp; the newest running sequence is evicted first
@@ -141,7 +146,7 @@ class Scheduler:
         self.num_prefill_replicas = num_prefill_replicas
         self.num_decode_replicas = num_decode_replicas
         self.max_growth_reserve_tokens = min(num_decode_replicas * self.blocks_per_replica * block_size,
-                                         staging_tokens // 2)
+                                             staging_tokens // 2)
         self.phase: Phase | None = None
         self.num_transitions = 0
         self._headroom = math.ceil(config.admit_headroom * self.blocks_per_replica)
@@ -154,7 +159,7 @@ class Scheduler:
         self._next_order = 0
         self._next_stamp = 0
         self._pending: StepPlan | None = None
-        self._stats = dict(prefill_steps=0, decode_steps=0, transitions=0, prefilled_seqs=0, finished_seqs=0,
+        self._stats = dict(prefill_steps=0, decode_steps=0, prefilled_seqs=0, finished_seqs=0,
                            decoded_tokens=0, evictions=0, swap_ins=0, paused_slots=0,
                            peak_staging_tokens=0, peak_device_blocks=0, peak_running_seqs=0)
 
@@ -194,7 +199,7 @@ class Scheduler:
                              f"to {need} blocks of {self.block_size} tokens in one decode replica, which holds "
                              f"{self.blocks_per_replica} ({self.blocks_per_replica * self.block_size} tokens); raise "
                              "kv.device_tokens (or decode tp/pp) or lower max_tokens / shorten the prompt")
-        self._seqs[seq_id] = _Seq(seq_id, self._next_order, prompt_len, max_new_tokens)
+        self._seqs[seq_id] = _Seq(seq_id, self._next_order, prompt_len, max_new_tokens, max_blocks=need)
         self._next_order += 1
         self._waiting.append(seq_id)
 
@@ -318,6 +323,8 @@ class Scheduler:
         oldest = {run[0] for run in self._running if run}
         younger = sorted((self._seqs[s] for run in self._running for s in run[1:]), key=lambda q: q.admitted)
         lo, hi = 0, len(younger)
+        if self._safe_after(oldest | {q.seq_id for q in younger}):
+            lo = hi  # the common case: everyone decodes
         while lo < hi:
             mid = (lo + hi + 1) // 2
             if self._safe_after(oldest | {q.seq_id for q in younger[:mid]}):
@@ -401,13 +408,15 @@ class Scheduler:
         """
         seqs = [self._seqs[s] for s in run]
         kv = [q.num_kv + (q.seq_id in decoding) for q in seqs]
-        held = list(itertools.accumulate((self._blocks_for(k + 1) for k in kv), initial=0))
+        bs = self.block_size
+        held = list(itertools.accumulate(((k + bs) // bs for k in kv), initial=0))  # blocks to decode once more
         cut = len(seqs)
         for k, q in enumerate(seqs):
             if k + 1 >= cut:
                 break
-            room = self.blocks_per_replica - self._blocks_for(q.max_kv)
-            cut = min(cut, bisect.bisect_right(held, held[k + 1] + room) - 1)
+            limit = held[k + 1] + self.blocks_per_replica - q.max_blocks
+            if held[cut] > limit:  # stage k evicts some of the sequences still kept by earlier stages
+                cut = bisect.bisect_right(held, limit, k + 1, cut) - 1
         return sum(kv[cut:])
 
     def _safe_after(self, decoding: set[int]) -> bool:

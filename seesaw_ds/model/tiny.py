@@ -25,6 +25,7 @@ has 24,256,000 parameters with the 1024-token vocabulary.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -89,10 +90,13 @@ BENCHMARK_MODEL_KWARGS = MappingProxyType(
 """The standard benchmark model: ``make_tiny_model(path, "llama", **BENCHMARK_MODEL_KWARGS)``."""
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-                  "tokenizer_config.json", MANIFEST_NAME)
+                  "tokenizer_config.json", "chat_template.jinja", MANIFEST_NAME)
 """Files a complete checkpoint directory built here contains."""
 
 _CORPUS_NAME = "tokenizer_corpus.txt"
+
+_DEFAULT_BUILD = MappingProxyType({"family": "llama", "seed": 0})
+"""Arguments of the default model (everything else is ``make_tiny_model``'s default)."""
 
 
 def load_tokenizer_corpus() -> str:
@@ -306,6 +310,7 @@ def make_tiny_model(
         sliding_window=sliding_window, seed=seed, dtype=dtype,
     )
     config = model.config
+    corpus_sha256 = hashlib.sha256(load_tokenizer_corpus().encode("utf-8")).hexdigest()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
@@ -325,8 +330,18 @@ def make_tiny_model(
         "seed": seed,
         "dtype": str(dtype).removeprefix("torch."),
         "num_parameters": sum(p.numel() for p in model.parameters()),
+        "logit_std": LOGIT_STD,
+        "residual_gain": RESIDUAL_GAIN,
+        "tokenizer_corpus_sha256": corpus_sha256,
     }
-    (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    manifest_path = out / MANIFEST_NAME
+    manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    # safetensors writes 0600 files; give every file the umask-respecting mode the manifest got, so that a
+    # shared cache stays readable by the other users the umask allows.
+    mode = manifest_path.stat().st_mode & 0o777
+    for path in out.iterdir():
+        if path.is_file():
+            path.chmod(mode)
     return out
 
 
@@ -350,10 +365,20 @@ def default_model_dir(cache_dir: str | Path) -> Path:
 
 
 def _is_current_default(model_dir: Path) -> bool:
+    """True when ``model_dir`` is complete and was built by this recipe with the default arguments."""
+    if not is_complete_checkpoint(model_dir):
+        return False
     manifest = read_manifest(model_dir)
-    return (is_complete_checkpoint(model_dir) and manifest is not None
-            and manifest.get("manifest_version") == MANIFEST_VERSION
-            and manifest.get("family") == "llama" and manifest.get("seed") == 0)
+    if manifest is None:
+        return False
+    expected = {
+        "manifest_version": MANIFEST_VERSION,
+        "logit_std": LOGIT_STD,
+        "residual_gain": RESIDUAL_GAIN,
+        "tokenizer_corpus_sha256": hashlib.sha256(load_tokenizer_corpus().encode("utf-8")).hexdigest(),
+        **_DEFAULT_BUILD,
+    }
+    return all(manifest.get(key) == value for key, value in expected.items())
 
 
 def ensure_default_model(cache_dir: str | Path) -> Path:
@@ -370,12 +395,13 @@ def ensure_default_model(cache_dir: str | Path) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}.tmp-", dir=cache))
     try:
-        make_tiny_model(tmp / "model")
-        if target.exists() and not _is_current_default(target):
+        make_tiny_model(tmp / "model", **_DEFAULT_BUILD)
+        if _is_current_default(target):  # another process finished first
+            return target
+        if target.exists():
             # Stale or incomplete: move it aside (another process may have done so already) and drop it.
-            stale = tmp / "stale"
             try:
-                os.rename(target, stale)
+                os.rename(target, tmp / "stale")
             except OSError:
                 pass
         try:

@@ -1,0 +1,39 @@
+"""Helpers for every test tier: run a command (or one under mpiexec) with a time limit, so that a hung
+rank fails its test and never the suite."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+MPIEXEC = str(BIN / "mpiexec") if (BIN / "mpiexec").exists() else "mpiexec"
+
+
+def run_command(command: list[str], *, timeout: float, env: dict | None = None, cwd: Path | None = None,
+                check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``command``; fail with its output on timeout or (when ``check``) a non-zero exit."""
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
+    full_env.setdefault("SEESAW_CACHE", str(REPO / ".cache"))
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
+    except subprocess.TimeoutExpired as error:
+        out = (error.stdout or b"").decode() if isinstance(error.stdout, bytes) else (error.stdout or "")
+        err = (error.stderr or b"").decode() if isinstance(error.stderr, bytes) else (error.stderr or "")
+        pytest.fail(f"{' '.join(command)} timed out after {timeout}s\n{out[-3000:]}\n{err[-3000:]}")
+    if check and proc.returncode != 0:
+        pytest.fail(f"{' '.join(command)} exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\n"
+                    f"STDERR:\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def run_mpi(nproc: int, args: list[str], *, timeout: float = 300, env: dict | None = None,
+            check: bool = True) -> subprocess.CompletedProcess:
+    """``mpiexec -n nproc python ARGS``."""
+    return run_command([MPIEXEC, "-n", str(nproc), sys.executable, *args], timeout=timeout, env=env, check=check)
+
+
