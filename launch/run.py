@@ -11,6 +11,7 @@ Exit codes: 0 done, 2 bad configuration or input (one line on stderr), other non
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,8 +21,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from seesaw_ds.cli import (CONF_DIR, ConfigError, compose_settings, fail, run_dir_for,  # noqa: E402
-                           summarize_sweep, worker_main)
+from seesaw_ds.cli import (CONF_DIR, ConfigError, check_before_launch, compose_settings, fail,  # noqa: E402
+                           run_dir_for, summarize_sweep, worker_main)
 from seesaw_ds.dist.env import under_launcher  # noqa: E402
 
 
@@ -36,13 +37,22 @@ def launch_ranks(overrides: list[str], run_dir: Path, nproc: int, mpiexec: str) 
     command = [part for part in command if part]
     env = dict(os.environ, SEESAW_RUN_DIR=str(run_dir))
     env.setdefault("OMP_NUM_THREADS", "1")
-    return subprocess.call(command, env=env)
+    process = subprocess.Popen(command, env=env)
+    # Pass preemption signals on to the ranks (mpiexec forwards them), so they stop cleanly.
+    forward = lambda signum, _frame: process.send_signal(signum)
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    try:
+        return process.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def single(overrides: list[str]) -> int:
     try:
         settings, _ = compose_settings(overrides)
-    except ConfigError as error:
+        check_before_launch(settings)
+    except (ConfigError, ValueError) as error:
         fail(str(error))
     run_dir = run_dir_for(settings)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -50,44 +60,170 @@ def single(overrides: list[str]) -> int:
     return launch_ranks(overrides, run_dir, settings.launch.nproc, settings.launch.mpiexec)
 
 
-def multirun(argv: list[str]) -> int:
-    """Hydra multirun: each job is checked, then launched as its own multi-rank run."""
-    import hydra
-    from hydra.core.hydra_config import HydraConfig
+# -- Hydra app: multirun sweeps and Hydra's own flags (--cfg, --info, --help) -----------------------------------
+HYDRA_FLAGS = frozenset({"-m", "--multirun", "--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help",
+                         "--resolve", "--package", "-p", "--shell-completion", "-sc", "--version"})
+SAFE_VALUE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/._-+:@%~")
 
-    from seesaw_ds.config import register, to_settings
+
+def wants_hydra(argv: list[str]) -> bool:
+    """A multirun, or one of Hydra's own flags: handled by Hydra's app rather than the one-job launcher."""
+    return any(arg.split("=", 1)[0] in HYDRA_FLAGS for arg in argv if arg.startswith("-"))
+
+
+def override(key: str, value: object) -> str:
+    """``key=value`` as a Hydra override, quoting values that Hydra's grammar would split or read."""
+    text = str(value)
+    if text and set(text) <= SAFE_VALUE_CHARS:
+        return f"{key}={text}"
+    return "{}='{}'".format(key, text.replace("\\", "\\\\").replace("'", "\\'"))
+
+
+def without(overrides: list[str], *keys: str) -> list[str]:
+    """``overrides`` less any that set one of ``keys`` (with or without +/++)."""
+    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in keys]
+
+
+def plan_sweep(overrides: list[str]) -> tuple[Path, list[str], list[list[str]]]:
+    """Before any job starts: the sweep directory (resolved once, so that this process knows where the jobs
+    write), the overrides Hydra gets, and every job's overrides, each checked like a single run (exit 2 with
+    one line naming the job on the first that cannot run)."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from seesaw_ds.cli import _first_line
+    from seesaw_ds.config import register
 
     register()
-    codes: list[int] = []
-
-    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
-    def job(cfg) -> float:
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        hydra_overrides = [o.input_line for o in parsed if o.is_hydra_override()]
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF_DIR), job_name=Path(__file__).stem, version_base=None):
+            hydra_cfg = compose(config_name="config", overrides=hydra_overrides, return_hydra_config=True).hydra
+        sweep_dir = Path(str(hydra_cfg.sweep.dir))
+        launcher = hydra_cfg.launcher
+        batches = BasicSweeper.split_arguments([o for o in parsed if not o.is_hydra_override()], None)
+    except Exception as error:  # noqa: BLE001 - Hydra raises many types; all are config errors
+        fail(_first_line(error))
+    finally:
+        GlobalHydra.instance().clear()
+    jobs = [job for batch in batches for job in batch]
+    # Under Slurm (submitit) the launcher preset decides how many ranks a job gets: nodes * tasks_per_node.
+    extra: list[str] = []
+    slurm_ranks = (launcher.nodes * launcher.tasks_per_node
+                   if str(launcher.get("_target_", "")).endswith(".SlurmLauncher") else None)
+    if slurm_ranks is not None and not any(o.split("=", 1)[0].lstrip("+") == "launch.nproc" for o in overrides):
+        extra = [f"launch.nproc={slurm_ranks}"]
+    common = set.intersection(*(set(job) for job in jobs)) if len(jobs) > 1 else set()
+    for number, job in enumerate(jobs):
         try:
-            settings = to_settings(cfg)
-        except Exception as error:  # noqa: BLE001 - reported as a config error
-            fail(str(error).splitlines()[0])
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
-        task_overrides = list(HydraConfig.get().overrides.task)
-        if not any(o.startswith(("io.output=", "+io.output=")) for o in task_overrides):
-            task_overrides.append(f"io.output={run_dir / 'outputs.jsonl'}")
-        code = launch_ranks(task_overrides, run_dir, settings.launch.nproc, settings.launch.mpiexec)
-        codes.append(code)
-        if code != 0:
-            raise RuntimeError(f"job in {run_dir} exited with {code}")
-        return 0.0
+            settings, _ = compose_settings(job + extra)
+            if slurm_ranks is not None and settings.launch.nproc != slurm_ranks:
+                raise ConfigError(f"launch.nproc={settings.launch.nproc} but hydra/launcher starts "
+                                  f"nodes*tasks_per_node={slurm_ranks} ranks per job; drop launch.nproc or "
+                                  f"size the launcher for it")
+            check_before_launch(settings)
+        except (ConfigError, ValueError) as error:
+            varying = " ".join(o for o in job if o not in common)
+            fail(f"sweep job {number}{f' ({varying})' if varying else ''}: {error}")
+    hydra_argv = without(overrides, "hydra.sweep.dir") + extra + [override("hydra.sweep.dir", sweep_dir)]
+    return sweep_dir, hydra_argv, jobs
 
+
+def sweep_job(cfg) -> int:
+    """Hydra's task function for one sweep job. In this (outer) process it starts the job's ranks with
+    mpiexec; inside a Slurm step (submitit's srun started one task per rank) it runs as one of the ranks."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from seesaw_ds.config import to_settings
+
+    hydra_cfg = HydraConfig.get()
+    job_dir = Path(hydra_cfg.runtime.output_dir).resolve()
+    task_overrides = list(hydra_cfg.overrides.task)
+    settings = to_settings(cfg)  # resolves ${hydra:...} and ${oc.env:...} here, where they are defined
+    # Every job writes into its own directory (where the sweep summary looks), unless told otherwise.
+    files = {"io.output": settings.io.output or job_dir / "outputs.jsonl",
+             "io.metrics": settings.io.metrics or job_dir / "outputs.metrics.json"}
+    rank_overrides = without(task_overrides, *files, "run_dir") + [override(k, v) for k, v in files.items()]
+    rank_overrides.append(override("+run_dir", job_dir))
+    if under_launcher():
+        return run_as_rank(rank_overrides, task_overrides, job_dir, settings.launch.nproc)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    (job_dir / "overrides.txt").write_text("".join(f"{o}\n" for o in task_overrides))
+    code = launch_ranks(rank_overrides, job_dir, settings.launch.nproc, settings.launch.mpiexec)
+    if code != 0:
+        raise RuntimeError(f"sweep job {hydra_cfg.job.num} ({' '.join(task_overrides)}) exited with {code}; "
+                           f"its files: {job_dir}")
+    return code
+
+
+def run_as_rank(rank_overrides: list[str], task_overrides: list[str], job_dir: Path, nproc: int) -> int:
+    """One rank of a sweep job whose tasks srun started (hydra/launcher=slurm*): srun must have made them
+    the ranks of one MPI job (--mpi=pmi2), or each task would run the whole job on its own."""
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    if world.Get_size() != nproc:
+        raise RuntimeError(f"srun started the job's tasks but MPI sees {world.Get_size()} rank(s), not "
+                           f"launch.nproc={nproc}: add srun_args: [--mpi=pmi2] (or pmix) to the hydra/launcher preset")
+    if world.Get_rank() == 0:
+        job_dir.mkdir(parents=True, exist_ok=True)
+        (job_dir / "overrides.txt").write_text("".join(f"{o}\n" for o in task_overrides))
+    try:
+        code = worker_main(rank_overrides)
+    except SystemExit as stop:  # a config or input error (one line already printed): a failed job, not a lost one
+        code = stop.code if isinstance(stop.code, int) else 1
+    if code:
+        raise RuntimeError(f"sweep job in {job_dir} exited with {code}")
+    return code
+
+
+def hydra_app(argv: list[str]) -> int:
+    """Run Hydra's app: a multirun sweep (each job its own multi-rank run, then a summary of all of them in
+    the sweep directory), or what Hydra's flags ask for (--cfg job, --info, --help)."""
+    import hydra
+    from hydra._internal.utils import get_args_parser
+
+    from seesaw_ds.config import register
+
+    register()
+    args = get_args_parser().parse_args(argv)
+    sweeping = args.multirun and not (args.cfg or args.info or args.help or args.hydra_help or args.shell_completion)
+    sweep_dir = None
+    if sweeping:
+        sweep_dir, overrides, _ = plan_sweep(args.overrides)
+        flags = [arg for arg in argv if arg not in args.overrides]
+        argv = [*flags, *overrides]
+    elif not args.multirun:  # --cfg/--info of one job: its config errors in one line, like a run's
+        try:
+            compose_settings([o for o in args.overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))])
+        except ConfigError as error:
+            fail(str(error))
     sys.argv = [sys.argv[0], *argv]
-    job()
-    summarize_sweep(Path.cwd())
-    return max(codes, default=0)
+    code = 0
+    try:
+        hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(sweep_job)()
+    except SystemExit as stop:  # Hydra exits 1 when a job failed; the others have run: summarize them all
+        code = stop.code if isinstance(stop.code, int) else 1
+    if sweep_dir is not None:
+        summary = summarize_sweep(sweep_dir)
+        if summary is None:
+            print(f"seesaw_ds: no job of the sweep in {sweep_dir} wrote metrics", file=sys.stderr, flush=True)
+            code = code or 1
+        elif code == 0 and any(row["status"] != "ok" for row in summary):
+            code = 1
+    return code
 
 
 def main() -> int:
     argv = sys.argv[1:]
     if under_launcher():
         return worker_main(argv)
-    if "-m" in argv or "--multirun" in argv:
-        return multirun(argv)
+    if wants_hydra(argv):
+        return hydra_app(argv)
     return single(argv)
 
 

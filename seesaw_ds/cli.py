@@ -14,6 +14,26 @@ from pathlib import Path
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 DATA_DIR = Path(__file__).resolve().parent / "data"
 EXIT_CONFIG = 2
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 with everything answered so far on disk
+
+
+class StopRequest:
+    """Set by SIGTERM/SIGUSR1 (Slurm's --signal, scancel, preemption): finish the step, flush, stop."""
+
+    def __init__(self):
+        self.signal: int | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    def install(self) -> None:
+        import signal
+
+        def handler(signum, _frame):
+            self.signal = signum
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, handler)
 
 
 class ConfigError(ValueError):
@@ -27,13 +47,19 @@ def fail(message: str, code: int = EXIT_CONFIG) -> None:
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if not lines:
-        return type(error).__name__
-    # OmegaConf puts the useful part first and "full_key: ..." details after it.
-    detail = next((line for line in lines[1:] if line.startswith("full_key:")), "")
-    return f"{lines[0]} ({detail})" if detail and detail not in lines[0] else lines[0]
+    """One line out of Hydra's and OmegaConf's multi-line errors: what failed, why, and what is valid."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    message = lines[0].rstrip(".") if lines else type(error).__name__
+    cause = error.__cause__
+    if cause is not None and str(cause).strip():
+        message += ": " + str(cause).strip().splitlines()[0]
+    if "Available options in" in str(error):
+        options = [line for line in lines if "Available options" not in line and "Config search path" not in line
+                   and not line.startswith("provider=")][1:]
+        message += f"; available: {', '.join(options)}"
+    if "not in '" in message:
+        message += " (every key and its meaning: seesaw_ds/config.py)"
+    return message
 
 
 def compose_settings(overrides: list[str]):
@@ -64,8 +90,40 @@ def run_dir_for(settings) -> Path:
     return Path("runs") / time.strftime("%Y-%m-%d") / time.strftime("%H-%M-%S")
 
 
+def check_before_launch(settings) -> None:
+    """What can be checked before any rank starts: the model directory and the layouts against it
+    (ValueError naming the value and the fix)."""
+    from seesaw_ds.config import layout_of
+    from seesaw_ds.dist.layout import validate_named_layouts
+    from seesaw_ds.model.loader import open_checkpoint
+
+    check_sampling(settings)
+    if settings.model.path is None:
+        return
+    checkpoint = open_checkpoint(settings.model.path, allow_pickle=settings.model.allow_pickle,
+                                 trust_remote_code=settings.model.trust_remote_code)
+    layouts = {"prefill": layout_of(settings.parallel.prefill), "decode": layout_of(settings.parallel.decode)}
+    validate_named_layouts(layouts, checkpoint.dims, settings.launch.nproc)
+
+
+def check_sampling(settings, model_defaults: dict | None = None) -> None:
+    """The job-wide sampling defaults (and the model's) must be valid on their own (RequestError)."""
+    from dataclasses import asdict
+
+    from seesaw_ds.engine.sampling import resolve_sampling
+
+    job = {key: value for key, value in asdict(settings.sampling).items() if value is not None and key != "seed"}
+    resolve_sampling(model_defaults or {}, job, {})
+
+
 def _preflight(settings) -> str | None:
     """Checks of the files a job touches (rank 0); the error message or None."""
+    from seesaw_ds.model.loader import read_generation_defaults
+
+    try:
+        check_sampling(settings, read_generation_defaults(Path(settings.model.path)))
+    except ValueError as error:
+        return str(error)
     if not Path(settings.io.input).is_file():
         return f"io.input={settings.io.input!r} does not exist; give a JSONL file of requests"
     output = Path(settings.io.output)
@@ -120,8 +178,10 @@ def worker_main(argv: list[str]) -> int:
         world.Barrier()
         settings.model.path = str(default_model_dir(cache))
     agree(_preflight(settings) if rank == 0 else None)
+    stop = StopRequest()
+    stop.install()
     try:
-        return _run(settings, run_dir, agree)
+        return _run(settings, run_dir, agree, stop)
     except SystemExit:
         raise
     except BaseException:  # noqa: BLE001 - any failure must end every rank, never leave them hanging
@@ -131,7 +191,7 @@ def worker_main(argv: list[str]) -> int:
         return 1
 
 
-def _run(settings, run_dir: Path, agree) -> int:
+def _run(settings, run_dir: Path, agree, stop: StopRequest) -> int:
     from seesaw_ds import runtime as runtime_mod
     from seesaw_ds.engine.engine import layouts_of, make_staging_factory, run_job
 
@@ -147,33 +207,118 @@ def _run(settings, run_dir: Path, agree) -> int:
     except ValueError as start_error:
         error = str(start_error)
     agree(error)
-    run_job(settings, runtime, run_dir)
+    result = run_job(settings, runtime, run_dir, stop=stop)
     runtime.close()
+    if result.preempted:
+        _requeue_if_slurm(stop)
+        return EXIT_PREEMPTED
     return 0
 
 
-def summarize_sweep(sweep_dir: Path) -> Path | None:
-    """A Markdown and CSV table of every job's throughput and transitions under a multirun directory."""
-    rows = []
-    for metrics_file in sorted(sweep_dir.glob("*/outputs.metrics.json")):
-        metrics = json.loads(metrics_file.read_text())
-        overrides_file = metrics_file.parent / "overrides.txt"
-        overrides = overrides_file.read_text().split() if overrides_file.exists() else []
-        rows.append({"job": metrics_file.parent.name, "overrides": " ".join(overrides),
-                     "requests": metrics["num_requests"],
-                     "output_tok_s": round(metrics["output_tokens_per_second"], 2),
-                     "total_tok_s": round(metrics["tokens_per_second"], 2),
-                     "transitions": metrics["num_transitions"],
-                     "transition_s": round(metrics["transition_seconds"], 3),
-                     "elapsed_s": round(metrics["elapsed_time"], 2)})
-    if not rows:
+def _requeue_if_slurm(stop: StopRequest) -> None:
+    """On Slurm's warning signal (USR1), ask Slurm to requeue this job; the rerun resumes it."""
+    import signal
+    import subprocess
+
+    from mpi4py import MPI
+
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if MPI.COMM_WORLD.Get_rank() != 0:
+        return
+    if job_id and stop.signal == signal.SIGUSR1:
+        result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+        print(f"[seesaw_ds] preempted: requeue of job {job_id} "
+              f"{'requested' if result.returncode == 0 else 'failed: ' + result.stderr.strip()}", flush=True)
+    else:
+        print("[seesaw_ds] stopped by signal: answered requests are on disk; rerun the same command to resume",
+              flush=True)
+
+
+def summarize_sweep(sweep_dir: Path) -> list[dict] | None:
+    """Every job of a multirun, side by side: ``summary.md`` and ``summary.csv`` (layouts, throughput,
+    transitions) and ``summary.png`` (output tokens per second) in the sweep directory; returns the rows.
+
+    A job is a sub-directory with ``overrides.txt`` (written by launch/run.py) or Hydra's ``.hydra/``; its
+    numbers come from ``outputs.metrics.json`` there, and a job without one is listed as failed."""
+    job_dirs = {path.parent for pattern in ("*/overrides.txt", "*/.hydra") for path in sweep_dir.glob(pattern)}
+    jobs = sorted(job_dirs, key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit() else 0, d.name))
+    if not jobs:
         return None
+    overrides = {job: _job_overrides(job) for job in jobs}
+    common = set.intersection(*(set(o) for o in overrides.values())) if len(jobs) > 1 else set()
+    rows = []
+    for job in jobs:
+        metrics_file = job / "outputs.metrics.json"
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+        row = {"job": job.name, "overrides": " ".join(o for o in overrides[job] if o not in common),
+               "layouts": _job_layouts(job), "status": "ok" if metrics else "failed"}
+        for key, name, digits in (("num_requests", "requests", None), ("output_tokens_per_second", "output_tok_s", 2),
+                                  ("tokens_per_second", "total_tok_s", 2), ("num_transitions", "transitions", None),
+                                  ("transition_seconds", "transition_s", 3), ("elapsed_time", "elapsed_s", 2)):
+            value = metrics.get(key)
+            row[name] = "" if value is None else round(value, digits) if digits is not None else value
+        rows.append(row)
     with open(sweep_dir / "summary.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     header = "| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]) + "\n"
-    body = "".join("| " + " | ".join(str(v) for v in row.values()) + " |\n" for row in rows)
-    (sweep_dir / "summary.md").write_text(header + body)
-    print(header + body, flush=True)
-    return sweep_dir / "summary.md"
+    body = "".join("| " + " | ".join(str(v).replace("|", "\\|") for v in row.values()) + " |\n" for row in rows)
+    (sweep_dir / "summary.md").write_text(f"# Sweep {sweep_dir}\n\n" + header + body)
+    _plot_sweep(rows, sweep_dir / "summary.png")
+    print(header + body + f"(summary.md, summary.csv, summary.png in {sweep_dir})", flush=True)
+    return rows
+
+
+def _job_overrides(job_dir: Path) -> list[str]:
+    """A sweep job's command-line overrides: overrides.txt, else Hydra's .hydra/overrides.yaml."""
+    listed = job_dir / "overrides.txt"
+    if listed.is_file():
+        return [line for line in listed.read_text().splitlines() if line.strip()]
+    saved = job_dir / ".hydra" / "overrides.yaml"
+    if saved.is_file():
+        from omegaconf import OmegaConf
+
+        return [str(o) for o in OmegaConf.load(saved)]
+    return []
+
+
+def _job_layouts(job_dir: Path) -> str:
+    """``prefill -> decode`` layouts of a sweep job (from Hydra's saved .hydra/config.yaml), e.g. pp2->tp2."""
+    saved = job_dir / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        return ""
+    from omegaconf import OmegaConf
+
+    try:
+        parallel = OmegaConf.load(saved).parallel
+
+        def name(layout) -> str:
+            axes = [f"{axis}{layout[axis]}" for axis in ("dp", "tp", "pp") if int(layout.get(axis, 1)) > 1]
+            return ".".join(axes) or "single"
+        return f"{name(parallel.prefill)}->{name(parallel.decode)}"
+    except Exception:  # noqa: BLE001 - a label only; an odd saved config must not lose the summary
+        return ""
+
+
+def _plot_sweep(rows: list[dict], path: Path) -> None:
+    """A bar per job: output tokens per second (failed jobs at zero)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    labels = [f"{row['job']}: {row['layouts'] or row['overrides']}" for row in rows]
+    values = [row["output_tok_s"] or 0.0 for row in rows]
+    fig, axes = plt.subplots(figsize=(max(4.0, 1.2 * len(rows) + 2), 3.5))
+    bars = axes.bar(range(len(rows)), values,
+                    color=["tab:blue" if row["status"] == "ok" else "tab:red" for row in rows])
+    axes.bar_label(bars, fmt="%.1f", fontsize=8)
+    axes.set_xticks(range(len(rows)), labels, rotation=20, ha="right", fontsize=8)
+    axes.set_ylabel("output tokens / s")
+    axes.set_title("seesaw_ds sweep")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

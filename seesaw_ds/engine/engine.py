@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mpi4py import MPI
@@ -23,7 +23,7 @@ from seesaw_ds.engine.leader import Finished, Leader
 from seesaw_ds.engine.outputs import JsonlAppender, format_error, format_result, scan_answered, scan_error_lines
 from seesaw_ds.engine.sampling import eos_token_ids
 from seesaw_ds.engine.scheduler import Scheduler, SchedulerConfig
-from seesaw_ds.engine.worker import Worker
+from seesaw_ds.engine.worker import StepMessage, Worker
 from seesaw_ds.kv.staging import StagingArea, StagingCapacityError, staging_capacity
 from seesaw_ds.model.loader import read_generation_defaults
 
@@ -138,8 +138,21 @@ def _count_lines(path: Path) -> int:
         return sum(1 for line in handle if line.strip())
 
 
-def run_job(settings: JobConfig, runtime, run_dir: Path, *, tokenizer=None, collect_logits: bool = False) -> dict | None:
-    """Run the whole job on this rank; global rank 0 returns the metrics (others None)."""
+@dataclass
+class JobResult:
+    """How the job ended on this rank: metrics (global rank 0 only) and whether a signal cut it short."""
+
+    metrics: dict | None
+    preempted: bool
+
+
+def run_job(settings: JobConfig, runtime, run_dir: Path, *, tokenizer=None, collect_logits: bool = False,
+            stop=None) -> JobResult:
+    """Run the whole job on this rank; global rank 0's result carries the metrics.
+
+    ``stop.requested`` (a signal arrived) ends the loop after the current step on the leader's decision;
+    requests in flight are not written and are run again on resume.
+    """
     topology = runtime.topology
     world = topology.env.world
     executor = runtime.executor
@@ -190,11 +203,15 @@ def run_job(settings: JobConfig, runtime, run_dir: Path, *, tokenizer=None, coll
         if leader is not None:
             if coordinator:
                 coordinator.serve()
-            message = leader.next_message(rejected)
+            if stop is not None and stop.requested:
+                message = StepMessage("stop", preempted=True)
+            else:
+                message = leader.next_message(rejected)
         else:
             message = None
         message = comm.bcast(message, root=0)
         if message.phase == "stop":
+            preempted = message.preempted
             if leader is not None:
                 _deliver(coordinator, world, [], rejected)
             break
@@ -222,8 +239,8 @@ def run_job(settings: JobConfig, runtime, run_dir: Path, *, tokenizer=None, coll
             coordinator.close()
         if collect_logits:
             runtime.collected_logits = leader.logits
-    world.Barrier()
-    return metrics
+    preempted = any(world.allgather(preempted))
+    return JobResult(metrics, preempted)
 
 
 def _deliver(coordinator: Coordinator | None, world: MPI.Comm, finished: list[Finished], rejected: list) -> None:

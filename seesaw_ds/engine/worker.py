@@ -37,6 +37,7 @@ class StepMessage:
     swap_in: list[StagedSeq] = field(default_factory=list)
     banned: dict[int, list[int]] = field(default_factory=dict)
     want_logits: bool = False
+    preempted: bool = False                      # "stop" before the work was done (a signal arrived)
 
 
 @dataclass

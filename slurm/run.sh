@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# seesaw_ds batch job: `sbatch slurm/run.sh [hydra overrides]` on a cluster, `bash slurm/run.sh [overrides]` anywhere.
+# Under sbatch the ranks are started by srun (one per task) over the allocation; standalone, launch/run.py
+# starts `mpiexec -n ${launch.nproc}` itself. The first run creates .venv/ at the repo root.
+#
+#SBATCH --job-name=seesaw_ds
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=4
+#SBATCH --gpus-per-node=4
+#SBATCH --cpus-per-task=8
+#SBATCH --time=04:00:00
+#SBATCH --signal=USR1@120
+#SBATCH --requeue
+#SBATCH --output=seesaw_ds-%j.out
+set -euo pipefail
+
+# sbatch runs a spool copy of this script: find the repo from the submit directory, not from $0.
+if [ -n "${SLURM_JOB_ID:-}" ] && [ -n "${SLURM_SUBMIT_DIR:-}" ] && [ -f "${SLURM_SUBMIT_DIR}/slurm/run.sh" ]; then
+  repo="${SLURM_SUBMIT_DIR}"
+elif [ -n "${SEESAW_REPO:-}" ]; then
+  repo="${SEESAW_REPO}"
+else
+  repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+fi
+source "$repo/slurm/setup_env.sh" "$repo"
+cd "${SLURM_SUBMIT_DIR:-$PWD}"
+
+# Overrides are passed to Python as separate arguments, never pasted into a shell string.
+if [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${SLURM_STEP_ID:-}" ]; then
+  export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-${OMP_NUM_THREADS:-1}}"
+  exec srun --mpi="${SEESAW_SRUN_MPI:-pmi2}" --kill-on-bad-exit=1 \
+    "$repo/.venv/bin/python" "$repo/launch/run.py" "launch.nproc=${SLURM_NTASKS:-1}" "$@"
+else
+  exec "$repo/.venv/bin/python" "$repo/launch/run.py" "$@"
+fi
