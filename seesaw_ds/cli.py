@@ -133,7 +133,9 @@ def _preflight(settings) -> str | None:
             pass
     except OSError as error:
         return f"io.output={str(output)!r} cannot be written ({error.strerror}); choose a writable path"
-    return None
+    from seesaw_ds.engine.manifest import check_manifest
+
+    return check_manifest(settings, output)
 
 
 def worker_main(argv: list[str]) -> int:

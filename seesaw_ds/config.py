@@ -124,6 +124,8 @@ class IOConfig:
     """Metrics JSON; None = <output stem>.metrics.json beside the output."""
     progress_interval_s: float = 5.0
     """Seconds between progress lines on rank 0."""
+    force_resume: bool = False
+    """Append to an output made with another model, tokenizer or sampling config (normally refused)."""
 
 
 @dataclass

@@ -259,11 +259,39 @@ def _summary(leader: Leader, executor) -> dict:
             "output_tokens": stats.output_tokens, "num_transitions": leader.scheduler.num_transitions,
             "transition_seconds": stats.transition_seconds, "reshard_bytes": stats.reshard_bytes,
             "phase_seconds": dict(stats.phase_seconds), "scheduler": leader.scheduler.stats(),
-            "kv": {"swap_out_bytes": staging.swap_out_bytes, "swap_out_seconds": staging.swap_out_seconds,
-                   "swap_out_wait_seconds": staging.swap_out_wait_seconds, "swap_in_bytes": staging.swap_in_bytes,
-                   "swap_in_seconds": staging.swap_in_seconds, "swap_in_wait_seconds": staging.swap_in_wait_seconds,
-                   "remote_bytes": staging.remote_bytes},
+            "kv": _kv_report(staging),
             "timeline": [asdict(record) for record in stats.timeline]}
+
+
+def memcpy_gbps(nbytes: int = 64 << 20, repeats: int = 3) -> float:
+    """Host memcpy bandwidth of this rank right now (GB/s, best of a few copies)."""
+    import torch
+
+    source, target = torch.ones(nbytes // 4), torch.empty(nbytes // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        began = time.perf_counter()
+        target.copy_(source)
+        best = min(best, time.perf_counter() - began)
+    return nbytes / best / 1e9
+
+
+def _kv_report(staging) -> dict:
+    """Bytes and seconds of KV movement; bandwidth against memcpy measured now; the share hidden by compute.
+
+    ``*_seconds`` is time spent copying (on the background thread), ``*_wait_seconds`` the time the step
+    waited for it; what was not waited for ran behind compute.
+    """
+    report = {"swap_out_bytes": staging.swap_out_bytes, "swap_out_seconds": staging.swap_out_seconds,
+              "swap_out_wait_seconds": staging.swap_out_wait_seconds, "swap_in_bytes": staging.swap_in_bytes,
+              "swap_in_seconds": staging.swap_in_seconds, "swap_in_wait_seconds": staging.swap_in_wait_seconds,
+              "remote_bytes": staging.remote_bytes, "memcpy_GBps": memcpy_gbps()}
+    for direction in ("swap_out", "swap_in"):
+        seconds = report[f"{direction}_seconds"]
+        report[f"{direction}_GBps"] = report[f"{direction}_bytes"] / seconds / 1e9 if seconds else 0.0
+        waited = min(report[f"{direction}_wait_seconds"], seconds)
+        report[f"{direction}_hidden_fraction"] = 1.0 - waited / seconds if seconds else 1.0
+    return report
 
 
 def _metrics(summaries: list[dict], coordinator: Coordinator) -> dict:
