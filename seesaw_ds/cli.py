@@ -62,6 +62,21 @@ def _first_line(error: BaseException) -> str:
     return message
 
 
+def complete_layout_overrides(overrides: list[str]) -> list[str]:
+    """Axes given for a phase define that phase's layout: the axes not given become 1, not the preset's.
+
+    So ``parallel.prefill.tp=2`` means "prefill under tp2" even though the default preset prefills
+    under pp2.
+    """
+    completed = list(overrides)
+    for phase in ("prefill", "decode"):
+        prefix = f"parallel.{phase}."
+        given = {o.split("=", 1)[0][len(prefix):] for o in overrides if o.startswith(prefix) and "=" in o}
+        if given:
+            completed += [f"{prefix}{axis}=1" for axis in ("dp", "tp", "pp") if axis not in given]
+    return completed
+
+
 def compose_settings(overrides: list[str]):
     """Compose conf/config.yaml with ``overrides`` into plain settings; ConfigError on any problem."""
     from hydra import compose, initialize_config_dir
@@ -70,7 +85,7 @@ def compose_settings(overrides: list[str]):
     from seesaw_ds.config import register, to_settings
 
     register()
-    overrides = [o for o in overrides if not o.startswith("hydra.")]
+    overrides = complete_layout_overrides([o for o in overrides if not o.startswith("hydra.")])
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
@@ -98,12 +113,28 @@ def check_before_launch(settings) -> None:
     from seesaw_ds.model.loader import open_checkpoint
 
     check_sampling(settings)
-    if settings.model.path is None:
-        return
-    checkpoint = open_checkpoint(settings.model.path, allow_pickle=settings.model.allow_pickle,
-                                 trust_remote_code=settings.model.trust_remote_code)
-    layouts = {"prefill": layout_of(settings.parallel.prefill), "decode": layout_of(settings.parallel.decode)}
-    validate_named_layouts(layouts, checkpoint.dims, settings.launch.nproc)
+    if settings.model.path is not None:
+        checkpoint = open_checkpoint(settings.model.path, allow_pickle=settings.model.allow_pickle,
+                                     trust_remote_code=settings.model.trust_remote_code)
+        layouts = {"prefill": layout_of(settings.parallel.prefill), "decode": layout_of(settings.parallel.decode)}
+        validate_named_layouts(layouts, checkpoint.dims, settings.launch.nproc)
+    check_io_paths(settings)
+
+
+def check_io_paths(settings) -> None:
+    """The files named by io.input and io.output (when set), checked like rank 0 will (ConfigError): the
+    input must exist and the output be writable (creating it, empty, as the job would a moment later)."""
+    if settings.io.input is not None and not Path(settings.io.input).is_file():
+        raise ConfigError(f"io.input={settings.io.input!r} does not exist; give a JSONL file of requests")
+    if settings.io.output is not None:
+        output = Path(settings.io.output)
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            with open(output, "ab"):
+                pass
+        except OSError as error:
+            raise ConfigError(f"io.output={str(output)!r} cannot be written ({error.strerror}); "
+                              f"choose a writable path") from None
 
 
 def check_sampling(settings, model_defaults: dict | None = None) -> None:

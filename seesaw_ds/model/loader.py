@@ -144,16 +144,43 @@ class HostWeights:
             self._views["lm_head.weight"] = self._views["model.embed_tokens.weight"]
 
     def _fill(self, checkpoint: Checkpoint) -> None:
+        """Read every tensor's bytes from its file straight into shared memory (no private heap copy, which
+        the allocator would keep); transposes and dtype casts go through a small bounded scratch buffer."""
         by_file: dict[Path, list[str]] = {}
         for name, info in checkpoint.tensors.items():
             by_file.setdefault(info.file, []).append(name)
         for file, names in by_file.items():
-            with safe_open(file, framework="pt") as handle:
+            offsets, data_start = _safetensors_offsets(file)
+            with open(file, "rb", buffering=0) as handle:
                 for name in names:
-                    tensor = handle.get_tensor(name)
-                    if self.roles[name].kind is ShardKind.ROW:
-                        tensor = tensor.t()
-                    self._views[name].copy_(tensor)
+                    begin, end = offsets[name]
+                    info = checkpoint.tensors[name]
+                    self._read_tensor(handle, data_start + begin, end - begin, info,
+                                      self.roles[name].kind is ShardKind.ROW, self._views[name])
+
+    def _read_tensor(self, handle, offset: int, nbytes: int, info: TensorInfo, transpose: bool,
+                     target: torch.Tensor) -> None:
+        if not transpose and info.dtype == target.dtype:
+            view = memoryview(target.view(-1).view(torch.uint8).numpy())
+            handle.seek(offset)
+            while view.nbytes:
+                count = handle.readinto(view)
+                if not count:
+                    raise CheckpointError(f"{info.file} ends inside a tensor: the file is truncated")
+                view = view[count:]
+            return
+        rows = info.shape[0] if info.shape else 1
+        row_bytes = nbytes // max(1, rows)
+        step = max(1, (_SCRATCH_BYTES // max(1, row_bytes)))
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            handle.seek(offset + start * row_bytes)
+            chunk = torch.frombuffer(bytearray(handle.read((stop - start) * row_bytes)), dtype=info.dtype)
+            chunk = chunk.view(stop - start, *info.shape[1:])
+            if transpose:
+                target[:, start:stop] = chunk.t()
+            else:
+                target.view(rows, -1)[start:stop] = chunk.view(stop - start, -1)
 
     def get(self, name: str) -> torch.Tensor:
         return self._views[name]
@@ -165,6 +192,18 @@ class HostWeights:
         """Release the shared memory (collective over the node)."""
         self._views = {}
         self._buffer.free()
+
+
+_SCRATCH_BYTES = 8 << 20
+
+
+def _safetensors_offsets(file: Path) -> tuple[dict[str, tuple[int, int]], int]:
+    """Each tensor's byte range within the data section, and where the data section starts."""
+    with open(file, "rb") as handle:
+        header_len = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(header_len))
+    header.pop("__metadata__", None)
+    return {name: tuple(entry["data_offsets"]) for name, entry in header.items()}, 8 + header_len
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -1,8 +1,10 @@
 """Measures what loading the model costs each rank in host memory (run under mpiexec by test_memory.py).
 
 Prints one JSON line on rank 0: the weights' bytes, and per rank the growth of its unique (USS) and
-proportional (PSS) memory from before start-up to after a forward pass under each layout. One host copy per
-node means the ranks' PSS growth adds up to about one copy and no rank's USS grows by a copy.
+proportional (PSS) memory from before start-up to after a forward pass under each layout, and the mapping of
+the node-shared weight window itself. One host copy per node means the window's PSS adds up to one copy
+over the ranks, and no rank's unique memory outside the window grows by anything like a copy. (USS alone
+misleads: window pages touched by one rank only are reported as that rank's "private" pages.)
 """
 from __future__ import annotations
 
@@ -23,6 +25,22 @@ def memory() -> tuple[int, int]:
     return info.uss, info.pss
 
 
+def mapping_of(address: int) -> dict[str, int]:
+    """Rss/Pss/Private of the memory mapping holding ``address`` (kB -> bytes), from /proc/self/smaps."""
+    fields, inside = {}, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(x, 16) for x in head.split("-"))
+                if inside:
+                    break
+                inside = start <= address < end
+            elif inside and head.rstrip(":") in ("Rss", "Pss", "Private_Clean", "Private_Dirty"):
+                fields[head.rstrip(":")] = int(line.split()[1]) * 1024
+    return fields
+
+
 def main(model_dir: str) -> None:
     world = MPI.COMM_WORLD
     import deepspeed  # noqa: F401 - import cost is not the model's
@@ -37,7 +55,11 @@ def main(model_dir: str) -> None:
         rt.executor.cache(name).allocator.free(0)
     gc.collect()
     uss1, pss1 = memory()
-    report = world.gather({"rank": world.Get_rank(), "uss_growth": uss1 - uss0, "pss_growth": pss1 - pss0}, root=0)
+    window = mapping_of(rt.host._buffer.tensor.data_ptr())
+    private = window.get("Private_Clean", 0) + window.get("Private_Dirty", 0)
+    report = world.gather({"rank": world.Get_rank(), "uss_growth": uss1 - uss0, "pss_growth": pss1 - pss0,
+                           "window_rss": window.get("Rss", 0), "window_pss": window.get("Pss", 0),
+                           "uss_growth_outside_window": uss1 - uss0 - private}, root=0)
     if world.Get_rank() == 0:
         print("MEMORY " + json.dumps({"weight_bytes": rt.host.nbytes, "ranks": report}), flush=True)
     rt.close()

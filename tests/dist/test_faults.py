@@ -74,19 +74,11 @@ def start_and_wait_for_lines(args: list[str], output: Path, min_lines: int, time
 
 
 def rank_pids(parent: int) -> list[int]:
-    """Python rank processes below ``parent`` (mpiexec's children's children)."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if "launch/run.py" in cmdline and int(pid) != parent and "mpiexec" not in cmdline:
-            found.append(int(pid))
-    return found
+    """The job's Python rank processes: descendants of ``parent`` running launch/run.py."""
+    import psutil
+
+    return [child.pid for child in psutil.Process(parent).children(recursive=True)
+            if "launch/run.py" in " ".join(child.cmdline()) and "mpiexec" not in child.name()]
 
 
 def test_sigterm_then_resume(tiny_models, fault_input, reference, tmp_path):

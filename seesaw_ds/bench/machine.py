@@ -1,0 +1,90 @@
+"""What this machine can do, measured in the benchmark run itself: fp32 matmul GFLOP/s and memcpy GB/s.
+
+The cores may be shared with other work, so each figure is the best of a few short repetitions (the
+machine's capability, not its current load), and the benchmark measures before and after its peers to
+show how much the load moved.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+
+
+def cpu_summary() -> dict:
+    """The lscpu lines a reader needs to compare machines (model, cores, caches, flags that matter)."""
+    wanted = ("Architecture", "Model name", "CPU(s)", "Thread(s) per core", "Core(s) per socket", "Socket(s)",
+              "L1d cache", "L2 cache", "L3 cache", "NUMA node(s)", "Hypervisor vendor")
+    summary = {"python": platform.python_version(), "cpu_count": os.cpu_count()}
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return summary
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in wanted:
+            summary[key.strip()] = value.strip()
+        if key.strip() == "Flags":
+            flags = value.split()
+            summary["simd"] = " ".join(f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
+                                       if f in flags)
+    try:
+        with open("/proc/meminfo") as handle:
+            total_kb = int(handle.readline().split()[1])
+        summary["memory_gib"] = round(total_kb / 2 ** 20, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return summary
+
+
+def _best_rate(work, amount: float, repeats: int, min_seconds: float) -> float:
+    """``amount`` units per second of ``work()`` at its best, over ``repeats`` timed batches."""
+    work()  # warm up (allocations, thread pool start)
+    best = 0.0
+    for _ in range(repeats):
+        calls, began = 0, time.perf_counter()
+        while True:
+            work()
+            calls += 1
+            elapsed = time.perf_counter() - began
+            if elapsed >= min_seconds:
+                break
+        best = max(best, amount * calls / elapsed)
+    return best
+
+
+def matmul_gflops(threads: int, size: int = 1024, repeats: int = 5, min_seconds: float = 0.3) -> float:
+    """fp32 GFLOP/s of an ``size``-square matmul on ``threads`` threads (best of ``repeats``)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        a = torch.randn(size, size, generator=generator)
+        b = torch.randn(size, size, generator=generator)
+        out = torch.empty(size, size)
+        return _best_rate(lambda: torch.mm(a, b, out=out), 2.0 * size ** 3 / 1e9, repeats, min_seconds)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def memcpy_gbps(megabytes: int = 256, repeats: int = 5, min_seconds: float = 0.3) -> float:
+    """GB/s copied by one thread between two ``megabytes`` buffers (bytes copied, not read + written)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        count = megabytes * 2 ** 20 // 4
+        source, target = torch.ones(count), torch.empty(count)
+        return _best_rate(lambda: target.copy_(source), count * 4 / 1e9, repeats, min_seconds)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def measure(thread_counts: tuple[int, ...] = (1, 2), matmul_size: int = 1024) -> dict:
+    """``{"matmul_gflops": {threads: GFLOP/s}, "memcpy_gbps": GB/s}``."""
+    return {"matmul_gflops": {str(t): matmul_gflops(t, matmul_size) for t in thread_counts},
+            "memcpy_gbps": memcpy_gbps(), "matmul_size": matmul_size}
