@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from seesaw_ds.kv.blocks import BlockAllocator
+from seesaw_ds.kv.blocks import BlockAllocator, runs
 
 
 class DeviceKVCache:
@@ -49,14 +49,29 @@ class DeviceKVCache:
         blocks, offsets = self.slots(seq_id, start, keys.shape[1])
         self.write_tokens(layer, blocks, offsets, keys.transpose(0, 1), values.transpose(0, 1))
 
-    def gather(self, layer: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of each row's blocks as ``[N, kv_heads, max_blocks*block_size, head_dim]``."""
+    def sequence_kv(self, layer: int, spans: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of one sequence as ``[kv_heads, length, head_dim]`` from its token spans
+        ``[(first_token_slot, count), ...]``: a view of the cache when the sequence is one span, else a
+        concatenation of its spans (no padding, nothing of other sequences)."""
         local = self._local(layer)
-        count, max_blocks = block_tables.shape
-        keys = self.keys[local, block_tables].reshape(count, max_blocks * self.block_size, *self.keys.shape[-2:])
-        values = self.values[local, block_tables].reshape(count, max_blocks * self.block_size,
-                                                          *self.values.shape[-2:])
-        return keys.transpose(1, 2), values.transpose(1, 2)
+        keys = self.keys[local].view(-1, *self.keys.shape[-2:])
+        values = self.values[local].view(-1, *self.values.shape[-2:])
+        if len(spans) == 1:
+            start, count = spans[0]
+            return keys[start:start + count].transpose(0, 1), values[start:start + count].transpose(0, 1)
+        return (torch.cat([keys[s:s + n] for s, n in spans]).transpose(0, 1),
+                torch.cat([values[s:s + n] for s, n in spans]).transpose(0, 1))
+
+    def token_spans(self, seq_id: int, length: int) -> list[tuple[int, int]]:
+        """The first ``length`` tokens of a sequence as runs of consecutive token slots."""
+        spans, remaining = [], length
+        for block, count in runs(self.allocator.tables[seq_id]):
+            take = min(remaining, count * self.block_size)
+            if take <= 0:
+                break
+            spans.append((block * self.block_size, take))
+            remaining -= take
+        return spans
 
     def read_sequence(self, layer: int, seq_id: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of one sequence's first ``length`` tokens as ``[kv_heads, length, head_dim]``."""

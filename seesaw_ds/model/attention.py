@@ -40,8 +40,7 @@ class DecodeMeta:
     """Decode batch over the paged cache: per sequence its blocks, length after this token, write slot."""
 
     cache: "object"                 # seesaw_ds.kv.device.DeviceKVCache
-    block_tables: torch.Tensor      # [N, max_blocks] long
-    lengths: torch.Tensor           # [N] long, KV length including the new token
+    spans: list[list[tuple[int, int]]]  # per sequence: its KV (new token included) as runs of token slots
     write_blocks: torch.Tensor      # [N] long
     write_offsets: torch.Tensor     # [N] long
     ready: Callable[[int], None] | None = None  # blocks until a layer's swapped-in KV has landed
@@ -78,14 +77,15 @@ def _decode(module, query, key, value, meta: DecodeMeta, scaling, window) -> tor
     if meta.ready is not None:
         meta.ready(module.layer_idx)
     cache.write_tokens(module.layer_idx, meta.write_blocks, meta.write_offsets, key[:, :, 0], value[:, :, 0])
-    keys, values = cache.gather(module.layer_idx, meta.block_tables)  # [N, Hkv, L, D]
-    positions = torch.arange(keys.shape[2], device=keys.device)
-    mask = positions[None, :] < meta.lengths[:, None]
-    if window:
-        mask &= positions[None, :] >= meta.lengths[:, None] - window
-    mask = mask[:, None, None, :]
-    return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling,
-                                          enable_gqa=query.shape[1] != keys.shape[1])
+    gqa = query.shape[1] != key.shape[1]
+    outputs = []
+    for index, spans in enumerate(meta.spans):
+        keys, values = cache.sequence_kv(module.layer_idx, spans)  # views when contiguous: no gather
+        if window and keys.shape[1] > window:
+            keys, values = keys[:, -window:], values[:, -window:]
+        outputs.append(F.scaled_dot_product_attention(query[index:index + 1], keys[None], values[None],
+                                                      scale=scaling, enable_gqa=gqa))
+    return torch.cat(outputs)
 
 
 def seesaw_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,

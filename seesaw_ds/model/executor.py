@@ -191,14 +191,13 @@ class Executor:
         return meta, as_tensor(tokens), as_tensor(positions)
 
     def _decode_inputs(self, batch: list[SeqWork], cache: DeviceKVCache, ready):
-        tables = [cache.allocator.ensure(s.seq_id, s.start + 1) for s in batch]
-        width = max(len(t) for t in tables)
-        padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=self.device)
+        for s in batch:
+            cache.allocator.ensure(s.seq_id, s.start + 1)
         starts = torch.tensor([s.start for s in batch], dtype=torch.long)
-        table_index = starts // self.block_size
-        write_blocks = padded.cpu()[torch.arange(len(batch)), table_index].to(self.device)
-        meta = DecodeMeta(cache=cache, block_tables=padded, lengths=(starts + 1).to(self.device),
-                          write_blocks=write_blocks, write_offsets=(starts % self.block_size).to(self.device),
+        blocks = torch.tensor([cache.allocator.tables[s.seq_id][s.start // self.block_size] for s in batch],
+                              dtype=torch.long)
+        meta = DecodeMeta(cache=cache, spans=[cache.token_spans(s.seq_id, s.start + 1) for s in batch],
+                          write_blocks=blocks.to(self.device), write_offsets=(starts % self.block_size).to(self.device),
                           ready=ready)
         token_ids = torch.tensor([s.tokens[-1] for s in batch], dtype=torch.long, device=self.device)[:, None]
         return meta, token_ids, starts.to(self.device)[:, None]

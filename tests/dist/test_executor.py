@@ -46,6 +46,13 @@ def test_four_ranks_every_layout(tiny_models):
     assert "'tp2pp2': False" in proc.stdout and "'tp4': True" in proc.stdout
 
 
+def test_sliding_window(tiny_models):
+    proc = run_mpi(2, [DRIVER, str(tiny_models["mistral_window"])], timeout=300)
+    lines = _ok_lines(proc.stdout)
+    for layout in ("tp2", "pp2", "dp2"):
+        assert any(line.startswith(f"OK mistral {layout} ") for line in lines), (layout, proc.stdout)
+
+
 def test_two_ranks_posing_as_two_nodes(tiny_models):
     proc = run_mpi(2, [DRIVER, str(tiny_models["llama"])], env={"SEESAW_TEST_RANKS_PER_NODE": "1"}, timeout=300)
     assert "OK topology nodes=2" in proc.stdout
