@@ -255,7 +255,10 @@ def _deliver(coordinator: Coordinator | None, world: MPI.Comm, finished: list[Fi
 def _summary(leader: Leader, executor) -> dict:
     stats = leader.stats
     staging = executor.staging.stats
+    import resource
+
     return {"elapsed_time": leader.elapsed, "num_requests": stats.finished, "prompt_tokens": stats.prompt_tokens,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "output_tokens": stats.output_tokens, "num_transitions": leader.scheduler.num_transitions,
             "transition_seconds": stats.transition_seconds, "reshard_bytes": stats.reshard_bytes,
             "phase_seconds": dict(stats.phase_seconds), "scheduler": leader.scheduler.stats(),
@@ -303,7 +306,7 @@ def _metrics(summaries: list[dict], coordinator: Coordinator) -> dict:
     return {"elapsed_time": elapsed, "num_requests": requests, "total_num_tokens": prompt + output,
             "requests_per_second": requests / elapsed, "tokens_per_second": (prompt + output) / elapsed,
             "output_tokens_per_second": output / elapsed, "prompt_tokens": prompt, "output_tokens": output,
-            "num_errors": coordinator.num_errors,
+            "num_errors": coordinator.num_errors, "peak_rss_bytes_rank0": first["peak_rss_bytes"],
             "num_transitions": sum(s["num_transitions"] for s in summaries),
             "transition_seconds": sum(s["transition_seconds"] for s in summaries),
             "reshard_bytes": sum(s["reshard_bytes"] for s in summaries),
