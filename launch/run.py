@@ -84,10 +84,10 @@ def without(overrides: list[str], *keys: str) -> list[str]:
     return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in keys]
 
 
-def plan_sweep(overrides: list[str]) -> tuple[Path, list[str], list[list[str]]]:
+def plan_sweep(overrides: list[str]) -> tuple[Path, list[str]]:
     """Before any job starts: the sweep directory (resolved once, so that this process knows where the jobs
-    write), the overrides Hydra gets, and every job's overrides, each checked like a single run (exit 2 with
-    one line naming the job on the first that cannot run)."""
+    write) and the overrides Hydra gets; every job is checked like a single run first (exit 2 with one line
+    naming the job on the first that cannot run)."""
     from hydra import compose, initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
@@ -118,9 +118,11 @@ def plan_sweep(overrides: list[str]) -> tuple[Path, list[str], list[list[str]]]:
     if slurm_ranks is not None and not any(o.split("=", 1)[0].lstrip("+") == "launch.nproc" for o in overrides):
         extra = [f"launch.nproc={slurm_ranks}"]
     common = set.intersection(*(set(job) for job in jobs)) if len(jobs) > 1 else set()
+    files: dict[str, set] = {"io.output": set(), "io.metrics": set()}
     for number, job in enumerate(jobs):
         try:
-            settings, _ = compose_settings(job + extra)
+            # ${hydra:...} (e.g. io.output=${hydra:runtime.output_dir}/out.jsonl) only resolves inside a job
+            settings, _ = compose_settings([o for o in job if "${hydra:" not in o.replace("\\", "")] + extra)
             if slurm_ranks is not None and settings.launch.nproc != slurm_ranks:
                 raise ConfigError(f"launch.nproc={settings.launch.nproc} but hydra/launcher starts "
                                   f"nodes*tasks_per_node={slurm_ranks} ranks per job; drop launch.nproc or "
@@ -129,8 +131,14 @@ def plan_sweep(overrides: list[str]) -> tuple[Path, list[str], list[list[str]]]:
         except (ConfigError, ValueError) as error:
             varying = " ".join(o for o in job if o not in common)
             fail(f"sweep job {number}{f' ({varying})' if varying else ''}: {error}")
+        files["io.output"].add(settings.io.output)
+        files["io.metrics"].add(settings.io.metrics)
+    for key, values in files.items():
+        if len(jobs) > 1 and len(values) == 1 and None not in values:
+            fail(f"{key}={values.pop()!r} is the same file for every sweep job (each would resume or overwrite "
+                 f"the last one's); leave it unset: each job then writes into its own directory")
     hydra_argv = without(overrides, "hydra.sweep.dir") + extra + [override("hydra.sweep.dir", sweep_dir)]
-    return sweep_dir, hydra_argv, jobs
+    return sweep_dir, hydra_argv
 
 
 def sweep_job(cfg) -> int:
@@ -194,7 +202,7 @@ def hydra_app(argv: list[str]) -> int:
     sweeping = args.multirun and not (args.cfg or args.info or args.help or args.hydra_help or args.shell_completion)
     sweep_dir = None
     if sweeping:
-        sweep_dir, overrides, _ = plan_sweep(args.overrides)
+        sweep_dir, overrides = plan_sweep(args.overrides)
         flags = [arg for arg in argv if arg not in args.overrides]
         argv = [*flags, *overrides]
     elif not args.multirun:  # --cfg/--info of one job: its config errors in one line, like a run's

@@ -14,9 +14,16 @@
 #SBATCH --output=seesaw_ds-%j.out
 set -euo pipefail
 
-# sbatch runs a spool copy of this script: find the repo from the submit directory, not from $0.
+# sbatch runs a spool copy of this script: find the repo from the submit directory, not from $0; when the job
+# was submitted from elsewhere, from the path Slurm recorded for the submitted script (scontrol's Command=).
+_submitted_script() {
+  scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | tr ' ' '\n' | sed -n 's/^Command=//p' | head -n1
+}
 if [ -n "${SLURM_JOB_ID:-}" ] && [ -n "${SLURM_SUBMIT_DIR:-}" ] && [ -f "${SLURM_SUBMIT_DIR}/slurm/run.sh" ]; then
   repo="${SLURM_SUBMIT_DIR}"
+elif [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${SEESAW_REPO:-}" ] && _script="$(_submitted_script)" \
+     && [ -f "$(dirname "$_script")/setup_env.sh" ]; then
+  repo="$(cd "$(dirname "$_script")/.." && pwd)"
 elif [ -n "${SEESAW_REPO:-}" ]; then
   repo="${SEESAW_REPO}"
 else
