@@ -151,22 +151,14 @@ def _preflight(settings) -> str | None:
     """Checks of the files a job touches (rank 0); the error message or None."""
     from seesaw_ds.model.loader import read_generation_defaults
 
-    try:
-        check_sampling(settings, read_generation_defaults(Path(settings.model.path)))
-    except ValueError as error:
-        return str(error)
-    if not Path(settings.io.input).is_file():
-        return f"io.input={settings.io.input!r} does not exist; give a JSONL file of requests"
-    output = Path(settings.io.output)
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        with open(output, "ab"):
-            pass
-    except OSError as error:
-        return f"io.output={str(output)!r} cannot be written ({error.strerror}); choose a writable path"
     from seesaw_ds.engine.manifest import check_manifest
 
-    return check_manifest(settings, output)
+    try:
+        check_sampling(settings, read_generation_defaults(Path(settings.model.path)))
+        check_io_paths(settings)
+    except ValueError as error:
+        return str(error)
+    return check_manifest(settings, Path(settings.io.output))
 
 
 def worker_main(argv: list[str]) -> int:
