@@ -30,13 +30,6 @@ class DeviceKVCache:
     def _local(self, layer: int) -> int:
         return layer - self.layers.start
 
-    def slots(self, seq_id: int, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(block, offset) of token positions ``start .. start+count`` of a sequence (blocks must exist)."""
-        table = torch.tensor(self.allocator.tables[seq_id], dtype=torch.long)
-        positions = torch.arange(start, start + count)
-        return table[positions // self.block_size].to(self.keys.device), (positions % self.block_size).to(
-            self.keys.device)
-
     def write_tokens(self, layer: int, blocks: torch.Tensor, offsets: torch.Tensor, keys: torch.Tensor,
                      values: torch.Tensor) -> None:
         """Write one token per row: ``keys``/``values`` are ``[N, kv_heads, head_dim]``."""
@@ -46,8 +39,27 @@ class DeviceKVCache:
 
     def write_sequence(self, layer: int, seq_id: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write a run of tokens of one sequence: ``keys``/``values`` are ``[kv_heads, T, head_dim]``."""
-        blocks, offsets = self.slots(seq_id, start, keys.shape[1])
-        self.write_tokens(layer, blocks, offsets, keys.transpose(0, 1), values.transpose(0, 1))
+        self._write_span_heads(layer, seq_id, start, keys, values, 0, keys.shape[0])
+
+    def _write_span_heads(self, layer: int, seq_id: int, start: int, keys: torch.Tensor, values: torch.Tensor,
+                          head_lo: int, head_hi: int) -> None:
+        """Copy tokens ``start .. start+T`` into local heads ``head_lo:head_hi`` span by span (slices, no
+        per-token indexing)."""
+        local = self._local(layer)
+        flat_keys = self.keys[local].view(-1, *self.keys.shape[-2:])
+        flat_values = self.values[local].view(-1, *self.values.shape[-2:])
+        done = 0
+        for slot, count in self.token_spans(seq_id, start + keys.shape[1]):
+            skip = min(count, max(0, start - done))  # spans before `start` are already written
+            done_before = done
+            done += count
+            if skip == count:
+                continue
+            lo, hi = done_before + skip - start, done - start
+            target = slice(slot + skip, slot + count)
+            flat_keys[target, head_lo:head_hi] = keys[:, lo:hi].transpose(0, 1).to(flat_keys.device, flat_keys.dtype)
+            flat_values[target, head_lo:head_hi] = values[:, lo:hi].transpose(0, 1).to(flat_values.device,
+                                                                                      flat_values.dtype)
 
     def sequence_kv(self, layer: int, spans: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of one sequence as ``[kv_heads, length, head_dim]`` from its token spans
@@ -75,17 +87,9 @@ class DeviceKVCache:
 
     def read_sequence(self, layer: int, seq_id: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of one sequence's first ``length`` tokens as ``[kv_heads, length, head_dim]``."""
-        blocks, offsets = self.slots(seq_id, 0, length)
-        local = self._local(layer)
-        return (self.keys[local, blocks, offsets].transpose(0, 1),
-                self.values[local, blocks, offsets].transpose(0, 1))
+        return self.sequence_kv(layer, self.token_spans(seq_id, length))
 
     def write_heads(self, layer: int, seq_id: int, keys: torch.Tensor, values: torch.Tensor, head_lo: int,
                     head_hi: int) -> None:
         """Write tokens ``0..T`` of a sequence into local KV heads ``head_lo:head_hi`` (``[heads, T, dim]``)."""
-        blocks, offsets = self.slots(seq_id, 0, keys.shape[1])
-        local = self._local(layer)
-        self.keys[local, blocks, offsets, head_lo:head_hi] = keys.transpose(0, 1).to(self.keys.device,
-                                                                                     self.keys.dtype)
-        self.values[local, blocks, offsets, head_lo:head_hi] = values.transpose(0, 1).to(self.values.device,
-                                                                                         self.values.dtype)
+        self._write_span_heads(layer, seq_id, 0, keys, values, head_lo, head_hi)
