@@ -256,7 +256,7 @@ def time_chunked(plan: ChunkedPlan, cost: CostModel) -> SimResult:
             w = engine.work
             compute, comm = cost.stage_time(layout, *(w[name] * k for name in ("tokens", "pairs", "kv_read",
                                                                                "samples")))
-            stage[i, :len(w["tokens"])] = compute + comm
+            stage[i, :len(w["tokens"])] = compute + comm + cost.step_overhead
         if layout.pp == 1:
             elapsed.append(float(stage.sum()))
         else:

@@ -85,14 +85,17 @@ class CostModel:
     """Times and memory of a model of ``dims`` on ``gpu`` (fp16/bf16 weights and KV by default)."""
 
     def __init__(self, gpu: GpuSpec, dims: ModelDims, efficiency: Efficiency = Efficiency(), *,
-                 dtype_bytes: int = 2, memory_utilization: float = 0.9) -> None:
+                 dtype_bytes: int = 2, memory_utilization: float = 0.9, step_overhead: float = 0.0) -> None:
         if not 0.0 < memory_utilization <= 1.0:
             raise ValueError(f"memory_utilization={memory_utilization} must lie in (0, 1]")
+        if step_overhead < 0:
+            raise ValueError(f"step_overhead={step_overhead} s must be >= 0")
         self.gpu = gpu
         self.dims = dims
         self.eff = efficiency
         self.dtype_bytes = dtype_bytes
         self.memory_utilization = memory_utilization
+        self.step_overhead = step_overhead  # seconds per engine step outside GPU kernels (CPU scheduling etc.)
 
     # -- shapes -------------------------------------------------------------------------------------------
     def kv_heads_per_gpu(self, tp: int) -> int:
@@ -247,7 +250,7 @@ class CostModel:
         phase (see :meth:`fill_time`); a dependent step (decode: the next step needs these tokens) costs pp
         stage times, since each micro-batch must travel the whole pipeline before it can go again.
         ``pipeline='synchronous'``: every step fills and drains the pipeline, (m + pp - 1) stage times
-        (today's seesaw_ds executor).
+        (today's seesaw_ds executor). Each step adds ``step_overhead`` once.
         """
         if pipeline not in ("overlapped", "synchronous"):
             raise ValueError(f"pipeline={pipeline!r} must be 'overlapped' or 'synchronous'")
@@ -261,7 +264,8 @@ class CostModel:
         else:
             factor = micro if streaming else np.full_like(micro, pp)
         factor = np.where(seqs > 0, factor, 0.0)
-        return factor * (compute + comm), factor * comm
+        overhead = np.where(seqs > 0, self.step_overhead, 0.0)
+        return factor * (compute + comm) + overhead, factor * comm
 
     def fill_time(self, layout: Layout, seqs, tokens, pairs, kv_read, samples) -> float:
         """Pipeline fill of a streaming phase (overlapped pipeline): pp - 1 stage times of its first step."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -40,6 +40,7 @@ class PlanOptions:
     dp_lockstep: bool = False
     efficiency: Efficiency = Efficiency()
     interconnect_scale: float = 1.0
+    step_overhead_s: float = 0.0
     memory_utilization: float = 0.9
     host_memory_bytes_per_gpu: float = 80 * GIB
     host_memory_fraction: float = 0.3
@@ -139,8 +140,11 @@ def enumerate_layouts(num_gpus: int, dims: ModelDims) -> tuple[list[Layout], lis
 
 
 class Planner:
-    """Simulates the candidates of one (gpu, num_gpus, model, workload) setting; traces are cached so the
-    same planner can re-time them under other link bandwidths (:meth:`retime`)."""
+    """Simulates the candidates of one (gpu, num_gpus, model, workload) setting; traces are cached, and
+    :meth:`variant` re-times them under other timing options (link bandwidth, efficiencies, pipeline)."""
+
+    TIMING_ONLY = frozenset({"pipeline", "dp_lockstep", "efficiency", "interconnect_scale", "step_overhead_s"})
+    """Options that change step times but neither memory nor scheduling, so traces stay valid."""
 
     def __init__(self, gpu: GpuSpec, num_gpus: int, dims: ModelDims, workload: Workload,
                  options: PlanOptions = PlanOptions()) -> None:
@@ -157,7 +161,20 @@ class Planner:
 
     def _cost(self, link_scale: float) -> CostModel:
         return CostModel(self.gpu.scaled(link_scale), self.dims, self.options.efficiency,
-                         memory_utilization=self.options.memory_utilization)
+                         memory_utilization=self.options.memory_utilization,
+                         step_overhead=self.options.step_overhead_s)
+
+    def variant(self, **changes) -> "Planner":
+        """The same setting with timing-only options changed (pipeline, dp_lockstep, efficiency,
+        interconnect_scale, step_overhead_s): it shares this planner's traces, so it runs in a blink."""
+        bad = set(changes) - self.TIMING_ONLY
+        if bad:
+            raise ValueError(f"variant() changes only timing options ({sorted(self.TIMING_ONLY)}), not {sorted(bad)}")
+        other = Planner.__new__(Planner)
+        other.__dict__.update(self.__dict__)
+        other.options = replace(self.options, **changes)
+        other.cost = other._cost(other.options.interconnect_scale)
+        return other
 
     # -- feasibility ---------------------------------------------------------------------------------------
     def _fits(self, tokens: int) -> bool:
@@ -190,7 +207,7 @@ class Planner:
         """The smallest device tier among fitting pairs with these data-parallel degrees (see module doc)."""
         key = (prefill.dp, decode.dp)
         if key not in self._group_tokens:
-            layouts = [x for x in enumerate_layouts(self.num_gpus, self.dims)[0]]
+            layouts = self.layouts()[0]
             sizes = [self.pair_kv_tokens(p, d) for p in layouts if p.dp == prefill.dp
                      for d in layouts if d.dp == decode.dp]
             self._group_tokens[key] = min(t for t in sizes if self._fits(t))
@@ -221,15 +238,15 @@ class Planner:
         blocks = np.sort(-(-(self.sample.prompt_lens + 1) // bs))
         return int(np.searchsorted(np.cumsum(blocks), device_tokens // bs, side="right")) + 1
 
-    def simulate_pair(self, prefill: Layout, decode: Layout, cost: CostModel | None = None) -> Candidate | None:
+    def simulate_pair(self, prefill: Layout, decode: Layout) -> Candidate | None:
         trace = self.seesaw_trace(prefill, decode)
         if trace is None:
             return None
-        result = time_trace(trace, cost or self.cost, prefill, decode, pipeline=self.options.pipeline,
+        result = time_trace(trace, self.cost, prefill, decode, pipeline=self.options.pipeline,
                             dp_lockstep=self.options.dp_lockstep)
         return Candidate("seesaw" if prefill != decode else "static", prefill, decode, result)
 
-    def simulate_vllm(self, layout: Layout, chunk: int, cost: CostModel | None = None) -> Candidate:
+    def simulate_vllm(self, layout: Layout, chunk: int) -> Candidate:
         opts, k = self.options, self.k
         key = (layout, chunk)
         if key not in self._vllm_traces:
@@ -237,9 +254,9 @@ class Planner:
             self._vllm_traces[key] = trace_chunked(
                 self.sample, layout, kv_tokens=memory.kv_tokens // k, chunk_tokens=max(1, chunk // k),
                 max_seqs=max(1, math.ceil(opts.max_seqs / k)), block_size=opts.block_size, replication=k)
-        return Candidate("vllm", layout, layout, time_chunked(self._vllm_traces[key], cost or self.cost), chunk)
+        return Candidate("vllm", layout, layout, time_chunked(self._vllm_traces[key], self.cost), chunk)
 
-    def tune_vllm(self, layout: Layout, cost: CostModel | None = None) -> Candidate | None:
+    def tune_vllm(self, layout: Layout) -> Candidate | None:
         """Best chunk size for ``layout`` by a local search along ``chunk_sizes`` (throughput is unimodal in
         practice: small chunks waste weight reads, large ones leave pure-decode steps and PP bubbles)."""
         sizes = sorted(c for c in self.options.chunk_sizes if c >= self.options.max_seqs)
@@ -250,7 +267,7 @@ class Planner:
         def at(i: int) -> float:
             if i not in results:
                 try:
-                    results[i] = self.simulate_vllm(layout, sizes[i], cost)
+                    results[i] = self.simulate_vllm(layout, sizes[i])
                 except ValueError:
                     return -1.0  # this chunk's activations leave no room for the longest request
             return results[i].result.throughput
@@ -267,18 +284,18 @@ class Planner:
                 break
         return results.get(i)
 
-    def run(self, cost: CostModel | None = None) -> PlanResult:
+    def run(self) -> PlanResult:
         """Simulate every candidate; returns them ranked by throughput."""
         began = time.perf_counter()
         layouts, infeasible = self.layouts()
         candidates: list[Candidate] = []
         for layout in layouts:
-            best = self.tune_vllm(layout, cost)
+            best = self.tune_vllm(layout)
             if best is not None:
                 candidates.append(best)
         for prefill in layouts:
             for decode in layouts:
-                candidate = self.simulate_pair(prefill, decode, cost)
+                candidate = self.simulate_pair(prefill, decode)
                 if candidate is None:
                     infeasible.append({"layout": f"{prefill} -> {decode}", "reason": (
                         "the device KV tier of the decode layout and the larger weight shard do not fit together")})
@@ -289,15 +306,10 @@ class Planner:
                     "num_requests": self.workload.num_requests, "simulated_requests": self.sample.num_requests,
                     "replication": self.k, "staging_tokens": self.staging_tokens,
                     "pipeline": self.options.pipeline, "dp_lockstep": self.options.dp_lockstep,
-                    "interconnect_scale": self.options.interconnect_scale}
+                    "interconnect_scale": self.options.interconnect_scale,
+                    "step_overhead_s": self.options.step_overhead_s}
         return PlanResult(candidates, infeasible, settings, time.perf_counter() - began,
                           len(self._seesaw_traces) + len(self._vllm_traces))
-
-    def retime(self, link_scale: float) -> PlanResult:
-        """Re-run with the GPU-to-GPU bandwidth scaled (memory and therefore traces unchanged)."""
-        result = self.run(self._cost(self.options.interconnect_scale * link_scale))
-        result.settings["interconnect_scale"] = self.options.interconnect_scale * link_scale
-        return result
 
 
 def plan(gpu: GpuSpec, num_gpus: int, dims: ModelDims, workload: Workload,

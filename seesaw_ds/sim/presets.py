@@ -125,6 +125,8 @@ class PlannerConfig:
     """True: data-parallel replicas wait for each other every step (today's engine)."""
     interconnect_scale: float = 1.0
     """Multiply the GPU-to-GPU bandwidth (what-if studies)."""
+    step_overhead_ms: float = 0.0
+    """Fixed milliseconds per engine step outside GPU kernels (CPU scheduling, launches), both systems."""
     replication: Optional[int] = None
     """Simulate every k-th request at 1/k capacity, each standing for k (None = auto, see max_simulated_requests)."""
     max_simulated_requests: int = 500
