@@ -11,7 +11,7 @@ from helpers import run_mpi
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")]
-DRIVER = str(Path(__file__).parent.parent / "dist" / "executor_driver.py")
+DRIVER = str(Path(__file__).parent.parent / "multirank" / "executor_driver.py")
 
 
 def test_single_gpu_matches_transformers(tiny_models):
