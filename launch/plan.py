@@ -17,26 +17,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from seesaw_ds.cli import fail, one_line_error  # noqa: E402
 from seesaw_ds.sim.presets import PLANNER_CONF_DIR, PlannerConfig, register  # noqa: E402
-
-EXIT_CONFIG = 2
-
-
-def fail(message: str) -> None:
-    """One line on stderr, exit 2 (no traceback)."""
-    print(f"seesaw_ds plan: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_CONFIG)
-
-
-def _first_line(error: BaseException) -> str:
-    """What failed and, for Hydra's override errors, why (their cause), on one line."""
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    message = lines[0].rstrip(".") if lines else type(error).__name__
-    cause = error.__cause__
-    if cause is not None and str(cause).strip():
-        message += ": " + str(cause).strip().splitlines()[0]
-    return message
-
 
 def _plan(planner: PlannerConfig) -> dict:
     from seesaw_ds.sim.app import run_planner
@@ -44,7 +26,7 @@ def _plan(planner: PlannerConfig) -> dict:
     try:
         return run_planner(planner)
     except ValueError as error:  # PresetError and every user-facing check are ValueErrors
-        fail(_first_line(error))
+        fail(one_line_error(error))
 
 
 def single(overrides: list[str]) -> int:
@@ -57,7 +39,7 @@ def single(overrides: list[str]) -> int:
             cfg = compose(config_name="config", overrides=overrides)
         planner = OmegaConf.to_object(cfg.planner)
     except Exception as error:  # noqa: BLE001 - Hydra/OmegaConf raise many types; all are config errors
-        fail(_first_line(error))
+        fail(one_line_error(error))
     _plan(planner)
     return 0
 

@@ -93,7 +93,7 @@ def plan_sweep(overrides: list[str]) -> tuple[Path, list[str]]:
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from seesaw_ds.cli import _first_line
+    from seesaw_ds.cli import one_line_error
     from seesaw_ds.config import register
 
     register()
@@ -107,7 +107,7 @@ def plan_sweep(overrides: list[str]) -> tuple[Path, list[str]]:
         launcher = hydra_cfg.launcher
         batches = BasicSweeper.split_arguments([o for o in parsed if not o.is_hydra_override()], None)
     except Exception as error:  # noqa: BLE001 - Hydra raises many types; all are config errors
-        fail(_first_line(error))
+        fail(one_line_error(error))
     finally:
         GlobalHydra.instance().clear()
     jobs = [job for batch in batches for job in batch]

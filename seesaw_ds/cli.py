@@ -46,7 +46,7 @@ def fail(message: str, code: int = EXIT_CONFIG) -> None:
     sys.exit(code)
 
 
-def _first_line(error: BaseException) -> str:
+def one_line_error(error: BaseException) -> str:
     """One line out of Hydra's and OmegaConf's multi-line errors: what failed, why, and what is valid."""
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     message = lines[0].rstrip(".") if lines else type(error).__name__
@@ -92,7 +92,7 @@ def compose_settings(overrides: list[str]):
             cfg = compose(config_name="config", overrides=overrides)
         settings = to_settings(cfg)
     except Exception as error:  # noqa: BLE001 - Hydra/OmegaConf raise many types; all are config errors
-        raise ConfigError(_first_line(error)) from None
+        raise ConfigError(one_line_error(error)) from None
     if settings.launch.nproc < 1:
         raise ConfigError(f"launch.nproc={settings.launch.nproc} must be >= 1")
     return settings, cfg
