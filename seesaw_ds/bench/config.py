@@ -61,9 +61,13 @@ class TransformersSettings:
     threads: int = 2
     """torch threads of its one process (all the cores the other peers use)."""
     batch_size: Any = "auto"
-    """Requests per generate call, or auto: time each of search_candidates on the longest prompts first."""
-    search_candidates: list[int] = field(default_factory=lambda: [8, 16, 32, 64])
+    """Requests per generate call, or auto: time each of search_candidates on a sample of the prompts first."""
+    search_candidates: list[int] = field(default_factory=lambda: [16, 32, 64])
     """Batch sizes tried by batch_size=auto."""
+    search_prompts: int = 64
+    """batch_size=auto: prompts of the search (the workload's first ones: a random sample of its lengths)."""
+    search_output_len: int = 32
+    """batch_size=auto: output tokens per prompt in the search."""
 
 
 @dataclass

@@ -9,7 +9,7 @@ generates greedily, exactly ``max(output_len)`` new tokens (``min_new_tokens`` =
 cannot stop it, as ``ignore_eos``); a batch's requests all share one output length in the benchmark's
 presets with fixed outputs; otherwise tokens past a request's own length are generated and not counted,
 which is the cost padding has for this peer. ``batch_size: auto`` times a short run of each candidate on the
-longest prompts and keeps the fastest.
+first ``search_prompts`` prompts (``search_output_len`` outputs each) and keeps the fastest.
 """
 from __future__ import annotations
 
@@ -45,8 +45,9 @@ def _batches(order: list[int], batch_size: int) -> list[list[int]]:
 
 
 def search_batch_size(model, prompts, candidates, num_prompts: int, new_tokens: int, pad_id: int) -> dict:
-    """Output tokens/s of each candidate batch size on the ``num_prompts`` longest prompts (short outputs)."""
-    longest = sorted(prompts, key=len, reverse=True)[:num_prompts]
+    """Output tokens/s of each candidate batch size on the first ``num_prompts`` prompts (a random sample of
+    the workload's lengths), sorted by length as in the real run, with ``new_tokens`` outputs each."""
+    longest = sorted(prompts[:num_prompts], key=len, reverse=True)
     rates = {}
     for batch_size in candidates:
         began = time.perf_counter()
@@ -71,9 +72,9 @@ def main(argv: list[str]) -> int:
     batch_size = request.get("batch_size", "auto")
     with torch.inference_mode():
         if batch_size == "auto":
-            candidates = [int(c) for c in request.get("search_candidates", [8, 16, 32, 64])]
+            candidates = [int(c) for c in request.get("search_candidates", [16, 32, 64])]
             rates = search_batch_size(model, prompts, candidates, int(request.get("search_prompts", 64)),
-                                      int(request.get("search_output_len", 8)), pad_id)
+                                      int(request.get("search_output_len", 32)), pad_id)
             batch_size = max(rates, key=rates.get)
             result["search_output_tokens_per_second"] = {str(k): v for k, v in rates.items()}
         batch_size = int(batch_size)

@@ -119,13 +119,15 @@ def run_seesaw(spec: PeerSpec, model_dir: Path, input_jsonl: Path, work_dir: Pat
 
 
 def run_transformers(spec: PeerSpec, model_dir: Path, workload_json: Path, work_dir: Path, *, threads: int,
-                     batch_size, search_candidates: list[int], timeout_s: float) -> PeerResult:
+                     batch_size, search_candidates: list[int], timeout_s: float, search_prompts: int = 64,
+                     search_output_len: int = 32) -> PeerResult:
     """Batched ``transformers.generate`` in a child process with ``threads`` threads."""
     work_dir.mkdir(parents=True, exist_ok=True)
     request, result_path = work_dir / "hf_request.json", work_dir / "hf_result.json"
     result_path.unlink(missing_ok=True)
     request.write_text(json.dumps({"model": str(model_dir), "workload": str(workload_json), "threads": threads,
-                                   "batch_size": batch_size, "search_candidates": search_candidates}))
+                                   "batch_size": batch_size, "search_candidates": search_candidates,
+                                   "search_prompts": search_prompts, "search_output_len": search_output_len}))
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     log_path = work_dir / "hf.log"
     began = time.perf_counter()

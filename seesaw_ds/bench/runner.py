@@ -8,7 +8,6 @@ the keys of ``vllm bench throughput`` plus ``output_tokens_per_second``), ``resu
 from __future__ import annotations
 
 import json
-import logging
 import re
 import shutil
 import tempfile
@@ -21,7 +20,6 @@ from seesaw_ds.bench.report import (THROUGHPUT_KEYS, ModelShape, Target, fractio
                                     ratio_matrix, roofline_seconds, throughput_line, workload_flops)
 from seesaw_ds.bench.workloads import Workload, make_workload, token_id_range
 
-log = logging.getLogger("seesaw_ds.bench")
 REPO = peer_runs.REPO
 BENCH_MODEL_NAME = "bench-llama"
 _TARGET = re.compile(r"^\s*([\w.-]+)\s*>=\s*([0-9.]+)\s*\*\s*([\w.-]+)\s*$")
@@ -95,7 +93,8 @@ def run_peer(name: str, settings: BenchConfig, model_dir: Path, run_dir: Path, w
         hf = settings.transformers
         return peer_runs.run_transformers(spec, model_dir, workload_json, work_dir, threads=hf.threads,
                                           batch_size=hf.batch_size, search_candidates=list(hf.search_candidates),
-                                          timeout_s=bench.timeout_s)
+                                          timeout_s=bench.timeout_s, search_prompts=hf.search_prompts,
+                                          search_output_len=hf.search_output_len)
     if spec.kind == "vllm":
         vl = settings.vllm
         return peer_runs.run_vllm(spec, model_dir, workload_json, work_dir, venv=_repo_path(vl.venv),
@@ -110,7 +109,7 @@ def analyse(results: list[peer_runs.PeerResult], workload: Workload, shape: Mode
             nproc: int, targets: list[Target], reference: str) -> dict:
     """Roofline, fractions, ratios, targets and agreement of a finished run (pure given its inputs)."""
     flops = workload_flops(shape, workload.prompt_lens, workload.output_lens)
-    gflops = machine_info.get("matmul_gflops_best", {}).get(str(nproc))
+    gflops = machine_info.get("matmul_gflops_cores", {}).get(str(nproc))
     roofline = None
     if gflops:
         seconds = roofline_seconds(flops["total"], gflops)
@@ -149,7 +148,7 @@ def table_rows(results: list[peer_runs.PeerResult], analysis: dict, compare_to: 
 
 
 def write_report(run_dir: Path, output_json: Path, results, analysis: dict, workload: Workload,
-                 machine_info: dict, settings: BenchConfig, command: str) -> dict:
+                 machine_info: dict, settings: dict, command: str) -> dict:
     compare_to = [name for name in ("transformers", "vllm") if name in analysis["ratios"]]
     rows = table_rows(results, analysis, compare_to)
     columns = [("peer", "peer", ""), ("elapsed_time", "elapsed s", ".1f"), ("requests_per_second", "req/s", ".2f"),
@@ -174,7 +173,7 @@ def write_report(run_dir: Path, output_json: Path, results, analysis: dict, work
     markdown = "\n\n".join([f"Command: `{command}`", main_table, ratio_table, target_table, *profiles]) + "\n"
     (run_dir / "results.md").write_text(markdown)
     document = {"command": command, "machine": machine_info, "workload": workload.summary(),
-                "settings": asdict(settings), **analysis,
+                "settings": settings, **analysis,
                 "peers": {r.name: r.to_json() for r in results}, "table_markdown": main_table}
     output_json.parent.mkdir(parents=True, exist_ok=True)
     output_json.write_text(json.dumps(document, indent=2, default=str))
@@ -214,8 +213,9 @@ def plot(path: Path, results, analysis: dict, workload: Workload) -> None:
                 ha="right", va="bottom", fontsize=8)
     summary = workload.summary()
     ax.set_ylabel("output tokens/s")
-    ax.set_title(f"{summary['num_requests']} prompts of {summary['prompt_len_min']}-{summary['prompt_len_max']} tokens,"
-                 f" {summary['output_len_min']}-{summary['output_len_max']} output tokens")
+    span = lambda low, high: f"{low}" if low == high else f"{low}-{high}"
+    ax.set_title(f"{summary['num_requests']} prompts of {span(summary['prompt_len_min'], summary['prompt_len_max'])} "
+                 f"tokens, {span(summary['output_len_min'], summary['output_len_max'])} output tokens each")
     plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -235,8 +235,18 @@ def merge_measures(before: dict, after: dict) -> dict:
         return {}
     best = {t: max(before["matmul_gflops"][t], after.get("matmul_gflops", {}).get(t, 0.0))
             for t in before["matmul_gflops"]}
-    return {"before": before, "after": after, "matmul_gflops_best": best,
+    return {"before": before, "after": after, "matmul_gflops_best": best, "matmul_gflops_cores": cores_gflops(best),
             "memcpy_gbps_best": max(before["memcpy_gbps"], after.get("memcpy_gbps", 0.0))}
+
+
+def cores_gflops(best: dict[str, float]) -> dict[str, float]:
+    """What ``n`` cores can do: the better of ``n`` threads in one matmul and ``n`` times one thread.
+
+    On shared cores a multi-threaded matmul waits for its slowest thread, so it can measure below one
+    thread; ``n`` single-threaded ranks (how seesaw_ds uses the cores) are bounded by ``n`` x one thread.
+    """
+    one = best.get("1", 0.0)
+    return {t: max(rate, int(t) * one) for t, rate in best.items()}
 
 
 def run_benchmark(settings: BenchConfig, run_dir: Path, command: str) -> dict:
@@ -274,7 +284,8 @@ def run_benchmark(settings: BenchConfig, run_dir: Path, command: str) -> dict:
                        bench.reference)
     analysis["model"] = {"path": str(model_dir), "num_parameters": _num_parameters(model_dir)}
     output_json = Path(bench.output_json) if bench.output_json else run_dir / "results.json"
-    document = write_report(run_dir, output_json, results, analysis, workload, machine_info, settings, command)
+    document = write_report(run_dir, output_json, results, analysis, workload, machine_info, asdict(settings),
+                            command)
     print("\n" + document["table_markdown"], flush=True)
     print(f"\n[bench] results: {output_json}; tables: {run_dir / 'results.md'}; plot: {run_dir / 'throughput.png'}",
           flush=True)
@@ -286,3 +297,31 @@ def _num_parameters(model_dir: Path) -> int | None:
 
     manifest = read_manifest(model_dir)
     return manifest.get("num_parameters") if manifest else None
+
+
+def reanalyse(results_json: Path) -> dict:
+    """Redo the analysis, tables and plot of a finished run from its results JSON (no peer runs again).
+
+    The agreement shares are kept from the run (the token prefixes are not stored).
+    """
+    results_json = Path(results_json)
+    document = json.loads(results_json.read_text())
+    run_dir = results_json.parent
+    workload = Workload.from_json(json.loads((run_dir / "workload.json").read_text()))
+    results = [peer_runs.PeerResult(p["name"], p["kind"], p["status"], p.get("reason"),
+                                    metrics={k: p[k] for k in THROUGHPUT_KEYS if k in p},
+                                    wall_seconds=p.get("wall_seconds", 0.0), details=p.get("details") or {})
+               for p in document["peers"].values()]
+    machine_info = document["machine"]
+    if "matmul_gflops_best" in machine_info:
+        machine_info["matmul_gflops_cores"] = cores_gflops(machine_info["matmul_gflops_best"])
+    settings = document["settings"]
+    bench = settings["bench"]
+    model_dir = Path(document["model"]["path"])
+    config = json.loads((model_dir / "config.json").read_text())
+    analysis = analyse(results, workload, ModelShape.from_hf_config(config), machine_info, bench["nproc"],
+                       [parse_target(t) for t in bench["targets"]], bench["reference"])
+    analysis["agreement_with_reference"] = document.get("agreement_with_reference", {})
+    analysis["model"] = document["model"]
+    return write_report(run_dir, results_json, results, analysis, workload, machine_info, settings,
+                        document["command"])
