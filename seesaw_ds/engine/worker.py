@@ -57,6 +57,7 @@ class Worker:
     def __init__(self, executor: Executor):
         self.executor = executor
         self.sampling: dict[int, SeqSampling] = {}
+        executor.cache("decode")  # allocate the device tier at start-up, not inside the first timed step
 
     def run_step(self, message: StepMessage) -> StepResult:
         executor = self.executor
