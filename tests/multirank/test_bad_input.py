@@ -36,7 +36,7 @@ def test_bad_rows_are_recorded_and_the_job_goes_on(default_model, tmp_path):
     output = tmp_path / "out.jsonl"
     proc = run_command([sys.executable, str(REPO / "launch" / "run.py"), f"model.path={default_model}",
                         f"io.input={input_path}", f"io.output={output}", f"+run_dir={tmp_path}"],
-                       timeout=300, cwd=tmp_path)
+                       timeout=600, cwd=tmp_path)
     assert proc.returncode == 0
     answered = [json.loads(line)["custom_id"] for line in output.read_text().splitlines()]
     assert sorted(answered) == ["good-0", "good-1", "good-2"]

@@ -83,7 +83,7 @@ CASE_NAMES = ["mistyped key", "wrong type", "unknown preset", "unknown model pre
 def test_bad_config_is_one_line(case, tiny_models, prompts_file, pickle_model, tmp_path):
     overrides, expected = bad_cases(tiny_models["llama"], prompts_file, pickle_model, tmp_path)[case]
     marker = str(tmp_path / "run")
-    proc = run_command([sys.executable, RUN, *overrides, f"+run_dir={marker}"], timeout=120, check=False,
+    proc = run_command([sys.executable, RUN, *overrides, f"+run_dir={marker}"], timeout=300, check=False,
                        cwd=tmp_path)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
@@ -100,7 +100,7 @@ def test_bad_sweep_job_is_one_line_before_any_job_runs(tiny_models, prompts_file
     """A sweep checks every job first: the third job's bad layout stops the sweep before the first runs."""
     sweep = tmp_path / "sweep"
     proc = run_command([sys.executable, RUN, "-m", "parallel=tp2,pp2,tp4", f"model.path={tiny_models['llama']}",
-                        f"io.input={prompts_file}", f"hydra.sweep.dir={sweep}"], timeout=120, check=False,
+                        f"io.input={prompts_file}", f"hydra.sweep.dir={sweep}"], timeout=300, check=False,
                        cwd=tmp_path)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr[-3000:]
@@ -111,7 +111,7 @@ def test_bad_sweep_job_is_one_line_before_any_job_runs(tiny_models, prompts_file
 
 def test_cfg_job_prints_the_composed_config(tmp_path):
     proc = run_command([sys.executable, RUN, "--cfg", "job", "model=qwen2_7b", "sampling=greedy", "kv=small",
-                        "scheduler=prefill_first"], timeout=120, cwd=tmp_path)
+                        "scheduler=prefill_first"], timeout=300, cwd=tmp_path)
     assert "/Qwen2-7B-Instruct" in proc.stdout and "dtype: bfloat16" in proc.stdout, proc.stdout
     assert "temperature: 0" in proc.stdout and "policy: prefill_first" in proc.stdout, proc.stdout
     assert "host_tokens: 80" in proc.stdout, proc.stdout

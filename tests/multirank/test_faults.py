@@ -52,7 +52,7 @@ def answers(path: Path) -> dict[str, list[int]]:
 @pytest.fixture(scope="module")
 def reference(tiny_models, fault_input, tmp_path_factory) -> dict[str, list[int]]:
     out = tmp_path_factory.mktemp("reference") / "out.jsonl"
-    run_command(job_args(tiny_models["llama"], fault_input, out), timeout=300)
+    run_command(job_args(tiny_models["llama"], fault_input, out), timeout=600)
     result = answers(out)
     assert len(result) == NUM_REQUESTS
     return result
@@ -91,7 +91,7 @@ def test_sigterm_then_resume(tiny_models, fault_input, reference, tmp_path):
     assert code == 75, f"a stopped job exits 75 (EX_TEMPFAIL), got {code}"
     assert 5 <= len(partial) < NUM_REQUESTS
     assert all(reference[cid] == tokens for cid, tokens in partial.items())
-    run_command(args, timeout=300)
+    run_command(args, timeout=600)
     assert answers(output) == reference
 
 
@@ -108,7 +108,7 @@ def test_killed_rank_then_resume(tiny_models, fault_input, reference, tmp_path):
     assert time.monotonic() - began < 120
     partial = answers(output)  # whatever was written is whole and correct
     assert all(reference[cid] == tokens for cid, tokens in partial.items())
-    run_command(args, timeout=300)
+    run_command(args, timeout=600)
     assert answers(output) == reference
 
 
@@ -117,5 +117,5 @@ def test_torn_last_line_is_discarded(tiny_models, fault_input, reference, tmp_pa
     lines = [json.dumps({"custom_id": cid, "text": "", "token_ids": tokens, "finish_reason": "length",
                          "usage": {}}) for cid, tokens in list(reference.items())[:3]]
     output.write_text("\n".join(lines) + "\n" + '{"custom_id": "f39", "text": "hal')  # a hard kill mid-write
-    run_command(job_args(tiny_models["llama"], fault_input, output), timeout=300)
+    run_command(job_args(tiny_models["llama"], fault_input, output), timeout=600)
     assert answers(output) == reference

@@ -41,7 +41,7 @@ def run(model_dir: Path, input_path: Path, out_dir: Path, nproc: int, *overrides
     output = out_dir / "out.jsonl"
     run_command([sys.executable, RUN, f"model.path={model_dir}", f"io.input={input_path}", f"io.output={output}",
                  f"launch.nproc={nproc}", "sampling.temperature=1.0", "sampling.top_p=0.95", "seed=1234",
-                 f"+run_dir={out_dir}", *overrides], timeout=300, cwd=out_dir)
+                 f"+run_dir={out_dir}", *overrides], timeout=600, cwd=out_dir)
     errors = [json.loads(line) for line in (out_dir / "out.errors.jsonl").read_text().splitlines()]
     assert {e.get("line") for e in errors} == {8, 9}, errors
     return {json.loads(line)["custom_id"]: json.loads(line) for line in output.read_text().splitlines()}

@@ -38,7 +38,7 @@ def workload(tiny_models, tmp_path_factory):
     return model_dir, path, expected
 
 
-def run_job(model_dir: Path, input_path: Path, out_dir: Path, nproc: int, *overrides: str, timeout: float = 300):
+def run_job(model_dir: Path, input_path: Path, out_dir: Path, nproc: int, *overrides: str, timeout: float = 600):
     output = out_dir / "out.jsonl"
     args = [sys.executable, RUN, f"model.path={model_dir}", f"io.input={input_path}", f"io.output={output}",
             f"launch.nproc={nproc}", f"sampling.max_tokens={MAX_TOKENS}", "sampling.temperature=0",
@@ -88,7 +88,7 @@ def test_layout_pairs_two_ranks(workload, tmp_path, prefill, decode):
 @pytest.mark.parametrize("prefill,decode", CASES_4)
 def test_layout_pairs_four_ranks(workload, tmp_path, prefill, decode):
     model_dir, input_path, expected = workload
-    _, records, metrics = run_job(model_dir, input_path, tmp_path, 4, *layout_args(prefill, decode), timeout=420)
+    _, records, metrics = run_job(model_dir, input_path, tmp_path, 4, *layout_args(prefill, decode), timeout=900)
     check_outputs(records, expected)
     assert metrics["num_transitions"] >= 4
     assert metrics["scheduler"]["evictions"] > 0
