@@ -62,7 +62,7 @@ class LocalSource:
 class RemoteSource:
     """Requests asked of the coordinator (global rank 0) over MPI."""
 
-    def __init__(self, world: MPI.Comm, serve=None):
+    def __init__(self, world: MPI.Comm):
         self._world = world
 
     def take(self, count: int) -> list:
