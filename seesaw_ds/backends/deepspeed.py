@@ -50,6 +50,25 @@ def init_comm(timeout_s: float, local_rank: int) -> None:
     backend = "gloo" if accel.device_name() == "cpu" else accel.communication_backend_name()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                timeout=timedelta(seconds=timeout_s))
+    _unlink_shm_allreduce_files()
+
+
+def _unlink_shm_allreduce_files() -> None:
+    """DeepSpeed's CPU shm all-reduce never removes its /dev/shm buffer files (69 MB per rank per job);
+    once every rank has mapped them (after a barrier), unlink this rank's: the mappings stay valid."""
+    import glob
+    import os
+
+    if get_accelerator().device_name() != "cpu":
+        return
+    ds_comm.barrier()
+    pattern = (f"/dev/shm/deepspeed_allreduce_buffer_*_{os.environ.get('MASTER_ADDR')}_"
+               f"{os.environ.get('MASTER_PORT')}_{os.environ.get('RANK')}")
+    for path in glob.glob(pattern):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def new_group(ranks: list[int]):
