@@ -132,7 +132,8 @@ def analyse(results: list[peer_runs.PeerResult], workload: Workload, shape: Mode
 def table_rows(results: list[peer_runs.PeerResult], analysis: dict, compare_to: list[str]) -> list[dict]:
     rows = []
     for r in results:
-        row = {"peer": r.name, "status": r.status if r.ok else f"{r.status}: {r.reason}", "wall": r.wall_seconds}
+        status = r.status if r.ok else f"{r.status}: {r.reason}".replace("|", "/")
+        row = {"peer": r.name, "status": status if len(status) <= 160 else status[:157] + "...", "wall": r.wall_seconds}
         if r.ok:
             row.update(r.metrics)
             row["roofline_pct"] = 100 * analysis["fraction_of_roofline"].get(r.name, float("nan"))
