@@ -146,8 +146,7 @@ class JobResult:
     preempted: bool
 
 
-def run_job(settings: JobConfig, runtime, run_dir: Path, *, tokenizer=None, collect_logits: bool = False,
-            stop=None) -> JobResult:
+def run_job(settings: JobConfig, runtime, run_dir: Path, *, tokenizer=None, stop=None) -> JobResult:
     """Run the whole job on this rank; global rank 0's result carries the metrics.
 
     ``stop.requested`` (a signal arrived) ends the loop after the current step on the leader's decision;
@@ -194,8 +193,7 @@ def run_job(settings: JobConfig, runtime, run_dir: Path, *, tokenizer=None, coll
             block_size=settings.kv.block_size, num_prefill_replicas=layouts["prefill"].dp,
             num_decode_replicas=layouts["decode"].dp)
         leader = Leader(scheduler, executor.staging.capacity, tokenizer, eos_token_ids(tokenizer, generation), source,
-                        refill_tokens=executor.staging.capacity + settings.scheduler.max_prefill_tokens,
-                        want_logits=collect_logits)
+                        refill_tokens=executor.staging.capacity + settings.scheduler.max_prefill_tokens)
     comm = topology.instance_comm
     last_progress = time.perf_counter()
     while True:
@@ -237,8 +235,6 @@ def run_job(settings: JobConfig, runtime, run_dir: Path, *, tokenizer=None, coll
             _plot_timeline(leader, paths.timeline)
             print(_progress_line(leader, coordinator, total, "done"), flush=True)
             coordinator.close()
-        if collect_logits:
-            runtime.collected_logits = leader.logits
     preempted = any(world.allgather(preempted))
     return JobResult(metrics, preempted)
 

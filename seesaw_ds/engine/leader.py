@@ -71,16 +71,14 @@ class Leader:
     """Decides every step of one instance."""
 
     def __init__(self, scheduler: Scheduler, staging_tokens: int, tokenizer, eos_ids: list[int],
-                 source, *, refill_tokens: int, want_logits: bool = False):
+                 source, *, refill_tokens: int):
         self.scheduler = scheduler
         self.extents = ExtentAllocator(staging_tokens)
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.source = source
         self.refill_tokens = refill_tokens
-        self.want_logits = want_logits
         self.seqs: dict[int, SeqState] = {}
-        self.logits: dict[int, list] = {}
         self.stats = LeaderStats()
         self._next_id = 0
         self._waiting_tokens = 0
@@ -144,7 +142,7 @@ class Leader:
                 works.append(SeqWork(seq_id, replica, list(prompt), 0, staging_extents=extents))
                 register[seq_id] = SeqSampling(state.request.sampling, state.request.seed, len(prompt))
         return StepMessage("prefill", forward=ForwardPlan("prefill", works, sink="staging"), register=register,
-                           release=self._take_release(), want_logits=self.want_logits)
+                           release=self._take_release())
 
     def _decode_message(self, plan: StepPlan) -> StepMessage:
         swap_out, swap_in, works, banned = [], [], [], {}
@@ -170,7 +168,7 @@ class Leader:
                     banned[seq_id] = ban
         self._swapped_in = swap_in
         return StepMessage("decode", forward=ForwardPlan("decode", works), release=self._take_release(),
-                           swap_out=swap_out, swap_in=swap_in, banned=banned, want_logits=self.want_logits)
+                           swap_out=swap_out, swap_in=swap_in, banned=banned)
 
     # ------------------------------------------------------------ results
     def absorb(self, message: StepMessage, results: list[StepResult], seconds: float) -> list[Finished]:
@@ -179,9 +177,6 @@ class Leader:
         tokens: dict[int, int] = {}
         for result in results:
             tokens.update(result.tokens)
-            if result.logits:
-                for seq_id, row in result.logits.items():
-                    self.logits.setdefault(self.seqs[seq_id].request.custom_id, []).append(row)
         switch = max((r.switch_seconds for r in results), default=0.0)
         self.stats.transition_seconds += switch
         self.stats.reshard_bytes += sum(r.switch_bytes for r in results)

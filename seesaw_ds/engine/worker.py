@@ -36,7 +36,6 @@ class StepMessage:
     swap_out: list[StagedSeq] = field(default_factory=list)
     swap_in: list[StagedSeq] = field(default_factory=list)
     banned: dict[int, list[int]] = field(default_factory=dict)
-    want_logits: bool = False
     preempted: bool = False                      # "stop" before the work was done (a signal arrived)
 
 
@@ -45,7 +44,6 @@ class StepResult:
     """One rank's answer: sampled tokens (sampling ranks only) and what its step cost."""
 
     tokens: dict[int, int] = field(default_factory=dict)
-    logits: dict[int, torch.Tensor] | None = None
     switch_seconds: float = 0.0
     switch_bytes: int = 0
     compute_seconds: float = 0.0
@@ -84,8 +82,6 @@ class Worker:
         groups = executor.groups
         if logits is not None and groups.tp_index == 0:
             result.tokens = self._sample(seq_ids, logits, message)
-            if message.want_logits:
-                result.logits = {seq_id: row.clone() for seq_id, row in zip(seq_ids, logits)}
         result.compute_seconds = time.perf_counter() - began
         return result
 
