@@ -30,6 +30,11 @@ class SeqState:
     replica: int | None = None
     last_token: int | None = None
 
+    @property
+    def final_tokens(self) -> int:
+        """The KV length this request may reach (its device blocks are reserved up to it)."""
+        return len(self.request.prompt_token_ids) + self.request.sampling.max_tokens
+
 
 @dataclass
 class Finished:
@@ -136,7 +141,8 @@ class Leader:
                 state = self.seqs[seq_id]
                 prompt = state.request.prompt_token_ids
                 extents = self.extents.allocate(len(prompt))
-                state.staged = StagedSeq(seq_id, extents, len(prompt), writer="prefill", writer_replica=replica)
+                state.staged = StagedSeq(seq_id, extents, len(prompt), writer="prefill", writer_replica=replica,
+                                         final_tokens=state.final_tokens)
                 state.kv_tokens = len(prompt)
                 self._waiting_tokens -= len(prompt)
                 works.append(SeqWork(seq_id, replica, list(prompt), 0, staging_extents=extents))
@@ -150,7 +156,8 @@ class Leader:
             for seq_id in seq_ids:
                 state = self.seqs[seq_id]
                 extents = self.extents.allocate(state.kv_tokens)
-                state.staged = StagedSeq(seq_id, extents, state.kv_tokens, writer="decode", writer_replica=replica)
+                state.staged = StagedSeq(seq_id, extents, state.kv_tokens, writer="decode", writer_replica=replica,
+                                         final_tokens=state.final_tokens)
                 state.replica = None
                 swap_out.append(state.staged)
         for replica, seq_ids in enumerate(plan.swap_in):

@@ -3,9 +3,12 @@
 Every rank of a data-parallel replica runs the same allocator on the same sequence of requests, so the
 block tables agree across the replica's ranks without being sent; the scheduler counts blocks the same way.
 
-The allocator keeps a sequence's blocks contiguous whenever it can — a new sequence starts at the largest
-free run, and growth takes the block right after its last one — so attention can read most sequences as
-one view of the cache instead of gathering blocks.
+The allocator keeps a sequence's blocks contiguous whenever it can, so attention reads a sequence as one
+view of the cache instead of concatenating its pieces at every layer of every step: a new sequence says how
+long it may grow (``reserve_tokens``: prompt plus ``max_tokens``), starts in the smallest free run that
+holds all of that, and the blocks after its current end stay *reserved* for its growth — other new
+sequences start elsewhere while they can. Reservations are soft: they never make an allocation fail, and
+the scheduler counts only blocks in use, so capacity is exactly as without them.
 """
 from __future__ import annotations
 
@@ -38,6 +41,9 @@ class BlockAllocator:
         self.block_size = block_size
         self._free = list(range(num_blocks))  # sorted
         self.tables: dict[int, list[int]] = {}
+        self._reserved: dict[int, range] = {}       # seq_id -> blocks kept for its growth
+        self._goal: dict[int, int] = {}             # seq_id -> blocks it may reach (from reserve_tokens)
+        self._reserve_count = [0] * num_blocks      # how many sequences reserve each block
 
     @property
     def num_free(self) -> int:
@@ -47,38 +53,67 @@ class BlockAllocator:
         index = bisect.bisect_left(self._free, block)
         return index < len(self._free) and self._free[index] == block
 
-    def _largest_run_start(self) -> int:
-        best_start, best_len, start, length = self._free[0], 0, self._free[0], 0
-        previous = None
+    def _free_runs(self, skip_reserved: bool) -> list[tuple[int, int]]:
+        """Free blocks as runs ``(start, length)``; with ``skip_reserved``, reserved blocks break runs."""
+        result: list[tuple[int, int]] = []
         for block in self._free:
-            if previous is not None and block == previous + 1:
-                length += 1
+            if skip_reserved and self._reserve_count[block]:
+                continue
+            if result and result[-1][0] + result[-1][1] == block:
+                result[-1] = (result[-1][0], result[-1][1] + 1)
             else:
-                start, length = block, 1
-            if length > best_len:
-                best_start, best_len = start, length
-            previous = block
-        return best_start
+                result.append((block, 1))
+        return result
+
+    def _place(self, want: int) -> int:
+        """Where a run of ``want`` blocks should start: the smallest unreserved free run that holds it, else
+        the largest unreserved run, else (everything free is reserved) the largest free run."""
+        candidates = self._free_runs(skip_reserved=True) or self._free_runs(skip_reserved=False)
+        fitting = [run for run in candidates if run[1] >= want]
+        if fitting:
+            return min(fitting, key=lambda run: (run[1], run[0]))[0]
+        return max(candidates, key=lambda run: (run[1], -run[0]))[0]
+
+    def _reserve(self, seq_id: int, blocks: range) -> None:
+        self._unreserve(seq_id)
+        self._reserved[seq_id] = blocks
+        for block in blocks:
+            self._reserve_count[block] += 1
+
+    def _unreserve(self, seq_id: int) -> None:
+        for block in self._reserved.pop(seq_id, ()):
+            self._reserve_count[block] -= 1
 
     def _take(self, block: int) -> int:
         self._free.pop(bisect.bisect_left(self._free, block))
         return block
 
-    def ensure(self, seq_id: int, num_tokens: int) -> list[int]:
-        """Grow ``seq_id``'s block table to hold ``num_tokens`` tokens; returns the table."""
-        table = self.tables.setdefault(seq_id, [])
-        needed = blocks_for(num_tokens, self.block_size) - len(table)
+    def ensure(self, seq_id: int, num_tokens: int, reserve_tokens: int = 0) -> list[int]:
+        """Grow ``seq_id``'s block table to hold ``num_tokens`` tokens; returns the table.
+
+        ``reserve_tokens`` (the length the sequence may reach) places a new run so that it can grow in
+        place, and keeps the blocks up to that length for it while other sequences can go elsewhere.
+        """
+        total = blocks_for(num_tokens, self.block_size)
+        needed = total - len(self.tables.get(seq_id, ()))
         if needed > len(self._free):
             raise MemoryError(f"device KV tier exhausted: sequence {seq_id} needs {needed} more blocks, "
                               f"{len(self._free)} of {self.num_blocks} free")
+        table = self.tables.setdefault(seq_id, [])
+        goal = self._goal[seq_id] = max(self._goal.get(seq_id, 0), blocks_for(reserve_tokens, self.block_size))
         for _ in range(max(0, needed)):
             if table and self._is_free(table[-1] + 1):
                 table.append(self._take(table[-1] + 1))
-            else:
-                table.append(self._take(self._largest_run_start()))
+                continue
+            want = max(total, goal) - len(table)
+            start = self._place(want)
+            table.append(self._take(start))
+            self._reserve(seq_id, range(start + 1, min(start + want, self.num_blocks)))
         return table
 
     def free(self, seq_id: int) -> None:
         """Return ``seq_id``'s blocks to the pool (no-op for an unknown sequence)."""
+        self._unreserve(seq_id)
+        self._goal.pop(seq_id, None)
         for block in self.tables.pop(seq_id, []):
             bisect.insort(self._free, block)

@@ -111,6 +111,7 @@ class StagedSeq:
     writer: str           # layout name that wrote it ("prefill" or "decode")
     writer_replica: int
     reader_replica: int = 0
+    final_tokens: int = 0  # the length it may reach (prompt + max_tokens): device blocks are reserved for it
 
 
 @dataclass
@@ -243,7 +244,7 @@ class StagingArea:
         my_heads = kv_head_range(self.dims.num_kv_heads, dst_layout.tp, mine[2])
         for staged in seqs:
             if staged.reader_replica == mine[0]:
-                cache.allocator.ensure(staged.seq_id, staged.num_tokens)
+                cache.allocator.ensure(staged.seq_id, staged.num_tokens, reserve_tokens=staged.final_tokens)
         return SwapIn(self, cache, local_reads, received, my_heads)
 
     def _slice(self, staged: StagedSeq, piece) -> torch.Tensor:
