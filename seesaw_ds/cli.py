@@ -113,6 +113,9 @@ def check_before_launch(settings) -> None:
     from seesaw_ds.model.loader import open_checkpoint
 
     check_sampling(settings)
+    if settings.parallel.prefill_micro_batches < 1:
+        raise ValueError(f"parallel.prefill_micro_batches={settings.parallel.prefill_micro_batches} must be >= 1 "
+                         "(micro-batches per pipeline stage in a prefill step; 4 is the default)")
     if settings.model.path is not None:
         checkpoint = open_checkpoint(settings.model.path, allow_pickle=settings.model.allow_pickle,
                                      trust_remote_code=settings.model.trust_remote_code)
@@ -227,7 +230,8 @@ def _run(settings, run_dir: Path, agree, stop: StopRequest) -> int:
             block_size=settings.kv.block_size, ranks_per_node=settings.launch.ranks_per_node,
             dtype=settings.model.dtype, allow_pickle=settings.model.allow_pickle,
             trust_remote_code=settings.model.trust_remote_code, comm_timeout_s=settings.launch.comm_timeout_s,
-            staging_factory=make_staging_factory(settings))
+            staging_factory=make_staging_factory(settings),
+            prefill_micro_batches=settings.parallel.prefill_micro_batches)
         error = None
     except ValueError as start_error:
         error = str(start_error)

@@ -51,6 +51,9 @@ class ParallelConfig:
     """Layout for prefill steps (compute-bound: pipeline or data parallel wins)."""
     decode: LayoutConfig = field(default_factory=lambda: LayoutConfig(tp=2))
     """Layout for decode steps (weight-bandwidth-bound: tensor parallel wins)."""
+    prefill_micro_batches: int = 4
+    """Micro-batches per pipeline stage in a prefill step (pp > 1 only): the pipeline bubble is
+    (pp-1)/(m+pp-1) of the step for m micro-batches; whole prompts are never split."""
 
 
 @dataclass

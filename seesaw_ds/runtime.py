@@ -40,7 +40,8 @@ class Runtime:
 
 def start(model_path: str, layouts: dict[str, Layout], *, device_tokens: int, block_size: int = 16,
           ranks_per_node: int | None = None, dtype: str | None = None, allow_pickle: bool = False,
-          trust_remote_code: bool = False, comm_timeout_s: float = 600.0, staging_factory=None) -> Runtime:
+          trust_remote_code: bool = False, comm_timeout_s: float = 600.0, staging_factory=None,
+          prefill_micro_batches: int = 4) -> Runtime:
     """Start this rank (collective over MPI.COMM_WORLD). Raises ValueError subclasses on bad settings.
 
     ``layouts`` names every layout the executor can switch to (a job has "prefill" and "decode").
@@ -59,5 +60,5 @@ def start(model_path: str, layouts: dict[str, Layout], *, device_tokens: int, bl
                        pin=backend.accelerator_name() != "cpu")
     staging = staging_factory(topology, checkpoint.dims, host.dtype) if staging_factory else None
     executor = Executor(topology, host, template, checkpoint.dims, row_parallel, device_tokens=device_tokens,
-                        block_size=block_size, staging=staging)
+                        block_size=block_size, staging=staging, prefill_micro_batches=prefill_micro_batches)
     return Runtime(topology=topology, checkpoint=checkpoint, host=host, executor=executor, layouts=layouts)

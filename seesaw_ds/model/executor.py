@@ -78,12 +78,13 @@ class Executor:
 
     def __init__(self, topology: Topology, host: HostWeights, template, dims: ModelDims,
                  row_parallel: frozenset[str], *, device_tokens: int, block_size: int = 16,
-                 device: torch.device | None = None, staging=None):
+                 device: torch.device | None = None, staging=None, prefill_micro_batches: int = 4):
         self.topology = topology
         self.dims = dims
         self.device = device or backend.device()
         self.dtype = host.dtype
         self.block_size = block_size
+        self.prefill_micro_batches = prefill_micro_batches
         self.device_blocks = max(1, device_tokens // block_size)
         self.staging = staging
         self.stages: dict[str, StageModel] = {}
@@ -140,7 +141,8 @@ class Executor:
         for seq_id in plan.free:
             cache.allocator.free(seq_id)
         mine = [s for s in plan.seqs if s.replica == groups.dp_index]
-        batches = micro_batches(mine, groups.layout.pp, by_tokens=prefill)
+        pp = groups.layout.pp
+        batches = micro_batches(mine, pp * self.prefill_micro_batches if prefill and pp > 1 else pp, by_tokens=prefill)
         pending_sends, seq_ids, logits = [], [], []
         with torch.inference_mode():
             for batch in batches:
