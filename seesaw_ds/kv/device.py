@@ -45,9 +45,7 @@ class DeviceKVCache:
                           head_lo: int, head_hi: int) -> None:
         """Copy tokens ``start .. start+T`` into local heads ``head_lo:head_hi`` span by span (slices, no
         per-token indexing)."""
-        local = self._local(layer)
-        flat_keys = self.keys[local].view(-1, *self.keys.shape[-2:])
-        flat_values = self.values[local].view(-1, *self.values.shape[-2:])
+        flat_keys, flat_values = self.flat(layer)
         done = 0
         for slot, count in self.token_spans(seq_id, start + keys.shape[1]):
             skip = min(count, max(0, start - done))  # spans before `start` are already written
@@ -61,13 +59,20 @@ class DeviceKVCache:
             flat_values[target, head_lo:head_hi] = values[:, lo:hi].transpose(0, 1).to(flat_values.device,
                                                                                       flat_values.dtype)
 
-    def sequence_kv(self, layer: int, spans: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's K and V caches as ``[slots, kv_heads, head_dim]`` views (slot = block * block_size + offset)."""
+        local = self._local(layer)
+        return (self.keys[local].view(-1, *self.keys.shape[-2:]),
+                self.values[local].view(-1, *self.values.shape[-2:]))
+
+    def sequence_kv(self, layer: int, spans: list[tuple[int, int]], keys: torch.Tensor | None = None,
+                    values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of one sequence as ``[kv_heads, length, head_dim]`` from its token spans
         ``[(first_token_slot, count), ...]``: a view of the cache when the sequence is one span, else a
-        concatenation of its spans (no padding, nothing of other sequences)."""
-        local = self._local(layer)
-        keys = self.keys[local].view(-1, *self.keys.shape[-2:])
-        values = self.values[local].view(-1, *self.values.shape[-2:])
+        concatenation of its spans (no padding, nothing of other sequences). ``keys``/``values``: the
+        layer's :meth:`flat` views, when the caller already has them."""
+        if keys is None or values is None:
+            keys, values = self.flat(layer)
         if len(spans) == 1:
             start, count = spans[0]
             return keys[start:start + count].transpose(0, 1), values[start:start + count].transpose(0, 1)

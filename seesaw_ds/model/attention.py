@@ -79,12 +79,13 @@ def _decode(module, query, key, value, meta: DecodeMeta, scaling, window) -> tor
     cache.write_tokens(module.layer_idx, meta.write_blocks, meta.write_offsets, key[:, :, 0], value[:, :, 0])
     gqa = query.shape[1] != key.shape[1]
     outputs = []
-    for index, spans in enumerate(meta.spans):
-        keys, values = cache.sequence_kv(module.layer_idx, spans)  # views when contiguous: no gather
+    flat_keys, flat_values = cache.flat(module.layer_idx)
+    for one_query, spans in zip(query.split(1), meta.spans):
+        keys, values = cache.sequence_kv(module.layer_idx, spans, flat_keys, flat_values)  # one span: a view
         if window and keys.shape[1] > window:
             keys, values = keys[:, -window:], values[:, -window:]
-        outputs.append(F.scaled_dot_product_attention(query[index:index + 1], keys[None], values[None],
-                                                      scale=scaling, enable_gqa=gqa))
+        outputs.append(F.scaled_dot_product_attention(one_query, keys[None], values[None], scale=scaling,
+                                                      enable_gqa=gqa))
     return torch.cat(outputs)
 
 
