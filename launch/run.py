@@ -2,6 +2,7 @@
 
     python launch/run.py [overrides]          one job; starts `mpiexec -n launch.nproc` on itself
     python launch/run.py -m a=1,2 [overrides] a Hydra multirun sweep, each job its own multi-rank run
+    python launch/run.py parallel=auto ...     the planner picks the layouts for this machine (plan.json in the run dir)
     srun --mpi=pmi2 python launch/run.py ...   under Slurm/mpiexec: every rank runs the job
 
 Outside a launcher, this process only checks the configuration, decides the run directory (once, so all
@@ -22,7 +23,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from seesaw_ds.cli import (CONF_DIR, ConfigError, check_before_launch, compose_settings, fail,  # noqa: E402
-                           run_dir_for, summarize_sweep, worker_main)
+                           EXIT_PREEMPTED, resolve_parallel_auto, run_dir_for, summarize_sweep, worker_main)
+from seesaw_ds.sim.auto import write_plan  # noqa: E402
 from seesaw_ds.dist.env import under_launcher  # noqa: E402
 
 
@@ -52,12 +54,26 @@ def single(overrides: list[str]) -> int:
     try:
         settings, _ = compose_settings(overrides)
         check_before_launch(settings)
+        rank_overrides, plan = auto_overrides(overrides, settings)
+        if plan is not None:
+            settings, _ = compose_settings(rank_overrides)
+            check_before_launch(settings)
     except (ConfigError, ValueError) as error:
         fail(str(error))
     run_dir = run_dir_for(settings)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "overrides.txt").write_text("\n".join(overrides) + "\n")
-    return launch_ranks(overrides, run_dir, settings.launch.nproc, settings.launch.mpiexec)
+    if plan is not None:
+        print(f"seesaw_ds: {plan.line()}; {write_plan(plan, run_dir, rank_overrides)}", flush=True)
+    return launch_ranks(rank_overrides, run_dir, settings.launch.nproc, settings.launch.mpiexec)
+
+
+def auto_overrides(overrides: list[str], settings) -> tuple[list[str], object]:
+    """``parallel=auto``: plan once, here, before any rank starts, and give the ranks explicit layouts
+    (seesaw_ds/sim/auto.py); otherwise ``overrides`` unchanged and no plan."""
+    if not settings.parallel.auto:
+        return overrides, None
+    return resolve_parallel_auto(overrides, settings)
 
 
 # -- Hydra app: multirun sweeps and Hydra's own flags (--cfg, --info, --help) -----------------------------------
@@ -161,6 +177,9 @@ def sweep_job(cfg) -> int:
         return run_as_rank(rank_overrides, task_overrides, job_dir, settings.launch.nproc)
     job_dir.mkdir(parents=True, exist_ok=True)
     (job_dir / "overrides.txt").write_text("".join(f"{o}\n" for o in task_overrides))
+    rank_overrides, plan = auto_overrides(rank_overrides, settings)
+    if plan is not None:
+        print(f"seesaw_ds: {plan.line()}; {write_plan(plan, job_dir, rank_overrides)}", flush=True)
     code = launch_ranks(rank_overrides, job_dir, settings.launch.nproc, settings.launch.mpiexec)
     if code != 0:
         raise RuntimeError(f"sweep job {hydra_cfg.job.num} ({' '.join(task_overrides)}) exited with {code}; "
@@ -184,6 +203,10 @@ def run_as_rank(rank_overrides: list[str], task_overrides: list[str], job_dir: P
         code = worker_main(rank_overrides)
     except SystemExit as stop:  # a config or input error (one line already printed): a failed job, not a lost one
         code = stop.code if isinstance(stop.code, int) else 1
+    if code == EXIT_PREEMPTED:
+        # Stopped by a signal (scontrol requeue, preemption, submitit's USR2) and requeued: leave as SystemExit,
+        # which submitit does not record as the job's result, so the requeued job runs this task again.
+        sys.exit(code)
     if code:
         raise RuntimeError(f"sweep job in {job_dir} exited with {code}")
     return code

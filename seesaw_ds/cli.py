@@ -11,14 +11,21 @@ import time
 import traceback
 from pathlib import Path
 
+from seesaw_ds import faults
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 DATA_DIR = Path(__file__).resolve().parent / "data"
 EXIT_CONFIG = 2
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 with everything answered so far on disk
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1/SIGUSR2 with everything answered so far on disk
 
 
 class StopRequest:
-    """Set by SIGTERM/SIGUSR1 (Slurm's --signal, scancel, preemption): finish the step, flush, stop."""
+    """Set by SIGTERM/SIGUSR1/SIGUSR2 (Slurm's --signal, scancel, scontrol requeue, preemption; USR2 is what
+    submitit's jobs get): finish the step, flush, stop.
+
+    Under submitit this replaces submitit's own handlers in the rank (SIGTERM: log only; USR2: checkpoint,
+    requeue and ``sys.exit`` at once, mid-step): the engine stops on a step boundary and requeues itself.
+    """
 
     def __init__(self):
         self.signal: int | None = None
@@ -32,8 +39,16 @@ class StopRequest:
 
         def handler(signum, _frame):
             self.signal = signum
-        for signum in (signal.SIGTERM, signal.SIGUSR1):
+        for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(signum, handler)
+
+    @property
+    def wants_requeue(self) -> bool:
+        """A warning signal (Slurm --signal=USR1@..., submitit's USR2): the job should come back; SIGTERM
+        (scancel, scontrol requeue) is left to Slurm: requeued by Slurm already, or cancelled for good."""
+        import signal
+
+        return self.signal in (signal.SIGUSR1, signal.SIGUSR2)
 
 
 class ConfigError(ValueError):
@@ -120,8 +135,33 @@ def check_before_launch(settings) -> None:
         checkpoint = open_checkpoint(settings.model.path, allow_pickle=settings.model.allow_pickle,
                                      trust_remote_code=settings.model.trust_remote_code)
         layouts = {"prefill": layout_of(settings.parallel.prefill), "decode": layout_of(settings.parallel.decode)}
-        validate_named_layouts(layouts, checkpoint.dims, settings.launch.nproc)
+        if not settings.parallel.auto:  # parallel=auto: the planner picks (and checks) them before launch
+            validate_named_layouts(layouts, checkpoint.dims, settings.launch.nproc)
     check_io_paths(settings)
+
+
+def resolve_parallel_auto(overrides: list[str], settings) -> tuple[list[str], object]:
+    """``parallel=auto``: calibrate this machine, plan the job's layouts (seesaw_ds/sim/auto.py) and return
+    the explicit overrides every rank gets instead, with the choice; ConfigError (one line) when nothing fits.
+    The default model and input are resolved as a rank resolves them."""
+    from copy import deepcopy
+
+    from seesaw_ds.sim.auto import plan_job
+
+    job = deepcopy(settings)
+    job.io.input = job.io.input or str(DATA_DIR / "sample_prompts.jsonl")
+    if job.model.path is None:
+        from seesaw_ds.model.tiny import default_model_dir, ensure_default_model
+
+        cache = Path(os.environ.get("SEESAW_CACHE", Path.home() / ".cache" / "seesaw_ds"))
+        ensure_default_model(cache)
+        job.model.path = str(default_model_dir(cache))
+    check_io_paths(job)
+    try:
+        choice = plan_job(job, overrides)
+    except ValueError as error:
+        raise ConfigError(one_line_error(error)) from None
+    return choice.overrides(overrides), choice
 
 
 def check_io_paths(settings) -> None:
@@ -190,9 +230,18 @@ def worker_main(argv: list[str]) -> int:
     except ConfigError as config_error:
         error = str(config_error)
     agree(error)
+    plan = None
+    if settings.parallel.auto:  # srun started the ranks directly, so no launcher planned: rank 0 does, once
+        argv, plan, error = _plan_on_rank0(argv, world)
+        agree(error)
+        settings, _ = compose_settings(argv)
     settings.run_dir = world.bcast(settings.run_dir or os.environ.get("SEESAW_RUN_DIR")
                                    or str(run_dir_for(settings)) if rank == 0 else None, root=0)
     run_dir = Path(settings.run_dir)
+    if plan is not None and rank == 0:
+        from seesaw_ds.sim.auto import write_plan
+
+        write_plan(plan, run_dir, argv)
     if settings.io.input is None:
         settings.io.input = str(DATA_DIR / "sample_prompts.jsonl")
     if settings.io.output is None:
@@ -206,6 +255,7 @@ def worker_main(argv: list[str]) -> int:
         world.Barrier()
         settings.model.path = str(default_model_dir(cache))
     agree(_preflight(settings) if rank == 0 else None)
+    agree(faults.configure(rank, world.Get_size()))  # SEESAW_FAULT (tests): malformed -> exit 2 on every rank
     stop = StopRequest()
     stop.install()
     try:
@@ -217,6 +267,21 @@ def worker_main(argv: list[str]) -> int:
         sys.stderr.flush()
         world.Abort(1)
         return 1
+
+
+def _plan_on_rank0(argv: list[str], world) -> tuple[list[str], object, str | None]:
+    """parallel=auto on the ranks themselves: rank 0 plans for the world's size; every rank gets its
+    overrides (the choice, and any error, on rank 0 only)."""
+    rank_argv, plan, error = None, None, None
+    if world.Get_rank() == 0:
+        try:
+            given = [*argv, f"launch.nproc={world.Get_size()}"]
+            settings, _ = compose_settings(given)
+            rank_argv, plan = resolve_parallel_auto(given, settings)
+            print(f"[seesaw_ds] {plan.line()}", flush=True)
+        except ConfigError as config_error:
+            error = str(config_error)
+    return world.bcast(rank_argv, root=0) or argv, plan, error
 
 
 def _run(settings, run_dir: Path, agree, stop: StopRequest) -> int:
@@ -245,8 +310,8 @@ def _run(settings, run_dir: Path, agree, stop: StopRequest) -> int:
 
 
 def _requeue_if_slurm(stop: StopRequest) -> None:
-    """On Slurm's warning signal (USR1), ask Slurm to requeue this job; the rerun resumes it."""
-    import signal
+    """On a warning signal (USR1 from Slurm's --signal, USR2 from submitit's), ask Slurm to requeue this
+    job; the rerun resumes it."""
     import subprocess
 
     from mpi4py import MPI
@@ -254,7 +319,7 @@ def _requeue_if_slurm(stop: StopRequest) -> None:
     job_id = os.environ.get("SLURM_JOB_ID")
     if MPI.COMM_WORLD.Get_rank() != 0:
         return
-    if job_id and stop.signal == signal.SIGUSR1:
+    if job_id and stop.wants_requeue:
         result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
         print(f"[seesaw_ds] preempted: requeue of job {job_id} "
               f"{'requested' if result.returncode == 0 else 'failed: ' + result.stderr.strip()}", flush=True)
@@ -315,12 +380,14 @@ def _job_overrides(job_dir: Path) -> list[str]:
 def _job_layouts(job_dir: Path) -> str:
     """``prefill -> decode`` layouts of a sweep job (from Hydra's saved .hydra/config.yaml), e.g. pp2->tp2."""
     saved = job_dir / ".hydra" / "config.yaml"
-    if not saved.is_file():
+    planned = job_dir / "plan.json"  # parallel=auto: the layouts the ranks ran, not the preset's placeholders
+    if not saved.is_file() and not planned.is_file():
         return ""
     from omegaconf import OmegaConf
 
     try:
-        parallel = OmegaConf.load(saved).parallel
+        parallel = OmegaConf.create(json.loads(planned.read_text())) if planned.is_file() else \
+            OmegaConf.load(saved).parallel
 
         def name(layout) -> str:
             axes = [f"{axis}{layout[axis]}" for axis in ("dp", "tp", "pp") if int(layout.get(axis, 1)) > 1]

@@ -54,6 +54,9 @@ class ParallelConfig:
     prefill_micro_batches: int = 4
     """Micro-batches per pipeline stage in a prefill step (pp > 1 only): the pipeline bubble is
     (pp-1)/(m+pp-1) of the step for m micro-batches; whole prompts are never split."""
+    auto: bool = False
+    """Let the planner choose both layouts for this machine, model and input (``parallel=auto``; see
+    seesaw_ds/sim/auto.py): resolved once before the ranks start; explicit parallel.prefill/decode axes win."""
 
 
 @dataclass

@@ -12,6 +12,7 @@
 #SBATCH --signal=USR1@120
 #SBATCH --requeue
 #SBATCH --output=seesaw_ds-%j.out
+#SBATCH --open-mode=append
 set -euo pipefail
 
 # sbatch runs a spool copy of this script: find the repo from the submit directory, not from $0; when the job
@@ -35,6 +36,10 @@ cd "${SLURM_SUBMIT_DIR:-$PWD}"
 # Overrides are passed to Python as separate arguments, never pasted into a shell string.
 if [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${SLURM_STEP_ID:-}" ]; then
   export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-${OMP_NUM_THREADS:-1}}"
+  # A requeued job (preemption, scontrol requeue, USR1 near the time limit) runs this script again with the
+  # same job id: the same run directory (unless run_dir/io.output are given), so it resumes from its output.
+  export SEESAW_RUN_DIR="${SEESAW_RUN_DIR:-$PWD/runs/slurm-$SLURM_JOB_ID}"
+  echo "[seesaw_ds] slurm job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST:-?}; run dir ${SEESAW_RUN_DIR}"
   exec srun --mpi="${SEESAW_SRUN_MPI:-pmi2}" --kill-on-bad-exit=1 \
     "$repo/.venv/bin/python" "$repo/launch/run.py" "launch.nproc=${SLURM_NTASKS:-1}" "$@"
 else

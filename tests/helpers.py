@@ -37,3 +37,13 @@ def run_mpi(nproc: int, args: list[str], *, timeout: float = 300, env: dict | No
     return run_command([MPIEXEC, "-n", str(nproc), sys.executable, *args], timeout=timeout, env=env, check=check)
 
 
+def answers(path: Path) -> dict[str, list[int]]:
+    """custom_id -> token_ids of an output file; asserts every line is whole JSON and no custom_id repeats."""
+    import json
+
+    seen: dict[str, list[int]] = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        assert record["custom_id"] not in seen, f"{record['custom_id']} answered twice"
+        seen[record["custom_id"]] = record["token_ids"]
+    return seen

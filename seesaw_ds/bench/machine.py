@@ -11,6 +11,8 @@ import platform
 import subprocess
 import time
 
+from seesaw_ds.sim.calibrate import best_rate
+
 
 def cpu_summary() -> dict:
     """The lscpu lines a reader needs to compare machines (model, cores, caches, flags that matter)."""
@@ -38,22 +40,6 @@ def cpu_summary() -> dict:
     return summary
 
 
-def _best_rate(work, amount: float, repeats: int, min_seconds: float) -> float:
-    """``amount`` units per second of ``work()`` at its best, over ``repeats`` timed batches."""
-    work()  # warm up (allocations, thread pool start)
-    best = 0.0
-    for _ in range(repeats):
-        calls, began = 0, time.perf_counter()
-        while True:
-            work()
-            calls += 1
-            elapsed = time.perf_counter() - began
-            if elapsed >= min_seconds:
-                break
-        best = max(best, amount * calls / elapsed)
-    return best
-
-
 def matmul_gflops(threads: int, size: int = 1024, repeats: int = 5, min_seconds: float = 0.3) -> float:
     """fp32 GFLOP/s of an ``size``-square matmul on ``threads`` threads (best of ``repeats``)."""
     import torch
@@ -65,7 +51,7 @@ def matmul_gflops(threads: int, size: int = 1024, repeats: int = 5, min_seconds:
         a = torch.randn(size, size, generator=generator)
         b = torch.randn(size, size, generator=generator)
         out = torch.empty(size, size)
-        return _best_rate(lambda: torch.mm(a, b, out=out), 2.0 * size ** 3 / 1e9, repeats, min_seconds)
+        return best_rate(lambda: torch.mm(a, b, out=out), 2.0 * size ** 3 / 1e9, repeats, min_seconds)
     finally:
         torch.set_num_threads(previous)
 
@@ -79,7 +65,7 @@ def memcpy_gbps(megabytes: int = 256, repeats: int = 5, min_seconds: float = 0.3
     try:
         count = megabytes * 2 ** 20 // 4
         source, target = torch.ones(count), torch.empty(count)
-        return _best_rate(lambda: target.copy_(source), count * 4 / 1e9, repeats, min_seconds)
+        return best_rate(lambda: target.copy_(source), count * 4 / 1e9, repeats, min_seconds)
     finally:
         torch.set_num_threads(previous)
 

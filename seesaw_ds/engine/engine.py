@@ -192,8 +192,11 @@ def run_job(settings: JobConfig, runtime, run_dir: Path, *, tokenizer=None, stop
             staging_tokens=executor.staging.capacity, device_tokens=settings.kv.device_tokens,
             block_size=settings.kv.block_size, num_prefill_replicas=layouts["prefill"].dp,
             num_decode_replicas=layouts["decode"].dp)
+        # One prefill step's worth of waiting prompts is all the scheduler can use per step (the leader refills
+        # before every step), so the input is read that far ahead only: memory follows the work in flight,
+        # not the input's size (a staging area sized from host memory holds millions of tokens).
         leader = Leader(scheduler, executor.staging.capacity, tokenizer, eos_token_ids(tokenizer, generation), source,
-                        refill_tokens=executor.staging.capacity + settings.scheduler.max_prefill_tokens)
+                        refill_tokens=settings.scheduler.max_prefill_tokens)
     comm = topology.instance_comm
     last_progress = time.perf_counter()
     while True:

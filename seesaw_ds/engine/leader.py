@@ -46,16 +46,44 @@ class Finished:
     finish_reason: str
 
 
+#: The timeline keeps at most this many records: when it is full, neighbouring records merge pairwise (the
+#: resolution halves), so a job of millions of steps keeps a fixed-size picture of its whole run.
+MAX_TIMELINE_RECORDS = 4096
+
+
 @dataclass
 class StepRecord:
-    """One point of the timeline: what a step did and how full the staging area was after it."""
+    """One point of the timeline: what a step (or `steps` consecutive steps) did and how full the staging
+    area was after it."""
 
     time: float
     phase: str
-    batch_size: int
+    batch_size: float
     tokens: int
     staging_tokens: int
     seconds: float
+    steps: int = 1
+
+    def merged(self, later: "StepRecord") -> "StepRecord":
+        """This record and the next one as one: times from the first, sums of tokens, seconds and steps, the
+        mean batch size, the staging occupancy after the later one, the phase that took longer."""
+        steps = self.steps + later.steps
+        return StepRecord(self.time, self.phase if self.seconds >= later.seconds else later.phase,
+                          (self.batch_size * self.steps + later.batch_size * later.steps) / steps,
+                          self.tokens + later.tokens, later.staging_tokens, self.seconds + later.seconds, steps)
+
+
+def append_bounded(timeline: list[StepRecord], record: StepRecord, limit: int = MAX_TIMELINE_RECORDS) -> None:
+    """Append `record` to `timeline` (in place), at a uniform resolution: every record covers as many steps as
+    the first one does (the last one fills up first); when `limit` records are reached, neighbouring pairs
+    merge and each record covers twice as many steps from then on."""
+    if timeline and timeline[-1].steps < timeline[0].steps:
+        timeline[-1] = timeline[-1].merged(record)
+    else:
+        timeline.append(record)
+    if len(timeline) >= limit:
+        timeline[:] = [timeline[i].merged(timeline[i + 1]) if i + 1 < len(timeline) else timeline[i]
+                       for i in range(0, len(timeline), 2)]
 
 
 @dataclass
@@ -70,6 +98,7 @@ class LeaderStats:
     transition_seconds: float = 0.0
     reshard_bytes: int = 0
     timeline: list[StepRecord] = field(default_factory=list)
+    """At most MAX_TIMELINE_RECORDS records (see `append_bounded`)."""
 
 
 class Leader:
@@ -206,9 +235,9 @@ class Leader:
                 done.append(self._finish(work.seq_id, reason))
         self.scheduler.complete(plan, finished_ids)
         batch_tokens = sum(len(w.tokens) for w in message.forward.seqs)
-        self.stats.timeline.append(StepRecord(time.perf_counter() - self._began, message.phase,
-                                              len(message.forward.seqs), batch_tokens,
-                                              self.scheduler.staging_used_tokens, seconds))
+        append_bounded(self.stats.timeline, StepRecord(time.perf_counter() - self._began, message.phase,
+                                                       len(message.forward.seqs), batch_tokens,
+                                                       self.scheduler.staging_used_tokens, seconds))
         return done
 
     def _finish(self, seq_id: int, reason: str) -> Finished:

@@ -16,7 +16,8 @@ import os
 import time
 from typing import Any, Iterator
 
-from seesaw_ds.engine.requests import BadLine, Request
+from seesaw_ds.engine.requests import BadLine, IdIndex, Request
+from seesaw_ds.faults import fault_point
 
 __all__ = ["JsonlAppender", "format_error", "format_result", "scan_answered", "scan_error_lines"]
 
@@ -82,10 +83,16 @@ class JsonlAppender:
         if self._fd is None:
             raise ValueError(f"write to closed JsonlAppender({self.path!r})")
         data = (json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+        fault_point("output", lambda: self._write_torn(data))  # SEESAW_FAULT: a kill mid-line
         written = os.write(self._fd, data)
         # A short write (disk full, signal) is rare; finish the line rather than leave it torn mid-file.
         while written < len(data):
             written += os.write(self._fd, data[written:])
+
+    def _write_torn(self, data: bytes) -> None:
+        """Put the first half of a line on disk (fsynced), as a hard kill mid-write would leave it."""
+        os.write(self._fd, data[:len(data) // 2])
+        os.fsync(self._fd)
 
     def flush_and_sync(self) -> None:
         """Make everything written so far durable (fsync)."""
@@ -159,13 +166,15 @@ def _scan(path: str | os.PathLike, *, repair: bool) -> Iterator[dict]:
         os.truncate(path, good_end)
 
 
-def scan_answered(path: str | os.PathLike, errors_path: str | os.PathLike | None = None) -> set[str]:
-    """custom_ids already written to the output file (and to the errors file, if given).
+def scan_answered(path: str | os.PathLike, errors_path: str | os.PathLike | None = None) -> IdIndex:
+    """custom_ids already written to the output file (and to the errors file, if given), as a compact
+    :class:`~seesaw_ds.engine.requests.IdIndex` (``in`` and ``len``; ~24 bytes per id, so resuming a job of
+    millions of lines does not hold millions of strings).
 
     A missing file counts as empty. A torn last line (no trailing newline, or invalid JSON at the end) is
     cut off each file, with a warning, so that appending resumes on a line boundary.
     """
-    answered: set[str] = set()
+    answered = IdIndex()
     for file_path in (path, errors_path):
         if file_path is None:
             continue

@@ -5,21 +5,25 @@ This module owns the input contract: plain lines `{"custom_id", "prompt" | "prom
 "/v1/chat/completions", "body": {...}}`; tokenization (chat template for messages); validation of every
 field against the model (length, vocabulary) with a message that names the problem; and skipping
 requests already answered by an earlier run. The file is read one line at a time, so memory does not grow
-with its size (only the set of custom_ids seen, needed to reject duplicates).
+with its size, except for the custom_ids seen (needed to reject duplicates), kept as 24-byte digests in an
+:class:`IdIndex`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Iterator, Mapping
+from typing import Any, Container, Iterable, Iterator, Mapping
+
+import numpy as np
 
 from seesaw_ds.engine.sampling import (SAMPLING_KEYS, RequestError, SamplingParams, request_seed,
                                        resolve_sampling)
 
-__all__ = ["BadLine", "Request", "RequestError", "iter_requests", "OPENAI_URLS"]
+__all__ = ["BadLine", "IdIndex", "Request", "RequestError", "iter_requests", "OPENAI_URLS"]
 
 #: OpenAI batch URLs we answer, and the request kind each one makes.
 OPENAI_URLS = MappingProxyType({"/v1/completions": "completions", "/v1/chat/completions": "chat"})
@@ -65,6 +69,72 @@ class BadLine:
     """The kind the line asked for ("plain", "completions" or "chat"), for the error's shape."""
 
 
+class IdIndex:
+    """A set of custom_ids, each with a number (the input line it was first seen on), in ~24 bytes per id.
+
+    A job's input can have millions of lines, and a Python set or dict of the id strings costs ~150 bytes per
+    id. Here an id is kept as its 128-bit BLAKE2b digest plus its number, in sorted numpy arrays; ids added
+    lately wait in a small dict (at most 1/16 of the total) until they are merged in. Two different ids share
+    a digest with probability ~n^2 / 2^129 (1e-25 for ten million ids): the answers are those of a set.
+    """
+
+    _MIN_RECENT = 4096
+
+    def __init__(self, custom_ids: Iterable[str] = ()) -> None:
+        self._hi = np.empty(0, np.uint64)   # first 8 digest bytes, sorted
+        self._lo = np.empty(0, np.uint64)   # last 8 digest bytes, same order
+        self._value = np.empty(0, np.int64)
+        self._recent: dict[bytes, int] = {}
+        for custom_id in custom_ids:
+            self.add(custom_id)
+
+    def add(self, custom_id: str, value: int = 0) -> int | None:
+        """Record ``custom_id`` with ``value`` unless it is there already; returns the value it already had,
+        or None when it is new."""
+        digest = hashlib.blake2b(custom_id.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        known = self._find(digest)
+        if known is not None:
+            return known
+        self._recent[digest] = value
+        if len(self._recent) >= max(self._MIN_RECENT, len(self._hi) // 16):
+            self._merge()
+        return None
+
+    def get(self, custom_id: str) -> int | None:
+        """The value recorded with ``custom_id``, or None when it was never added."""
+        return self._find(hashlib.blake2b(custom_id.encode("utf-8", "surrogatepass"), digest_size=16).digest())
+
+    def __contains__(self, custom_id: object) -> bool:
+        return isinstance(custom_id, str) and self.get(custom_id) is not None
+
+    def __len__(self) -> int:
+        return len(self._hi) + len(self._recent)
+
+    def _find(self, digest: bytes) -> int | None:
+        known = self._recent.get(digest)
+        if known is not None or not len(self._hi):
+            return known
+        hi, lo = np.uint64(int.from_bytes(digest[:8], "little")), np.uint64(int.from_bytes(digest[8:], "little"))
+        index = int(np.searchsorted(self._hi, hi))
+        while index < len(self._hi) and self._hi[index] == hi:
+            if self._lo[index] == lo:
+                return int(self._value[index])
+            index += 1
+        return None
+
+    def _merge(self) -> None:
+        """Move the recent ids into the sorted arrays: O(total) work once per total/16 additions."""
+        raw = np.frombuffer(b"".join(self._recent), dtype="<u8").reshape(-1, 2)
+        values = np.fromiter(self._recent.values(), np.int64, len(self._recent))
+        order = np.argsort(raw[:, 0], kind="stable")
+        hi, lo = raw[order, 0].astype(np.uint64), raw[order, 1].astype(np.uint64)
+        at = np.searchsorted(self._hi, hi)
+        self._hi = np.insert(self._hi, at, hi)
+        self._lo = np.insert(self._lo, at, lo)
+        self._value = np.insert(self._value, at, values[order])
+        self._recent = {}
+
+
 class _LineError(Exception):
     """Internal: the current line is bad; carries the message."""
 
@@ -81,11 +151,12 @@ class _Context:
 
 def iter_requests(path: str | os.PathLike, tokenizer: Any, *, job_sampling: Mapping[str, Any],
                   model_defaults: Mapping[str, Any], max_model_len: int, vocab_size: int,
-                  skip_ids: set[str] | frozenset[str] = frozenset(),
+                  skip_ids: Container[str] = frozenset(),
                   skip_lines: set[int] | frozenset[int] = frozenset()) -> Iterator[Request | BadLine]:
     """Stream `Request`s and `BadLine`s from a JSONL file, lazily, one line at a time.
 
-    Blank lines are ignored; lines whose custom_id is in `skip_ids` (answered by an earlier run) are skipped
+    Blank lines are ignored; lines whose custom_id is in `skip_ids` (answered by an earlier run: a set or the
+    :class:`IdIndex` from `outputs.scan_answered`) are skipped
     silently, and so are the line numbers in `skip_lines` (bad lines without a custom_id already in the
     errors file: `outputs.scan_error_lines`). The job-wide `sampling.*` values and the model defaults are checked here, before the first
     line is read: a bad one raises `RequestError`, since it would make every line bad. `job_sampling["seed"]`
@@ -100,7 +171,7 @@ def iter_requests(path: str | os.PathLike, tokenizer: Any, *, job_sampling: Mapp
 
 
 def _stream(path, context: _Context, skip_ids, skip_lines) -> Iterator[Request | BadLine]:
-    first_line_of: dict[str, int] = {}
+    first_line_of = IdIndex()
     with open(path, "rb") as lines:
         for line_no, raw in enumerate(lines, start=1):
             if line_no in skip_lines:
@@ -110,7 +181,7 @@ def _stream(path, context: _Context, skip_ids, skip_lines) -> Iterator[Request |
                 yield item
 
 
-def _parse_line(raw: bytes, line_no: int, context: _Context, skip_ids, first_line_of: dict[str, int]
+def _parse_line(raw: bytes, line_no: int, context: _Context, skip_ids, first_line_of: IdIndex
                 ) -> Request | BadLine | None:
     try:
         text = raw.decode("utf-8")
@@ -137,10 +208,10 @@ def _parse_line(raw: bytes, line_no: int, context: _Context, skip_ids, first_lin
                        kind)
     if custom_id in skip_ids:
         return None
-    if custom_id in first_line_of:
+    first_line = first_line_of.add(custom_id, line_no)
+    if first_line is not None:
         return BadLine(line_no, custom_id, f"duplicate custom_id {custom_id!r} (first used on line "
-                                           f"{first_line_of[custom_id]}); custom_ids must be unique", kind)
-    first_line_of[custom_id] = line_no
+                                           f"{first_line}); custom_ids must be unique", kind)
     try:
         if is_openai:
             return _openai_request(record, line_no, custom_id, context)

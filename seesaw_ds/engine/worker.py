@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from seesaw_ds.engine.sampling import SamplingParams, sample_next_tokens
+from seesaw_ds.faults import fault_point
 from seesaw_ds.kv.staging import StagedSeq
 from seesaw_ds.model.executor import Executor, ForwardPlan
 
@@ -63,6 +64,7 @@ class Worker:
         self.sampling.update(message.register)
         if executor.active != message.phase:
             stats = executor.activate(message.phase)
+            fault_point("transition")  # SEESAW_FAULT: a kill mid-switch (weights moved, KV not yet)
             result.switch_seconds, result.switch_bytes = stats.seconds, stats.bytes_moved
         for seq_id in message.release:
             self.sampling.pop(seq_id, None)

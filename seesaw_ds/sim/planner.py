@@ -52,6 +52,10 @@ class PlanOptions:
     chunk_sizes: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192)
     replication: int | None = None
     max_simulated_requests: int = 500
+    dtype_bytes: int = 2
+    """Bytes per weight and KV element (2: fp16/bf16; 4: fp32, e.g. a CPU job)."""
+    device_tokens: int | None = None
+    """Cap on the device-tier KV tokens per replica (the job's kv.device_tokens); None = all the memory left."""
 
 
 @dataclass
@@ -161,7 +165,7 @@ class Planner:
 
     def _cost(self, link_scale: float) -> CostModel:
         return CostModel(self.gpu.scaled(link_scale), self.dims, self.options.efficiency,
-                         memory_utilization=self.options.memory_utilization,
+                         dtype_bytes=self.options.dtype_bytes, memory_utilization=self.options.memory_utilization,
                          step_overhead=self.options.step_overhead_s)
 
     def variant(self, **changes) -> "Planner":
@@ -200,8 +204,10 @@ class Planner:
         return feasible, bad
 
     def pair_kv_tokens(self, prefill: Layout, decode: Layout) -> int:
-        """Device-tier KV tokens per decode replica when the same GPUs switch between the two layouts."""
-        return self.cost.memory(decode, also=prefill, workspace_tokens=self.options.max_prefill_tokens).kv_tokens
+        """Device-tier KV tokens per decode replica when the same GPUs switch between the two layouts (at most
+        ``options.device_tokens``)."""
+        tokens = self.cost.memory(decode, also=prefill, workspace_tokens=self.options.max_prefill_tokens).kv_tokens
+        return tokens if self.options.device_tokens is None else min(tokens, self.options.device_tokens)
 
     def _group_kv_tokens(self, prefill: Layout, decode: Layout) -> int:
         """The smallest device tier among fitting pairs with these data-parallel degrees (see module doc)."""

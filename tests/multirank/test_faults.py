@@ -1,6 +1,9 @@
-"""Faults and preemption: a job stopped by SIGTERM, a rank killed with SIGKILL, a torn last output line —
-each followed by a rerun of the same command that ends with every custom_id exactly once and the same
-tokens as an uninterrupted run."""
+"""Faults and preemption: a job stopped by SIGTERM, a rank killed with SIGKILL (at a random time, inside a
+layout switch, in the middle of writing an output line), a torn last output line — each followed by a rerun
+of the same command that ends with every custom_id exactly once and the same tokens as an uninterrupted run.
+
+The kills at chosen points use seesaw_ds/faults.py (SEESAW_FAULT=POINT:N[@rankR]), set for the faulted run
+only, never for the rerun."""
 from __future__ import annotations
 
 import json
@@ -14,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, run_command
+from helpers import REPO, answers, run_command
 
 pytestmark = pytest.mark.dist
 RUN = str(REPO / "launch" / "run.py")
@@ -37,16 +40,6 @@ def job_args(model_dir: Path, input_path: Path, output: Path) -> list[str]:
             "launch.nproc=2", "sampling.temperature=0", "sampling.ignore_eos=true", "kv.host_tokens=200",
             "kv.device_tokens=256", "kv.block_size=4", "scheduler.max_prefill_tokens=64",
             "io.progress_interval_s=1", f"+run_dir={output.parent}"]
-
-
-def answers(path: Path) -> dict[str, list[int]]:
-    """custom_id -> token_ids; asserts every line is whole JSON and no custom_id repeats."""
-    seen: dict[str, list[int]] = {}
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
-        assert record["custom_id"] not in seen, f"{record['custom_id']} answered twice"
-        seen[record["custom_id"]] = record["token_ids"]
-    return seen
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +112,59 @@ def test_torn_last_line_is_discarded(tiny_models, fault_input, reference, tmp_pa
     output.write_text("\n".join(lines) + "\n" + '{"custom_id": "f39", "text": "hal')  # a hard kill mid-write
     run_command(job_args(tiny_models["llama"], fault_input, output), timeout=600)
     assert answers(output) == reference
+
+
+def run_with_fault(args: list[str], fault: str, timeout: float = 300) -> tuple[subprocess.CompletedProcess, float]:
+    """The job with SEESAW_FAULT=fault (this run only); returns its result and how long it took to end."""
+    assert "SEESAW_FAULT" not in os.environ, "the rerun must not inherit the fault"
+    began = time.monotonic()
+    proc = run_command(args, timeout=timeout, env={"SEESAW_FAULT": fault}, check=False)
+    return proc, time.monotonic() - began
+
+
+def test_kill_during_layout_transition_then_resume(tiny_models, fault_input, reference, tmp_path):
+    """Rank 1 is SIGKILLed inside its 8th layout switch (the 1st is the start-up activation), after the
+    new layout's weights moved and before the step's KV swap: the job fails fast, the rerun completes it."""
+    output = tmp_path / "out.jsonl"
+    args = job_args(tiny_models["llama"], fault_input, output)
+    proc, seconds = run_with_fault(args, "transition:8@rank1")
+    assert proc.returncode != 0, "a job that lost a rank mid-switch must fail"
+    assert "SEESAW_FAULT: SIGKILL at transition #8 on rank 1" in proc.stderr, proc.stderr[-3000:]
+    assert seconds < 300
+    partial = answers(output)  # every line whole: the kill was on another rank than the writer
+    assert 1 <= len(partial) < NUM_REQUESTS, "killed in the middle of the job (some answers, not all)"
+    assert all(reference[cid] == tokens for cid, tokens in partial.items())
+    print(f"\ntransition kill: exit {proc.returncode} after {seconds:.1f}s, {len(partial)} whole answers on disk")
+    run_command(args, timeout=600)
+    assert answers(output) == reference
+
+
+def test_kill_while_writing_output_then_resume(tiny_models, fault_input, reference, tmp_path):
+    """Rank 0 is SIGKILLed in the middle of its 6th output line (half of it written and fsynced): the file
+    ends in a torn line, which the rerun cuts off and answers again."""
+    output = tmp_path / "out.jsonl"
+    args = job_args(tiny_models["llama"], fault_input, output)
+    proc, seconds = run_with_fault(args, "output:6@rank0")
+    assert proc.returncode != 0, "a job whose writer was killed must fail"
+    assert "SEESAW_FAULT: SIGKILL at output #6 on rank 0" in proc.stderr, proc.stderr[-3000:]
+    assert seconds < 300
+    text = output.read_text()
+    whole, torn = text.rsplit("\n", 1)
+    assert torn and not text.endswith("\n"), "the last line is torn (no newline)"
+    with pytest.raises(ValueError):
+        json.loads(torn)
+    partial = {record["custom_id"]: record["token_ids"] for record in map(json.loads, whole.splitlines())}
+    assert len(partial) == 5 and all(reference[cid] == tokens for cid, tokens in partial.items())
+    print(f"\noutput kill: exit {proc.returncode} after {seconds:.1f}s, {len(partial)} whole answers and a torn "
+          f"line of {len(torn)} bytes on disk")
+    run_command(args, timeout=600)
+    assert answers(output) == reference
+
+
+def test_malformed_fault_spec_is_refused(tiny_models, fault_input, tmp_path):
+    output = tmp_path / "out.jsonl"
+    proc = run_command(job_args(tiny_models["llama"], fault_input, output), timeout=300,
+                       env={"SEESAW_FAULT": "transition@rank1"}, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "SEESAW_FAULT='transition@rank1' is malformed" in proc.stderr
+    assert not output.exists() or not output.read_text()

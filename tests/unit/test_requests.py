@@ -13,7 +13,7 @@ import pytest
 from seesaw_ds.engine import outputs
 from seesaw_ds.engine.outputs import (JsonlAppender, format_error, format_result, scan_answered,
                                       scan_error_lines)
-from seesaw_ds.engine.requests import BadLine, Request, iter_requests
+from seesaw_ds.engine.requests import BadLine, IdIndex, Request, iter_requests
 from seesaw_ds.engine.sampling import RequestError, SamplingParams, request_seed
 
 MAX_MODEL_LEN = 64
@@ -157,6 +157,34 @@ def test_duplicate_custom_id_second_is_bad(tmp_path, engine_tokenizer):
     assert bad.custom_id == "a" and bad.line_no == 4 and "duplicate custom_id 'a' (first used on line 1)" in bad.message
 
 
+def test_duplicate_found_long_after_the_first_use(tmp_path, engine_tokenizer):
+    """The first line is named even once its id has moved from the recent dict into the sorted arrays."""
+    lines = [{"custom_id": f"id-{i}", "prompt_token_ids": [1]} for i in range(12_000)]
+    path = _write(tmp_path / "in.jsonl", lines + [{"custom_id": "id-7", "prompt_token_ids": [2]},
+                                                   {"custom_id": "id-11999", "prompt_token_ids": [2]}])
+    bad = [item for item in _read(path, engine_tokenizer) if isinstance(item, BadLine)]
+    assert [(b.custom_id, b.line_no) for b in bad] == [("id-7", 12_001), ("id-11999", 12_002)]
+    assert "(first used on line 8)" in bad[0].message and "(first used on line 12000)" in bad[1].message
+
+
+def test_id_index_is_a_compact_set_with_first_values():
+    index = IdIndex()
+    for i in range(50_000):
+        assert index.add(f"request-{i:07d}", i + 1) is None
+    assert len(index) == 50_000
+    assert index.add("request-0000000", 99) == 1 and index.get("request-0049999") == 50_000
+    assert "request-0012345" in index and "request-0050000" not in index and 12345 not in index
+    assert index.add("\ud800 lone surrogate") is None and "\ud800 lone surrogate" in index  # json allows these
+    tracemalloc.start()
+    try:
+        big = IdIndex(f"answered-{i}" for i in range(100_000))
+        current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(big) == 100_000 and "answered-99999" in big
+    assert current < 4_000_000 and peak < 8_000_000, (current, peak)  # a set of the strings: ~11 MB
+
+
 def test_answered_ids_and_lines_are_skipped_silently(tmp_path, engine_tokenizer):
     path = _write(tmp_path / "in.jsonl", [GOOD_A, b"{oops", {"custom_id": "b", "prompt": ""}, GOOD_C])
     assert [type(item) for item in _read(path, engine_tokenizer)] == [Request, BadLine, BadLine, Request]
@@ -286,7 +314,8 @@ def test_scan_answered_cuts_a_torn_last_line(tmp_path, caplog):
         torn.write(b'{"custom_id": "c", "te')  # hard kill mid-line
     _write(errors, [{"custom_id": "e", "line": 3, "error": "bad"}, {"custom_id": None, "line": 7, "error": "bad"}])
     with caplog.at_level(logging.WARNING, logger=outputs.__name__):
-        assert scan_answered(out, errors) == {"a", "b", "e"}
+        answered = scan_answered(out, errors)
+    assert len(answered) == 3 and all(i in answered for i in "abe") and "c" not in answered
     assert out.read_bytes() == whole and "torn" in caplog.text
     assert scan_error_lines(errors) == {3, 7}
     with JsonlAppender(out) as appender:
@@ -297,9 +326,10 @@ def test_scan_answered_cuts_a_torn_last_line(tmp_path, caplog):
 def test_scan_answered_cuts_trailing_garbage_and_keeps_middle(tmp_path):
     out = tmp_path / "out.jsonl"
     out.write_bytes(b'{"custom_id": "a"}\nnot json\n{"custom_id": "b"}\n{"custom_id": "c"\n\x00\x00\x00')
-    assert scan_answered(out) == {"a", "b"}
+    answered = scan_answered(out)
+    assert len(answered) == 2 and "a" in answered and "b" in answered and "c" not in answered
     assert out.read_bytes() == b'{"custom_id": "a"}\nnot json\n{"custom_id": "b"}\n'
-    assert scan_answered(tmp_path / "absent.jsonl") == set()
+    assert len(scan_answered(tmp_path / "absent.jsonl")) == 0
 
 
 def test_resume_round_trip(tmp_path, engine_tokenizer):

@@ -87,3 +87,86 @@ def test_cli_bad_preset_is_one_line_and_exit_2():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "planner.gpu='a11'" in proc.stderr
+
+
+# -- parallel=auto: calibration -> hardware description, choice -> overrides (seesaw_ds/sim/auto.py) -------------
+from seesaw_ds.dist.layout import ModelDims  # noqa: E402
+from seesaw_ds.sim.auto import AutoChoice, JobFacts, choose, device_tokens_cap, fixed_layouts  # noqa: E402
+from seesaw_ds.sim.calibrate import Calibration, hardware_spec  # noqa: E402
+from seesaw_ds.sim.workload import Workload  # noqa: E402
+
+BENCH_DIMS = ModelDims(num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64, hidden_size=512,
+                       intermediate_size=1376, vocab_size=1024)
+
+
+def cpu_calibration(**changes) -> Calibration:
+    figures = dict(device="cpu", name="test", matmul_flops=80e9, memory_bandwidth=12e9, host_bandwidth=12e9,
+                   link_bandwidth=2e9, link_latency=10e-6, memory_bytes=4 * 2 ** 30, host_memory_bytes=16 * 2 ** 30,
+                   cores=2, ranks=2)
+    return Calibration(**{**figures, **changes})
+
+
+def small_workload() -> Workload:
+    import numpy as np
+
+    return Workload("t", np.arange(20, 200, 6, dtype=np.int64), np.full(30, 32, dtype=np.int64))
+
+
+def test_calibration_becomes_a_per_rank_hardware_description():
+    spec = hardware_spec(cpu_calibration())
+    assert spec.peak_flops == 80e9 and spec.hbm_bandwidth == 12e9 and spec.link_latency == 10e-6
+    assert spec.memory_bytes == 4 * 2 ** 30 and spec.link_bandwidth == 2e9
+    shared = hardware_spec(cpu_calibration(ranks=4))  # 4 ranks on 2 cores: each gets half a core
+    assert shared.peak_flops == 40e9 and shared.hbm_bandwidth == 6e9 and shared.host_bandwidth == 6e9
+
+
+def test_choice_is_the_best_runnable_candidate_and_sizes_the_job():
+    workload = small_workload()
+    choice = choose(JobFacts(num_ranks=2, dtype_bytes=4), cpu_calibration(), BENCH_DIMS, workload)
+    assert choice.kind in ("seesaw", "static") and choice.prefill.num_ranks == choice.decode.num_ranks == 2
+    assert choice.throughput == max(c["predicted_tokens_per_second"] for c in choice.ranking)
+    assert len(choice.ranking) == 9  # dp2, tp2, pp2 as prefill x decode
+    assert choice.max_decode_seqs == 256 * choice.decode.pp
+    assert choice.device_tokens == device_tokens_cap(workload, 2, 16) == 6784  # 30 seqs of <= 226 tokens, whole blocks
+    again = choose(JobFacts(num_ranks=2, dtype_bytes=4), cpu_calibration(), BENCH_DIMS, workload)
+    assert (again.prefill, again.decode) == (choice.prefill, choice.decode)  # deterministic given the figures
+
+
+def test_explicit_layout_axes_fix_their_phase():
+    assert fixed_layouts(["parallel=auto", "parallel.prefill.tp=2"]) == {"prefill": Layout(tp=2), "decode": None}
+    choice = choose(JobFacts(num_ranks=2, dtype_bytes=4, fixed_prefill=Layout(tp=2)), cpu_calibration(),
+                    BENCH_DIMS, small_workload())
+    assert choice.prefill == Layout(tp=2) and len(choice.ranking) == 3
+
+
+def test_choice_becomes_explicit_overrides_and_the_users_keys_win():
+    choice = AutoChoice(Layout(pp=2), Layout(tp=2), "seesaw", 100.0, 30.0, 256, 4096)
+    given = ["parallel=auto", "model.path=/m", "kv.device_tokens=999"]
+    assert choice.overrides(given) == [
+        "model.path=/m", "kv.device_tokens=999", "parallel.prefill.dp=1", "parallel.prefill.tp=1",
+        "parallel.prefill.pp=2", "parallel.decode.dp=1", "parallel.decode.tp=2", "parallel.decode.pp=1",
+        "scheduler.max_decode_seqs=256"]
+    kept = choice.overrides(["parallel=auto", "parallel.decode.dp=2"])
+    assert "parallel.decode.dp=2" in kept and not any(o.startswith("parallel.decode.tp") for o in kept)
+    assert f"chose prefill {Layout(pp=2)} -> decode {Layout(tp=2)}" in choice.line()
+
+
+def test_auto_fails_in_one_line_when_nothing_fits():
+    with pytest.raises(ValueError, match="parallel=auto found no layout of 2 rank"):
+        choose(JobFacts(num_ranks=2, dtype_bytes=4), cpu_calibration(memory_bytes=2 ** 20), BENCH_DIMS,
+               small_workload())
+    with pytest.raises(ValueError, match="no layout|must be"):
+        choose(JobFacts(num_ranks=3, dtype_bytes=4, fixed_prefill=Layout(tp=3)), cpu_calibration(ranks=3),
+               BENCH_DIMS, small_workload())
+
+
+def test_validation_rank_correlation():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("validate_planner", REPO / "launch" / "validate_planner.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.ranks([10.0, 30.0, 20.0, 20.0]) == [4.0, 1.0, 2.5, 2.5]
+    assert module.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert module.spearman([1, 2, 3, 4], [40, 30, 20, 10]) == pytest.approx(-1.0)
+    assert module.spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)  # 1 - 6*4/(5*24)

@@ -1,0 +1,260 @@
+"""``parallel=auto``: the planner picks the job's (prefill, decode) layouts for the machine it runs on.
+
+Run once, in the launcher process before any rank starts (``launch/run.py``), or on rank 0 of a job that
+srun started directly (``cli.worker_main``, which broadcasts the result), so every rank runs the same
+layouts:
+
+1. :func:`~seesaw_ds.sim.calibrate.measure` times this machine (a few hundred ms) and
+   :func:`~seesaw_ds.sim.calibrate.hardware_spec` describes one rank of it for the cost model;
+2. the model comes from its config.json, the workload from the first ``sample_lines`` requests of the
+   input file (prompt lengths after tokenization, ``max_tokens`` after the sampling defaults);
+3. :class:`~seesaw_ds.sim.planner.Planner` simulates every layout pair of the job's ranks with the
+   engine's own scheduler, priced as today's executor runs (synchronous pipeline, DP in lockstep);
+4. the best runnable candidate (a Seesaw pair or a static layout) becomes explicit overrides for the ranks
+   (:meth:`AutoChoice.overrides`), with the ``scheduler.max_decode_seqs`` and ``kv.device_tokens`` the
+   prediction assumed. Layout axes, ``kv.device_tokens`` and ``scheduler.max_decode_seqs`` the user gave
+   win: the planner then only chooses among candidates that agree with them.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from seesaw_ds.dist.layout import Layout, ModelDims
+from seesaw_ds.sim.calibrate import MEASURED_EFFICIENCY, Calibration, hardware_spec
+from seesaw_ds.sim.planner import Candidate, Planner, PlanOptions
+from seesaw_ds.sim.workload import Workload
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+MAX_SEQS_PER_MICRO_BATCH = 256
+"""The planner's decode batch per micro-batch (vLLM's max_num_seqs); max_decode_seqs = this * decode pp."""
+
+
+@dataclass(frozen=True)
+class JobFacts:
+    """What the planner needs from the job's settings (plain values, so the pure parts are testable)."""
+
+    num_ranks: int
+    dtype_bytes: int
+    block_size: int = 16
+    max_prefill_tokens: int = 4096
+    low_watermark: float = 0.2
+    host_tokens: int | None = None
+    """kv.host_tokens (None: host_memory_fraction of the available host memory)."""
+    host_memory_fraction: float = 0.3
+    fixed_prefill: Layout | None = None
+    """A prefill layout the user gave explicitly (parallel.prefill.*): only candidates with it count."""
+    fixed_decode: Layout | None = None
+    device_tokens: int | None = None
+    """kv.device_tokens the user gave explicitly (else the plan sizes it)."""
+    max_decode_seqs: int | None = None
+    """scheduler.max_decode_seqs the user gave explicitly (else max_seqs * decode pp)."""
+
+
+@dataclass
+class AutoChoice:
+    """The layouts chosen for a job and what the planner predicts for them."""
+
+    prefill: Layout
+    decode: Layout
+    kind: str
+    """seesaw (two layouts) | static (one)."""
+    throughput: float
+    """Predicted prompt + output tokens/s."""
+    output_throughput: float
+    max_decode_seqs: int
+    device_tokens: int
+    hardware: dict = field(default_factory=dict)
+    workload: dict = field(default_factory=dict)
+    ranking: list[dict] = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+
+    def overrides(self, given: list[str]) -> list[str]:
+        """Explicit Hydra overrides for the ranks: ``given`` without the auto switch, plus the chosen layouts
+        and sizes (keys the user set in ``given`` are kept as the user wrote them)."""
+        keys = {o.split("=", 1)[0].lstrip("+~") for o in given if "=" in o}
+        out = [o for o in given if o.split("=", 1)[0].lstrip("+~") not in ("parallel", "parallel.auto")]
+        for phase, layout in (("prefill", self.prefill), ("decode", self.decode)):
+            if not any(k.startswith(f"parallel.{phase}") for k in keys):
+                out += [f"parallel.{phase}.{axis}={getattr(layout, axis)}" for axis in ("dp", "tp", "pp")]
+        if "scheduler.max_decode_seqs" not in keys:
+            out.append(f"scheduler.max_decode_seqs={self.max_decode_seqs}")
+        if "kv.device_tokens" not in keys:
+            out.append(f"kv.device_tokens={self.device_tokens}")
+        return out
+
+    def line(self) -> str:
+        """One line for the log: what was chosen and the predicted throughput."""
+        what = (f"prefill {self.prefill} -> decode {self.decode}" if self.kind == "seesaw"
+                else f"static {self.prefill}")
+        return (f"parallel=auto chose {what} (scheduler.max_decode_seqs={self.max_decode_seqs}, "
+                f"kv.device_tokens={self.device_tokens}): predicted {self.throughput:.0f} tokens/s "
+                f"({self.output_throughput:.0f} output tokens/s) on {self.hardware.get('name', '?')}, "
+                f"{len(self.ranking)} candidates, {self.workload.get('num_requests', '?')} sampled requests")
+
+    def to_json(self) -> dict:
+        layout = lambda x: {"dp": x.dp, "tp": x.tp, "pp": x.pp}  # noqa: E731
+        return {"prefill": layout(self.prefill), "decode": layout(self.decode), "kind": self.kind,
+                "predicted_tokens_per_second": self.throughput,
+                "predicted_output_tokens_per_second": self.output_throughput,
+                "scheduler.max_decode_seqs": self.max_decode_seqs, "kv.device_tokens": self.device_tokens,
+                "hardware": self.hardware, "workload": self.workload, "ranking": self.ranking,
+                "timings_s": self.timings}
+
+
+# -- pure parts ---------------------------------------------------------------------------------------------
+def fixed_layouts(overrides: list[str]) -> dict[str, Layout | None]:
+    """The phases whose layout the user gave axis by axis (``parallel.prefill.tp=2``): unnamed axes are 1,
+    as :func:`seesaw_ds.cli.complete_layout_overrides` makes them."""
+    out: dict[str, Layout | None] = {"prefill": None, "decode": None}
+    for phase in out:
+        prefix = f"parallel.{phase}."
+        axes = {o.split("=", 1)[0].lstrip("+")[len(prefix):]: o.split("=", 1)[1]
+                for o in overrides if o.lstrip("+").startswith(prefix) and "=" in o}
+        if axes:
+            try:
+                out[phase] = Layout(**{axis: int(axes.get(axis, 1)) for axis in ("dp", "tp", "pp")})
+            except (TypeError, ValueError):
+                raise ValueError(f"parallel.{phase}.* overrides {axes} must be integers dp, tp, pp") from None
+    return out
+
+
+def device_tokens_cap(workload: Workload, num_ranks: int, block_size: int) -> int:
+    """Device-tier tokens a replica can use at most on this workload: the most sequences that can decode
+    at once (the sampled requests, or the batch limit), each at its longest, in whole blocks."""
+    seqs = min(workload.num_requests, MAX_SEQS_PER_MICRO_BATCH * num_ranks)
+    tokens = seqs * workload.max_len
+    return -(-tokens // block_size) * block_size
+
+
+def plan_options(facts: JobFacts, calibration: Calibration, workload: Workload) -> PlanOptions:
+    """How to simulate the job: measured figures at face value, today's executor (synchronous pipeline,
+    data-parallel replicas in lockstep), the job's scheduler and KV settings; no vLLM baseline (seesaw_ds
+    cannot run it)."""
+    host_per_rank = calibration.host_memory_bytes / max(1, facts.num_ranks)  # the staging area's pool
+    return PlanOptions(pipeline="synchronous", dp_lockstep=True, efficiency=MEASURED_EFFICIENCY,
+                       memory_utilization=1.0, host_memory_bytes_per_gpu=host_per_rank,
+                       host_memory_fraction=facts.host_memory_fraction, staging_tokens=facts.host_tokens,
+                       block_size=facts.block_size, max_prefill_tokens=facts.max_prefill_tokens,
+                       max_seqs=(MAX_SEQS_PER_MICRO_BATCH if facts.max_decode_seqs is None
+                                 else max(1, facts.max_decode_seqs)),
+                       low_watermark=facts.low_watermark, chunk_sizes=(), dtype_bytes=facts.dtype_bytes,
+                       device_tokens=facts.device_tokens or device_tokens_cap(workload, facts.num_ranks,
+                                                                              facts.block_size))
+
+
+def make_planner(facts: JobFacts, calibration: Calibration, dims: ModelDims, workload: Workload) -> Planner:
+    return Planner(hardware_spec(calibration), facts.num_ranks, dims, workload,
+                   plan_options(facts, calibration, workload))
+
+
+def choose(facts: JobFacts, calibration: Calibration, dims: ModelDims, workload: Workload) -> AutoChoice:
+    """The best runnable candidate for the job (pure given the calibration): ValueError when none fits."""
+    began = time.perf_counter()
+    planner = make_planner(facts, calibration, dims, workload)
+    result = planner.run()
+    wanted = [c for c in result.candidates
+              if (facts.fixed_prefill is None or c.prefill == facts.fixed_prefill)
+              and (facts.fixed_decode is None or c.decode == facts.fixed_decode)]
+    if not wanted:
+        why = "; ".join(f"{bad['layout']}: {bad['reason']}" for bad in result.infeasible[:3])
+        fixed = {k: str(v) for k, v in (("prefill", facts.fixed_prefill), ("decode", facts.fixed_decode)) if v}
+        raise ValueError(f"parallel=auto found no layout of {facts.num_ranks} rank(s) that runs this model"
+                         + (f" with the given {fixed}" if fixed else "") + (f" ({why})" if why else "")
+                         + "; change launch.nproc or give parallel.prefill.*/parallel.decode.*")
+    best: Candidate = wanted[0]
+    seqs_per_batch = planner.options.max_seqs
+    max_decode_seqs = facts.max_decode_seqs or seqs_per_batch * best.decode.pp
+    device_tokens = planner.pair_kv_tokens(best.prefill, best.decode)
+    return AutoChoice(
+        best.prefill, best.decode, best.kind, best.result.throughput, best.result.output_throughput,
+        max_decode_seqs, device_tokens, hardware={**calibration.to_json(), "name": planner.gpu.name},
+        workload={"name": workload.name, "num_requests": workload.num_requests,
+                  "prompt_tokens": workload.prompt_tokens, "output_tokens": workload.output_tokens,
+                  "max_len": workload.max_len},
+        ranking=[{"kind": c.kind, "prefill": str(c.prefill), "decode": str(c.decode),
+                  "predicted_tokens_per_second": c.result.throughput} for c in wanted],
+        timings={"plan": time.perf_counter() - began})
+
+
+# -- reading the job ------------------------------------------------------------------------------------------
+def checkpoint_facts(model_path: str | Path, dtype: str) -> tuple[ModelDims, int, int, int]:
+    """(dims, dtype bytes, max positions, vocab size) from a checkpoint's config.json."""
+    from transformers import AutoConfig
+
+    from seesaw_ds.model.loader import model_dims
+
+    config = AutoConfig.from_pretrained(model_path)
+    if dtype in (None, "auto"):
+        dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+    dtype = dtype.removeprefix("torch.")
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"model.dtype={dtype!r}: parallel=auto knows {', '.join(DTYPE_BYTES)}")
+    return model_dims(config), DTYPE_BYTES[dtype], int(config.max_position_embeddings), int(config.vocab_size)
+
+
+def workload_from_input(input_path: str | Path, model_path: str | Path, *, job_sampling: dict, max_model_len: int,
+                        vocab_size: int, sample_lines: int = 256) -> Workload:
+    """Prompt lengths and max_tokens of the first ``sample_lines`` valid requests of the input file, read
+    exactly as the job reads them (tokenizer, chat template, sampling defaults)."""
+    from transformers import AutoTokenizer
+
+    from seesaw_ds.engine.requests import Request, iter_requests
+    from seesaw_ds.model.loader import read_generation_defaults
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    stream = iter_requests(input_path, tokenizer, job_sampling=job_sampling,
+                           model_defaults=read_generation_defaults(Path(model_path)), max_model_len=max_model_len,
+                           vocab_size=vocab_size)
+    prompts, outputs = [], []
+    for item in stream:
+        if isinstance(item, Request):
+            prompts.append(len(item.prompt_token_ids))
+            outputs.append(item.sampling.max_tokens)
+            if len(prompts) >= sample_lines:
+                break
+    if not prompts:
+        raise ValueError(f"io.input={str(input_path)!r} has no valid request for parallel=auto to plan with")
+    return Workload(Path(input_path).stem, np.array(prompts, dtype=np.int64), np.array(outputs, dtype=np.int64))
+
+
+def plan_job(settings, overrides: list[str], *, sample_lines: int = 256) -> AutoChoice:
+    """Calibrate this machine and choose the layouts of ``settings`` (a JobConfig whose model.path and
+    io.input are resolved); ValueError with one line when nothing can run."""
+    from dataclasses import asdict
+
+    from seesaw_ds.sim.calibrate import measure
+
+    began = time.perf_counter()
+    dims, dtype_bytes, max_positions, vocab = checkpoint_facts(settings.model.path, settings.model.dtype)
+    sampling = {k: v for k, v in asdict(settings.sampling).items() if v is not None}
+    workload = workload_from_input(settings.io.input, settings.model.path, job_sampling=sampling,
+                                   max_model_len=settings.model.max_model_len or max_positions, vocab_size=vocab,
+                                   sample_lines=sample_lines)
+    read_s = time.perf_counter() - began
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
+    fixed = fixed_layouts(overrides)
+    facts = JobFacts(num_ranks=settings.launch.nproc, dtype_bytes=dtype_bytes, block_size=settings.kv.block_size,
+                     max_prefill_tokens=settings.scheduler.max_prefill_tokens,
+                     low_watermark=settings.scheduler.low_watermark, host_tokens=settings.kv.host_tokens,
+                     host_memory_fraction=settings.kv.host_memory_fraction, fixed_prefill=fixed["prefill"],
+                     fixed_decode=fixed["decode"],
+                     device_tokens=settings.kv.device_tokens if "kv.device_tokens" in keys else None,
+                     max_decode_seqs=(settings.scheduler.max_decode_seqs
+                                      if "scheduler.max_decode_seqs" in keys else None))
+    calibration = measure(ranks=facts.num_ranks, dtype={4: "float32", 2: "bfloat16"}[dtype_bytes])
+    choice = choose(facts, calibration, dims, workload)
+    choice.timings.update(read_input=read_s, calibrate=calibration.seconds, total=time.perf_counter() - began)
+    return choice
+
+
+def write_plan(choice: AutoChoice, run_dir: Path, rank_overrides: list[str]) -> Path:
+    """``plan.json`` in the run directory: the choice, its prediction and the overrides the ranks got."""
+    path = Path(run_dir) / "plan.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**choice.to_json(), "rank_overrides": rank_overrides}, indent=2) + "\n")
+    return path

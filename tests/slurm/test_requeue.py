@@ -1,0 +1,115 @@
+"""Preemption on the real local Slurm cluster: `scontrol requeue` of a running `sbatch slurm/run.sh` job.
+
+Slurm ends the running job like `scancel` does (SIGCONT + SIGTERM to every task, SIGKILL after KillWait),
+puts it back in the queue and starts it again with the same job id once the node is free: the ranks stop
+after their step (exit 75), the second start finds the same run directory and resumes from its output, so
+the job ends with every custom_id exactly once and the tokens of an uninterrupted local run."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO, answers, run_command
+
+pytestmark = pytest.mark.slurm
+RUN_SH = REPO / "slurm" / "run.sh"
+NUM_REQUESTS = 40
+# Both layouts and the sampling fixed here, so that the sbatch job and the local run are the same job.
+JOB = ["sampling.temperature=0", "sampling.ignore_eos=true", "kv.host_tokens=200", "kv.device_tokens=256",
+       "kv.block_size=4", "scheduler.max_prefill_tokens=64", "io.progress_interval_s=1"]
+
+
+@pytest.fixture(scope="module")
+def workload(tiny_models, tmp_path_factory) -> list[str]:
+    """40 requests of varied lengths (so that the job is still running when it is requeued)."""
+    rng = random.Random(5)
+    path = tmp_path_factory.mktemp("requeue") / "input.jsonl"
+    path.write_text("".join(
+        json.dumps({"custom_id": f"f{i}", "prompt_token_ids": [rng.randint(3, 500) for _ in range(rng.randint(4, 30))],
+                    "max_tokens": rng.randint(4, 40)}) + "\n" for i in range(NUM_REQUESTS)))
+    return [f"model.path={tiny_models['llama']}", f"io.input={path}", *JOB]
+
+
+@pytest.fixture(scope="module")
+def local_reference(workload, tmp_path_factory) -> dict[str, list[int]]:
+    """The same job uninterrupted and standalone: `bash slurm/run.sh ...` (mpiexec, 2 ranks on this host)."""
+    out_dir = tmp_path_factory.mktemp("requeue_local")
+    with pytest.MonkeyPatch.context() as patch:
+        for name in [n for n in os.environ if n.startswith("SLURM_") and n != "SLURM_CONF"]:
+            patch.delenv(name)
+        run_command(["bash", str(RUN_SH), *workload, "launch.nproc=2", f"io.output={out_dir / 'out.jsonl'}",
+                     f"+run_dir={out_dir}"], timeout=600, cwd=out_dir)
+    result = answers(out_dir / "out.jsonl")
+    assert len(result) == NUM_REQUESTS
+    return result
+
+
+def test_scontrol_requeue_of_running_job_resumes(slurm_cluster, workload, local_reference, tmp_path):
+    """No io.output: run.sh's default run directory (runs/slurm-<job id>) must be the same after the requeue."""
+    job_id = slurm_cluster.submit(["-N", "2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
+                                   "--output", tmp_path / "slurm-%j.out", RUN_SH, *workload], cwd=tmp_path)
+    output = tmp_path / "runs" / f"slurm-{job_id}" / "outputs.jsonl"
+    slurm_cluster.wait_for(job_id, lambda i: i.get("JobState") == "RUNNING" and output.exists()
+                           and len(output.read_text().splitlines()) >= 3, timeout=300, what="answering")
+    slurm_cluster.run(["scontrol", "requeue", job_id])
+    requeued_at = time.monotonic()
+    before = answers(output)
+    # The requeued job starts again once the node is free and the credential has expired (cred_expire).
+    info = slurm_cluster.wait(job_id, timeout=600)
+    log = (tmp_path / f"slurm-{job_id}.out").read_text()
+    print(f"\nrequeued with {len(before)} answers on disk; finished {time.monotonic() - requeued_at:.0f}s later")
+    assert info.get("JobState") == "COMPLETED", slurm_cluster.describe(job_id, info)
+    assert info.get("Restarts") == "1", slurm_cluster.describe(job_id, info)
+    # the log (--open-mode=append in run.sh) holds both starts; the second resumed, it did not start over
+    assert f"slurm job {job_id} restart 0" in log and f"slurm job {job_id} restart 1" in log, log[-3000:]
+    resumed = re.search(r"resuming: (\d+) requests already answered", log)
+    assert resumed and int(resumed.group(1)) >= len(before), log[-3000:]
+    assert answers(output) == local_reference
+
+
+@pytest.mark.parametrize("preempt", ["usr2", "requeue"])
+def test_submitit_job_requeued_resumes(slurm_cluster, workload, local_reference, tmp_path, preempt):
+    """A sweep job through hydra/launcher=slurm_local is preempted while it runs.
+
+    usr2: `scancel --signal=USR2` (what submitit's --signal=USR2@signal_delay_s sends before the time limit):
+    the ranks, whose StopRequest replaced submitit's handlers, stop after their step and rank 0 runs
+    `scontrol requeue`. requeue: `scontrol requeue` from outside (SIGTERM to every task). Either way the
+    ranks exit 75 with no submitit result written, and the requeued job runs the same Hydra job again,
+    resuming from the job's outputs.jsonl; the sweep (the submitit client) sees one successful job."""
+    import subprocess
+    import sys
+
+    sweep = tmp_path / "sweep"
+    command = [sys.executable, str(REPO / "launch" / "run.py"), "-m", "hydra/launcher=slurm_local", *workload,
+               f"hydra.sweep.dir={sweep}"]
+    env = slurm_cluster.environ({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    client = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    try:
+        output = sweep / "0" / "outputs.jsonl"
+        deadline = time.monotonic() + 300
+        while not (output.exists() and len(output.read_text().splitlines()) >= 3):
+            assert client.poll() is None, client.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "the sweep job wrote no answers in time"
+            time.sleep(0.5)
+        job_id = next(path.name for path in (sweep / ".submitit").iterdir() if path.name.isdigit())
+        stop = ["scancel", "--signal=USR2", job_id] if preempt == "usr2" else ["scontrol", "requeue", job_id]
+        slurm_cluster.run(stop)
+        signalled_at = time.monotonic()
+        out, _ = client.communicate(timeout=600)
+        print(f"\nsubmitit job {job_id}: {preempt}; sweep finished {time.monotonic() - signalled_at:.0f}s later")
+    finally:
+        if client.poll() is None:
+            client.kill()
+    assert client.returncode == 0, out[-4000:]
+    info = slurm_cluster.job_info(job_id)
+    assert info.get("JobState") == "COMPLETED" and info.get("Restarts") == "1", slurm_cluster.describe(job_id, info)
+    logs = "\n".join(path.read_text(errors="replace") for path in (sweep / ".submitit" / job_id).glob("*_log.*"))
+    assert "resuming:" in logs, logs[-3000:]  # the second start resumed (the first one's log may be overwritten)
+    assert answers(output) == local_reference
