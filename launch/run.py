@@ -40,9 +40,12 @@ def launch_ranks(overrides: list[str], run_dir: Path, nproc: int, mpiexec: str) 
     env = dict(os.environ, SEESAW_RUN_DIR=str(run_dir))
     env.setdefault("OMP_NUM_THREADS", "1")
     process = subprocess.Popen(command, env=env)
-    # Pass preemption signals on to the ranks (mpiexec forwards them), so they stop cleanly.
-    forward = lambda signum, _frame: process.send_signal(signum)
-    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    # Pass preemption signals on to the ranks (mpiexec forwards them), so they stop cleanly. MPICH's mpiexec
+    # does not forward USR2 (submitit's warning signal; it ends with 244): send it on as USR1, which the ranks
+    # treat the same way.
+    forward = lambda signum, _frame: process.send_signal(signal.SIGUSR1 if signum == signal.SIGUSR2 else signum)
+    forwarded = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
+    previous = {signum: signal.signal(signum, forward) for signum in forwarded}
     try:
         return process.wait()
     finally:

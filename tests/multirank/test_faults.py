@@ -74,11 +74,14 @@ def rank_pids(parent: int) -> list[int]:
             if "launch/run.py" in " ".join(child.cmdline()) and "mpiexec" not in child.name()]
 
 
-def test_sigterm_then_resume(tiny_models, fault_input, reference, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR2], ids=["SIGTERM", "SIGUSR2"])
+def test_stop_signal_then_resume(signum, tiny_models, fault_input, reference, tmp_path):
+    """SIGTERM (scancel, preemption) or USR2 (submitit's warning) to the launcher: the ranks stop after the
+    step with everything answered on disk, exit 75, and the same command resumes."""
     output = tmp_path / "out.jsonl"
     args = job_args(tiny_models["llama"], fault_input, output)
     process = start_and_wait_for_lines(args, output, 5)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     code = process.wait(timeout=120)
     partial = answers(output)
     assert code == 75, f"a stopped job exits 75 (EX_TEMPFAIL), got {code}"
