@@ -108,7 +108,8 @@ def test_submitit_job_requeued_resumes(slurm_cluster, workload, local_reference,
         if client.poll() is None:
             client.kill()
     assert client.returncode == 0, out[-4000:]
-    info = slurm_cluster.job_info(job_id)
+    # The client returns when the rank has written its result; Slurm marks the job done a moment later.
+    info = slurm_cluster.wait(job_id, timeout=120)
     assert info.get("JobState") == "COMPLETED" and info.get("Restarts") == "1", slurm_cluster.describe(job_id, info)
     logs = "\n".join(path.read_text(errors="replace") for path in (sweep / ".submitit" / job_id).glob("*_log.*"))
     assert "resuming:" in logs, logs[-3000:]  # the second start resumed (the first one's log may be overwritten)
