@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from seesaw_ds.model import kernels
+
 ATTENTION_NAME = "seesaw"
 
 
@@ -44,6 +46,16 @@ class DecodeMeta:
     write_blocks: torch.Tensor      # [N] long
     write_offsets: torch.Tensor     # [N] long
     ready: Callable[[int], None] | None = None  # blocks until a layer's swapped-in KV has landed
+    starts: torch.Tensor | None = None  # [N] long: each sequence's first slot, when every one is a single span
+    lengths: torch.Tensor | None = None  # [N] long: its KV length (new token included)
+
+    @classmethod
+    def over(cls, cache, spans: list[list[tuple[int, int]]], **fields) -> "DecodeMeta":
+        """The metadata for ``spans``; with ``starts``/``lengths`` when every sequence is one span."""
+        if all(len(runs) == 1 for runs in spans):
+            fields["starts"] = torch.tensor([runs[0][0] for runs in spans], dtype=torch.long)
+            fields["lengths"] = torch.tensor([runs[0][1] for runs in spans], dtype=torch.long)
+        return cls(cache=cache, spans=spans, **fields)
 
 
 def _window_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -77,9 +89,17 @@ def _decode(module, query, key, value, meta: DecodeMeta, scaling, window) -> tor
     if meta.ready is not None:
         meta.ready(module.layer_idx)
     cache.write_tokens(module.layer_idx, meta.write_blocks, meta.write_offsets, key[:, :, 0], value[:, :, 0])
+    flat_keys, flat_values = cache.flat(module.layer_idx)
+    if meta.starts is not None and kernels.applies(flat_keys):
+        starts, lengths = meta.starts, meta.lengths
+        if window:
+            kept = lengths.clamp(max=window)
+            starts, lengths = starts + (lengths - kept), kept
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        out = kernels.decode_attention(query[:, :, 0].contiguous(), flat_keys, flat_values, starts, lengths, scale)
+        return out[:, :, None]
     gqa = query.shape[1] != key.shape[1]
     outputs = []
-    flat_keys, flat_values = cache.flat(module.layer_idx)
     for one_query, spans in zip(query.split(1), meta.spans):
         keys, values = cache.sequence_kv(module.layer_idx, spans, flat_keys, flat_values)  # one span: a view
         if window and keys.shape[1] > window:

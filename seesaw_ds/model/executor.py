@@ -18,6 +18,7 @@ from seesaw_ds.backends import deepspeed as backend
 from seesaw_ds.dist.groups import Topology
 from seesaw_ds.dist.layout import ModelDims, kv_head_range, layer_range
 from seesaw_ds.kv.device import DeviceKVCache
+from seesaw_ds.model import kernels
 from seesaw_ds.model.attention import DecodeMeta, PrefillMeta
 from seesaw_ds.model.loader import HostWeights
 from seesaw_ds.model.stage import StageModel
@@ -125,6 +126,7 @@ class Executor:
             heads = kv_head_range(self.dims.num_kv_heads, groups.layout.tp, groups.tp_index)
             self.caches[groups.layout] = DeviceKVCache(layers, self.device_blocks, self.block_size, len(heads),
                                                        self.dims.head_dim, self.dtype, self.device)
+            kernels.applies(self.caches[groups.layout].keys)  # build the decode kernel now, not in a timed step
         return self.caches[groups.layout]
 
     # ---------------------------------------------------------------- forward
@@ -198,9 +200,9 @@ class Executor:
         starts = torch.tensor([s.start for s in batch], dtype=torch.long)
         blocks = torch.tensor([cache.allocator.tables[s.seq_id][s.start // self.block_size] for s in batch],
                               dtype=torch.long)
-        meta = DecodeMeta(cache=cache, spans=[cache.token_spans(s.seq_id, s.start + 1) for s in batch],
-                          write_blocks=blocks.to(self.device), write_offsets=(starts % self.block_size).to(self.device),
-                          ready=ready)
+        meta = DecodeMeta.over(cache, [cache.token_spans(s.seq_id, s.start + 1) for s in batch],
+                               write_blocks=blocks.to(self.device),
+                               write_offsets=(starts % self.block_size).to(self.device), ready=ready)
         token_ids = torch.tensor([s.tokens[-1] for s in batch], dtype=torch.long, device=self.device)[:, None]
         return meta, token_ids, starts.to(self.device)[:, None]
 
