@@ -1,5 +1,7 @@
 """The CPU decode-attention kernel against torch SDPA on the same paged cache: GQA and MHA, sliding window,
-sequences of one span (the kernel) and of several (SDPA's fallback). Builds the kernel once per venv."""
+head sizes of the vectorized path (multiples of 8, one and two register chunks) and of the plain loop,
+sequence lengths around the 8-row blocks, sequences of one span (the kernel) and of several (SDPA's
+fallback). Builds the kernel once per venv."""
 from __future__ import annotations
 
 import random
@@ -18,9 +20,9 @@ def test_kernel_builds_here():
     assert kernels.load() is not None
 
 
-def filled_cache(lengths: list[int], kv_heads: int, reserve: bool) -> DeviceKVCache:
+def filled_cache(lengths: list[int], kv_heads: int, reserve: bool, head_dim: int = 32) -> DeviceKVCache:
     torch.manual_seed(0)
-    cache = DeviceKVCache(range(3, 4), num_blocks=4096, block_size=4, num_kv_heads=kv_heads, head_dim=32,
+    cache = DeviceKVCache(range(3, 4), num_blocks=4096, block_size=4, num_kv_heads=kv_heads, head_dim=head_dim,
                           dtype=torch.float32, device=torch.device("cpu"))
     for step in range(max(lengths)):  # grow in lockstep, as decode does (fragments without reservations)
         for seq_id, length in enumerate(lengths):
@@ -31,15 +33,19 @@ def filled_cache(lengths: list[int], kv_heads: int, reserve: bool) -> DeviceKVCa
     return cache
 
 
-@pytest.mark.parametrize("heads,kv_heads,window", [(8, 2, None), (4, 4, None), (8, 2, 7)])
-def test_kernel_matches_sdpa(heads, kv_heads, window):
-    rng = random.Random(heads + kv_heads)
-    lengths = [rng.randint(1, 60) for _ in range(12)]
-    cache = filled_cache(lengths, kv_heads, reserve=True)
+@pytest.mark.parametrize("heads,kv_heads,window,head_dim", [
+    (8, 2, None, 32), (4, 4, None, 32), (8, 2, 7, 32),  # GQA, MHA, sliding window
+    (4, 2, None, 128),  # two 64-float chunks of the value sum
+    (4, 2, None, 12),  # not a multiple of 8: the plain loop
+])
+def test_kernel_matches_sdpa(heads, kv_heads, window, head_dim):
+    rng = random.Random(heads + kv_heads + head_dim)
+    # 1..17 around the 8-row blocks and their tails; a few long ones run the prefetch ahead and its stop
+    lengths = [1, 7, 8, 9, 16, 17] + [rng.randint(1, 60) for _ in range(8)] + [rng.randint(100, 300) for _ in range(3)]
+    cache = filled_cache(lengths, kv_heads, reserve=True, head_dim=head_dim)
     spans = [cache.token_spans(seq_id, length) for seq_id, length in enumerate(lengths)]
     assert all(len(runs) == 1 for runs in spans)
-    query = torch.randn(len(lengths), heads, 1, 32)
-    key = torch.zeros(len(lengths), kv_heads, 1, 32)
+    query = torch.randn(len(lengths), heads, 1, head_dim)
     module = SimpleNamespace(layer_idx=3)
     # the new token's K/V are written first; write back what is already there so the cache stays as filled
     last = [runs[0][0] + runs[0][1] - 1 for runs in spans]
@@ -50,7 +56,7 @@ def test_kernel_matches_sdpa(heads, kv_heads, window):
     fields = dict(write_blocks=blocks, write_offsets=offsets)
     fast = _decode(module, query, key, value, DecodeMeta.over(cache, spans, **fields), None, window)
     reference = _decode(module, query, key, value, DecodeMeta(cache=cache, spans=spans, **fields), None, window)
-    assert fast.shape == reference.shape == (len(lengths), heads, 1, 32)
+    assert fast.shape == reference.shape == (len(lengths), heads, 1, head_dim)
     assert torch.allclose(fast, reference, atol=1e-5), (fast - reference).abs().max()
 
 
