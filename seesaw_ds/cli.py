@@ -130,7 +130,7 @@ def check_before_launch(settings) -> None:
     check_sampling(settings)
     if settings.parallel.prefill_micro_batches < 1:
         raise ValueError(f"parallel.prefill_micro_batches={settings.parallel.prefill_micro_batches} must be >= 1 "
-                         "(micro-batches per pipeline stage in a prefill step; 4 is the default)")
+                         "(micro-batches per pipeline stage in a prefill step; 8 is the default)")
     if settings.model.path is not None:
         checkpoint = open_checkpoint(settings.model.path, allow_pickle=settings.model.allow_pickle,
                                      trust_remote_code=settings.model.trust_remote_code)

@@ -41,7 +41,7 @@ class Runtime:
 def start(model_path: str, layouts: dict[str, Layout], *, device_tokens: int, block_size: int = 16,
           ranks_per_node: int | None = None, dtype: str | None = None, allow_pickle: bool = False,
           trust_remote_code: bool = False, comm_timeout_s: float = 600.0, staging_factory=None,
-          prefill_micro_batches: int = 4) -> Runtime:
+          prefill_micro_batches: int = 8) -> Runtime:
     """Start this rank (collective over MPI.COMM_WORLD). Raises ValueError subclasses on bad settings.
 
     ``layouts`` names every layout the executor can switch to (a job has "prefill" and "decode").

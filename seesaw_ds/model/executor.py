@@ -79,7 +79,7 @@ class Executor:
 
     def __init__(self, topology: Topology, host: HostWeights, template, dims: ModelDims,
                  row_parallel: frozenset[str], *, device_tokens: int, block_size: int = 16,
-                 device: torch.device | None = None, staging=None, prefill_micro_batches: int = 4):
+                 device: torch.device | None = None, staging=None, prefill_micro_batches: int = 8):
         self.topology = topology
         self.dims = dims
         self.device = device or backend.device()
