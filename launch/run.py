@@ -25,20 +25,20 @@ if str(REPO) not in sys.path:
 from seesaw_ds.cli import (CONF_DIR, ConfigError, check_before_launch, compose_settings, fail,  # noqa: E402
                            EXIT_PREEMPTED, resolve_parallel_auto, run_dir_for, summarize_sweep, worker_main)
 from seesaw_ds.sim.auto import write_plan  # noqa: E402
-from seesaw_ds.dist.env import under_launcher  # noqa: E402
+from seesaw_ds.dist.env import rank_environment, under_launcher  # noqa: E402
 
 
-def launch_ranks(overrides: list[str], run_dir: Path, nproc: int, mpiexec: str) -> int:
-    """Start ``nproc`` ranks of this script under mpiexec; returns their exit code."""
+def launch_ranks(overrides: list[str], run_dir: Path, launch) -> int:
+    """Start ``launch.nproc`` ranks of this script under ``launch.mpiexec``; returns their exit code."""
+    mpiexec = launch.mpiexec
     launcher = mpiexec if os.sep in mpiexec else str(Path(sys.executable).parent / mpiexec)
     if not Path(launcher).exists():
         launcher = mpiexec
-    command = [launcher, "-n", str(nproc), sys.executable, str(Path(__file__).resolve()), *overrides,
+    command = [launcher, "-n", str(launch.nproc), sys.executable, str(Path(__file__).resolve()), *overrides,
                f"+run_dir={run_dir}" if not any(o.startswith(("run_dir=", "+run_dir=")) for o in overrides)
                else ""]
     command = [part for part in command if part]
-    env = dict(os.environ, SEESAW_RUN_DIR=str(run_dir))
-    env.setdefault("OMP_NUM_THREADS", "1")
+    env = rank_environment(dict(os.environ, SEESAW_RUN_DIR=str(run_dir)), hugepages=launch.hugepages)
     process = subprocess.Popen(command, env=env)
     # Pass preemption signals on to the ranks (mpiexec forwards them), so they stop cleanly. MPICH's mpiexec
     # does not forward USR2 (submitit's warning signal; it ends with 244): send it on as USR1, which the ranks
@@ -68,7 +68,7 @@ def single(overrides: list[str]) -> int:
     (run_dir / "overrides.txt").write_text("\n".join(overrides) + "\n")
     if plan is not None:
         print(f"seesaw_ds: {plan.line()}; {write_plan(plan, run_dir, rank_overrides)}", flush=True)
-    return launch_ranks(rank_overrides, run_dir, settings.launch.nproc, settings.launch.mpiexec)
+    return launch_ranks(rank_overrides, run_dir, settings.launch)
 
 
 def auto_overrides(overrides: list[str], settings) -> tuple[list[str], object]:
@@ -183,7 +183,7 @@ def sweep_job(cfg) -> int:
     rank_overrides, plan = auto_overrides(rank_overrides, settings)
     if plan is not None:
         print(f"seesaw_ds: {plan.line()}; {write_plan(plan, job_dir, rank_overrides)}", flush=True)
-    code = launch_ranks(rank_overrides, job_dir, settings.launch.nproc, settings.launch.mpiexec)
+    code = launch_ranks(rank_overrides, job_dir, settings.launch)
     if code != 0:
         raise RuntimeError(f"sweep job {hydra_cfg.job.num} ({' '.join(task_overrides)}) exited with {code}; "
                            f"its files: {job_dir}")

@@ -39,6 +39,15 @@ if [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${SLURM_STEP_ID:-}" ]; then
   # A requeued job (preemption, scontrol requeue, USR1 near the time limit) runs this script again with the
   # same job id: the same run directory (unless run_dir/io.output are given), so it resumes from its output.
   export SEESAW_RUN_DIR="${SEESAW_RUN_DIR:-$PWD/runs/slurm-$SLURM_JOB_ID}"
+  # srun starts the ranks here, so the huge-page malloc tunable launch/run.py gives mpiexec's ranks
+  # (launch.hugepages, seesaw_ds/dist/env.py) is set here; glibc reads it only at process start.
+  case " $* " in
+    *" launch.hugepages=false "*) ;;
+    *) case "${GLIBC_TUNABLES:-}" in
+         *glibc.malloc.hugetlb*) ;;
+         *) export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1" ;;
+       esac ;;
+  esac
   echo "[seesaw_ds] slurm job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST:-?}; run dir ${SEESAW_RUN_DIR}"
   exec srun --mpi="${SEESAW_SRUN_MPI:-pmi2}" --kill-on-bad-exit=1 \
     "$repo/.venv/bin/python" "$repo/launch/run.py" "launch.nproc=${SLURM_NTASKS:-1}" "$@"

@@ -18,6 +18,7 @@ from pathlib import Path
 from mpi4py import MPI
 
 from seesaw_ds.config import JobConfig, layout_of
+from seesaw_ds.dist.env import anon_hugepage_bytes
 from seesaw_ds.engine import requests as request_io
 from seesaw_ds.engine.leader import Finished, Leader
 from seesaw_ds.engine.outputs import JsonlAppender, format_error, format_result, scan_answered, scan_error_lines
@@ -258,6 +259,7 @@ def _summary(leader: Leader, executor) -> dict:
 
     return {"elapsed_time": leader.elapsed, "num_requests": stats.finished, "prompt_tokens": stats.prompt_tokens,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "hugepage_bytes": anon_hugepage_bytes(),
             "output_tokens": stats.output_tokens, "num_transitions": leader.scheduler.num_transitions,
             "transition_seconds": stats.transition_seconds, "reshard_bytes": stats.reshard_bytes,
             "phase_seconds": dict(stats.phase_seconds), "scheduler": leader.scheduler.stats(),
@@ -306,6 +308,7 @@ def _metrics(summaries: list[dict], coordinator: Coordinator) -> dict:
             "requests_per_second": requests / elapsed, "tokens_per_second": (prompt + output) / elapsed,
             "output_tokens_per_second": output / elapsed, "prompt_tokens": prompt, "output_tokens": output,
             "num_errors": coordinator.num_errors, "peak_rss_bytes_rank0": first["peak_rss_bytes"],
+            "hugepage_bytes_rank0": first["hugepage_bytes"],
             "num_transitions": sum(s["num_transitions"] for s in summaries),
             "transition_seconds": sum(s["transition_seconds"] for s in summaries),
             "reshard_bytes": sum(s["reshard_bytes"] for s in summaries),

@@ -109,3 +109,24 @@ def test_other_policies(workload, tmp_path, policy):
     _, records, metrics = run_job(model_dir, input_path, tmp_path, 2, *layout_args("pp2", "tp2"),
                                   f"scheduler.policy={policy}")
     check_outputs(records, expected)
+
+
+def test_ranks_use_huge_pages_unless_turned_off(workload, tmp_path):
+    """launch.hugepages (on by default) starts the ranks with glibc's transparent-huge-page tunable: rank 0
+    holds memory on huge pages at the end of the job where the kernel allows THP, and none when the setting
+    is off and the kernel gives them only on request (madvise). Outputs are the same either way."""
+    from seesaw_ds.dist.env import transparent_hugepages_mode
+
+    model_dir, input_path, expected = workload
+    metrics = {}
+    for setting in ("true", "false"):
+        out_dir = tmp_path / setting
+        out_dir.mkdir()
+        _, records, metrics[setting] = run_job(model_dir, input_path, out_dir, 2, *layout_args("pp2", "tp2"),
+                                               f"launch.hugepages={setting}")
+        check_outputs(records, expected)
+    mode = transparent_hugepages_mode()
+    if mode in ("always", "madvise"):
+        assert metrics["true"]["hugepage_bytes_rank0"] > 0, (mode, metrics["true"]["hugepage_bytes_rank0"])
+    if mode in ("madvise", "never"):
+        assert metrics["false"]["hugepage_bytes_rank0"] == 0, (mode, metrics["false"]["hugepage_bytes_rank0"])
