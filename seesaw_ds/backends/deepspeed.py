@@ -24,6 +24,8 @@ import deepspeed.comm as ds_comm
 from deepspeed.accelerator import get_accelerator
 from deepspeed.module_inject import auto_tp, layers as ds_layers
 
+from seesaw_ds.dist import env as dist_env
+
 log = logging.getLogger(__name__)
 
 
@@ -44,7 +46,7 @@ def init_comm(timeout_s: float, local_rank: int) -> None:
     """Start deepspeed.comm over the exported RANK/WORLD_SIZE/MASTER_* variables (once per process)."""
     if ds_comm.is_initialized():
         return
-    _private_extension_dir()
+    dist_env.export_extension_dir()
     accel = get_accelerator()
     if accel.device_name() != "cpu":
         accel.set_device(local_rank % max(1, accel.device_count()))
@@ -52,17 +54,6 @@ def init_comm(timeout_s: float, local_rank: int) -> None:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                timeout=timedelta(seconds=timeout_s))
     _unlink_shm_allreduce_files()
-
-
-def _private_extension_dir() -> None:
-    """Build DeepSpeed's JIT ops (the CPU shm all-reduce) inside this environment, not in the user-wide
-    ~/.cache/torch_extensions: there, every other checkout's venv (a CI clone, a second project) writes the
-    same op with other include paths, and each job that follows rebuilds it (30-90 s of start-up here).
-    An explicit TORCH_EXTENSIONS_DIR wins."""
-    import os
-    import sys
-
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 
 def _unlink_shm_allreduce_files() -> None:

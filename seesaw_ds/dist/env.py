@@ -109,6 +109,16 @@ def _routable_address() -> str:
         return "127.0.0.1"
 
 
+def export_extension_dir() -> None:
+    """Build torch JIT extensions (DeepSpeed's CPU shm all-reduce, the decode-attention kernel) inside this
+    environment, not in the user-wide ~/.cache/torch_extensions: there, every other checkout's venv (a CI
+    clone, a second project) writes the same op with other include paths, and each job that follows
+    rebuilds it (30-90 s of start-up here). An explicit TORCH_EXTENSIONS_DIR wins."""
+    import sys
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+
+
 #: glibc (>= 2.35) tunable that makes malloc madvise its large mappings for transparent huge pages.
 HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
 

@@ -9,11 +9,11 @@ memory speed here). The kernel is optional: where it cannot be built (no compile
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from pathlib import Path
 
 import torch
+
+from seesaw_ds.dist.env import export_extension_dir
 
 log = logging.getLogger("seesaw_ds")
 
@@ -42,7 +42,7 @@ def load():
 
     wide = {"avx2", "fma"} <= _cpu_flags()  # one build per instruction set: nodes of a cluster may differ
     flags = ["-O3", "-fopenmp-simd"] + (["-mavx2", "-mfma"] if wide else [])
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    export_extension_dir()
     try:
         _module = jit_load(f"seesaw_decode_attention_{'avx2' if wide else 'base'}", [str(_SOURCE)],
                            extra_cflags=flags, verbose=False)
