@@ -53,7 +53,7 @@ class ParallelConfig:
     """Layout for decode steps (weight-bandwidth-bound: tensor parallel wins)."""
     prefill_micro_batches: int = 8
     """Micro-batches per pipeline stage in a prefill step (pp > 1 only): the pipeline bubble is
-    (pp-1)/(m+pp-1) of the step for m micro-batches; whole prompts are never split. 8 measured +2-5% over 4
+    (pp-1)/(m+pp-1) of the step for m micro-batches; whole prompts are never split. 8 measured +2-6% over 4
     on the standard CPU benchmark (docs/benchmarks.md)."""
     auto: bool = False
     """Let the planner choose both layouts for this machine, model and input (``parallel=auto``; see

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from mpi4py import MPI
 
@@ -114,8 +116,6 @@ def export_extension_dir() -> None:
     environment, not in the user-wide ~/.cache/torch_extensions: there, every other checkout's venv (a CI
     clone, a second project) writes the same op with other include paths, and each job that follows
     rebuilds it (30-90 s of start-up here). An explicit TORCH_EXTENSIONS_DIR wins."""
-    import sys
-
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 
@@ -143,7 +143,7 @@ def rank_environment(base: dict[str, str], *, hugepages: bool) -> dict[str, str]
 def transparent_hugepages_mode() -> str:
     """The kernel's THP mode (``always``, ``madvise`` or ``never``; ``unknown`` where it cannot be read)."""
     try:
-        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
     except OSError:
         return "unknown"
     chosen = [word[1:-1] for word in text.split() if word.startswith("[")]
@@ -153,7 +153,7 @@ def transparent_hugepages_mode() -> str:
 def anon_hugepage_bytes() -> int:
     """Bytes of this process's anonymous memory on transparent huge pages now (0 where not reported)."""
     try:
-        for line in open("/proc/self/smaps_rollup"):
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
             if line.startswith("AnonHugePages:"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
