@@ -37,6 +37,18 @@ def run_mpi(nproc: int, args: list[str], *, timeout: float = 300, env: dict | No
     return run_command([MPIEXEC, "-n", str(nproc), sys.executable, *args], timeout=timeout, env=env, check=check)
 
 
+def run_sh_standalone(args: list[str], out_dir: Path, *, timeout: float = 600) -> Path:
+    """``bash slurm/run.sh ARGS`` outside Slurm (mpiexec on this host), even when the tests themselves run
+    inside an allocation; writes into ``out_dir`` and returns its output file."""
+    output = out_dir / "out.jsonl"
+    with pytest.MonkeyPatch.context() as patch:
+        for name in [n for n in os.environ if n.startswith("SLURM_") and n != "SLURM_CONF"]:
+            patch.delenv(name)
+        run_command(["bash", str(REPO / "slurm" / "run.sh"), *args, f"io.output={output}", f"+run_dir={out_dir}"],
+                    timeout=timeout, cwd=out_dir)
+    return output
+
+
 def answers(path: Path) -> dict[str, list[int]]:
     """custom_id -> token_ids of an output file; asserts every line is whole JSON and no custom_id repeats."""
     import json

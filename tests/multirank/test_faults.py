@@ -117,12 +117,18 @@ def test_torn_last_line_is_discarded(tiny_models, fault_input, reference, tmp_pa
     assert answers(output) == reference
 
 
-def run_with_fault(args: list[str], fault: str, timeout: float = 300) -> tuple[subprocess.CompletedProcess, float]:
-    """The job with SEESAW_FAULT=fault (this run only); returns its result and how long it took to end."""
+def run_killed(args: list[str], point: str, count: int, rank: int,
+               timeout: float = 300) -> tuple[subprocess.CompletedProcess, float]:
+    """The job with SEESAW_FAULT=POINT:COUNT@rankRANK (this run only), which must fail fast, saying where it
+    was killed; returns its result and how long it took to end."""
     assert "SEESAW_FAULT" not in os.environ, "the rerun must not inherit the fault"
     began = time.monotonic()
-    proc = run_command(args, timeout=timeout, env={"SEESAW_FAULT": fault}, check=False)
-    return proc, time.monotonic() - began
+    proc = run_command(args, timeout=timeout, env={"SEESAW_FAULT": f"{point}:{count}@rank{rank}"}, check=False)
+    seconds = time.monotonic() - began
+    assert proc.returncode != 0, f"a job whose rank {rank} was killed at {point} must fail"
+    assert f"SEESAW_FAULT: SIGKILL at {point} #{count} on rank {rank}" in proc.stderr, proc.stderr[-3000:]
+    assert seconds < 300
+    return proc, seconds
 
 
 def test_kill_during_layout_transition_then_resume(tiny_models, fault_input, reference, tmp_path):
@@ -130,10 +136,7 @@ def test_kill_during_layout_transition_then_resume(tiny_models, fault_input, ref
     new layout's weights moved and before the step's KV swap: the job fails fast, the rerun completes it."""
     output = tmp_path / "out.jsonl"
     args = job_args(tiny_models["llama"], fault_input, output)
-    proc, seconds = run_with_fault(args, "transition:8@rank1")
-    assert proc.returncode != 0, "a job that lost a rank mid-switch must fail"
-    assert "SEESAW_FAULT: SIGKILL at transition #8 on rank 1" in proc.stderr, proc.stderr[-3000:]
-    assert seconds < 300
+    proc, seconds = run_killed(args, "transition", 8, rank=1)
     partial = answers(output)  # every line whole: the kill was on another rank than the writer
     assert 1 <= len(partial) < NUM_REQUESTS, "killed in the middle of the job (some answers, not all)"
     assert all(reference[cid] == tokens for cid, tokens in partial.items())
@@ -147,10 +150,7 @@ def test_kill_while_writing_output_then_resume(tiny_models, fault_input, referen
     ends in a torn line, which the rerun cuts off and answers again."""
     output = tmp_path / "out.jsonl"
     args = job_args(tiny_models["llama"], fault_input, output)
-    proc, seconds = run_with_fault(args, "output:6@rank0")
-    assert proc.returncode != 0, "a job whose writer was killed must fail"
-    assert "SEESAW_FAULT: SIGKILL at output #6 on rank 0" in proc.stderr, proc.stderr[-3000:]
-    assert seconds < 300
+    proc, seconds = run_killed(args, "output", 6, rank=0)
     text = output.read_text()
     whole, torn = text.rsplit("\n", 1)
     assert torn and not text.endswith("\n"), "the last line is torn (no newline)"

@@ -7,7 +7,6 @@ the job ends with every custom_id exactly once and the tokens of an uninterrupte
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, answers, run_command
+from helpers import REPO, answers, run_sh_standalone
 
 pytestmark = pytest.mark.slurm
 RUN_SH = REPO / "slurm" / "run.sh"
@@ -39,13 +38,7 @@ def workload(tiny_models, tmp_path_factory) -> list[str]:
 @pytest.fixture(scope="module")
 def local_reference(workload, tmp_path_factory) -> dict[str, list[int]]:
     """The same job uninterrupted and standalone: `bash slurm/run.sh ...` (mpiexec, 2 ranks on this host)."""
-    out_dir = tmp_path_factory.mktemp("requeue_local")
-    with pytest.MonkeyPatch.context() as patch:
-        for name in [n for n in os.environ if n.startswith("SLURM_") and n != "SLURM_CONF"]:
-            patch.delenv(name)
-        run_command(["bash", str(RUN_SH), *workload, "launch.nproc=2", f"io.output={out_dir / 'out.jsonl'}",
-                     f"+run_dir={out_dir}"], timeout=600, cwd=out_dir)
-    result = answers(out_dir / "out.jsonl")
+    result = answers(run_sh_standalone([*workload, "launch.nproc=2"], tmp_path_factory.mktemp("requeue_local")))
     assert len(result) == NUM_REQUESTS
     return result
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import REPO, run_command
+from helpers import REPO, run_command, run_sh_standalone
 
 pytestmark = pytest.mark.slurm
 RUN_SH = REPO / "slurm" / "run.sh"
@@ -42,13 +41,7 @@ def workload(tiny_models, tmp_path_factory) -> list[str]:
 @pytest.fixture(scope="module")
 def local_tokens(workload, tmp_path_factory) -> dict[str, list[int]]:
     """The same job run standalone: `bash slurm/run.sh ...` (mpiexec, 2 ranks on this host)."""
-    out_dir = tmp_path_factory.mktemp("local")
-    with pytest.MonkeyPatch.context() as patch:
-        for name in [n for n in os.environ if n.startswith("SLURM_") and n != "SLURM_CONF"]:
-            patch.delenv(name)  # standalone, even when the tests themselves run inside an allocation
-        run_command(["bash", str(RUN_SH), *workload, *PP2_TO_TP2, f"io.output={out_dir / 'out.jsonl'}",
-                     f"+run_dir={out_dir}"], timeout=600, cwd=out_dir)
-    return read_tokens(out_dir / "out.jsonl")
+    return read_tokens(run_sh_standalone([*workload, *PP2_TO_TP2], tmp_path_factory.mktemp("local")))
 
 
 def test_sbatch_run_sh_matches_local_run(slurm_cluster, workload, local_tokens, tmp_path):
