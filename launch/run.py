@@ -25,7 +25,7 @@ if str(REPO) not in sys.path:
 from seesaw_ds.cli import (CONF_DIR, ConfigError, check_before_launch, compose_settings, fail,  # noqa: E402
                            EXIT_PREEMPTED, resolve_parallel_auto, run_dir_for, summarize_sweep, worker_main)
 from seesaw_ds.sim.auto import write_plan  # noqa: E402
-from seesaw_ds.dist.env import rank_environment, under_launcher  # noqa: E402
+from seesaw_ds.distributed.env import rank_environment, under_launcher  # noqa: E402
 
 
 def launch_ranks(overrides: list[str], run_dir: Path, launch) -> int:

@@ -24,7 +24,7 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from seesaw_ds.dist.layout import Layout  # noqa: E402
+from seesaw_ds.distributed.layout import Layout  # noqa: E402
 
 CANDIDATES_2 = [("dp2", "dp2"), ("tp2", "tp2"), ("pp2", "pp2"), ("pp2", "tp2"), ("dp2", "tp2"), ("pp2", "dp2"),
                 ("tp2", "dp2")]

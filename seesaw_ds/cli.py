@@ -124,7 +124,7 @@ def check_before_launch(settings) -> None:
     """What can be checked before any rank starts: the model directory and the layouts against it
     (ValueError naming the value and the fix)."""
     from seesaw_ds.config import layout_of
-    from seesaw_ds.dist.layout import validate_named_layouts
+    from seesaw_ds.distributed.layout import validate_named_layouts
     from seesaw_ds.model.loader import open_checkpoint
 
     check_sampling(settings)

@@ -12,7 +12,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from seesaw_ds.dist.layout import Layout
+from seesaw_ds.distributed.layout import Layout
 
 
 @dataclass

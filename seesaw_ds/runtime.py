@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from seesaw_ds.backends import deepspeed as backend
-from seesaw_ds.dist import env as dist_env
-from seesaw_ds.dist.groups import Topology, build_topology
-from seesaw_ds.dist.layout import Layout, validate_named_layouts
+from seesaw_ds.distributed import env as dist_env
+from seesaw_ds.distributed.groups import Topology, build_topology
+from seesaw_ds.distributed.layout import Layout, validate_named_layouts
 from seesaw_ds.model.executor import Executor
 from seesaw_ds.model.loader import Checkpoint, HostWeights, open_checkpoint, parse_dtype
 from seesaw_ds.model.stage import build_template

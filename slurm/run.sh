@@ -40,7 +40,7 @@ if [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${SLURM_STEP_ID:-}" ]; then
   # same job id: the same run directory (unless run_dir/io.output are given), so it resumes from its output.
   export SEESAW_RUN_DIR="${SEESAW_RUN_DIR:-$PWD/runs/slurm-$SLURM_JOB_ID}"
   # srun starts the ranks here, so the huge-page malloc tunable launch/run.py gives mpiexec's ranks
-  # (launch.hugepages, seesaw_ds/dist/env.py) is set here; glibc reads it only at process start.
+  # (launch.hugepages, seesaw_ds/distributed/env.py) is set here; glibc reads it only at process start.
   case " $* " in
     *" launch.hugepages=false "*) ;;
     *) case "${GLIBC_TUNABLES:-}" in

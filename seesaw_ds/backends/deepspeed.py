@@ -1,7 +1,7 @@
 """The one place that imports DeepSpeed: communication start-up, the accelerator, and AutoTP's layers.
 
 - ``init_comm`` starts ``deepspeed.comm`` (gloo on CPU, NCCL on CUDA) from the environment that
-  :mod:`seesaw_ds.dist.env` exported.
+  :mod:`seesaw_ds.distributed.env` exported.
 - ``row_parallel_names`` asks AutoTP's policy which linears of a decoder layer are row-parallel
   (all-reduce after them); every other linear in the layer is column-parallel.
 - ``column_linear`` / ``row_linear`` wrap a shard that already lies in memory (a view of the node-shared
@@ -24,7 +24,7 @@ import deepspeed.comm as ds_comm
 from deepspeed.accelerator import get_accelerator
 from deepspeed.module_inject import auto_tp, layers as ds_layers
 
-from seesaw_ds.dist import env as dist_env
+from seesaw_ds.distributed import env as dist_env
 
 log = logging.getLogger(__name__)
 

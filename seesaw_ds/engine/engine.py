@@ -18,7 +18,7 @@ from pathlib import Path
 from mpi4py import MPI
 
 from seesaw_ds.config import JobConfig, layout_of
-from seesaw_ds.dist.env import anon_hugepage_bytes
+from seesaw_ds.distributed.env import anon_hugepage_bytes
 from seesaw_ds.engine import requests as request_io
 from seesaw_ds.engine.leader import Finished, Leader
 from seesaw_ds.engine.outputs import JsonlAppender, format_error, format_result, scan_answered, scan_error_lines

@@ -5,13 +5,13 @@ Prefill KV is staged in host memory head-major, ``[layer, k|v, kv_head, token, h
 source layout writes its own rectangle, each rank of the destination layout pulls its own. Both rectangles
 are plain ``(layers, kv_heads)`` ranges, so a plan is the list of their non-empty intersections.
 
-Pure: no torch, no processes; the shard math comes from :mod:`seesaw_ds.dist.layout`.
+Pure: no torch, no processes; the shard math comes from :mod:`seesaw_ds.distributed.layout`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from seesaw_ds.dist.layout import Layout, ModelDims, kv_head_range, layer_range, validate_layout
+from seesaw_ds.distributed.layout import Layout, ModelDims, kv_head_range, layer_range, validate_layout
 
 
 @dataclass(frozen=True)

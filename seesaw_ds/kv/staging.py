@@ -24,9 +24,9 @@ import psutil
 import torch
 
 from seesaw_ds.backends import deepspeed as backend
-from seesaw_ds.dist.groups import Topology
-from seesaw_ds.dist.hostmem import NodeSharedBuffer
-from seesaw_ds.dist.layout import ModelDims, kv_head_range
+from seesaw_ds.distributed.groups import Topology
+from seesaw_ds.distributed.hostmem import NodeSharedBuffer
+from seesaw_ds.distributed.layout import ModelDims, kv_head_range
 from seesaw_ds.kv.plan import kv_writes, plan_kv_reshard
 
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from seesaw_ds.backends import deepspeed as backend
-from seesaw_ds.dist.groups import Topology
-from seesaw_ds.dist.layout import ModelDims, kv_head_range, layer_range
+from seesaw_ds.distributed.groups import Topology
+from seesaw_ds.distributed.layout import ModelDims, kv_head_range, layer_range
 from seesaw_ds.kv.device import DeviceKVCache
 from seesaw_ds.model import kernels
 from seesaw_ds.model.attention import DecodeMeta, PrefillMeta

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from seesaw_ds.dist.env import export_extension_dir
+from seesaw_ds.distributed.env import export_extension_dir
 
 log = logging.getLogger("seesaw_ds")
 

@@ -2,7 +2,7 @@
 
 ``open_checkpoint`` checks a directory before any work (config, safetensors, no pickle unless allowed)
 and reads only metadata. ``HostWeights`` then loads the tensors once per node into memory every rank of
-the node maps (:class:`~seesaw_ds.dist.hostmem.NodeSharedBuffer`), in the host layout of
+the node maps (:class:`~seesaw_ds.distributed.hostmem.NodeSharedBuffer`), in the host layout of
 :mod:`seesaw_ds.model.shards`.
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 from mpi4py import MPI
 from safetensors import safe_open
 
-from seesaw_ds.dist.hostmem import NodeSharedBuffer, align
-from seesaw_ds.dist.layout import ModelDims
+from seesaw_ds.distributed.hostmem import NodeSharedBuffer, align
+from seesaw_ds.distributed.layout import ModelDims
 from seesaw_ds.model.shards import ShardKind, classify, host_shape
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ import enum
 import re
 from dataclasses import dataclass
 
-from seesaw_ds.dist.layout import ModelDims, head_range, kv_head_range
+from seesaw_ds.distributed.layout import ModelDims, head_range, kv_head_range
 
 LAYER_PARAM = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 

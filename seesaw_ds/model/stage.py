@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from seesaw_ds.backends import deepspeed as backend
-from seesaw_ds.dist.groups import LayoutGroups
-from seesaw_ds.dist.layout import ModelDims, layer_range
+from seesaw_ds.distributed.groups import LayoutGroups
+from seesaw_ds.distributed.layout import ModelDims, layer_range
 from seesaw_ds.model.attention import register as register_attention
 from seesaw_ds.model.loader import HostWeights
 from seesaw_ds.model.shards import ShardKind, shard_rows

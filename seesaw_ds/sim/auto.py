@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from seesaw_ds.dist.layout import Layout, ModelDims
+from seesaw_ds.distributed.layout import Layout, ModelDims
 from seesaw_ds.sim.calibrate import MEASURED_EFFICIENCY, Calibration, hardware_spec
 from seesaw_ds.sim.planner import Candidate, Planner, PlanOptions
 from seesaw_ds.sim.workload import Workload

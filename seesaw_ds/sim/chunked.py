@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from seesaw_ds.dist.layout import Layout
+from seesaw_ds.distributed.layout import Layout
 from seesaw_ds.sim.cost import CostModel
 from seesaw_ds.sim.simulator import ConservationError, SimResult
 from seesaw_ds.sim.workload import Workload

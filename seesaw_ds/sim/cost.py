@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from seesaw_ds.dist.layout import Layout, ModelDims, layer_range
+from seesaw_ds.distributed.layout import Layout, ModelDims, layer_range
 
 GIB = float(2 ** 30)
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from seesaw_ds.dist.layout import Layout, LayoutError, ModelDims, validate_layout
+from seesaw_ds.distributed.layout import Layout, LayoutError, ModelDims, validate_layout
 from seesaw_ds.engine.scheduler import SchedulerConfig
 from seesaw_ds.sim.chunked import time_chunked, trace_chunked
 from seesaw_ds.sim.cost import GIB, CostModel, Efficiency, GpuSpec

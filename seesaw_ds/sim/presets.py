@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from omegaconf import MISSING, OmegaConf
 
-from seesaw_ds.dist.layout import ModelDims
+from seesaw_ds.distributed.layout import ModelDims
 from seesaw_ds.sim.cost import GIB, Efficiency, GpuSpec
 from seesaw_ds.sim.workload import Workload, arxiv, from_jsonl, sharegpt
 

@@ -15,7 +15,7 @@ import math
 import time
 from pathlib import Path
 
-from seesaw_ds.dist.layout import Layout
+from seesaw_ds.distributed.layout import Layout
 from seesaw_ds.sim.cost import Efficiency
 from seesaw_ds.sim.planner import Planner, PlanOptions, PlanResult
 from seesaw_ds.sim.presets import gpu_spec, load_workload, model_dims

@@ -16,7 +16,7 @@ import psutil
 from mpi4py import MPI
 
 from seesaw_ds import runtime as runtime_mod
-from seesaw_ds.dist.layout import Layout
+from seesaw_ds.distributed.layout import Layout
 from seesaw_ds.model.executor import ForwardPlan, SeqWork
 
 

@@ -115,7 +115,7 @@ def test_ranks_use_huge_pages_unless_turned_off(workload, tmp_path):
     """launch.hugepages (on by default) starts the ranks with glibc's transparent-huge-page tunable: rank 0
     holds memory on huge pages at the end of the job where the kernel allows THP, and none when the setting
     is off and the kernel gives them only on request (madvise). Outputs are the same either way."""
-    from seesaw_ds.dist.env import transparent_hugepages_mode
+    from seesaw_ds.distributed.env import transparent_hugepages_mode
 
     model_dir, input_path, expected = workload
     metrics = {}

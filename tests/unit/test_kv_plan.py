@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from seesaw_ds.dist.layout import Layout, LayoutError, ModelDims, validate_layout
+from seesaw_ds.distributed.layout import Layout, LayoutError, ModelDims, validate_layout
 from seesaw_ds.kv.plan import KVPiece, kv_reads, kv_writes, pieces_for, plan_kv_reshard
 
 NUM_TOKENS = 3

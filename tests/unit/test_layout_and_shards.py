@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from seesaw_ds.cli import complete_layout_overrides
-from seesaw_ds.dist.layout import (Layout, LayoutError, ModelDims, head_range, kv_head_range, layer_range,
+from seesaw_ds.distributed.layout import (Layout, LayoutError, ModelDims, head_range, kv_head_range, layer_range,
                                    validate_layouts)
 from seesaw_ds.kv.blocks import BlockAllocator
 from seesaw_ds.kv.staging import ExtentAllocator

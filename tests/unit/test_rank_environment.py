@@ -2,7 +2,7 @@
 malloc tunable, without overriding what the user set."""
 from __future__ import annotations
 
-from seesaw_ds.dist.env import HUGEPAGE_TUNABLE, rank_environment, transparent_hugepages_mode
+from seesaw_ds.distributed.env import HUGEPAGE_TUNABLE, rank_environment, transparent_hugepages_mode
 
 
 def test_hugepages_added_and_one_thread_by_default():

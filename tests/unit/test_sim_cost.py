@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from seesaw_ds.dist.layout import Layout, ModelDims
+from seesaw_ds.distributed.layout import Layout, ModelDims
 from seesaw_ds.sim.cost import GIB, CostModel, Efficiency, GpuSpec
 
 IDEAL = Efficiency(flops=1.0, hbm=1.0, link=1.0, host=1.0)

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from helpers import REPO
-from seesaw_ds.dist.layout import Layout
+from seesaw_ds.distributed.layout import Layout
 from seesaw_ds.sim.app import run_planner
 from seesaw_ds.sim.cost import CostModel
 from seesaw_ds.sim.planner import Planner, PlanOptions, enumerate_layouts, plan_layouts
@@ -90,7 +90,7 @@ def test_cli_bad_preset_is_one_line_and_exit_2():
 
 
 # -- parallel=auto: calibration -> hardware description, choice -> overrides (seesaw_ds/sim/auto.py) -------------
-from seesaw_ds.dist.layout import ModelDims  # noqa: E402
+from seesaw_ds.distributed.layout import ModelDims  # noqa: E402
 from seesaw_ds.sim.auto import AutoChoice, JobFacts, choose, device_tokens_cap, fixed_layouts  # noqa: E402
 from seesaw_ds.sim.calibrate import Calibration, hardware_spec  # noqa: E402
 from seesaw_ds.sim.workload import Workload  # noqa: E402

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from mpi4py import MPI
 
 from seesaw_ds.backends import deepspeed as backend
-from seesaw_ds.dist.env import DistEnv
-from seesaw_ds.dist.layout import Layout
+from seesaw_ds.distributed.env import DistEnv
+from seesaw_ds.distributed.layout import Layout
 
 
 @dataclass
