@@ -124,19 +124,19 @@ def check_before_launch(settings) -> None:
     """What can be checked before any rank starts: the model directory and the layouts against it
     (ValueError naming the value and the fix)."""
     from seesaw_ds.config import layout_of
-    from seesaw_ds.distributed.layout import validate_named_layouts
     from seesaw_ds.model.loader import open_checkpoint
+    from seesaw_ds.runtime import check_weights, validate_model_layouts
 
     check_sampling(settings)
     if settings.parallel.prefill_micro_batches < 1:
         raise ValueError(f"parallel.prefill_micro_batches={settings.parallel.prefill_micro_batches} must be >= 1 "
                          "(micro-batches per pipeline stage in a prefill step; 8 is the default)")
     if settings.model.path is not None:
-        checkpoint = open_checkpoint(settings.model.path, allow_pickle=settings.model.allow_pickle,
-                                     trust_remote_code=settings.model.trust_remote_code)
+        checkpoint = open_checkpoint(settings.model.path, trust_remote_code=settings.model.trust_remote_code)
         layouts = {"prefill": layout_of(settings.parallel.prefill), "decode": layout_of(settings.parallel.decode)}
         if not settings.parallel.auto:  # parallel=auto: the planner picks (and checks) them before launch
-            validate_named_layouts(layouts, checkpoint.dims, settings.launch.nproc)
+            validate_model_layouts(checkpoint, layouts, settings.launch.nproc)
+        check_weights(checkpoint)
     check_io_paths(settings)
 
 
@@ -293,8 +293,7 @@ def _run(settings, run_dir: Path, agree, stop: StopRequest) -> int:
         runtime = runtime_mod.start(
             settings.model.path, layouts_of(settings), device_tokens=settings.kv.device_tokens,
             block_size=settings.kv.block_size, ranks_per_node=settings.launch.ranks_per_node,
-            dtype=settings.model.dtype, allow_pickle=settings.model.allow_pickle,
-            trust_remote_code=settings.model.trust_remote_code, comm_timeout_s=settings.launch.comm_timeout_s,
+            dtype=settings.model.dtype, trust_remote_code=settings.model.trust_remote_code, comm_timeout_s=settings.launch.comm_timeout_s,
             staging_factory=make_staging_factory(settings),
             prefill_micro_batches=settings.parallel.prefill_micro_batches)
         error = None

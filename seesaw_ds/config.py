@@ -23,8 +23,6 @@ class ModelConfig:
     """Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer); None = the embedded tiny model."""
     dtype: str = "auto"
     """Weights and KV dtype: auto (the checkpoint's), float32, bfloat16, float16."""
-    allow_pickle: bool = False
-    """Accept pickle (*.bin) checkpoints; off because unpickling runs arbitrary code."""
     trust_remote_code: bool = False
     """Let transformers run code shipped with the checkpoint."""
     max_model_len: Optional[int] = None

@@ -16,8 +16,8 @@ from seesaw_ds.distributed import env as dist_env
 from seesaw_ds.distributed.groups import Topology, build_topology
 from seesaw_ds.distributed.layout import Layout, validate_named_layouts
 from seesaw_ds.model.executor import Executor
-from seesaw_ds.model.loader import Checkpoint, HostWeights, open_checkpoint, parse_dtype
-from seesaw_ds.model.stage import build_template
+from seesaw_ds.model.loader import Checkpoint, HostWeights, open_checkpoint, parse_dtype, plan_host_tensors
+from seesaw_ds.model.stage import build_template, parameter_shapes
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,22 @@ class Runtime:
         self.host.free()
 
 
+def validate_model_layouts(checkpoint: Checkpoint, layouts: dict[str, Layout], world_size: int) -> int:
+    """Every named layout against the model (heads, layers, the family's intermediate sizes) and the job's
+    ranks; returns the number of instances (LayoutError naming the value and the fix)."""
+    instances = validate_named_layouts(layouts, checkpoint.dims, world_size)
+    for name, layout in layouts.items():
+        checkpoint.spec.check_tp(name, layout.tp)
+    return instances
+
+
+def check_weights(checkpoint: Checkpoint) -> None:
+    """Every parameter of the model present in the checkpoint with its shape (metadata only; CheckpointError)."""
+    plan_host_tensors(checkpoint, parameter_shapes(build_template(checkpoint.config)))
+
+
 def start(model_path: str, layouts: dict[str, Layout], *, device_tokens: int, block_size: int = 16,
-          ranks_per_node: int | None = None, dtype: str | None = None, allow_pickle: bool = False,
-          trust_remote_code: bool = False, comm_timeout_s: float = 600.0, staging_factory=None,
+          ranks_per_node: int | None = None, dtype: str | None = None, trust_remote_code: bool = False, comm_timeout_s: float = 600.0, staging_factory=None,
           prefill_micro_batches: int = 8) -> Runtime:
     """Start this rank (collective over MPI.COMM_WORLD). Raises ValueError subclasses on bad settings.
 
@@ -48,17 +61,16 @@ def start(model_path: str, layouts: dict[str, Layout], *, device_tokens: int, bl
     """
     env = dist_env.discover(ranks_per_node)
     torch.set_num_threads(dist_env.cores_per_rank(env.info.host_local_size))
-    checkpoint = open_checkpoint(model_path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    validate_named_layouts(layouts, checkpoint.dims, env.world_size)
+    checkpoint = open_checkpoint(model_path, trust_remote_code=trust_remote_code)
+    validate_model_layouts(checkpoint, layouts, env.world_size)
     dist_env.export_torch_env(env)
     backend.init_comm(comm_timeout_s, env.info.local_rank)
     topology = build_topology(env, layouts)
     template = build_template(checkpoint.config)
-    _, row_parallel = backend.row_parallel_names(template)
-    stored = next(iter(checkpoint.tensors.values())).dtype
-    host = HostWeights(checkpoint, env.node, row_parallel, parse_dtype(dtype, stored),
+    plan = plan_host_tensors(checkpoint, parameter_shapes(template))
+    host = HostWeights(checkpoint, plan, env.node, parse_dtype(dtype, checkpoint.config_dtype),
                        pin=backend.accelerator_name() != "cpu")
     staging = staging_factory(topology, checkpoint.dims, host.dtype) if staging_factory else None
-    executor = Executor(topology, host, template, checkpoint.dims, row_parallel, device_tokens=device_tokens,
+    executor = Executor(topology, host, template, checkpoint.spec, device_tokens=device_tokens,
                         block_size=block_size, staging=staging, prefill_micro_batches=prefill_micro_batches)
     return Runtime(topology=topology, checkpoint=checkpoint, host=host, executor=executor, layouts=layouts)

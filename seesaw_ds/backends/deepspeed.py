@@ -2,8 +2,6 @@
 
 - ``init_comm`` starts ``deepspeed.comm`` (gloo on CPU, NCCL on CUDA) from the environment that
   :mod:`seesaw_ds.distributed.env` exported.
-- ``row_parallel_names`` asks AutoTP's policy which linears of a decoder layer are row-parallel
-  (all-reduce after them); every other linear in the layer is column-parallel.
 - ``column_linear`` / ``row_linear`` wrap a shard that already lies in memory (a view of the node-shared
   host copy) in AutoTP's ``LinearLayer`` / ``LinearAllreduce``: DeepSpeed decides the partition sizes and
   runs the forward and its all-reduce; we only supply the bytes, so nothing is copied.
@@ -22,7 +20,7 @@ from torch import nn
 import deepspeed
 import deepspeed.comm as ds_comm
 from deepspeed.accelerator import get_accelerator
-from deepspeed.module_inject import auto_tp, layers as ds_layers
+from deepspeed.module_inject import layers as ds_layers
 
 from seesaw_ds.distributed import env as dist_env
 
@@ -89,15 +87,6 @@ def use_shm_allreduce(enabled: bool) -> None:
     backend.shm_vector_kernel_level = backend._seesaw_shm_level if enabled else 0
 
 
-def row_parallel_names(model: nn.Module) -> tuple[type, frozenset[str]]:
-    """AutoTP's policy for ``model``: the decoder-layer class and its row-parallel linears (dotted names)."""
-    policy = auto_tp.AutoTP.tp_parser(model)
-    if len(policy) != 1:
-        raise ValueError(f"expected one decoder-layer class in AutoTP's policy, got {policy}")
-    layer_class, names = policy[0]
-    return layer_class, frozenset(name.lstrip(".") for name in names)
-
-
 def _meta_linear(out_features: int, in_features: int, bias: bool) -> nn.Linear:
     return nn.Linear(in_features, out_features, bias=bias, device="meta")
 
@@ -145,3 +134,8 @@ def recv(tensor: torch.Tensor, src: int) -> None:
 def isend(tensor: torch.Tensor, dst: int):
     """Non-blocking point-to-point send to global rank ``dst``; returns a handle with ``wait()``."""
     return ds_comm.isend(tensor, dst=dst)
+
+
+def all_reduce(tensor: torch.Tensor, group) -> None:
+    """Sum ``tensor`` in place over ``group`` (DeepSpeed's inference all-reduce: the shm kernel where valid)."""
+    ds_comm.inference_all_reduce(tensor, group=group)

@@ -176,7 +176,8 @@ def run_job(settings: JobConfig, runtime, run_dir: Path, *, tokenizer=None, stop
             stream = request_io.iter_requests(input_path, tokenizer, job_sampling=job_sampling,
                                               model_defaults=generation, max_model_len=max_len,
                                               vocab_size=runtime.checkpoint.dims.vocab_size, skip_ids=answered,
-                                              skip_lines=skip_lines)
+                                              skip_lines=skip_lines,
+                                              length_switch=runtime.checkpoint.spec.length_switch)
             total = _count_lines(input_path) - len(answered)
             coordinator = Coordinator(world, paths, stream, topology.num_instances,
                                       runtime.checkpoint.path.name)

@@ -147,12 +147,14 @@ class _Context:
     max_model_len: int
     vocab_size: int
     job_seed: int
+    length_switch: int | None = None
 
 
 def iter_requests(path: str | os.PathLike, tokenizer: Any, *, job_sampling: Mapping[str, Any],
                   model_defaults: Mapping[str, Any], max_model_len: int, vocab_size: int,
                   skip_ids: Container[str] = frozenset(),
-                  skip_lines: set[int] | frozenset[int] = frozenset()) -> Iterator[Request | BadLine]:
+                  skip_lines: set[int] | frozenset[int] = frozenset(),
+                  length_switch: int | None = None) -> Iterator[Request | BadLine]:
     """Stream `Request`s and `BadLine`s from a JSONL file, lazily, one line at a time.
 
     Blank lines are ignored; lines whose custom_id is in `skip_ids` (answered by an earlier run: a set or the
@@ -161,12 +163,13 @@ def iter_requests(path: str | os.PathLike, tokenizer: Any, *, job_sampling: Mapp
     errors file: `outputs.scan_error_lines`). The job-wide `sampling.*` values and the model defaults are checked here, before the first
     line is read: a bad one raises `RequestError`, since it would make every line bad. `job_sampling["seed"]`
     (None counts as 0) is the job seed from which requests without their own seed get theirs.
+    `length_switch` (:attr:`ModelSpec.length_switch`): a request whose length would cross it is a bad line.
     """
     resolve_sampling(model_defaults, job_sampling, {})
     if not os.path.isfile(path):
         raise FileNotFoundError(f"input file {os.fspath(path)!r} does not exist (io.input)")
     context = _Context(tokenizer, dict(job_sampling), dict(model_defaults), max_model_len, vocab_size,
-                       job_sampling.get("seed") or 0)
+                       job_sampling.get("seed") or 0, length_switch)
     return _stream(path, context, skip_ids, skip_lines)
 
 
@@ -353,6 +356,12 @@ def _finish_request(custom_id: str, line_no: int, ids: list[int], sampling: Samp
         raise _LineError(f"prompt has {len(ids)} tokens but only {max(room, 0)} fit: max_model_len "
                          f"{context.max_model_len} - max_tokens {sampling.max_tokens}; shorten the prompt or "
                          "lower max_tokens")
+    switch = context.length_switch
+    if switch is not None and len(ids) <= switch < len(ids) + sampling.max_tokens - 1:
+        raise _LineError(f"prompt of {len(ids)} tokens + max_tokens {sampling.max_tokens} crosses this model's "
+                         f"longrope switch at {switch} tokens, where transformers recomputes the whole cache with "
+                         f"the long factors (seesaw_ds keeps the cache and would answer differently); lower "
+                         f"max_tokens to {switch + 1 - len(ids)} or send a prompt longer than {switch} tokens")
     for name, values in (("prompt token id", ids), ("stop_token_ids entry", sampling.stop_token_ids)):
         bad = next((t for t in values if not 0 <= t < context.vocab_size), None)
         if bad is not None:

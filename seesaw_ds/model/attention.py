@@ -8,6 +8,10 @@ which reads the per-batch metadata passed down as the ``seesaw`` keyword:
   host staging area, or the device tier) in head-major order;
 - **decode**: one new token per sequence, batched as ``[N, heads, 1, head_dim]``; its K/V are written into
   the paged device-tier cache and attention reads each sequence's blocks.
+
+Attention logit soft-capping (Gemma 2) takes the eager path (scores, ``cap * tanh(scores / cap)``, mask,
+float32 softmax, as transformers' eager attention). Any other keyword argument a family's attention module
+passes, and that this function does not implement, is refused rather than ignored.
 """
 from __future__ import annotations
 
@@ -65,7 +69,19 @@ def _window_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | N
     return mask
 
 
-def _prefill(module, query, key, value, meta: PrefillMeta, scaling, window) -> torch.Tensor:
+def _eager(query, key, value, mask: torch.Tensor | None, scaling: float, softcap: float) -> torch.Tensor:
+    """transformers' eager attention with logit soft-capping: query [B, Hq, Tq, D], key/value [B, Hkv, Tk, D]."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(weights, value)
+
+
+def _prefill(module, query, key, value, meta: PrefillMeta, scaling, window, softcap=None) -> torch.Tensor:
     # query [1, Hq, T, D]; key/value [1, Hkv, T, D]
     meta.sink(module.layer_idx, key[0], value[0])
     bounds = meta.cu_seqlens
@@ -73,7 +89,10 @@ def _prefill(module, query, key, value, meta: PrefillMeta, scaling, window) -> t
     gqa = query.shape[1] != key.shape[1]
     for start, stop in zip(bounds[:-1], bounds[1:]):
         q, k, v = query[:, :, start:stop], key[:, :, start:stop], value[:, :, start:stop]
-        if window and stop - start > window:
+        if softcap:
+            positions = torch.arange(stop - start, device=query.device)
+            out = _eager(q, k, v, _window_mask(positions, positions, window), scaling, softcap)
+        elif window and stop - start > window:
             positions = torch.arange(stop - start, device=query.device)
             mask = _window_mask(positions, positions, window)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
@@ -83,14 +102,14 @@ def _prefill(module, query, key, value, meta: PrefillMeta, scaling, window) -> t
     return torch.cat(outputs, dim=2)
 
 
-def _decode(module, query, key, value, meta: DecodeMeta, scaling, window) -> torch.Tensor:
+def _decode(module, query, key, value, meta: DecodeMeta, scaling, window, softcap=None) -> torch.Tensor:
     # query [N, Hq, 1, D]; key/value [N, Hkv, 1, D]
     cache = meta.cache
     if meta.ready is not None:
         meta.ready(module.layer_idx)
     cache.write_tokens(module.layer_idx, meta.write_blocks, meta.write_offsets, key[:, :, 0], value[:, :, 0])
     flat_keys, flat_values = cache.flat(module.layer_idx)
-    if meta.starts is not None and kernels.applies(flat_keys):
+    if meta.starts is not None and not softcap and kernels.applies(flat_keys):
         starts, lengths = meta.starts, meta.lengths
         if window:
             kept = lengths.clamp(max=window)
@@ -104,20 +123,35 @@ def _decode(module, query, key, value, meta: DecodeMeta, scaling, window) -> tor
         keys, values = cache.sequence_kv(module.layer_idx, spans, flat_keys, flat_values)  # one span: a view
         if window and keys.shape[1] > window:
             keys, values = keys[:, -window:], values[:, -window:]
+        if softcap:
+            outputs.append(_eager(one_query, keys[None], values[None], None, scaling, softcap))
+            continue
         outputs.append(F.scaled_dot_product_attention(one_query, keys[None], values[None], scale=scaling,
                                                       enable_gqa=gqa))
     return torch.cat(outputs)
 
 
+_PASSED_THROUGH = frozenset({"position_ids", "position_embeddings", "cache_position", "use_cache",
+                             "output_attentions", "cache", "past_key_values", "is_causal"})
+"""Keywords transformers' layers pass along that do not change attention here (positions are already in the
+rotary embedding, the cache is seesaw's own, masking is causal)."""
+
+
 def seesaw_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                     sliding_window=None, seesaw=None, **kwargs):
+                     sliding_window=None, softcap=None, seesaw=None, **kwargs):
     """transformers attention function: dispatch to the prefill or decode path of the batch metadata."""
     if seesaw is None:
         raise RuntimeError("seesaw attention called without batch metadata (the `seesaw` keyword)")
+    unknown = sorted(name for name, val in kwargs.items() if name not in _PASSED_THROUGH and val is not None)
+    if unknown or dropout:
+        raise NotImplementedError(f"seesaw attention does not implement {unknown or ['dropout']} "
+                                  f"(passed by {type(module).__name__}); refusing rather than ignoring it")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
     if isinstance(seesaw, PrefillMeta):
-        out = _prefill(module, query, key, value, seesaw, scaling, sliding_window)
+        out = _prefill(module, query, key, value, seesaw, scaling, sliding_window, softcap)
     else:
-        out = _decode(module, query, key, value, seesaw, scaling, sliding_window)
+        out = _decode(module, query, key, value, seesaw, scaling, sliding_window, softcap)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -16,10 +16,11 @@ import torch
 
 from seesaw_ds.backends import deepspeed as backend
 from seesaw_ds.distributed.groups import Topology
-from seesaw_ds.distributed.layout import ModelDims, kv_head_range, layer_range
+from seesaw_ds.distributed.layout import kv_head_range, layer_range
 from seesaw_ds.kv.device import DeviceKVCache
 from seesaw_ds.model import kernels
 from seesaw_ds.model.attention import DecodeMeta, PrefillMeta
+from seesaw_ds.model.families import ModelSpec
 from seesaw_ds.model.loader import HostWeights
 from seesaw_ds.model.stage import StageModel
 
@@ -77,11 +78,10 @@ def micro_batches(seqs: list[SeqWork], count: int, by_tokens: bool) -> list[list
 class Executor:
     """This rank's model under every configured layout, one of them active."""
 
-    def __init__(self, topology: Topology, host: HostWeights, template, dims: ModelDims,
-                 row_parallel: frozenset[str], *, device_tokens: int, block_size: int = 16,
+    def __init__(self, topology: Topology, host: HostWeights, template, spec: ModelSpec, *, device_tokens: int, block_size: int = 16,
                  device: torch.device | None = None, staging=None, prefill_micro_batches: int = 8):
         self.topology = topology
-        self.dims = dims
+        self.dims = dims = spec.dims
         self.device = device or backend.device()
         self.dtype = host.dtype
         self.block_size = block_size
@@ -92,7 +92,7 @@ class Executor:
         by_layout: dict[object, StageModel] = {}
         for name, groups in topology.layouts.items():
             if groups.layout not in by_layout:
-                by_layout[groups.layout] = StageModel(template, host, dims, groups, row_parallel, self.device)
+                by_layout[groups.layout] = StageModel(template, host, spec, groups, self.device)
             self.stages[name] = by_layout[groups.layout]
         self.caches: dict[object, DeviceKVCache] = {}
         self.active: str | None = None
@@ -156,7 +156,8 @@ class Executor:
                     hidden = torch.empty((*token_ids.shape, self.dims.hidden_size), dtype=self.dtype,
                                          device=self.device)
                     backend.recv(hidden, groups.prev_rank)
-                hidden = stage.run_layers(hidden, positions, meta)
+                segments = meta.cu_seqlens if prefill else list(range(len(batch) + 1))
+                hidden = stage.run_layers(hidden, positions, meta, segments)
                 if groups.is_last_stage:
                     last = self._last_positions(batch, prefill)
                     logits.append(stage.head(hidden.reshape(-1, hidden.shape[-1])[last]))

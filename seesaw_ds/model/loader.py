@@ -1,9 +1,13 @@
-"""Hugging Face checkpoint directories: validation, and the node-shared host copy of the weights.
+"""Hugging Face checkpoint directories: validation, the host layout, and the node-shared host copy.
 
-``open_checkpoint`` checks a directory before any work (config, safetensors, no pickle unless allowed)
-and reads only metadata. ``HostWeights`` then loads the tensors once per node into memory every rank of
-the node maps (:class:`~seesaw_ds.distributed.hostmem.NodeSharedBuffer`), in the host layout of
-:mod:`seesaw_ds.model.shards`.
+``open_checkpoint`` checks a directory before any work and reads only metadata: config, the family that
+serves it (:mod:`seesaw_ds.model.families`; anything else is refused here), the safetensors files (those
+``model.safetensors.index.json`` names when it exists, a stray ``consolidated.safetensors`` ignored, a tensor
+in two files an error). ``plan_host_tensors`` maps the checkpoint's tensors onto the model's parameters
+(transformers-5 names; per-expert tensors of older MoE checkpoints fill their slot of the fused expert
+tensors) and checks every name and shape, still before any weight is read. ``HostWeights`` then loads the
+tensors once per node into memory every rank of the node maps
+(:class:`~seesaw_ds.distributed.hostmem.NodeSharedBuffer`), in the host layout of :mod:`seesaw_ds.model.shards`.
 """
 from __future__ import annotations
 
@@ -18,12 +22,14 @@ from safetensors import safe_open
 
 from seesaw_ds.distributed.hostmem import NodeSharedBuffer, align
 from seesaw_ds.distributed.layout import ModelDims
-from seesaw_ds.model.shards import ShardKind, classify, host_shape
+from seesaw_ds.model.families import ModelSpec, legacy_target, model_dims, model_spec
+from seesaw_ds.model.shards import TensorRole, host_shape
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 _NAMED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+INDEX_FILE = "model.safetensors.index.json"
 
 
 class CheckpointError(ValueError):
@@ -47,14 +53,25 @@ class Checkpoint:
     config: object
     dims: ModelDims
     tensors: dict[str, TensorInfo]
+    spec: ModelSpec
 
     @property
     def tied_embeddings(self) -> bool:
         return "lm_head.weight" not in self.tensors
 
+    @property
+    def config_dtype(self) -> torch.dtype:
+        """The dtype the config declares (``dtype``/``torch_dtype``), else the stored one."""
+        declared = getattr(self.config, "dtype", None) or getattr(self.config, "torch_dtype", None)
+        if isinstance(declared, str):
+            declared = _NAMED_DTYPES.get(declared)
+        if isinstance(declared, torch.dtype) and declared in _NAMED_DTYPES.values():
+            return declared
+        return next(iter(self.tensors.values())).dtype
+
 
 def parse_dtype(name: str | None, default: torch.dtype) -> torch.dtype:
-    """``model.dtype`` config value to a torch dtype (None or "auto" keeps ``default``)."""
+    """``model.dtype`` config value to a torch dtype (None or "auto" keeps ``default``: the config's dtype)."""
     if name in (None, "auto"):
         return default
     if name not in _NAMED_DTYPES:
@@ -62,18 +79,31 @@ def parse_dtype(name: str | None, default: torch.dtype) -> torch.dtype:
     return _NAMED_DTYPES[name]
 
 
-def model_dims(config) -> ModelDims:
-    """The dimensions seesaw_ds shards by, from a transformers config."""
-    num_heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
-    return ModelDims(num_layers=config.num_hidden_layers, num_heads=num_heads,
-                     num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
-                     head_dim=head_dim, hidden_size=config.hidden_size,
-                     intermediate_size=config.intermediate_size, vocab_size=config.vocab_size)
+def _weight_files(directory: Path, path) -> list[Path]:
+    """The safetensors files holding the model: those the index names, else every one but a stray
+    ``consolidated*.safetensors`` (Mistral's native format, kept beside the Hugging Face files)."""
+    index = directory / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError):
+            raise CheckpointError(f"model.path={str(path)!r}: {INDEX_FILE} has no weight_map; fix or remove it") from None
+        files = sorted({directory / name for name in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"model.path={str(path)!r}: {INDEX_FILE} names missing files "
+                                  f"({', '.join(missing[:3])}); the download is incomplete")
+        return files
+    files = sorted(directory.glob("*.safetensors"))
+    standard = [f for f in files if not f.name.startswith("consolidated")]
+    if files and not standard:
+        raise CheckpointError(f"model.path={str(path)!r} holds only {files[0].name} (Mistral's native format); "
+                              f"use the Hugging Face format files (model*.safetensors + config.json)")
+    return standard
 
 
-def open_checkpoint(path: str | Path, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> Checkpoint:
-    """Validate a Hugging Face checkpoint directory and read its metadata."""
+def open_checkpoint(path: str | Path, *, trust_remote_code: bool = False) -> Checkpoint:
+    """Validate a Hugging Face checkpoint directory and read its metadata (no tensor data)."""
     from transformers import AutoConfig
 
     directory = Path(path).expanduser()
@@ -83,23 +113,22 @@ def open_checkpoint(path: str | Path, *, allow_pickle: bool = False, trust_remot
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"model.path={str(path)!r} has no config.json; it must be a Hugging Face "
                               f"checkpoint directory")
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        pickled = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
-        if pickled and not allow_pickle:
-            raise CheckpointError(
-                f"model.path={str(path)!r} holds only pickle weights ({', '.join(pickled[:3])}); pickle can run "
-                f"arbitrary code, so seesaw_ds reads safetensors: convert the checkpoint to safetensors, or set "
-                f"model.allow_pickle=true if you trust it")
-        if not pickled:
-            raise CheckpointError(f"model.path={str(path)!r} has no *.safetensors weights")
-        raise CheckpointError(f"model.path={str(path)!r}: model.allow_pickle=true is set but loading pickle "
-                              f"checkpoints is not supported yet; convert it to safetensors")
     try:
         config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
-    except ValueError as error:
-        raise CheckpointError(f"model.path={str(path)!r}: {error} (set model.trust_remote_code=true only if you "
-                              f"trust the checkpoint's code)") from None
+    except (ValueError, KeyError) as error:
+        raise CheckpointError(f"model.path={str(path)!r}: {str(error).splitlines()[0]} (set model.trust_remote_code"
+                              f"=true only if you trust the checkpoint's code)") from None
+    spec = model_spec(config, where=f"model.path={str(path)!r}")
+    dims = spec.dims
+    files = _weight_files(directory, path)
+    if not files:
+        pickled = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+        if pickled:
+            raise CheckpointError(
+                f"model.path={str(path)!r} holds only pickle weights ({', '.join(pickled[:3])}); seesaw_ds reads "
+                f"safetensors (pickle can run arbitrary code): convert it, e.g. with transformers' "
+                f"save_pretrained(safe_serialization=True)")
+        raise CheckpointError(f"model.path={str(path)!r} has no *.safetensors weights")
     tensors: dict[str, TensorInfo] = {}
     for file in files:
         with safe_open(file, framework="pt") as handle:
@@ -109,58 +138,141 @@ def open_checkpoint(path: str | Path, *, allow_pickle: bool = False, trust_remot
                 if dtype is None:
                     raise CheckpointError(f"{file.name}:{name} has dtype {meta.get_dtype()}, which seesaw_ds "
                                           f"cannot serve (floating point checkpoints only)")
+                if name in tensors:
+                    raise CheckpointError(f"model.path={str(path)!r}: tensor {name} is in both "
+                                          f"{tensors[name].file.name} and {file.name}; remove the stray file")
                 tensors[name] = TensorInfo(file=file, shape=tuple(meta.get_shape()), dtype=dtype)
-    if "model.embed_tokens.weight" not in tensors:
-        raise CheckpointError(f"model.path={str(path)!r} is not a standard decoder checkpoint "
-                              f"(no model.embed_tokens.weight); Llama, Mistral and Qwen2 layouts are supported")
-    return Checkpoint(path=directory, config=config, dims=model_dims(config), tensors=tensors)
+    return Checkpoint(path=directory, config=config, dims=dims, tensors=tensors, spec=spec)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One checkpoint tensor and where it goes in a host tensor: whole, or one expert / block of it."""
+
+    name: str
+    expert: int | None = None
+    block: int | None = None
+
+
+@dataclass(frozen=True)
+class HostTensor:
+    """A model parameter in the host copy: its checkpoint-orientation shape, role and sources."""
+
+    shape: tuple[int, ...]
+    role: TensorRole
+    sources: tuple[Source, ...]
+
+
+def plan_host_tensors(checkpoint: Checkpoint, parameters: dict[str, tuple[int, ...]]) -> dict[str, HostTensor]:
+    """Map the checkpoint's tensors onto the model's ``parameters`` (name -> shape, transformers 5 names),
+    checking every name and shape before any weight is read (CheckpointError)."""
+    spec = checkpoint.spec
+    sources: dict[str, list[Source]] = {}
+    ignored = []
+    for name in checkpoint.tensors:
+        if name in parameters:
+            sources.setdefault(name, []).append(Source(name))
+            continue
+        legacy = legacy_target(name, spec.family)
+        if legacy and legacy[0] in parameters:
+            target, expert, block = legacy
+            sources.setdefault(target, []).append(Source(name, expert, block))
+        else:
+            ignored.append(name)
+    if ignored:
+        log.info("checkpoint tensors not used by the model: %s", ", ".join(ignored[:5]))
+    tied = checkpoint.tied_embeddings and "lm_head.weight" in parameters
+    wanted = [n for n in parameters if not (tied and n == "lm_head.weight")]
+    missing = [n for n in wanted if n not in sources]
+    where = f"model.path={str(checkpoint.path)!r}"
+    if missing:
+        raise CheckpointError(f"{where}: the checkpoint lacks {missing[0]}" +
+                              (f" and {len(missing) - 1} more tensors" if len(missing) > 1 else "") +
+                              f"; it does not match its config.json ({spec.family.label})")
+    plan = {}
+    for name in wanted:
+        shape = parameters[name]
+        for source in sources[name]:
+            got = checkpoint.tensors[source.name].shape
+            want = _source_shape(shape, source)
+            if tuple(got) != tuple(want):
+                raise CheckpointError(f"{where}: tensor {source.name} has shape {tuple(got)}, the config says "
+                                      f"{tuple(want)}; the checkpoint does not match its config.json")
+        if len(sources[name]) > 1 or sources[name][0].expert is not None:
+            _check_complete(name, shape, sources[name], where)
+        plan[name] = HostTensor(shape=tuple(shape), role=spec.role(name, tuple(shape)), sources=tuple(sources[name]))
+    return plan
+
+
+def _source_shape(shape: tuple[int, ...], source: Source) -> tuple[int, ...]:
+    if source.expert is None:
+        return tuple(shape)
+    inner = shape[1:]
+    if source.block is None:
+        return tuple(inner)
+    return (inner[0] // 2, *inner[1:])
+
+
+def _check_complete(name: str, shape: tuple[int, ...], sources: list[Source], where: str) -> None:
+    expected = {(e, b) for e in range(shape[0]) for b in ((0, 1) if sources[0].block is not None else (None,))}
+    got = {(s.expert, s.block) for s in sources}
+    if got != expected:
+        raise CheckpointError(f"{where}: the per-expert tensors of {name} are incomplete "
+                              f"({len(got)} of {len(expected)} present)")
 
 
 class HostWeights:
     """The whole model once per node in shared host memory, in the host layout (collective over the node).
 
-    ``get(name)`` returns the host tensor (row-parallel weights transposed); ``lm_head.weight`` falls back to
-    the embedding when embeddings are tied.
+    ``get(name)`` returns the host tensor (row-parallel tensors with their last two dimensions swapped) and
+    ``roles[name]`` how it shards; ``lm_head.weight`` falls back to the embedding when embeddings are tied.
     """
 
-    def __init__(self, checkpoint: Checkpoint, node_comm: MPI.Comm, row_parallel: frozenset[str],
+    def __init__(self, checkpoint: Checkpoint, plan: dict[str, HostTensor], node_comm: MPI.Comm,
                  dtype: torch.dtype, *, pin: bool = False):
         self.dtype = dtype
-        self.roles = {name: classify(name, row_parallel) for name in checkpoint.tensors}
+        self.roles = {name: tensor.role for name, tensor in plan.items()}
         offsets: dict[str, tuple[int, tuple[int, ...]]] = {}
         cursor = 0
         element = torch.empty((), dtype=dtype).element_size()
-        for name, info in checkpoint.tensors.items():
-            shape = host_shape(info.shape, self.roles[name].kind)
+        for name, tensor in plan.items():
+            shape = host_shape(tensor.shape, tensor.role)
             offsets[name] = (cursor, shape)
             cursor += align(element * _numel(shape))
         self.nbytes = cursor
         self._buffer = NodeSharedBuffer(node_comm, cursor, pin=pin)
         self._views = {name: self._buffer.view(offset, shape, dtype) for name, (offset, shape) in offsets.items()}
         if node_comm.Get_rank() == 0:
-            self._fill(checkpoint)
+            self._fill(checkpoint, plan)
         node_comm.Barrier()
-        if checkpoint.tied_embeddings:
+        if "lm_head.weight" not in self._views:
             self._views["lm_head.weight"] = self._views["model.embed_tokens.weight"]
+            self.roles["lm_head.weight"] = self.roles["model.embed_tokens.weight"]
 
-    def _fill(self, checkpoint: Checkpoint) -> None:
+    def _fill(self, checkpoint: Checkpoint, plan: dict[str, HostTensor]) -> None:
         """Read every tensor's bytes from its file straight into shared memory (no private heap copy, which
         the allocator would keep); transposes and dtype casts go through a small bounded scratch buffer."""
-        by_file: dict[Path, list[str]] = {}
-        for name, info in checkpoint.tensors.items():
-            by_file.setdefault(info.file, []).append(name)
-        for file, names in by_file.items():
+        by_file: dict[Path, list[tuple[str, Source]]] = {}
+        for name, tensor in plan.items():
+            for source in tensor.sources:
+                by_file.setdefault(checkpoint.tensors[source.name].file, []).append((name, source))
+        for file, entries in by_file.items():
             offsets, data_start = _safetensors_offsets(file)
             with open(file, "rb", buffering=0) as handle:
-                for name in names:
-                    begin, end = offsets[name]
-                    info = checkpoint.tensors[name]
-                    self._read_tensor(handle, data_start + begin, end - begin, info,
-                                      self.roles[name].kind is ShardKind.ROW, self._views[name])
+                for name, source in entries:
+                    begin, end = offsets[source.name]
+                    info = checkpoint.tensors[source.name]
+                    target = self._views[name]
+                    if source.expert is not None:
+                        target = target[source.expert]
+                    if source.block is not None:  # one half of a packed [gate | up] expert matrix
+                        half = target.shape[0] // 2
+                        target = target[source.block * half:(source.block + 1) * half]
+                    self._read_tensor(handle, data_start + begin, end - begin, info, plan[name].role.transposed, target)
 
     def _read_tensor(self, handle, offset: int, nbytes: int, info: TensorInfo, transpose: bool,
                      target: torch.Tensor) -> None:
-        if not transpose and info.dtype == target.dtype:
+        if not transpose and info.dtype == target.dtype and target.is_contiguous():
             view = memoryview(target.view(-1).view(torch.uint8).numpy())
             handle.seek(offset)
             while view.nbytes:
@@ -177,8 +289,10 @@ class HostWeights:
             handle.seek(offset + start * row_bytes)
             chunk = torch.frombuffer(bytearray(handle.read((stop - start) * row_bytes)), dtype=info.dtype)
             chunk = chunk.view(stop - start, *info.shape[1:])
-            if transpose:
+            if transpose and chunk.dim() == 2:  # [out rows, in] into the swapped [in, out]
                 target[:, start:stop] = chunk.t()
+            elif transpose:  # stacked experts [experts, out, in] into [experts, in, out]
+                target[start:stop] = chunk.transpose(-1, -2)
             else:
                 target.view(rows, -1)[start:stop] = chunk.view(stop - start, -1)
 

@@ -1,9 +1,14 @@
 """One rank's slice of the model under one layout, built from transformers' own modules.
 
 The model is instantiated once on the ``meta`` device (no memory) as a template. For a layout, this rank's
-pipeline stage gets deep copies of its decoder layers whose linears are replaced by AutoTP's
-``LinearLayer``/``LinearAllreduce`` holding views of the node-shared host copy, plus the embedding on the
-first stage and the final norm and ``lm_head`` on the last. Building a stage copies no weight bytes.
+pipeline stage builds its decoder layers from the family's *local* config (this TP rank's heads and
+intermediate sizes, :meth:`~seesaw_ds.model.families.ModelSpec.local_config`), on the meta device, and
+binds every parameter to a view of the node-shared host copy: linears become AutoTP's
+``LinearLayer``/``LinearAllreduce`` (a fused linear split per block becomes one per block, outputs
+concatenated), experts shard their intermediate dimension and all-reduce their output, norms over all
+heads all-reduce their sum of squares. The first stage gets the embedding, the last the final norm and
+``lm_head``, with what the family's forward does around the layers (embedding scale, logit scaling and
+soft-cap). Building a stage copies no weight bytes.
 """
 from __future__ import annotations
 
@@ -14,10 +19,13 @@ from torch import nn
 
 from seesaw_ds.backends import deepspeed as backend
 from seesaw_ds.distributed.groups import LayoutGroups
-from seesaw_ds.distributed.layout import ModelDims, layer_range
+from seesaw_ds.distributed.layout import layer_range
 from seesaw_ds.model.attention import register as register_attention
+from seesaw_ds.model.families import ModelNotSupported, ModelSpec
 from seesaw_ds.model.loader import HostWeights
-from seesaw_ds.model.shards import ShardKind, shard_rows
+from seesaw_ds.model.modules import ScaledEmbedding, ShardedExperts, ShardedRMSNorm, SplitColumnLinear
+from seesaw_ds.model.rope import SequenceRope
+from seesaw_ds.model.shards import ShardKind, shard_dim, shard_ranges
 
 
 def build_template(config) -> nn.Module:
@@ -31,84 +39,148 @@ def build_template(config) -> nn.Module:
     return model.eval()
 
 
+def parameter_shapes(template: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Every parameter of the template (tied ones once), by transformers-5 name."""
+    return {name: tuple(param.shape) for name, param in template.named_parameters()}
+
+
 def _set_submodule(root: nn.Module, dotted: str, module: nn.Module) -> None:
     parent_name, _, child = dotted.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, module)
 
 
-def _shard(host: HostWeights, name: str, dims: ModelDims, groups: LayoutGroups) -> torch.Tensor:
-    tensor = host.get(name)
-    role = host.roles.get(name)
-    if role is None or role.kind is ShardKind.REPLICATED:
-        return tensor
-    rows = shard_rows(role.kind, tensor.shape[0], dims, groups.layout.tp, groups.tp_index, role.module)
-    return tensor[rows.start:rows.stop]
-
-
 class StageModel(nn.Module):
     """This rank's modules under one layout: embedding (first stage), layers, norm and head (last stage)."""
 
-    def __init__(self, template: nn.Module, host: HostWeights, dims: ModelDims, groups: LayoutGroups,
-                 row_parallel: frozenset[str], device: torch.device):
+    def __init__(self, template: nn.Module, host: HostWeights, spec: ModelSpec, groups: LayoutGroups,
+                 device: torch.device):
         super().__init__()
+        self.spec = spec
+        self.host = host
         self.groups = groups
         self.device = device
-        self.layer_ids = layer_range(dims.num_layers, groups.layout.pp, groups.pp_index)
+        self.tp = groups.layout.tp
+        self.layer_ids = layer_range(spec.dims.num_layers, groups.layout.pp, groups.pp_index)
         self.host_params: list[tuple[nn.Module, str, torch.Tensor]] = []
+        family, config = spec.family, template.config
         base = template.model
-        self.embed = self._replicated(copy.deepcopy(base.embed_tokens), "model.embed_tokens", host) \
-            if groups.is_first_stage else None
-        self.layers = nn.ModuleList(
-            self._layer(base.layers[i], i, host, dims, groups, row_parallel) for i in self.layer_ids)
+        self.embed = None
+        if groups.is_first_stage:
+            scale = None
+            if family.embed_scale_sqrt_hidden:
+                scale = torch.tensor(config.hidden_size ** 0.5).to(host.dtype)
+            elif family.embed_multiplier:
+                scale = float(getattr(config, family.embed_multiplier))
+            self.embed = ScaledEmbedding(scale)
+            self._bind(self.embed, "weight", host.get("model.embed_tokens.weight"))
+        local_config = spec.local_config(self.tp)
+        local_config._attn_implementation = config._attn_implementation
+        self.layers = nn.ModuleList(self._layer(type(base.layers[i]), local_config, i) for i in self.layer_ids)
+        layer_types = getattr(config, "layer_types", None) if family.rope_per_layer_type else None
+        self.layer_rope_types = [layer_types[i] for i in self.layer_ids] if layer_types else None
         if groups.is_last_stage:
-            self.norm = self._replicated(copy.deepcopy(base.norm), "model.norm", host)
-            self.lm_head = self._replicated(copy.deepcopy(template.lm_head), "lm_head", host)
+            self.norm = self._replicated(copy.deepcopy(base.norm), "model.norm")
+            self.lm_head = self._replicated(copy.deepcopy(template.lm_head), "lm_head")
+            self.logit_divisor = float(getattr(config, family.logit_divisor)) if family.logit_divisor else None
+            cap = getattr(config, family.logit_softcap, None) if family.logit_softcap else None
+            self.logit_softcap = float(cap) if cap else None
         else:
             self.norm = self.lm_head = None
-        rotary_class = type(base.rotary_emb)
-        self.rotary = rotary_class(config=template.config)
+        self.rope = SequenceRope(type(base.rotary_emb)(config=config), spec.length_dependent_rope)
+        self._check_materialized()
 
+    # ------------------------------------------------------------------ binding host views
     def _bind(self, module: nn.Module, param: str, tensor: torch.Tensor) -> None:
         setattr(module, param, nn.Parameter(tensor, requires_grad=False))
         self.host_params.append((module, param, tensor))
 
-    def _replicated(self, module: nn.Module, prefix: str, host: HostWeights) -> nn.Module:
+    def _replicated(self, module: nn.Module, prefix: str) -> nn.Module:
         for param, _ in list(module.named_parameters(recurse=False)):
-            self._bind(module, param, host.get(f"{prefix}.{param}"))
+            self._bind(module, param, self.host.get(f"{prefix}.{param}"))
         return module
 
-    def _layer(self, template_layer: nn.Module, index: int, host: HostWeights, dims: ModelDims,
-               groups: LayoutGroups, row_parallel: frozenset[str]) -> nn.Module:
-        layer = copy.deepcopy(template_layer)
+    def _shards(self, name: str) -> list[torch.Tensor]:
+        """This rank's pieces of host tensor ``name``: one view per block of its shard dimension."""
+        tensor = self.host.get(name)
+        dim = shard_dim(tensor.dim())
+        ranges = shard_ranges(self.host.roles[name], tensor.shape[dim], self.spec.dims, self.tp,
+                              self.groups.tp_index)
+        return [tensor.narrow(dim, part.start, len(part)) for part in ranges]
+
+    def _track(self, module: nn.Module) -> nn.Module:
+        for param, tensor in module.named_parameters():
+            owner = module.get_submodule(param.rpartition(".")[0]) if "." in param else module
+            self.host_params.append((owner, param.rpartition(".")[2], tensor.data))
+        return module
+
+    def _linear(self, name: str, child: nn.Linear) -> nn.Module:
+        role = self.host.roles[f"{name}.weight"]
+        has_bias = child.bias is not None
+        group = self.groups.tp_group
+        if role.kind is ShardKind.ROW:
+            (weight,) = self._shards(f"{name}.weight")  # [local in, out]
+            bias = self.host.get(f"{name}.bias") if has_bias else None
+            full = (weight.shape[1], weight.shape[0] * self.tp)
+            return backend.row_linear(full, weight.t(), bias, group, name)
+        if role.kind is ShardKind.REPLICATED:
+            return backend.replicated_linear(self.host.get(f"{name}.weight"),
+                                             self.host.get(f"{name}.bias") if has_bias else None, name)
+        weights = self._shards(f"{name}.weight")
+        biases = self._shards(f"{name}.bias") if has_bias else [None] * len(weights)
+        parts = [backend.column_linear((w.shape[0] * self.tp, w.shape[1]), w, b, group, name)
+                 for w, b in zip(weights, biases)]
+        return parts[0] if len(parts) == 1 else SplitColumnLinear(parts)
+
+    def _experts(self, name: str, child: nn.Module) -> nn.Module:
+        gate_up, down = f"{name}.gate_up_proj", f"{name}.down_proj"
+        if self.host.roles.get(gate_up, None) is None or self.host.roles[gate_up].kind is not ShardKind.COLUMN \
+                or self.host.roles[down].kind is not ShardKind.ROW:
+            raise ModelNotSupported(f"{name}: experts whose gate_up_proj/down_proj the TP plan does not shard")
+        gate, up = self._shards(gate_up)
+        (down_t,) = self._shards(down)
+        group = self.groups.tp_group if self.tp > 1 else None
+        return ShardedExperts(gate, up, down_t, child.act_fn, group)
+
+    def _layer(self, layer_class: type, local_config, index: int) -> nn.Module:
+        with torch.device("meta"):
+            layer = layer_class(local_config, index)
         prefix = f"model.layers.{index}"
+        replaced: list[str] = []
         for name, child in list(layer.named_modules()):
-            if isinstance(child, nn.Linear):
-                weight = _shard(host, f"{prefix}.{name}.weight", dims, groups)
-                bias = _shard(host, f"{prefix}.{name}.bias", dims, groups) if child.bias is not None else None
-                full = (child.out_features, child.in_features)
-                group = groups.tp_group
-                if name in row_parallel:
-                    new = backend.row_linear(full, weight.t(), bias, group, name)
-                elif name.endswith(("k_proj", "v_proj")) and groups.layout.tp > dims.num_kv_heads:
-                    new = backend.replicated_linear(weight, bias, name)
-                else:
-                    new = backend.column_linear(full, weight, bias, group, name)
-                _set_submodule(layer, name, new)
-                self.host_params.append((new, "weight", new.weight.data))
-                if bias is not None:
-                    self.host_params.append((new, "bias", new.bias.data))
-            elif name and list(child.parameters(recurse=False)):
+            if any(name.startswith(done + ".") for done in replaced):
+                continue
+            full = f"{prefix}.{name}"
+            if name and self.spec.is_experts(full):
+                new = self._track(self._experts(full, child))
+            elif isinstance(child, nn.Linear):
+                new = self._track(self._linear(full, child))
+            elif name and self.spec.is_sharded_norm(full) and self.tp > 1:
+                (weight,) = self._shards(f"{full}.weight")
+                new = ShardedRMSNorm(weight, child.variance_epsilon, self.groups.tp_group, self.tp)
+                self.host_params.append((new, "weight", weight))
+            else:
                 for param, _ in list(child.named_parameters(recurse=False)):
-                    self._bind(child, param, host.get(f"{prefix}.{name}.{param}"))
+                    pieces = self._shards(f"{full}.{param}")
+                    self._bind(child, param, pieces[0])
+                continue
+            _set_submodule(layer, name, new)
+            replaced.append(name)
         return layer
 
+    def _check_materialized(self) -> None:
+        for name, tensor in [*self.named_parameters(), *self.named_buffers()]:
+            if tensor.is_meta:
+                raise ModelNotSupported(f"{self.spec.family.label}: {name} has no weights in seesaw_ds's stage "
+                                        f"(a module the family table does not describe)")
+
+    # ------------------------------------------------------------------ device placement
     @property
     def shard_bytes(self) -> int:
         """Bytes of weights this rank holds under this layout (each distinct tensor counted once)."""
-        seen: dict[int, int] = {}
+        seen: dict[tuple[int, int], int] = {}
         for _, _, tensor in self.host_params:
-            seen[id(tensor)] = tensor.numel() * tensor.element_size()
+            seen[(tensor.data_ptr(), tensor.numel())] = tensor.numel() * tensor.element_size()
         return sum(seen.values())
 
     def to_device(self) -> int:
@@ -122,7 +194,7 @@ class StageModel(nn.Module):
                 copied[id(tensor)] = tensor.to(self.device, non_blocking=True)
                 moved += tensor.numel() * tensor.element_size()
             getattr(module, param).data = copied[id(tensor)]
-        self.rotary.to(self.device)
+        self.rope.to(self.device)
         torch.cuda.synchronize(self.device)
         return moved
 
@@ -133,15 +205,27 @@ class StageModel(nn.Module):
         for module, param, tensor in self.host_params:
             getattr(module, param).data = tensor
 
+    # ------------------------------------------------------------------ forward pieces
     def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.embed(token_ids)
 
-    def run_layers(self, hidden: torch.Tensor, position_ids: torch.Tensor, meta) -> torch.Tensor:
-        position_embeddings = self.rotary(hidden, position_ids)
-        for layer in self.layers:
+    def run_layers(self, hidden: torch.Tensor, position_ids: torch.Tensor, meta, segments: list[int]) -> torch.Tensor:
+        """This stage's decoder layers; ``segments`` bounds each sequence's positions in ``position_ids``."""
+        if self.layer_rope_types is None:
+            shared = self.rope(hidden, position_ids, segments)
+            embeddings = [shared] * len(self.layers)
+        else:
+            by_type = {t: self.rope(hidden, position_ids, segments, t) for t in set(self.layer_rope_types)}
+            embeddings = [by_type[t] for t in self.layer_rope_types]
+        for layer, position_embeddings in zip(self.layers, embeddings):
             hidden = layer(hidden, attention_mask=None, position_ids=position_ids,
                            position_embeddings=position_embeddings, seesaw=meta)
         return hidden
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(hidden)).float()
+        logits = self.lm_head(self.norm(hidden))
+        if self.logit_divisor is not None:
+            logits = logits / self.logit_divisor
+        if self.logit_softcap is not None:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits.float()

@@ -31,9 +31,13 @@ LAYOUTS = {
 SWITCH_PAIRS = {1: ("single", "single"), 2: ("tp2", "pp2"), 4: ("tp2pp2", "tp4")}
 
 
-def prompts_for(round_index: int, vocab: int) -> list[list[int]]:
+def prompts_for(round_index: int, vocab: int, switch: int | None = None) -> list[list[int]]:
+    """Uneven random prompts; for a longrope model that recomputes its cache at ``switch`` tokens, prompts
+    that stay short through DECODE_STEPS steps or are long from the start (the engine refuses the rest)."""
     generator = torch.Generator().manual_seed(1000 + round_index)
     lengths = [5, 11, 2, 17, 8][: 3 + round_index % 3]
+    if switch is not None:
+        lengths = [n for n in lengths if n + DECODE_STEPS <= switch] + [switch + 3 + round_index]
     return [torch.randint(3, vocab, (n,), generator=generator).tolist() for n in lengths]
 
 
@@ -93,21 +97,25 @@ def check(label: str, got: dict[int, torch.Tensor], want: list[torch.Tensor]) ->
 def main(model_dirs: list[str]) -> None:
     world = MPI.COMM_WORLD
     size = world.Get_size()
-    layouts = LAYOUTS[size]
     for model_dir in model_dirs:
+        from transformers import AutoConfig
+
+        num_layers = AutoConfig.from_pretrained(model_dir).num_hidden_layers
+        layouts = {name: layout for name, layout in LAYOUTS[size].items() if layout.pp <= num_layers}
         ranks_per_node = int(os.environ.get("SEESAW_TEST_RANKS_PER_NODE", "0")) or None
         rt = runtime_mod.start(model_dir, layouts, device_tokens=1024, block_size=4, ranks_per_node=ranks_per_node)
         if world.Get_rank() == 0:
             nodes = rt.topology.env.info.num_nodes
             shm = {name: groups.shm_allreduce for name, groups in rt.topology.layouts.items()}
             print(f"OK topology nodes={nodes} shm_allreduce={shm}", flush=True)
-        family = rt.checkpoint.config.model_type
+        family = os.path.basename(os.path.normpath(model_dir))  # the case name
         hf = None
         if world.Get_rank() == 0:
             from transformers import AutoModelForCausalLM
             hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         vocab = rt.checkpoint.dims.vocab_size
-        prompts = prompts_for(0, vocab)
+        switch = rt.checkpoint.spec.length_switch
+        prompts = prompts_for(0, vocab, switch)
         want = reference(hf, prompts, DECODE_STEPS) if hf is not None else None
         next_id = 0
         for name in layouts:
@@ -118,7 +126,7 @@ def main(model_dirs: list[str]) -> None:
         first, second = SWITCH_PAIRS[size]
         for round_index in range(10):
             name = first if round_index % 2 == 0 else second
-            prompts = prompts_for(round_index + 1, vocab)
+            prompts = prompts_for(round_index + 1, vocab, switch)
             got = run_greedy(rt, name, prompts, 4, next_id)
             next_id += len(prompts)
             if hf is not None:

@@ -66,7 +66,7 @@ def bad_cases(model: Path, prompts: Path, pickle_dir: Path, tmp: Path) -> dict[s
         "ranks not dividing nproc": (base + ["launch.nproc=3"], ["dp*tp*pp=2", "3 ranks"]),
         "rank counts differ": (base + ["parallel.decode.tp=4", "launch.nproc=4"], ["parallel.prefill", "parallel.decode"]),
         "missing model dir": ([f"model.path={tmp / 'no_such_model'}"] + base[1:], ["model.path=", "no_such_model"]),
-        "pickle only": ([f"model.path={pickle_dir}"] + base[1:], ["pytorch_model.bin", "model.allow_pickle"]),
+        "pickle only": ([f"model.path={pickle_dir}"] + base[1:], ["pytorch_model.bin", "save_pretrained"]),
         "bad sampling default": (base + ["sampling.temperature=-1"], ["sampling.temperature"]),
         "bad sampling type": (base + ["sampling.top_p=high"], ["sampling.top_p", "high"]),
         "unwritable output": (base[:2] + ["io.output=/proc/seesaw_ds/out.jsonl"], ["io.output=", "/proc/seesaw_ds"]),
@@ -147,3 +147,37 @@ def test_local_multirun_writes_a_summary_of_every_job(tiny_models, prompts_file,
         assert f"| parallel={layout} |" in table, table
     assert (sweep / "summary.png").stat().st_size > 0
     assert "summary.md" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def unsupported_models(tmp_path_factory) -> dict[str, Path]:
+    from seesaw_ds.model.tiny_families import make_unsupported_checkpoint
+
+    root = tmp_path_factory.mktemp("unsupported")
+    return {kind: make_unsupported_checkpoint(kind, root / kind) for kind in ("gpt2", "gemma3_multimodal",
+                                                                             "rope_unhandled")}
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("gpt2", ["model_type 'gpt2' is not supported", "Llama 2/3.x (llama)", "Granite (granite)"]),
+    ("gemma3_multimodal", ["'gemma3'", "Gemma3ForConditionalGeneration", "gemma3_text"]),
+    ("rope_unhandled", ["rope_type 'proportional'", "handled rope types"]),
+])
+def test_unsupported_checkpoint_is_refused_before_any_weight_is_read(kind, expected, unsupported_models,
+                                                                     prompts_file, tmp_path):
+    """One line naming what is unsupported (and the supported families), exit 2, no traceback, no rank."""
+    import time
+
+    marker = str(tmp_path / "run")
+    started = time.monotonic()
+    proc = run_command([sys.executable, RUN, f"model.path={unsupported_models[kind]}", f"io.input={prompts_file}",
+                        f"+run_dir={marker}"], timeout=300, check=False, cwd=tmp_path)
+    elapsed = time.monotonic() - started
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    assert len(lines) == 1 and lines[0].startswith("seesaw_ds: error: "), proc.stderr[-3000:]
+    for text in expected:
+        assert text in lines[0], f"{text!r} not in {lines[0]!r}"
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not processes_mentioning(marker) and not (tmp_path / "run").exists()
+    assert elapsed < 60, f"refusal took {elapsed:.0f}s"

@@ -1,5 +1,6 @@
 """Executor on real MPI ranks (gloo, DeepSpeed's CPU accelerator): every static layout of 1, 2 and 4 ranks
-and ten layout switches, logits within 1e-4 of plain transformers and identical greedy tokens."""
+and ten layout switches, logits within 1e-4 of plain transformers and identical greedy tokens — for the
+tiny default models and for every case of the family table (seesaw_ds/model/tiny_families.py)."""
 from __future__ import annotations
 
 import re
@@ -50,7 +51,7 @@ def test_sliding_window(tiny_models):
     proc = run_mpi(2, [DRIVER, str(tiny_models["mistral_window"])], timeout=300)
     lines = _ok_lines(proc.stdout)
     for layout in ("tp2", "pp2", "dp2"):
-        assert any(line.startswith(f"OK mistral {layout} ") for line in lines), (layout, proc.stdout)
+        assert any(line.startswith(f"OK mistral_window {layout} ") for line in lines), (layout, proc.stdout)
 
 
 def test_two_ranks_posing_as_two_nodes(tiny_models):
@@ -61,3 +62,33 @@ def test_two_ranks_posing_as_two_nodes(tiny_models):
     lines = _ok_lines(proc.stdout)
     assert any(line.startswith("OK llama tp2 ") for line in lines)
     assert sum(line.startswith("OK llama switch ") for line in lines) == 10
+
+
+def _assert_cases(stdout: str, cases, layouts, switches: int = 10) -> None:
+    lines = _ok_lines(stdout)
+    for case in cases:
+        for layout in layouts:
+            assert any(line.startswith(f"OK {case} {layout} ") for line in lines), (case, layout, stdout[-3000:])
+        assert sum(line.startswith(f"OK {case} switch ") for line in lines) == switches, (case, stdout[-3000:])
+
+
+def test_every_family_single_rank(family_models):
+    proc = run_mpi(1, [DRIVER, *map(str, family_models.values())], timeout=600)
+    _assert_cases(proc.stdout, family_models, ("single",))
+
+
+def test_every_family_two_ranks(family_models):
+    """tp2, pp2 (uneven layer split for odd layer counts), dp2, and tp2 <-> pp2 switches: fused projections,
+    experts (fused and per-expert checkpoints), norms over all heads, soft-caps, multipliers, per-layer rope."""
+    proc = run_mpi(2, [DRIVER, *map(str, family_models.values())], timeout=900)
+    _assert_cases(proc.stdout, family_models, ("tp2", "pp2", "dp2"))
+
+
+def test_families_four_ranks_replicated_kv_heads(family_models):
+    """tp4 over 2 KV heads replicates each KV head on two ranks: OLMo-2's k norm, Phi-3's fused k/v blocks
+    and Mixtral's experts (intermediate split four ways) under it, plus tp2·pp2, pp4 where the layers allow
+    (5-layer cases), and the switches."""
+    cases = ("olmo2", "phi3", "mixtral", "gemma3")
+    proc = run_mpi(4, [DRIVER, *(str(family_models[c]) for c in cases)], timeout=900)
+    _assert_cases(proc.stdout, ("olmo2", "gemma3"), ("tp4", "pp4", "tp2pp2", "dp2tp2", "dp2pp2"))
+    _assert_cases(proc.stdout, ("phi3", "mixtral"), ("tp4", "tp2pp2", "dp2tp2", "dp2pp2"))  # 3 layers: no pp4

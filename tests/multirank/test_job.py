@@ -17,16 +17,14 @@ MAX_TOKENS = 12
 RUN = str(REPO / "launch" / "run.py")
 
 
-@pytest.fixture(scope="session")
-def workload(tiny_models, tmp_path_factory):
-    """12 prompts of uneven length as token ids, and transformers' greedy continuation of each."""
+def greedy_workload(model_dir: Path, out_dir: Path, lengths, seed: int, low: int = 3):
+    """Prompts of the given lengths as token ids (an input file in ``out_dir``) and transformers' greedy
+    continuation of each, run alone: {custom_id: tokens}."""
     from transformers import AutoModelForCausalLM
 
-    model_dir = tiny_models["llama"]
-    generator = torch.Generator().manual_seed(7)
-    prompts = [torch.randint(3, 500, (n,), generator=generator).tolist() for n in
-               (5, 23, 9, 30, 14, 3, 27, 11, 18, 7, 25, 16)]
-    path = tmp_path_factory.mktemp("job") / "input.jsonl"
+    generator = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(low, 500, (n,), generator=generator).tolist() for n in lengths]
+    path = out_dir / "input.jsonl"
     path.write_text("".join(json.dumps({"custom_id": f"req-{i}", "prompt_token_ids": p}) + "\n"
                             for i, p in enumerate(prompts)))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -35,7 +33,15 @@ def workload(tiny_models, tmp_path_factory):
         out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                              max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=0)
         expected[f"req-{i}"] = out[0, len(prompt):].tolist()
-    return model_dir, path, expected
+    return path, expected
+
+
+@pytest.fixture(scope="session")
+def workload(tiny_models, tmp_path_factory):
+    """12 prompts of uneven length as token ids, and transformers' greedy continuation of each."""
+    path, expected = greedy_workload(tiny_models["llama"], tmp_path_factory.mktemp("job"),
+                                     (5, 23, 9, 30, 14, 3, 27, 11, 18, 7, 25, 16), seed=7)
+    return tiny_models["llama"], path, expected
 
 
 def run_job(model_dir: Path, input_path: Path, out_dir: Path, nproc: int, *overrides: str, timeout: float = 600):
@@ -130,3 +136,21 @@ def test_ranks_use_huge_pages_unless_turned_off(workload, tmp_path):
         assert metrics["true"]["hugepage_bytes_rank0"] > 0, (mode, metrics["true"]["hugepage_bytes_rank0"])
     if mode in ("madvise", "never"):
         assert metrics["false"]["hugepage_bytes_rank0"] == 0, (mode, metrics["false"]["hugepage_bytes_rank0"])
+
+
+FAMILY_JOBS = [("gemma2", "pp2", "tp2"), ("gemma3", "pp2", "tp2"), ("mixtral_per_expert", "pp2", "tp2"),
+               ("qwen2_moe", "pp2", "tp2"), ("phi3", "pp2", "tp2"), ("olmo2", "pp2", "tp2"), ("granite", "pp2", "tp2"),
+               ("llama_dynamic", "pp2", "tp2"), ("gemma3", "tp2", "pp2"), ("qwen3_moe", "dp2", "tp2")]
+EXTRA = {"llama_dynamic": ["model.max_model_len=64"]}  # dynamic rope serves past its 20 positions
+
+
+@pytest.mark.parametrize("case,prefill,decode", FAMILY_JOBS)
+def test_family_through_the_whole_job(family_models, tmp_path, case, prefill, decode):
+    """A whole job per family: KV written under the prefill layout, staged in host memory, read under the
+    decode layout, with evictions; greedy tokens identical to transformers."""
+    input_path, expected = greedy_workload(family_models[case], tmp_path, (5, 21, 9, 17, 3, 14, 11, 19), seed=11,
+                                           low=8)
+    _, records, metrics = run_job(family_models[case], input_path, tmp_path, 2, *layout_args(prefill, decode),
+                                  *EXTRA.get(case, []))
+    check_outputs(records, expected)
+    assert metrics["num_transitions"] >= 2

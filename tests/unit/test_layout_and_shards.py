@@ -12,7 +12,7 @@ from seesaw_ds.distributed.layout import (Layout, LayoutError, ModelDims, head_r
 from seesaw_ds.kv.blocks import BlockAllocator
 from seesaw_ds.kv.staging import ExtentAllocator
 from seesaw_ds.model.executor import SeqWork, micro_batches
-from seesaw_ds.model.shards import ShardKind, classify, host_shape, shard_rows
+from seesaw_ds.model.shards import REPLICATED, ShardKind, Split, TensorRole, host_shape, shard_ranges
 
 DIMS = ModelDims(num_layers=5, num_heads=8, num_kv_heads=2, head_dim=16, hidden_size=128,
                  intermediate_size=256, vocab_size=1000)
@@ -61,21 +61,22 @@ def test_instances_count():
     assert validate_layouts(Layout(pp=2), Layout(tp=2), DIMS, 8) == 4
 
 
-def test_classify_and_shard_rows():
-    row = frozenset({"self_attn.o_proj", "mlp.down_proj"})
-    assert classify("model.layers.3.self_attn.o_proj.weight", row).kind is ShardKind.ROW
-    assert classify("model.layers.3.self_attn.o_proj.bias", row).kind is ShardKind.REPLICATED
-    assert classify("model.layers.0.self_attn.k_proj.bias", row).kind is ShardKind.KV_COLUMN
-    assert classify("model.layers.0.mlp.gate_proj.weight", row).kind is ShardKind.COLUMN
-    assert classify("model.layers.0.input_layernorm.weight", row).kind is ShardKind.REPLICATED
-    assert classify("model.embed_tokens.weight", row).kind is ShardKind.REPLICATED
-    assert host_shape((128, 256), ShardKind.ROW) == (256, 128)
-    # q_proj rows follow head boundaries; o_proj (stored transposed) rows too
-    assert shard_rows(ShardKind.COLUMN, 128, DIMS, 4, 1, "self_attn.q_proj") == range(32, 64)
-    assert shard_rows(ShardKind.ROW, 128, DIMS, 4, 3, "self_attn.o_proj") == range(96, 128)
+def test_shard_ranges_follow_heads_and_blocks():
+    assert host_shape((128, 256), TensorRole(ShardKind.ROW)) == (256, 128)
+    assert host_shape((4, 96, 64), TensorRole(ShardKind.ROW)) == (4, 64, 96)  # stacked experts
+    q = TensorRole(ShardKind.COLUMN, ((Split.HEADS, 128),))
+    assert shard_ranges(q, 128, DIMS, 4, 1) == [range(32, 64)]
+    assert shard_ranges(TensorRole(ShardKind.ROW), 128, DIMS, 4, 3) == [range(96, 128)]
     # k_proj of 2 KV heads under tp4: each rank holds one (replicated) head
-    assert [shard_rows(ShardKind.KV_COLUMN, 32, DIMS, 4, i, "self_attn.k_proj") for i in range(4)] == \
-        [range(0, 16), range(0, 16), range(16, 32), range(16, 32)]
+    k = TensorRole(ShardKind.COLUMN, ((Split.KV_HEADS, 32),))
+    assert [shard_ranges(k, 32, DIMS, 4, i) for i in range(4)] == \
+        [[range(0, 16)], [range(0, 16)], [range(16, 32)], [range(16, 32)]]
+    # a fused [q | k | v] splits per block: rank 1 of tp2 holds q heads 4-7, KV head 1 of k and of v
+    qkv = TensorRole(ShardKind.COLUMN, ((Split.HEADS, 128), (Split.KV_HEADS, 32), (Split.KV_HEADS, 32)))
+    assert shard_ranges(qkv, 192, DIMS, 2, 1) == [range(64, 128), range(144, 160), range(176, 192)]
+    assert shard_ranges(REPLICATED, 7, DIMS, 2, 1) == [range(7)]
+    with pytest.raises(ValueError):
+        shard_ranges(TensorRole(ShardKind.COLUMN, ((Split.EVEN, 6),)), 6, DIMS, 4, 0)
 
 
 def test_row_parallel_shard_is_a_view_whose_product_matches():

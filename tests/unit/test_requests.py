@@ -353,3 +353,16 @@ def test_resume_round_trip(tmp_path, engine_tokenizer):
     ids = [json.loads(line)["custom_id"] for line in out.read_text().splitlines()]
     assert sorted(ids) == [f"r{i}" for i in range(6)]
     assert [json.loads(line)["line"] for line in errors.read_text().splitlines()] == [7]
+
+
+def test_request_crossing_a_longrope_switch_is_a_bad_line(tmp_path, engine_tokenizer):
+    """Phi-3 longrope: transformers recomputes the cache when a sequence grows past the switch; a request that
+    would cross it is refused per line (the job goes on), one that stays short or starts long is served."""
+    lines = [{"custom_id": "short", "prompt_token_ids": [5] * 10, "max_tokens": 15},   # lengths up to 24
+             {"custom_id": "crosses", "prompt_token_ids": [5] * 10, "max_tokens": 16},  # would reach 25
+             {"custom_id": "long", "prompt_token_ids": [5] * 25, "max_tokens": 16}]     # long from the start
+    path = _write(tmp_path / "in.jsonl", lines)
+    items = list(iter_requests(path, engine_tokenizer, job_sampling={}, model_defaults={}, max_model_len=512,
+                               vocab_size=VOCAB_SIZE, length_switch=24))
+    assert [type(item).__name__ for item in items] == ["Request", "BadLine", "Request"]
+    assert "longrope switch at 24 tokens" in items[1].message and "max_tokens to 15" in items[1].message

@@ -1,0 +1,106 @@
+"""The few modules seesaw_ds puts in place of transformers' ones when a rank holds only a shard.
+
+Each replaces a module whose own code assumes the whole tensor, and does what that module does on the
+shard, holding views of the node-shared host copy (no weight bytes copied):
+
+- :class:`ScaledEmbedding`: the embedding lookup times the family's scale (Gemma's ``embed_scale``
+  buffer, which the meta-device template cannot hold; Granite's ``embedding_multiplier``).
+- :class:`SplitColumnLinear`: a fused column-parallel linear (Phi-3's ``qkv_proj``, ``gate_up_proj``)
+  whose rank shard is one piece per block: one AutoTP ``LinearLayer`` per block, outputs concatenated, so
+  the family's slicing of the fused output sees ``[q | k | v]`` of its own heads.
+- :class:`ShardedExperts`: transformers-5 fused experts with the intermediate dimension split over TP
+  (the same routing loop as transformers' eager experts), output all-reduced.
+- :class:`ShardedRMSNorm`: an RMS norm over features split over TP (OLMo-2's q/k norms span all heads):
+  the sum of squares is all-reduced, then each rank normalises its own features.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from seesaw_ds.backends import deepspeed as backend
+
+
+class ScaledEmbedding(nn.Module):
+    """``embedding(ids) * scale``; ``scale`` a 0-d tensor in the weights' dtype, a float, or None."""
+
+    def __init__(self, scale: torch.Tensor | float | None):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        hidden = F.embedding(token_ids, self.weight)
+        if self.scale is None:
+            return hidden
+        scale = self.scale.to(hidden.device) if isinstance(self.scale, torch.Tensor) else self.scale
+        return hidden * scale
+
+
+class SplitColumnLinear(nn.Module):
+    """A fused column-parallel linear held as one column-parallel linear per block."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(hidden) for part in self.parts], dim=-1)
+
+
+class ShardedExperts(nn.Module):
+    """MoE experts over this rank's slice of the intermediate dimension.
+
+    ``gate``/``up``: ``[experts, local intermediate, hidden]``; ``down_t``: ``[experts, local intermediate,
+    hidden]`` (the host copy stores down projections transposed). Called as transformers' experts module:
+    ``(hidden [tokens, hidden], top_k_index, top_k_weights)``.
+    """
+
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down_t: torch.Tensor, act_fn, group):
+        super().__init__()
+        self.gate = nn.Parameter(gate, requires_grad=False)
+        self.up = nn.Parameter(up, requires_grad=False)
+        self.down_t = nn.Parameter(down_t, requires_grad=False)
+        self.act_fn = act_fn
+        self.group = group
+        self.num_experts = gate.shape[0]
+
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden)
+        with torch.no_grad():
+            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
+            hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+        for expert in hit[:, 0].tolist():
+            top_k_pos, token_idx = torch.where(expert_mask[expert])
+            state = hidden[token_idx]
+            inner = self.act_fn(F.linear(state, self.gate[expert])) * F.linear(state, self.up[expert])
+            result = torch.matmul(inner, self.down_t[expert])
+            result = result * top_k_weights[token_idx, top_k_pos, None]
+            out.index_add_(0, token_idx, result.to(out.dtype))
+        if self.group is not None:
+            backend.all_reduce(out, self.group)
+        return out
+
+
+class ShardedRMSNorm(nn.Module):
+    """RMS norm (transformers' float32 recipe) over features split across the ``tp`` ranks of ``group``.
+
+    The mean square is the all-reduced sum over ``local features * tp``: exact also when a KV head is
+    replicated on several ranks (each copy then counts once per rank holding it, as in the denominator).
+    """
+
+    def __init__(self, weight: torch.Tensor, eps: float, group, tp: int):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.eps = eps
+        self.group = group
+        self.tp = tp
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        dtype = hidden.dtype
+        hidden = hidden.to(torch.float32)
+        sum_sq = hidden.pow(2).sum(-1, keepdim=True)
+        backend.all_reduce(sum_sq, self.group)
+        variance = sum_sq / (hidden.shape[-1] * self.tp)
+        hidden = hidden * torch.rsqrt(variance + self.eps)
+        return (self.weight * hidden).to(dtype)
