@@ -20,11 +20,12 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
 
-from seesaw_ds.distributed.layout import Layout, ModelDims
+from seesaw_ds.distributed.layout import Layout, LayoutError, ModelDims
 from seesaw_ds.sim.calibrate import MEASURED_EFFICIENCY, Calibration, hardware_spec
 from seesaw_ds.sim.planner import Candidate, Planner, PlanOptions
 from seesaw_ds.sim.workload import Workload
@@ -152,14 +153,17 @@ def make_planner(facts: JobFacts, calibration: Calibration, dims: ModelDims, wor
                    plan_options(facts, calibration, workload))
 
 
-def choose(facts: JobFacts, calibration: Calibration, dims: ModelDims, workload: Workload) -> AutoChoice:
-    """The best runnable candidate for the job (pure given the calibration): ValueError when none fits."""
+def choose(facts: JobFacts, calibration: Calibration, dims: ModelDims, workload: Workload,
+           usable: Callable[[Layout], bool] | None = None) -> AutoChoice:
+    """The best runnable candidate for the job (pure given the calibration): ValueError when none fits.
+    ``usable`` rejects layouts the model family cannot shard (e.g. intermediate sizes tp does not divide)."""
     began = time.perf_counter()
     planner = make_planner(facts, calibration, dims, workload)
     result = planner.run()
     wanted = [c for c in result.candidates
               if (facts.fixed_prefill is None or c.prefill == facts.fixed_prefill)
-              and (facts.fixed_decode is None or c.decode == facts.fixed_decode)]
+              and (facts.fixed_decode is None or c.decode == facts.fixed_decode)
+              and (usable is None or (usable(c.prefill) and usable(c.decode)))]
     if not wanted:
         why = "; ".join(f"{bad['layout']}: {bad['reason']}" for bad in result.infeasible[:3])
         fixed = {k: str(v) for k, v in (("prefill", facts.fixed_prefill), ("decode", facts.fixed_decode)) if v}
@@ -182,6 +186,23 @@ def choose(facts: JobFacts, calibration: Calibration, dims: ModelDims, workload:
 
 
 # -- reading the job ------------------------------------------------------------------------------------------
+def family_usable(model_path: str | Path) -> Callable[[Layout], bool]:
+    """Whether the model's family can shard a layout (its intermediate sizes divide by tp)."""
+    from transformers import AutoConfig
+
+    from seesaw_ds.model.families import model_spec
+
+    spec = model_spec(AutoConfig.from_pretrained(model_path))
+
+    def usable(layout: Layout) -> bool:
+        try:
+            spec.check_tp("auto", layout.tp)
+        except LayoutError:
+            return False
+        return True
+    return usable
+
+
 def checkpoint_facts(model_path: str | Path, dtype: str) -> tuple[ModelDims, int, int, int]:
     """(dims, dtype bytes, max positions, vocab size) from a checkpoint's config.json."""
     from transformers import AutoConfig
@@ -247,7 +268,7 @@ def plan_job(settings, overrides: list[str], *, sample_lines: int = 256) -> Auto
                      max_decode_seqs=(settings.scheduler.max_decode_seqs
                                       if "scheduler.max_decode_seqs" in keys else None))
     calibration = measure(ranks=facts.num_ranks, dtype={4: "float32", 2: "bfloat16"}[dtype_bytes])
-    choice = choose(facts, calibration, dims, workload)
+    choice = choose(facts, calibration, dims, workload, usable=family_usable(settings.model.path))
     choice.timings.update(read_input=read_s, calibrate=calibration.seconds, total=time.perf_counter() - began)
     return choice
 

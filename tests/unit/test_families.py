@@ -118,3 +118,13 @@ def test_support_table_in_docs_matches_the_family_table_and_the_tested_cases():
     cases = re.findall(r"^\| `([a-z0-9_]+)` \|", text, flags=re.M)
     assert cases == list(CASES)
     assert {c["model_type"] for c in CASES.values()} == {t for f in FAMILIES for t in f.model_types}
+
+
+def test_parallel_auto_only_considers_layouts_the_family_can_shard(tmp_path):
+    from seesaw_ds.distributed.layout import Layout
+    from seesaw_ds.sim.auto import family_usable
+
+    _config("qwen2_moe", moe_intermediate_size=36, shared_expert_intermediate_size=64,
+            num_experts=4).save_pretrained(tmp_path)
+    usable = family_usable(tmp_path)
+    assert usable(Layout(tp=2)) and usable(Layout(pp=4)) and not usable(Layout(tp=8))
