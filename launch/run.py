@@ -23,7 +23,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from seesaw_ds.cli import (CONF_DIR, ConfigError, check_before_launch, compose_settings, fail,  # noqa: E402
-                           EXIT_PREEMPTED, resolve_parallel_auto, run_dir_for, summarize_sweep, worker_main)
+                           EXIT_PREEMPTED, resolve_default_model, resolve_parallel_auto, run_dir_for,
+                           summarize_sweep, worker_main)
 from seesaw_ds.sim.auto import write_plan  # noqa: E402
 from seesaw_ds.distributed.env import rank_environment, under_launcher  # noqa: E402
 
@@ -56,6 +57,7 @@ def launch_ranks(overrides: list[str], run_dir: Path, launch) -> int:
 def single(overrides: list[str]) -> int:
     try:
         settings, _ = compose_settings(overrides)
+        overrides, settings = resolve_default_model(overrides, settings)
         check_before_launch(settings)
         rank_overrides, plan = auto_overrides(overrides, settings)
         if plan is not None:
@@ -141,11 +143,13 @@ def plan_sweep(overrides: list[str]) -> tuple[Path, list[str]]:
     for number, job in enumerate(jobs):
         try:
             # ${hydra:...} (e.g. io.output=${hydra:runtime.output_dir}/out.jsonl) only resolves inside a job
-            settings, _ = compose_settings([o for o in job if "${hydra:" not in o.replace("\\", "")] + extra)
+            job_overrides = [o for o in job if "${hydra:" not in o.replace("\\", "")] + extra
+            settings, _ = compose_settings(job_overrides)
             if slurm_ranks is not None and settings.launch.nproc != slurm_ranks:
                 raise ConfigError(f"launch.nproc={settings.launch.nproc} but hydra/launcher starts "
                                   f"nodes*tasks_per_node={slurm_ranks} ranks per job; drop launch.nproc or "
                                   f"size the launcher for it")
+            settings = resolve_default_model(job_overrides, settings)[1]  # fetched once here; each job re-checks
             check_before_launch(settings)
         except (ConfigError, ValueError) as error:
             varying = " ".join(o for o in job if o not in common)
@@ -180,6 +184,7 @@ def sweep_job(cfg) -> int:
         return run_as_rank(rank_overrides, task_overrides, job_dir, settings.launch.nproc)
     job_dir.mkdir(parents=True, exist_ok=True)
     (job_dir / "overrides.txt").write_text("".join(f"{o}\n" for o in task_overrides))
+    rank_overrides, settings = resolve_default_model(rank_overrides, settings)
     rank_overrides, plan = auto_overrides(rank_overrides, settings)
     if plan is not None:
         print(f"seesaw_ds: {plan.line()}; {write_plan(plan, job_dir, rank_overrides)}", flush=True)

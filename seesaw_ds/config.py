@@ -68,6 +68,10 @@ class LaunchConfig:
     """Treat every N consecutive ranks as one node (testing multi-node on one host); None = detect."""
     comm_timeout_s: float = 300.0
     """Collective timeout: a rank that stops answering ends the job after this many seconds."""
+    master_addr: Optional[str] = None
+    """Rendezvous address of rank 0 (torch.distributed's MASTER_ADDR); None = an exported MASTER_ADDR, else
+    chosen: loopback on one host, an address of rank 0's node that the other nodes can reach otherwise
+    (seesaw_ds/distributed/rendezvous.py)."""
     mpiexec: str = "mpiexec"
     """The MPI launcher used outside Slurm (the mpich wheel's, from the venv)."""
     hugepages: bool = True
@@ -84,9 +88,16 @@ class KVConfig:
     host_tokens: Optional[int] = None
     """Capacity of the host staging area per instance, in tokens; None = sized from free host memory."""
     host_memory_fraction: float = 0.3
-    """With host_tokens unset: the share of available host memory the staging area may take."""
-    device_tokens: int = 8192
-    """Capacity of the device-tier paged cache per data-parallel replica, in tokens."""
+    """With host_tokens unset: the share of the host memory the staging area may take (available memory,
+    capped by the job's cgroup limit and /dev/shm's free space; seesaw_ds/kv/sizing.py)."""
+    device_tokens: Optional[int] = None
+    """Capacity of the device-tier paged cache per data-parallel replica, in tokens; None = sized at start-up
+    from device_memory_fraction, at most scheduler.max_decode_seqs x model.max_model_len (docs/cluster.md)."""
+    device_memory_fraction: Optional[float] = None
+    """With device_tokens unset: the share of memory the device tier may take. None = 0.9 of the GPU's memory
+    (vLLM's gpu_memory_utilization; in-use memory and the weights come off it, the rest is headroom for
+    activations), or on a CPU 0.3 of the available host memory left beside the staging area, shared by the
+    host's ranks (the two tiers then take about half of what is available, leaving room for other jobs)."""
     block_size: int = 16
     """Tokens per device-tier block."""
 

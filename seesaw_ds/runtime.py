@@ -15,6 +15,7 @@ from seesaw_ds.backends import deepspeed as backend
 from seesaw_ds.distributed import env as dist_env
 from seesaw_ds.distributed.groups import Topology, build_topology
 from seesaw_ds.distributed.layout import Layout, validate_named_layouts
+from seesaw_ds.kv.sizing import max_replica_tokens
 from seesaw_ds.model.executor import Executor
 from seesaw_ds.model.loader import Checkpoint, HostWeights, open_checkpoint, parse_dtype, plan_host_tensors
 from seesaw_ds.model.stage import build_template, parameter_shapes
@@ -52,25 +53,32 @@ def check_weights(checkpoint: Checkpoint) -> None:
     plan_host_tensors(checkpoint, parameter_shapes(build_template(checkpoint.config)))
 
 
-def start(model_path: str, layouts: dict[str, Layout], *, device_tokens: int, block_size: int = 16,
+def start(model_path: str, layouts: dict[str, Layout], *, device_tokens: int | None = None, block_size: int = 16,
           ranks_per_node: int | None = None, dtype: str | None = None, trust_remote_code: bool = False, comm_timeout_s: float = 600.0, staging_factory=None,
-          prefill_micro_batches: int = 8) -> Runtime:
+          prefill_micro_batches: int = 8, device_memory_fraction: float | None = None,
+          max_model_len: int | None = None, max_decode_seqs: int | None = None,
+          master_addr: str | None = None) -> Runtime:
     """Start this rank (collective over MPI.COMM_WORLD). Raises ValueError subclasses on bad settings.
 
     ``layouts`` names every layout the executor can switch to (a job has "prefill" and "decode").
+    ``device_tokens`` None sizes the device tier from memory (seesaw_ds/kv/sizing.py), at most
+    ``max_decode_seqs`` sequences of ``max_model_len`` (default: the model's) tokens per replica.
     """
     env = dist_env.discover(ranks_per_node)
     torch.set_num_threads(dist_env.cores_per_rank(env.info.host_local_size))
     checkpoint = open_checkpoint(model_path, trust_remote_code=trust_remote_code)
     validate_model_layouts(checkpoint, layouts, env.world_size)
-    dist_env.export_torch_env(env)
-    backend.init_comm(comm_timeout_s, env.info.local_rank)
+    dist_env.export_torch_env(env, master_addr)
+    backend.init_comm(comm_timeout_s, env.info.host_local_rank)
     topology = build_topology(env, layouts)
     template = build_template(checkpoint.config)
     plan = plan_host_tensors(checkpoint, parameter_shapes(template))
     host = HostWeights(checkpoint, plan, env.node, parse_dtype(dtype, checkpoint.config_dtype),
                        pin=backend.accelerator_name() != "cpu")
     staging = staging_factory(topology, checkpoint.dims, host.dtype) if staging_factory else None
+    max_len = max_model_len or getattr(checkpoint.config, "max_position_embeddings", None)
     executor = Executor(topology, host, template, checkpoint.spec, device_tokens=device_tokens,
-                        block_size=block_size, staging=staging, prefill_micro_batches=prefill_micro_batches)
+                        block_size=block_size, staging=staging, prefill_micro_batches=prefill_micro_batches,
+                        device_memory_fraction=device_memory_fraction,
+                        device_tokens_cap=max_replica_tokens(max_len, max_decode_seqs))
     return Runtime(topology=topology, checkpoint=checkpoint, host=host, executor=executor, layouts=layouts)

@@ -1,6 +1,6 @@
 """Load check: does rank 0's memory stay bounded as the input grows? (`python launch/load.py`)
 
-Runs the real job (``launch/run.py``, default tiny model unless ``model.path`` is overridden) on synthetic
+Runs the real job (``launch/run.py``, ``model=tiny`` unless ``model.path`` is overridden) on synthetic
 N-line inputs of short prompts with ``sampling.max_tokens=1``, so that almost all the work is reading,
 tokenizing, scheduling and writing requests, and reports the peak RSS of global rank 0 (from the job's
 metrics file) and its growth per request against the smallest input. Memory bounded by the work in flight
@@ -54,7 +54,7 @@ def run_point(num_lines: int, work_dir: Path, overrides: list[str] = (), *, time
     output = work_dir / f"out{num_lines}.jsonl"
     for stale in work_dir.glob(f"out{num_lines}.*"):
         stale.unlink()
-    command = [sys.executable, str(RUN), f"io.input={input_path}", f"io.output={output}",
+    command = [sys.executable, str(RUN), "model=tiny", f"io.input={input_path}", f"io.output={output}",
                "sampling.max_tokens=1", "io.progress_interval_s=100000", f"run_dir={work_dir / 'run'}",
                *overrides]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))

@@ -2,8 +2,10 @@
 
 Ranks come from MPI (mpi4py): ``mpiexec`` locally, ``srun --mpi=pmi2|pmix`` under Slurm. Nodes are found
 with MPI's shared-memory split; ``ranks_per_node`` overrides that so that tests can make ranks of one host
-behave as separate nodes. Before ``torch.distributed`` starts, the variables it and DeepSpeed read are
-exported (never overwriting ones the launcher already set, except the ones this module owns).
+behave as separate nodes (the *real* host stays known: devices and memory belong to it). Before
+``torch.distributed`` starts, the variables it and DeepSpeed read are exported (never overwriting ones the
+launcher already set, except the ones this module owns); the rendezvous address is chosen by
+seesaw_ds/distributed/rendezvous.py.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from pathlib import Path
 
 from mpi4py import MPI
 
+from seesaw_ds.distributed import rendezvous
+
 
 @dataclass(frozen=True)
 class RankInfo:
@@ -25,9 +29,15 @@ class RankInfo:
     node_index: int
     num_nodes: int
     local_rank: int
+    """Rank within the (real or posed) node."""
     local_size: int
+    host_local_rank: int
+    """Rank within the real host (MPI's shared-memory split, whatever ``ranks_per_node`` poses): the device
+    index comes from it."""
     host_local_size: int
     hostname: str
+    num_hosts: int = 1
+    """Real hosts in the job."""
 
 
 @dataclass
@@ -61,7 +71,8 @@ def discover(ranks_per_node: int | None = None) -> DistEnv:
     world = MPI.COMM_WORLD
     node = _node_comm(world, ranks_per_node)
     host = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
-    host_local_size = host.Get_size()
+    host_local_rank, host_local_size = host.Get_rank(), host.Get_size()
+    num_hosts = world.allreduce(1 if host_local_rank == 0 else 0)
     host.Free()
     # Number the nodes by their lowest world rank, identically on every rank.
     leaders = world.allgather(world.Get_rank() if node.Get_rank() == 0 else -1)
@@ -69,8 +80,8 @@ def discover(ranks_per_node: int | None = None) -> DistEnv:
     my_leader = node.bcast(world.Get_rank() if node.Get_rank() == 0 else None, root=0)
     info = RankInfo(rank=world.Get_rank(), world_size=world.Get_size(),
                     node_index=node_leaders.index(my_leader), num_nodes=len(node_leaders),
-                    local_rank=node.Get_rank(), local_size=node.Get_size(),
-                    host_local_size=host_local_size, hostname=socket.gethostname())
+                    local_rank=node.Get_rank(), local_size=node.Get_size(), host_local_rank=host_local_rank,
+                    host_local_size=host_local_size, hostname=socket.gethostname(), num_hosts=num_hosts)
     return DistEnv(info=info, world=world, node=node)
 
 
@@ -80,43 +91,89 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def export_torch_env(env: DistEnv) -> None:
+def export_torch_env(env: DistEnv, master_addr: str | None = None) -> None:
     """Export what torch.distributed and DeepSpeed read: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_SIZE and a
-    rendezvous (MASTER_ADDR/PORT) chosen by rank 0 and broadcast over MPI.
+    rendezvous (MASTER_ADDR/PORT) chosen by rank 0 (``master_addr`` = launch.master_addr wins, then an
+    exported MASTER_ADDR; see seesaw_ds/distributed/rendezvous.py) and broadcast over MPI. On a multi-host
+    job whose host names resolve to loopback, GLOO_SOCKET_IFNAME too (unless set).
 
     LOCAL_SIZE matters: DeepSpeed's CPU shared-memory all-reduce crashes without it.
     """
+    hostnames = env.world.allgather(env.info.hostname) if env.info.num_hosts > 1 else [env.info.hostname]
     if env.rank == 0:
-        addr = os.environ.get("MASTER_ADDR") or _routable_address()
+        addr, why = rendezvous.choose_master_addr(
+            configured=master_addr, environ=os.environ, num_hosts=env.info.num_hosts,
+            hostname=env.info.hostname, interfaces=host_interfaces(), resolve=resolve_ipv4,
+            peer_hosts=[name for name in hostnames if name != env.info.hostname])
         port = os.environ.get("MASTER_PORT") or str(_free_port())
-        rendezvous = (addr, port)
+        if env.info.num_hosts > 1:
+            print(f"[seesaw_ds] rendezvous {addr}:{port} ({why}); set launch.master_addr or MASTER_ADDR to "
+                  f"choose", flush=True)
+        rendezvous_pair = (addr, port)
     else:
-        rendezvous = None
-    addr, port = env.world.bcast(rendezvous, root=0)
+        rendezvous_pair = None
+    addr, port = env.world.bcast(rendezvous_pair, root=0)
     os.environ.update({
         "RANK": str(env.rank), "WORLD_SIZE": str(env.world_size),
         "LOCAL_RANK": str(env.info.local_rank), "LOCAL_SIZE": str(env.info.local_size),
         "MASTER_ADDR": addr, "MASTER_PORT": port,
     })
+    if env.info.num_hosts > 1:
+        interface = rendezvous.gloo_interface(environ=os.environ, num_hosts=env.info.num_hosts,
+                                              hostname=env.info.hostname, master_addr=addr,
+                                              interfaces=host_interfaces(), resolve=resolve_ipv4)
+        if interface is not None:
+            os.environ["GLOO_SOCKET_IFNAME"] = interface
 
 
-def _routable_address() -> str:
-    """An address of this host that other nodes can reach (the loopback when alone)."""
-    if MPI.COMM_WORLD.Get_size() == 1:
-        return "127.0.0.1"
-    hostname = socket.gethostname()
+def resolve_ipv4(name: str) -> list[str]:
+    """IPv4 addresses ``name`` resolves to on this host ([] when it does not)."""
     try:
-        return socket.gethostbyname(hostname)
-    except OSError:
-        return "127.0.0.1"
+        infos = socket.getaddrinfo(name, None, socket.AF_INET, socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return []
+    return list(dict.fromkeys(info[4][0] for info in infos))
+
+
+def host_interfaces() -> dict[str, list[tuple[str, str]]]:
+    """This host's interfaces that are up: name -> [(IPv4 address, netmask)], in the kernel's order."""
+    import psutil
+
+    stats = psutil.net_if_stats()
+    return {name: [(entry.address, entry.netmask or "255.255.255.255") for entry in entries
+                   if entry.family == socket.AF_INET]
+            for name, entries in psutil.net_if_addrs().items() if stats.get(name) is None or stats[name].isup}
+
+
+def device_index(host_local_rank: int, device_count: int) -> int:
+    """The accelerator a rank drives: its rank among the ranks of its real host, wrapped around the devices
+    it sees (so one each when Slurm or CUDA_VISIBLE_DEVICES gives every task its own). Never the posed
+    node's local rank: with ``launch.ranks_per_node`` that restarts per posed node and two ranks would
+    share a GPU while another idles."""
+    if device_count < 1:
+        raise ValueError(f"no accelerator visible to this rank (device count {device_count}); check "
+                         f"CUDA_VISIBLE_DEVICES / the job's --gpus")
+    return host_local_rank % device_count
+
+
+def export_device_rank(index: int) -> None:
+    """On an accelerator, LOCAL_RANK names the device this rank drives (DeepSpeed and torch bind to
+    ``cuda:LOCAL_RANK``): the index from :func:`device_index`, not the posed node's local rank."""
+    os.environ["LOCAL_RANK"] = str(index)
 
 
 def export_extension_dir() -> None:
     """Build torch JIT extensions (DeepSpeed's CPU shm all-reduce, the decode-attention kernel) inside this
     environment, not in the user-wide ~/.cache/torch_extensions: there, every other checkout's venv (a CI
     clone, a second project) writes the same op with other include paths, and each job that follows
-    rebuilds it (30-90 s of start-up here). An explicit TORCH_EXTENSIONS_DIR wins."""
+    rebuilds it (30-90 s of start-up here). An explicit TORCH_EXTENSIONS_DIR wins.
+
+    Also makes a build lock left by a killed builder a one-line warning instead of a hang
+    (seesaw_ds/distributed/jit_lock.py)."""
+    from seesaw_ds.distributed import jit_lock
+
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    jit_lock.install()
 
 
 #: glibc (>= 2.35) tunable that makes malloc madvise its large mappings for transparent huge pages.

@@ -191,7 +191,7 @@ def run_job(settings: JobConfig, runtime, run_dir: Path, *, tokenizer=None, stop
             SchedulerConfig(policy=settings.scheduler.policy, max_prefill_tokens=settings.scheduler.max_prefill_tokens,
                             low_watermark=settings.scheduler.low_watermark,
                             max_decode_seqs=settings.scheduler.max_decode_seqs),
-            staging_tokens=executor.staging.capacity, device_tokens=settings.kv.device_tokens,
+            staging_tokens=executor.staging.capacity, device_tokens=executor.device_tokens,
             block_size=settings.kv.block_size, num_prefill_replicas=layouts["prefill"].dp,
             num_decode_replicas=layouts["decode"].dp)
         # One prefill step's worth of waiting prompts is all the scheduler can use per step (the leader refills

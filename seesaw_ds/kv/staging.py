@@ -11,7 +11,12 @@ allocation succeeds whenever enough slots are free and the scheduler's token cou
 - **swap-in** (decode): each rank pulls its decode-layout share into the device tier. Pieces written on
   its node are read from shared memory, layer by layer on a background thread that the attention of each
   layer waits for (so later layers copy while earlier ones compute); pieces written on another node come
-  point-to-point from their writer, following :func:`seesaw_ds.kv.plan.plan_kv_reshard`.
+  point-to-point from their writer, following :func:`seesaw_ds.kv.plan.plan_kv_reshard`, as host tensors
+  through the world group's CPU (gloo) twin, never through a device group (NCCL takes no host memory).
+
+How the bytes cross between host and device (pinned blocks, a side stream and per-layer events on an
+accelerator; direct copies on a CPU) is :mod:`seesaw_ds.kv.transfer`. :class:`HostKV` is the part that needs
+no MPI: the area as a tensor, and the copies into and out of it.
 """
 from __future__ import annotations
 
@@ -20,7 +25,6 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import psutil
 import torch
 
 from seesaw_ds.backends import deepspeed as backend
@@ -28,6 +32,8 @@ from seesaw_ds.distributed.groups import Topology
 from seesaw_ds.distributed.hostmem import NodeSharedBuffer
 from seesaw_ds.distributed.layout import ModelDims, kv_head_range
 from seesaw_ds.kv.plan import kv_writes, plan_kv_reshard
+from seesaw_ds.kv.sizing import node_shared_available_bytes
+from seesaw_ds.kv.transfer import DeviceCopies, LayerReady
 
 
 class StagingCapacityError(ValueError):
@@ -43,7 +49,7 @@ def staging_capacity(requested: int | None, dims: ModelDims, dtype: torch.dtype,
                      fraction: float) -> int:
     """Tokens of staging per instance: ``requested`` if it fits in available memory, else a clear error."""
     per_token = bytes_per_token(dims, dtype)
-    available = psutil.virtual_memory().available
+    available = node_shared_available_bytes()  # MemAvailable, the cgroup's headroom, /dev/shm's free space
     if requested is None:
         tokens = int(available * fraction) // (per_token * max(1, areas_on_node))
         if tokens < 1:
@@ -128,48 +134,60 @@ class TransferStats:
     events: list = field(default_factory=list)
 
 
-class StagingArea:
-    """This rank's handle on its instance's staging area (collective over the instance to create)."""
+class HostKV:
+    """A staging tensor ``[layer, k|v, kv_head, token_slot, head_dim]`` and the copies into and out of it,
+    made on one background thread. Needs no MPI: ``kv`` may be any host tensor."""
 
-    def __init__(self, topology: Topology, dims: ModelDims, dtype: torch.dtype, capacity_tokens: int):
-        self.topology = topology
+    def __init__(self, kv: torch.Tensor, dims: ModelDims, dtype: torch.dtype, copies: DeviceCopies):
+        self.kv = kv
         self.dims = dims
         self.dtype = dtype
-        self.capacity = capacity_tokens
-        env = topology.env
-        self._comm = env.node.Split(color=topology.instance_index, key=env.rank)
-        shape = (dims.num_layers, 2, dims.num_kv_heads, self.capacity, dims.head_dim)
-        element = torch.empty((), dtype=dtype).element_size()
-        nbytes = element * dims.num_layers * 2 * dims.num_kv_heads * self.capacity * dims.head_dim
-        self._buffer = NodeSharedBuffer(self._comm, nbytes, pin=torch.cuda.is_available())
-        self.kv = self._buffer.view(0, shape, dtype)
+        self.capacity = kv.shape[3]
+        self.copies = copies
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seesaw-kv")
         self._pending: list[Future] = []
         self.stats = TransferStats()
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------ swap-out
-    def prefill_sink(self, batch, bounds: list[int], groups):
-        """A prefill sink writing this rank's share of each sequence's new K/V into its extents, asynchronously."""
-        share = kv_writes(groups.layout, self.dims, self.topology.instance_rank)
-        if share is None:
-            return lambda layer, keys, values: None
-        _, heads = share
-        local_heads = kv_head_range(self.dims.num_kv_heads, groups.layout.tp, groups.tp_index)
-        head_lo = heads.start - local_heads.start
-        head_hi = head_lo + len(heads)
-
+    def sink(self, batch, bounds: list[int], heads: range, head_lo: int, head_hi: int):
+        """A prefill sink: rows ``head_lo:head_hi`` of each layer's K/V (global KV ``heads``) of every
+        sequence of ``batch`` (``bounds`` in the packed row) into its extents, asynchronously."""
         def write(layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-            def copy() -> float:
-                began = time.perf_counter()
-                for seq, lo, hi in zip(batch, bounds[:-1], bounds[1:]):
-                    self._store(layer, 0, heads, seq.staging_extents, keys[head_lo:head_hi, lo:hi])
-                    self._store(layer, 1, heads, seq.staging_extents, values[head_lo:head_hi, lo:hi])
-                return time.perf_counter() - began
-            self._pending.append(self._worker.submit(copy))
-            with self._lock:
-                self.stats.swap_out_bytes += 2 * keys[head_lo:head_hi].numel() * keys.element_size()
+            self._write_async(layer, heads, keys[head_lo:head_hi], values[head_lo:head_hi],
+                              [(seq.staging_extents, lo, hi) for seq, lo, hi in zip(batch, bounds[:-1], bounds[1:])])
         return write
+
+    def write_sequence(self, layer: int, staged: StagedSeq, keys: torch.Tensor, values: torch.Tensor,
+                       heads: range) -> None:
+        """Write one sequence's K/V (``[kv_heads, tokens, head_dim]`` for global ``heads``) into its extents:
+        at once on a CPU; on an accelerator queued, done by :meth:`finish_writes`."""
+        if not self.copies.enabled:
+            self._store(layer, 0, heads, staged.extents, keys)
+            self._store(layer, 1, heads, staged.extents, values)
+            self.stats.swap_out_bytes += 2 * keys.numel() * keys.element_size()
+            return
+        self._write_async(layer, heads, keys, values, [(staged.extents, 0, keys.shape[1])])
+
+    def _write_async(self, layer: int, heads: range, keys: torch.Tensor, values: torch.Tensor, spans) -> None:
+        """Store ``keys``/``values`` ``[heads, T, head_dim]`` on the copy thread: token columns ``lo:hi`` of
+        each ``(extents, lo, hi)`` into those extents. On an accelerator they first go to a pinned block on
+        the side stream, which the copy thread waits for; on a CPU it reads them directly."""
+        copies, event = self.copies, None
+        if copies.enabled:
+            block, event = copies.download(keys, values)
+            keys, values = block[0], block[1]
+
+        def copy() -> float:
+            began = time.perf_counter()
+            copies.streams.synchronize(event)
+            for extents, lo, hi in spans:
+                self._store(layer, 0, heads, extents, keys[:, lo:hi])
+                self._store(layer, 1, heads, extents, values[:, lo:hi])
+            return time.perf_counter() - began
+        self._pending.append(self._worker.submit(copy))
+        with self._lock:
+            self.stats.swap_out_bytes += 2 * keys.numel() * keys.element_size()
 
     def finish_writes(self) -> None:
         """Wait for outstanding swap-out copies (before the blocks are read or the step is reported)."""
@@ -178,13 +196,6 @@ class StagingArea:
         self._pending = []
         self.stats.swap_out_seconds += copied
         self.stats.swap_out_wait_seconds += time.perf_counter() - began
-
-    def write_sequence(self, layer: int, staged: StagedSeq, keys: torch.Tensor, values: torch.Tensor,
-                       heads: range) -> None:
-        """Write one sequence's K/V (``[kv_heads, tokens, head_dim]`` for global ``heads``) into its extents."""
-        self._store(layer, 0, heads, staged.extents, keys.to("cpu"))
-        self._store(layer, 1, heads, staged.extents, values.to("cpu"))
-        self.stats.swap_out_bytes += 2 * keys.numel() * keys.element_size()
 
     def _store(self, layer: int, kv_index: int, heads: range, extents, data: torch.Tensor) -> None:
         """Write ``data`` (``[heads, tokens, head_dim]``) into a sequence's extents, from its first token."""
@@ -196,8 +207,10 @@ class StagingArea:
             self.kv[layer, kv_index, heads.start:heads.stop, start:start + take] = data[:, done:done + take]
             done += take
 
+    # ------------------------------------------------------------ reads
     def _load(self, layers: range, heads: range, extents, tokens: int) -> torch.Tensor:
-        """A sequence's K/V for ``layers`` x ``heads``: ``[layers, 2, heads, tokens, head_dim]``."""
+        """A sequence's K/V for ``layers`` x ``heads``: ``[layers, 2, heads, tokens, head_dim]`` (a view of
+        the area when the sequence is one extent)."""
         parts, done = [], 0
         for start, length in extents:
             take = min(length, tokens - done)
@@ -207,12 +220,60 @@ class StagingArea:
             done += take
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=3)
 
+    def _gather(self, target: torch.Tensor, layers: range, heads: range, extents, tokens: int) -> None:
+        """Copy a sequence's K/V into ``target`` (``[layers, 2, heads, tokens, head_dim]``), extent by extent."""
+        done = 0
+        for start, length in extents:
+            take = min(length, tokens - done)
+            if take <= 0:
+                break
+            target[:, :, :, done:done + take].copy_(
+                self.kv[layers.start:layers.stop, :, heads.start:heads.stop, start:start + take])
+            done += take
+
+    def swap_in_pieces(self, cache, local_reads, received, heads: range) -> "SwapIn":
+        """Start copying into ``cache`` (layer by layer, on the copy thread): ``local_reads`` ``(staged,
+        piece)`` read from this area, ``received`` ``(staged, piece, block)`` already in host blocks;
+        ``heads`` are the cache's global KV heads."""
+        return SwapIn(self, cache, local_reads, received, heads)
+
+    def close_worker(self) -> None:
+        """Let queued copies finish and stop the copy thread."""
+        self._worker.shutdown(wait=True)
+
+
+class StagingArea(HostKV):
+    """This rank's handle on its instance's staging area (collective over the instance to create)."""
+
+    def __init__(self, topology: Topology, dims: ModelDims, dtype: torch.dtype, capacity_tokens: int):
+        self.topology = topology
+        env = topology.env
+        self._comm = env.node.Split(color=topology.instance_index, key=env.rank)
+        shape = (dims.num_layers, 2, dims.num_kv_heads, capacity_tokens, dims.head_dim)
+        element = torch.empty((), dtype=dtype).element_size()
+        nbytes = element * dims.num_layers * 2 * dims.num_kv_heads * capacity_tokens * dims.head_dim
+        self._buffer = NodeSharedBuffer(self._comm, nbytes, pin=torch.cuda.is_available())
+        kv = self._buffer.view(0, shape, dtype)
+        backend.register_host_memory(kv)
+        super().__init__(kv, dims, dtype, DeviceCopies(backend.Streams(backend.device())))
+
+    def prefill_sink(self, batch, bounds: list[int], groups):
+        """A prefill sink writing this rank's share of each sequence's new K/V into its extents, asynchronously."""
+        share = kv_writes(groups.layout, self.dims, self.topology.instance_rank)
+        if share is None:
+            return lambda layer, keys, values: None
+        _, heads = share
+        local_heads = kv_head_range(self.dims.num_kv_heads, groups.layout.tp, groups.tp_index)
+        head_lo = heads.start - local_heads.start
+        return self.sink(batch, bounds, heads, head_lo, head_lo + len(heads))
+
     # ------------------------------------------------------------ swap-in
     def swap_in(self, seqs: list[StagedSeq], layout_name: str, cache) -> "SwapIn":
         """Pull every sequence's share for layout ``layout_name`` into ``cache`` (every instance rank calls).
 
-        Remote pieces move point-to-point now; local pieces are copied layer by layer on the worker
-        thread. Returns a handle whose ``wait(layer)`` blocks until that layer is in the device tier.
+        Remote pieces move point-to-point now, as host tensors through the host group; local pieces are
+        copied layer by layer on the worker thread. Returns a handle whose ``wait(layer)`` blocks until
+        that layer is in the device tier (on an accelerator: until the compute stream waits for it).
         """
         topology = self.topology
         me = topology.instance_rank
@@ -230,12 +291,13 @@ class StagingArea:
                     sends.append((staged, piece))
         handles = []
         for staged, piece in sends:
-            block = self._slice(staged, piece).contiguous()
-            handles.append(backend.isend(block, topology.instance_to_global(piece.dst_rank)))
+            block = self._host_block(staged, piece)
+            self._gather(block, piece.layers, piece.kv_heads, staged.extents, staged.num_tokens)
+            handles.append(backend.host_isend(block, topology.instance_to_global(piece.dst_rank), topology.host_world))
         received = []
         for staged, piece in recvs:
-            block = torch.empty_like(self._slice(staged, piece))
-            backend.recv(block, topology.instance_to_global(piece.src_rank))
+            block = self._host_block(staged, piece)
+            backend.host_recv(block, topology.instance_to_global(piece.src_rank), topology.host_world)
             received.append((staged, piece, block))
             self.stats.remote_bytes += block.numel() * block.element_size()
         for handle in handles:
@@ -245,67 +307,90 @@ class StagingArea:
         for staged in seqs:
             if staged.reader_replica == mine[0]:
                 cache.allocator.ensure(staged.seq_id, staged.num_tokens, reserve_tokens=staged.final_tokens)
-        return SwapIn(self, cache, local_reads, received, my_heads)
+        return self.swap_in_pieces(cache, local_reads, received, my_heads)
 
-    def _slice(self, staged: StagedSeq, piece) -> torch.Tensor:
-        return self._load(piece.layers, piece.kv_heads, staged.extents, staged.num_tokens)
+    def _host_block(self, staged: StagedSeq, piece) -> torch.Tensor:
+        """A host transfer block for one piece: ``[layers, 2, heads, tokens, head_dim]``."""
+        shape = (len(piece.layers), 2, len(piece.kv_heads), staged.num_tokens, self.dims.head_dim)
+        return backend.host_empty(shape, self.dtype)
 
     def close(self) -> None:
         """Stop the worker and release the shared memory (collective over the instance's node ranks)."""
-        self._worker.shutdown(wait=True)
+        self.close_worker()
         self._comm.Barrier()
+        backend.unregister_host_memory(self.kv)
+        self.kv = None
         self._buffer.free()
         self._comm.Free()
 
 
 class SwapIn:
-    """An in-flight swap-in: layers land in the device tier in order; ``wait(layer)`` blocks on one."""
+    """An in-flight swap-in: layers land in the device tier in order; ``wait(layer)`` blocks on one.
 
-    def __init__(self, area: StagingArea, cache, local_reads, received, heads: range):
+    On a CPU the copy thread writes each layer's pieces straight from the area (or a received block) into
+    the cache; on an accelerator it queues them through :meth:`DeviceCopies.upload_layer`. Either way it
+    then publishes the layer to :class:`~seesaw_ds.kv.transfer.LayerReady`.
+    """
+
+    def __init__(self, area: HostKV, cache, local_reads, received, heads: range):
         self.area = area
-        self._ready: dict[int, threading.Event] = {layer: threading.Event() for layer in cache.layers}
-        self._waited = 0.0
         by_layer: dict[int, list] = {layer: [] for layer in cache.layers}
         for staged, piece, block in received:
             for offset, layer in enumerate(piece.layers):
                 by_layer[layer].append((staged, piece.kv_heads, block[offset]))
         for staged, piece in local_reads:
             for layer in piece.layers:
-                by_layer[layer].append((staged, piece.kv_heads, (range(layer, layer + 1), staged)))
+                by_layer[layer].append((staged, piece.kv_heads, None))
         element = torch.empty((), dtype=area.dtype).element_size()
         self.nbytes = sum(2 * len(kv_heads) * staged.num_tokens * area.dims.head_dim * element
                           for items in by_layer.values() for staged, kv_heads, _ in items)
+        compute = area.copies.begin()  # blocks being filled may still be read by work queued before
+        self.ready = LayerReady(cache.layers, area.copies.streams, compute)
         self._future = area._worker.submit(self._copy, cache, by_layer, heads)
 
     def _copy(self, cache, by_layer, heads: range) -> float:
         began = time.perf_counter()
+        area, copies = self.area, self.area.copies
         try:
             for layer in cache.layers:
-                for staged, kv_heads, block in by_layer[layer]:
-                    if isinstance(block, tuple):  # a local piece: read it from shared memory now
-                        block = self.area._load(block[0], kv_heads, staged.extents, staged.num_tokens)[0]
-                    lo, hi = kv_heads.start - heads.start, kv_heads.stop - heads.start
-                    cache.write_heads(layer, staged.seq_id, block[0], block[1], lo, hi)
-                self._ready[layer].set()
+                if copies.enabled:
+                    event = copies.upload_layer(cache, layer, [self._piece(layer, item, heads)
+                                                               for item in by_layer[layer]])
+                else:
+                    event = None
+                    for staged, kv_heads, block in by_layer[layer]:
+                        if block is None:  # a local piece: read it from the area now (a view: no copy)
+                            block = area._load(range(layer, layer + 1), kv_heads, staged.extents,
+                                               staged.num_tokens)[0]
+                        lo, hi = kv_heads.start - heads.start, kv_heads.stop - heads.start
+                        cache.write_heads(layer, staged.seq_id, block[0], block[1], lo, hi)
+                self.ready.publish(layer, event)
+            copies.streams.synchronize(self.ready.last_event)  # the thread's time is the copy's
         finally:
-            for event in self._ready.values():
-                event.set()
+            self.ready.release_all()
         return time.perf_counter() - began
 
+    def _piece(self, layer: int, item, heads: range):
+        staged, kv_heads, block = item
+        shape = (2, len(kv_heads), staged.num_tokens, self.area.dims.head_dim)
+        if block is None:
+            fill = lambda target: self.area._gather(target[None], range(layer, layer + 1), kv_heads,
+                                                    staged.extents, staged.num_tokens)
+        else:
+            fill = lambda target: target.copy_(block)
+        return staged.seq_id, kv_heads.start - heads.start, kv_heads.stop - heads.start, shape, fill
+
     def wait(self, layer: int) -> None:
-        """Block until ``layer`` of every swapped-in sequence is in the device tier."""
-        event = self._ready.get(layer)
-        if event is not None and not event.is_set():
-            began = time.perf_counter()
-            event.wait()
-            self._waited += time.perf_counter() - began
+        """Block until ``layer`` of every swapped-in sequence is in the device tier (on an accelerator:
+        until the compute stream is ordered after its copies)."""
+        self.ready.wait(layer)
 
     def finish(self) -> None:
         """Wait for the whole swap-in and account for it."""
         began = time.perf_counter()
         copied = self._future.result()
-        self._waited += time.perf_counter() - began
+        self.ready.wait_all()
         stats = self.area.stats
         stats.swap_in_bytes += self.nbytes
         stats.swap_in_seconds += copied
-        stats.swap_in_wait_seconds += self._waited
+        stats.swap_in_wait_seconds += self.ready.waited + time.perf_counter() - began

@@ -17,6 +17,7 @@ import torch
 from seesaw_ds.backends import deepspeed as backend
 from seesaw_ds.distributed.groups import Topology
 from seesaw_ds.distributed.layout import kv_head_range, layer_range
+from seesaw_ds.kv import sizing
 from seesaw_ds.kv.device import DeviceKVCache
 from seesaw_ds.model import kernels
 from seesaw_ds.model.attention import DecodeMeta, PrefillMeta
@@ -78,15 +79,16 @@ def micro_batches(seqs: list[SeqWork], count: int, by_tokens: bool) -> list[list
 class Executor:
     """This rank's model under every configured layout, one of them active."""
 
-    def __init__(self, topology: Topology, host: HostWeights, template, spec: ModelSpec, *, device_tokens: int, block_size: int = 16,
-                 device: torch.device | None = None, staging=None, prefill_micro_batches: int = 8):
+    def __init__(self, topology: Topology, host: HostWeights, template, spec: ModelSpec, *,
+                 device_tokens: int | None, block_size: int = 16, device: torch.device | None = None, staging=None,
+                 prefill_micro_batches: int = 8, device_memory_fraction: float | None = None,
+                 device_tokens_cap: int | None = None):
         self.topology = topology
         self.dims = dims = spec.dims
         self.device = device or backend.device()
         self.dtype = host.dtype
         self.block_size = block_size
         self.prefill_micro_batches = prefill_micro_batches
-        self.device_blocks = max(1, device_tokens // block_size)
         self.staging = staging
         self.stages: dict[str, StageModel] = {}
         by_layout: dict[object, StageModel] = {}
@@ -94,6 +96,14 @@ class Executor:
             if groups.layout not in by_layout:
                 by_layout[groups.layout] = StageModel(template, host, spec, groups, self.device)
             self.stages[name] = by_layout[groups.layout]
+        if device_tokens is None:  # sized from memory, the same on every rank (collective)
+            device_tokens = sizing.size_device_tier(
+                topology, dims, self.dtype, self.device, block_size=block_size, fraction=device_memory_fraction,
+                cap_tokens=device_tokens_cap, staging=staging,
+                weight_bytes=max(stage.shard_bytes for stage in by_layout.values()))
+        self.device_tokens = device_tokens
+        """Device-tier tokens per data-parallel replica (what the scheduler plans with)."""
+        self.device_blocks = max(1, device_tokens // block_size)
         self.caches: dict[object, DeviceKVCache] = {}
         self.active: str | None = None
         self.switches: list[SwitchStats] = []
@@ -225,3 +235,4 @@ class Executor:
                     keys, values = cache.read_sequence(layer, staged.seq_id, staged.num_tokens)
                     self.staging.write_sequence(layer, staged, keys[lo:hi], values[lo:hi], heads)
             cache.allocator.free(staged.seq_id)
+        self.staging.finish_writes()  # on an accelerator the copies were queued: done before blocks are reused

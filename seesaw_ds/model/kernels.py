@@ -34,7 +34,8 @@ def _cpu_flags() -> set[str]:
 
 def load():
     """The compiled module, building it on first use (a file lock lets one rank build while the others
-    wait); None, with one warning, where it cannot be built."""
+    wait; a lock left by a killed build is removed with a warning, seesaw_ds/distributed/jit_lock.py);
+    None, with one warning, where it cannot be built."""
     global _module, _failed
     if _module is not None or _failed is not None:
         return _module

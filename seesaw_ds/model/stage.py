@@ -63,6 +63,7 @@ class StageModel(nn.Module):
         self.tp = groups.layout.tp
         self.layer_ids = layer_range(spec.dims.num_layers, groups.layout.pp, groups.pp_index)
         self.host_params: list[tuple[nn.Module, str, torch.Tensor]] = []
+        self._weight_stream = None  # the stream weight copies run on (an accelerator only; made on first use)
         family, config = spec.family, template.config
         base = template.model
         self.embed = None
@@ -184,18 +185,31 @@ class StageModel(nn.Module):
         return sum(seen.values())
 
     def to_device(self) -> int:
-        """Put this layout's shards on the compute device; returns bytes copied (0 when computing on host)."""
+        """Put this layout's shards on the compute device; returns bytes copied (0 when computing on host).
+
+        The copies run on a stream of their own, straight from the pinned node-shared host copy; the compute
+        stream is ordered after them on the device, and the host returns once they are done (a switch is
+        timed: bytes over seconds against the host-to-device bandwidth)."""
         if self.device.type == "cpu":
             return 0
+        streams = backend.Streams(self.device)
+        if self._weight_stream is None:
+            self._weight_stream = streams.new_stream()
+        compute = streams.current()
         copied: dict[int, torch.Tensor] = {}
         moved = 0
-        for module, param, tensor in self.host_params:
-            if id(tensor) not in copied:
-                copied[id(tensor)] = tensor.to(self.device, non_blocking=True)
-                moved += tensor.numel() * tensor.element_size()
-            getattr(module, param).data = copied[id(tensor)]
+        with streams.use(self._weight_stream):
+            for module, param, tensor in self.host_params:
+                if id(tensor) not in copied:
+                    copied[id(tensor)] = tensor.to(self.device, non_blocking=streams.enabled)
+                    moved += tensor.numel() * tensor.element_size()
+                getattr(module, param).data = copied[id(tensor)]
+            done = streams.record(self._weight_stream)
+        streams.wait(compute, done)
+        for tensor in copied.values():
+            streams.keep(tensor, compute)  # freed at the next switch: not reused before compute is done with it
         self.rope.to(self.device)
-        torch.cuda.synchronize(self.device)
+        streams.synchronize(done)
         return moved
 
     def to_host(self) -> None:

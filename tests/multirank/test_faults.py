@@ -37,8 +37,8 @@ def fault_input(tmp_path_factory) -> Path:
 
 def job_args(model_dir: Path, input_path: Path, output: Path) -> list[str]:
     return [sys.executable, RUN, f"model.path={model_dir}", f"io.input={input_path}", f"io.output={output}",
-            "launch.nproc=2", "sampling.temperature=0", "sampling.ignore_eos=true", "kv.host_tokens=200",
-            "kv.device_tokens=256", "kv.block_size=4", "scheduler.max_prefill_tokens=64",
+            "launch.nproc=2", "parallel=seesaw_pp2_tp2", "sampling.temperature=0", "sampling.ignore_eos=true",
+            "kv.host_tokens=200", "kv.device_tokens=256", "kv.block_size=4", "scheduler.max_prefill_tokens=64",
             "io.progress_interval_s=1", f"+run_dir={output.parent}"]
 
 

@@ -20,8 +20,8 @@ pytestmark = pytest.mark.slurm
 RUN_SH = REPO / "slurm" / "run.sh"
 NUM_REQUESTS = 40
 # Both layouts and the sampling fixed here, so that the sbatch job and the local run are the same job.
-JOB = ["sampling.temperature=0", "sampling.ignore_eos=true", "kv.host_tokens=200", "kv.device_tokens=256",
-       "kv.block_size=4", "scheduler.max_prefill_tokens=64", "io.progress_interval_s=1"]
+JOB = ["parallel=seesaw_pp2_tp2", "sampling.temperature=0", "sampling.ignore_eos=true", "kv.host_tokens=200",
+       "kv.device_tokens=256", "kv.block_size=4", "scheduler.max_prefill_tokens=64", "io.progress_interval_s=1"]
 
 
 @pytest.fixture(scope="module")

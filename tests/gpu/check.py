@@ -1,0 +1,509 @@
+"""The GPU check (run by tests/gpu/run.sh): one rank, one GPU, a few minutes; writes docs/gpu.md.
+
+1. **The whole job in bf16** on the tiny model: ``cli.worker_main`` as a rank runs it (prefill into the host
+   staging area, swap-in, decode, evictions back to staging, several phase switches); every request's tokens
+   against transformers' greedy ``generate`` on the same GPU in bf16.
+2. **The executor step by step** on the same model: prefill into staging (device -> pinned -> staging on the
+   side stream), swap-in layer by layer with events, decode, eviction and a second swap-in, and a forced
+   layout re-activation (the weights leave the device and come back) between decode steps; tokens again.
+3. **Bandwidth** on a Llama-3-8B-shaped model with random bf16 weights (fewer layers), built on the GPU:
+   pinned host-to-device and HBM bandwidth measured; a re-shard's bytes and seconds against the first; KV
+   swap-out and swap-in through staging; decode throughput against the HBM roofline.
+
+Without CUDA it prints one line and exits 0. ``SEESAW_GPU_CHECK_ON_CPU=1`` runs every step on the CPU at
+tiny sizes (a rehearsal; the report goes to runs/gpu-rehearsal.md unless ``SEESAW_GPU_CHECK_REPORT`` says
+where); ``SEESAW_GPU_CHECK_FAKE_MPI=1`` uses the single-rank MPI stand-in even where mpi4py imports.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+MAX_TOKENS = 12
+JOB_PROMPT_LENGTHS = (5, 23, 9, 30, 14, 3, 27, 11, 18, 7, 25, 16)
+STEP_PROMPT_LENGTHS = (6, 19, 33, 12)
+NO_CUDA_LINE = ("tests/gpu/run.sh: no CUDA device here, so the GPU check did not run "
+                "(SEESAW_GPU_CHECK_ON_CPU=1 rehearses it on the CPU)")
+
+# Llama-3-8B's shape (hidden 4096, 32 heads, 8 KV heads, MLP 14336, vocab 128256) with fewer layers.
+GPU_SIZES = dict(hidden=4096, heads=32, kv_heads=8, intermediate=14336, vocab=128256,
+                 layers=int(os.environ.get("SEESAW_GPU_CHECK_LAYERS", "8")), batches=(1, 32), context=512,
+                 decode_steps=16, h2d_bytes=512 << 20, hbm_bytes=2 << 30)
+CPU_SIZES = dict(hidden=128, heads=4, kv_heads=2, intermediate=256, vocab=1000, layers=2, batches=(1, 4),
+                 context=32, decode_steps=4, h2d_bytes=16 << 20, hbm_bytes=16 << 20)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _prompts(lengths, seed: int, low: int = 3, high: int = 500) -> list[list[int]]:
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(low, high, (n,), generator=generator).tolist() for n in lengths]
+
+
+def _reference(model_dir: Path, prompts, steps: int, device) -> list[list[int]]:
+    """transformers' greedy continuation of each prompt alone, in bf16 on ``device``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
+    out = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([prompt], device=device)
+            generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps,
+                                       min_new_tokens=steps, do_sample=False, pad_token_id=0)
+            out.append(generated[0, len(prompt):].tolist())
+    del model
+    return out
+
+
+def _agreement(got: list[list[int]], want: list[list[int]]) -> dict:
+    """Tokens that agree up to each request's first divergence (after one, greedy paths drift apart)."""
+    agreed, total, exact, first_ok, diverged = 0, 0, 0, 0, []
+    for index, (a, b) in enumerate(zip(got, want)):
+        prefix = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        agreed += prefix
+        total += len(b)
+        exact += a == b
+        first_ok += bool(a) and bool(b) and a[0] == b[0]
+        if a != b:
+            diverged.append((index, prefix))
+    return {"requests": len(want), "exact_requests": exact, "first_token_ok": first_ok, "agreed_tokens": agreed,
+            "tokens": total, "diverged": diverged[:5],
+            "ok": first_ok == len(want) and agreed >= 0.9 * total}
+
+
+def _line(agreement: dict) -> str:
+    text = (f"{agreement['exact_requests']}/{agreement['requests']} requests token-exact, "
+            f"{agreement['agreed_tokens']}/{agreement['tokens']} tokens agree before any divergence")
+    if agreement["diverged"]:
+        text += f" (first divergences, request:step: {', '.join(f'{r}:{s}' for r, s in agreement['diverged'])})"
+    return text
+
+
+# --------------------------------------------------------------------------------------------- part 1
+def whole_job(work: Path, device) -> dict:
+    """cli.worker_main as the only rank: the real job, bf16, a staging area and a device tier small enough
+    for several prefill/decode cycles and evictions."""
+    from seesaw_ds import cli
+    from seesaw_ds.model.tiny import make_tiny_model
+
+    model_dir = make_tiny_model(work / "tiny", "llama", num_layers=5)
+    prompts = _prompts(JOB_PROMPT_LENGTHS, seed=7)
+    input_path = work / "job-input.jsonl"
+    input_path.write_text("".join(json.dumps({"custom_id": f"req-{i}", "prompt_token_ids": p}) + "\n"
+                                  for i, p in enumerate(prompts)))
+    began = time.perf_counter()
+    want = _reference(model_dir, prompts, MAX_TOKENS, device)
+    reference_s = time.perf_counter() - began
+    output = work / "job" / "out.jsonl"
+    notes = []
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:  # the timeline PNG needs it; the job itself does not
+        from seesaw_ds.engine import engine
+
+        engine._plot_timeline = lambda *args, **kwargs: None
+        notes.append("matplotlib absent: the timeline PNG was skipped")
+    argv = [f"model.path={model_dir}", "model.dtype=bfloat16", f"io.input={input_path}", f"io.output={output}",
+            "launch.nproc=1", "parallel=single", f"sampling.max_tokens={MAX_TOKENS}", "sampling.temperature=0",
+            "sampling.ignore_eos=true", "kv.host_tokens=80", "kv.device_tokens=64", "kv.block_size=4",
+            "scheduler.max_prefill_tokens=48", f"run_dir={work / 'job'}"]
+    began = time.perf_counter()
+    code = cli.worker_main(argv)
+    job_s = time.perf_counter() - began
+    if code != 0:
+        raise RuntimeError(f"the job exited {code}")
+    records = {json.loads(line)["custom_id"]: json.loads(line) for line in output.read_text().splitlines()}
+    got = [records[f"req-{i}"]["token_ids"] for i in range(len(prompts))]
+    metrics = json.loads(output.with_suffix(".metrics.json").read_text())
+    return {"agreement": _agreement(got, want), "job_s": job_s, "reference_s": reference_s, "notes": notes,
+            "transitions": metrics["num_transitions"], "evictions": metrics["scheduler"]["evictions"],
+            "kv": metrics["kv"], "output_tokens_per_second": metrics["output_tokens_per_second"]}
+
+
+# --------------------------------------------------------------------------------------------- part 2
+def _start(model_dir: Path, staging_tokens: int, device_tokens: int, block_size: int = 16):
+    from seesaw_ds import runtime as runtime_mod
+    from seesaw_ds.distributed.layout import Layout
+    from seesaw_ds.kv.staging import StagingArea
+
+    return runtime_mod.start(str(model_dir), {"prefill": Layout(), "decode": Layout()}, device_tokens=device_tokens,
+                             block_size=block_size, dtype="bfloat16",
+                             staging_factory=lambda topology, dims, dtype: StagingArea(topology, dims, dtype,
+                                                                                        staging_tokens))
+
+
+class Sequences:
+    """Sequences driven through the executor by hand, as the leader would."""
+
+    def __init__(self, runtime, prompts, max_new: int):
+        from seesaw_ds.kv.staging import ExtentAllocator
+
+        self.rt = runtime
+        self.prompts = prompts
+        self.max_new = max_new
+        self.extents = ExtentAllocator(runtime.executor.staging.capacity)
+        self.tokens: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+        self.staged = {}
+        self._swapping: list = []  # staged copies being read by a swap-in: their extents are freed after it
+
+    def length(self, seq: int) -> int:
+        return len(self.prompts[seq]) + len(self.tokens[seq])
+
+    def _staged(self, seq: int, writer: str):
+        from seesaw_ds.kv.staging import StagedSeq
+
+        num_tokens = self.length(seq) - (1 if self.tokens[seq] else 0)  # the last token has no KV yet
+        extents = self.extents.allocate(num_tokens)
+        return StagedSeq(seq_id=seq, extents=extents, num_tokens=num_tokens, writer=writer, writer_replica=0,
+                         final_tokens=len(self.prompts[seq]) + self.max_new)
+
+    def prefill_to_staging(self, seqs) -> None:
+        from seesaw_ds.model.executor import ForwardPlan, SeqWork
+
+        executor = self.rt.executor
+        executor.activate("prefill")
+        works = []
+        for seq in seqs:
+            self.staged[seq] = self._staged(seq, "prefill")
+            works.append(SeqWork(seq, 0, self.prompts[seq], 0, staging_extents=self.staged[seq].extents))
+        ids, logits = executor.forward(ForwardPlan("prefill", works, sink="staging"))
+        executor.staging.finish_writes()
+        for seq, token in zip(ids, logits.argmax(-1).tolist()):
+            self.tokens[seq].append(token)
+
+    def swap_in(self, seqs):
+        executor = self.rt.executor
+        executor.activate("decode")
+        swap = executor.staging.swap_in([self.staged[s] for s in seqs], "decode", executor.cache("decode"))
+        self._swapping = [self.staged.pop(seq) for seq in seqs]
+        return swap
+
+    def finish(self, swap) -> None:
+        swap.finish()
+        for staged in self._swapping:
+            self.extents.free(staged.extents)
+        self._swapping = []
+
+    def decode(self, seqs, swap=None) -> None:
+        from seesaw_ds.model.executor import ForwardPlan, SeqWork
+
+        executor = self.rt.executor
+        works = [SeqWork(s, 0, [self.tokens[s][-1]], self.length(s) - 1) for s in seqs]
+        ids, logits = executor.forward(ForwardPlan("decode", works), ready=swap.wait if swap else None)
+        if swap is not None:
+            self.finish(swap)
+        for seq, token in zip(ids, logits.argmax(-1).tolist()):
+            self.tokens[seq].append(token)
+
+    def evict(self, seqs) -> None:
+        for seq in seqs:
+            self.staged[seq] = self._staged(seq, "decode")
+        self.rt.executor.evict([self.staged[s] for s in seqs], "decode")
+
+
+def executor_steps(work: Path, device) -> dict:
+    model_dir = work / "tiny"
+    prompts = _prompts(STEP_PROMPT_LENGTHS, seed=11)
+    want = _reference(model_dir, prompts, MAX_TOKENS, device)
+    rt = _start(model_dir, staging_tokens=256, device_tokens=256, block_size=4)
+    seqs = Sequences(rt, prompts, MAX_TOKENS)
+    everyone = list(range(len(prompts)))
+    seqs.prefill_to_staging(everyone)
+    swap = seqs.swap_in(everyone)
+    seqs.decode(everyone, swap)                     # the first decode step overlaps the swap-in
+    for _ in range(3):
+        seqs.decode(everyone)
+    stage = rt.executor.stages["decode"]            # a forced re-activation: weights off the device and back
+    stage.to_host()
+    began = time.perf_counter()
+    moved = stage.to_device()
+    reactivation_s = time.perf_counter() - began
+    for _ in range(3):
+        seqs.decode(everyone)
+    seqs.evict(everyone[:2])                        # device -> pinned -> staging, then back in
+    swap = seqs.swap_in(everyone[:2])
+    seqs.decode(everyone, swap)
+    while len(seqs.tokens[0]) < MAX_TOKENS:
+        seqs.decode(everyone)
+    stats = rt.executor.staging.stats
+    result = {"agreement": _agreement([seqs.tokens[i] for i in everyone], want), "reactivation_bytes": moved,
+              "reactivation_s": reactivation_s, "swap_in_bytes": stats.swap_in_bytes,
+              "swap_out_bytes": stats.swap_out_bytes}
+    rt.executor.staging.close()
+    rt.close()
+    return result
+
+
+# --------------------------------------------------------------------------------------------- part 3
+def _build_random_model(directory: Path, sizes: dict, device) -> Path:
+    """A Llama with Llama-3-8B's shape (``sizes['layers']`` layers), random bf16 weights made on ``device``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=sizes["hidden"], num_attention_heads=sizes["heads"],
+                         num_key_value_heads=sizes["kv_heads"], intermediate_size=sizes["intermediate"],
+                         vocab_size=sizes["vocab"], num_hidden_layers=sizes["layers"], rope_theta=500000.0,
+                         max_position_embeddings=8192, tie_word_embeddings=False, dtype="bfloat16")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)  # on meta: nothing allocated yet
+    model = model.to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02, generator=generator)
+    model.save_pretrained(directory, safe_serialization=True)
+    del model
+    return directory
+
+
+def _hbm_GBps(nbytes: int, device) -> float:
+    """Device memory bandwidth: a device-to-device copy reads and writes ``nbytes`` (best of five)."""
+    import torch
+
+    source = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    best = float("inf")
+    for _ in range(5):
+        _synchronize(device)
+        began = time.perf_counter()
+        target.copy_(source)
+        _synchronize(device)
+        best = min(best, time.perf_counter() - began)
+    return 2 * nbytes / best / 1e9
+
+
+def bandwidth(work: Path, device, sizes: dict) -> dict:
+    import torch
+
+    from seesaw_ds.backends import deepspeed as backend
+
+    began = time.perf_counter()
+    model_dir = _build_random_model(work / "llama3-8b-shaped", sizes, device)
+    build_s = time.perf_counter() - began
+    _synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    h2d = backend.host_to_device_GBps(sizes["h2d_bytes"])
+    hbm = _hbm_GBps(sizes["hbm_bytes"], device)
+    batch, context, steps = max(sizes["batches"]), sizes["context"], sizes["decode_steps"]
+    max_new = len(sizes["batches"]) * (steps + 2) + 2  # sequence 0 decodes in every batch size
+    began = time.perf_counter()
+    rt = _start(model_dir, staging_tokens=batch * (context + max_new), device_tokens=batch * (context + max_new + 16))
+    start_s = time.perf_counter() - began
+    executor = rt.executor
+    first = executor.activate("prefill")            # the first activation: every weight onto the device
+    stage = executor.stages["prefill"]
+    reshard = []
+    for _ in range(3):                              # forced re-activations: the weights leave and come back
+        stage.to_host()
+        _synchronize(device)
+        began = time.perf_counter()
+        moved = stage.to_device()
+        reshard.append((moved, time.perf_counter() - began))
+    reshard_bytes, reshard_s = min(reshard, key=lambda item: item[1])
+    prompts = _prompts([context] * batch, seed=3, high=sizes["vocab"])
+    seqs = Sequences(rt, prompts, max_new)
+    everyone = list(range(batch))
+    stats = executor.staging.stats
+    _synchronize(device)
+    began = time.perf_counter()
+    seqs.prefill_to_staging(everyone)
+    _synchronize(device)
+    prefill_s = time.perf_counter() - began
+    out_bytes, out_s = stats.swap_out_bytes, stats.swap_out_seconds
+    began = time.perf_counter()
+    swap = seqs.swap_in(everyone)
+    seqs.finish(swap)                               # alone, not overlapped: its own bandwidth
+    _synchronize(device)
+    swap_in_wall = time.perf_counter() - began
+    in_bytes, in_s = stats.swap_in_bytes, stats.swap_in_seconds
+    decode = {}
+    shard_bytes = stage.shard_bytes
+    dims = rt.checkpoint.dims
+    kv_token_bytes = dims.num_layers * 2 * dims.num_kv_heads * dims.head_dim * 2
+    for size in sorted(sizes["batches"]):
+        group = everyone[:size]
+        for _ in range(2):                          # warm-up: the new batch shape's kernels
+            seqs.decode(group)
+        _synchronize(device)
+        began = time.perf_counter()
+        for _ in range(steps):
+            seqs.decode(group)
+        _synchronize(device)
+        seconds = (time.perf_counter() - began) / steps
+        context_now = sum(seqs.length(s) for s in group)
+        step_bytes = shard_bytes + context_now * kv_token_bytes
+        decode[size] = {"step_s": seconds, "tokens_per_s": size / seconds, "step_bytes": step_bytes,
+                        "roofline_tokens_per_s": size / (step_bytes / (hbm * 1e9))}
+    rt.executor.staging.close()
+    rt.close()
+    return {"build_s": build_s, "start_s": start_s, "h2d_GBps": h2d, "hbm_GBps": hbm,
+            "first_activation": (first.bytes_moved, first.seconds), "reshard_bytes": reshard_bytes,
+            "reshard_s": reshard_s, "prefill_tokens": batch * context, "prefill_s": prefill_s,
+            "swap_out": (out_bytes, out_s), "swap_in": (in_bytes, in_s, swap_in_wall), "decode": decode,
+            "shard_bytes": shard_bytes, "layers": dims.num_layers}
+
+
+# --------------------------------------------------------------------------------------------- report
+def _gbps(nbytes: float, seconds: float) -> str:
+    return f"{nbytes / seconds / 1e9:.1f}" if seconds else "-"
+
+
+def _job_lines(job: dict) -> list[str]:
+    kv = job["kv"]
+    verdict = "PASS" if job["agreement"]["ok"] else "FAIL"
+    return [f"- tiny Llama (5 layers), {len(JOB_PROMPT_LENGTHS)} requests x {MAX_TOKENS} greedy tokens, "
+            f"`kv.host_tokens=80 kv.device_tokens=64`: {job['transitions']} phase switches, {job['evictions']} "
+            f"evictions, swap-out {kv['swap_out_bytes']} B, swap-in {kv['swap_in_bytes']} B; job {job['job_s']:.1f} s",
+            f"- against transformers `generate` (bf16, same device): {_line(job['agreement'])} — **{verdict}**",
+            *(f"- note: {note}" for note in job["notes"])]
+
+
+def _steps_lines(steps: dict) -> list[str]:
+    verdict = "PASS" if steps["agreement"]["ok"] else "FAIL"
+    return [f"- prefill -> staging -> swap-in (overlapping the first decode step) -> decode -> weights off the device "
+            f"and back ({steps['reactivation_bytes']} B in {steps['reactivation_s'] * 1e3:.1f} ms) -> decode -> "
+            f"evict two sequences -> swap them in again -> decode",
+            f"- against transformers: {_line(steps['agreement'])} — **{verdict}**"]
+
+
+def _bandwidth_lines(band: dict, h2d_bytes: int) -> list[str]:
+    h2d = band["h2d_GBps"]
+    moved, seconds = band["first_activation"]
+    reshard_bytes, reshard_s = band["reshard_bytes"], band["reshard_s"]
+    out_bytes, out_s = band["swap_out"]
+    in_bytes, in_s, _ = band["swap_in"]
+    share = f"{reshard_bytes / reshard_s / 1e9 / h2d * 100:.0f}% of H2D" if h2d and reshard_s else "-"
+    lines = [f"{band['layers']} layers, {band['shard_bytes'] / 2**30:.2f} GiB of weights; built on the device and "
+             f"saved in {band['build_s']:.0f} s, loaded into pinned host memory in {band['start_s']:.0f} s.", "",
+             "| what | bytes | seconds | GB/s | against |", "|---|---|---|---|---|",
+             f"| pinned host -> device, measured | {h2d_bytes} | | {h2d:.1f} | |" if h2d
+             else "| pinned host -> device | | | (no device) | |",
+             f"| HBM (device copy, read + write), measured | | | {band['hbm_GBps']:.0f} | |",
+             f"| first activation (every weight onto the device) | {moved} | {seconds:.3f} | {_gbps(moved, seconds)} "
+             f"| {h2d or 0:.1f} H2D |",
+             f"| re-shard: weights back onto the device (best of 3) | {reshard_bytes} | {reshard_s:.3f} | "
+             f"{_gbps(reshard_bytes, reshard_s)} | {share} |",
+             f"| KV swap-out ({band['prefill_tokens']} prompt tokens, device -> pinned -> staging) | {out_bytes} | "
+             f"{out_s:.3f} | {_gbps(out_bytes, out_s)} | copy thread, behind a {band['prefill_s']:.2f} s prefill |",
+             f"| KV swap-in (staging -> pinned -> device, per layer) | {in_bytes} | {in_s:.3f} | {_gbps(in_bytes, in_s)} "
+             f"| {h2d or 0:.1f} H2D |", "",
+             "| decode batch | step ms | tokens/s | bytes read per step | HBM roofline tokens/s | of roofline |",
+             "|---|---|---|---|---|---|"]
+    for size, row in band["decode"].items():
+        share = row["tokens_per_s"] / row["roofline_tokens_per_s"] * 100
+        lines.append(f"| {size} | {row['step_s'] * 1e3:.2f} | {row['tokens_per_s']:.0f} | {row['step_bytes']} | "
+                     f"{row['roofline_tokens_per_s']:.0f} | {share:.0f}% |")
+    return lines + ["", "The roofline reads every weight of the layout once and every sequence's KV once per step at "
+                    "the measured HBM bandwidth."]
+
+
+def write_report(path: Path, header: dict, parts: dict, on_cpu: bool) -> None:
+    lines = ["# GPU check", ""]
+    if on_cpu:
+        lines += ["**A CPU rehearsal** (`SEESAW_GPU_CHECK_ON_CPU=1`, tiny sizes): every step of "
+                  "`bash tests/gpu/run.sh` ran, but the figures say nothing about a GPU.", ""]
+    lines += [f"`bash tests/gpu/run.sh` on {header['device']}, {header['when']}: torch {header['torch']} "
+              f"(CUDA {header['cuda']}), transformers {header['transformers']}, deepspeed {header['deepspeed']}, "
+              f"Python {header['python']}, MPI: {header['mpi']}, DeepSpeed accelerator: {header['accelerator']}. "
+              f"Total {header['total_s']:.0f} s ({header['parts']}).", ""]
+    sections = (("job", "1. The whole job, bf16, one rank", _job_lines),
+                ("steps", "2. The executor step by step: staging, swap-in, eviction, a forced re-activation",
+                 _steps_lines),
+                ("bandwidth", "3. Bandwidth: a Llama-3-8B-shaped model, random bf16 weights",
+                 lambda band: _bandwidth_lines(band, (CPU_SIZES if on_cpu else GPU_SIZES)["h2d_bytes"])))
+    for name, title, render in sections:
+        part = parts.get(name)
+        lines += [f"## {title}", "", *(render(part) if isinstance(part, dict) else [f"- **FAILED**: {part}"]), ""]
+    lines += ["---", "Written by `bash tests/gpu/run.sh` (what each part runs: `tests/gpu/check.py`; the wheels a "
+              "GPU machine without DeepSpeed or Hydra needs: `tests/gpu/fetch_wheels.sh`; NCCL, Slurm and a first "
+              "multi-GPU run: `docs/cluster.md`)."]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str]) -> int:
+    """``--probe``: exit 0 where the check can run, else print the one line and exit 10 (run.sh: exit 0)."""
+    began = time.perf_counter()
+    on_cpu = os.environ.get("SEESAW_GPU_CHECK_ON_CPU") == "1"
+    import torch
+
+    if not torch.cuda.is_available() and not on_cpu:
+        print(NO_CUDA_LINE, flush=True)
+        return 10 if "--probe" in argv else 0
+    if "--probe" in argv:
+        return 0
+    sys.path.insert(0, str(HERE))
+    sys.path.insert(0, str(REPO))
+    import single_rank_mpi
+
+    mpi = single_rank_mpi.install(force=os.environ.get("SEESAW_GPU_CHECK_FAKE_MPI") == "1")
+    import deepspeed
+    import transformers
+
+    from seesaw_ds.backends import deepspeed as backend
+
+    device = torch.device("cuda", 0) if not on_cpu else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    sizes = CPU_SIZES if on_cpu else GPU_SIZES
+    report = Path(os.environ.get("SEESAW_GPU_CHECK_REPORT")
+                  or (REPO / "runs" / "gpu-rehearsal.md" if on_cpu else REPO / "docs" / "gpu.md"))
+    # on the repository's disk (the 8B-shaped checkpoint is GBs; /tmp may be small), removed at the end
+    (REPO / "runs").mkdir(exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="gpu-check-", dir=os.environ.get("SEESAW_GPU_CHECK_WORK", REPO / "runs")))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})"
+    header = {"device": name,
+              "when": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__, "cuda": torch.version.cuda,
+              "transformers": transformers.__version__,
+              "deepspeed": deepspeed.__version__ + (" (from tests/gpu/wheels)" if ".deps" in deepspeed.__file__ else ""),
+              "python": platform.python_version(), "mpi": mpi, "accelerator": backend.accelerator_name()}
+    print(f"[gpu check] {header['device']}, MPI: {mpi}, report -> {report}", flush=True)
+    parts: dict = {}
+    durations: dict[str, float] = {}
+    for name, run in (("job", lambda: whole_job(work, device)), ("steps", lambda: executor_steps(work, device)),
+                      ("bandwidth", lambda: bandwidth(work, device, sizes))):
+        step_began = time.perf_counter()
+        try:
+            parts[name] = run()
+        except (Exception, SystemExit) as error:  # noqa: BLE001 - a failed part is reported; the others run
+            traceback.print_exc()
+            parts[name] = f"{type(error).__name__}: {error}"
+        durations[name] = time.perf_counter() - step_began
+        outcome = "done" if isinstance(parts[name], dict) else f"FAILED ({parts[name]})"
+        print(f"[gpu check] {name}: {outcome} in {durations[name]:.1f} s", flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+    header["total_s"] = time.perf_counter() - began
+    header["parts"] = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in durations.items())
+    write_report(report, header, parts, on_cpu)
+    failed = [name for name, part in parts.items()
+              if not isinstance(part, dict) or not part.get("agreement", {"ok": True})["ok"]]
+    print(f"[gpu check] {'FAILED: ' + ', '.join(failed) if failed else 'all parts passed'}; "
+          f"wrote {report} in {header['total_s']:.0f} s", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,83 @@
+"""What the GPU check needs beyond torch, transformers and safetensors, unpacked from carried wheels.
+
+A GPU machine may have no DeepSpeed, Hydra or OmegaConf and no network. tests/gpu/fetch_wheels.sh fetches
+their wheels elsewhere into tests/gpu/wheels/; this unpacks, into a folder that run.sh puts first on
+PYTHONPATH, the ones this Python lacks: a wheel is a zip laid out as site-packages, so no pip, venv or
+network is needed. A group is installed whole when any member is missing (pydantic with its compiled core,
+Hydra with its OmegaConf and ANTLR), so that versions always match.
+
+    python tests/gpu/deps.py --wheels tests/gpu/wheels --target tests/gpu/.deps [--force NAME ...]
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import zipfile
+from importlib import metadata
+from pathlib import Path
+
+# distribution groups, each installed whole; a member is "missing" when absent or older than its minimum
+GROUPS = {
+    "deepspeed": {"deepspeed": None, "hjson": None, "py-cpuinfo": None, "msgpack": None, "ninja": None,
+                  "psutil": None, "einops": None},
+    "pydantic": {"pydantic": (2, 0), "pydantic-core": None, "annotated-types": None, "typing-inspection": None},
+    "hydra": {"hydra-core": (1, 3), "omegaconf": (2, 2), "antlr4-python3-runtime": None},
+}
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
+
+
+def missing(distribution: str, minimum, forced: set[str]) -> bool:
+    if _normal(distribution) in forced:
+        return True
+    try:
+        version = metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return True
+    return minimum is not None and _version_tuple(version) < minimum
+
+
+def wheel_for(wheels: Path, distribution: str) -> Path:
+    prefix = _normal(distribution) + "-"
+    found = sorted(p for p in wheels.glob("*.whl") if _normal(p.name.split("-")[0]) + "-" == prefix)
+    if not found:
+        raise FileNotFoundError(f"no wheel of {distribution} in {wheels}: run tests/gpu/fetch_wheels.sh on a machine "
+                                f"with the network and carry tests/gpu/wheels/ here")
+    return found[-1]
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--wheels", type=Path, required=True)
+    parser.add_argument("--target", type=Path, required=True)
+    parser.add_argument("--force", nargs="*", default=[], help="install these groups even when present")
+    args = parser.parse_args(argv)
+    forced = {_normal(name) for group in args.force for name in GROUPS.get(group, {group: None})}
+    wanted = [name for group in GROUPS.values() if any(missing(n, m, forced) for n, m in group.items())
+              for name in group]
+    if not wanted:
+        print("[gpu check] DeepSpeed, Hydra and their dependencies are installed", flush=True)
+        return 0
+    args.target.mkdir(parents=True, exist_ok=True)
+    (args.target / ".gitignore").write_text("# unpacked by tests/gpu/deps.py\n*\n")
+    try:
+        wheels = [wheel_for(args.wheels, name) for name in wanted]
+    except FileNotFoundError as error:
+        print(f"tests/gpu/run.sh: {error}", file=sys.stderr, flush=True)
+        return 1
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extractall(args.target)
+    print(f"[gpu check] unpacked into {args.target}: {', '.join(p.name for p in wheels)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
