@@ -3,8 +3,9 @@
 
 No installed library reads a paged, token-major KV cache in place on CPU (DeepSpeed's inference kernels
 are CUDA-only; torch's SDPA wants one call per sequence and reads the cache head by head at under half of
-memory speed here). The kernel is optional: where it cannot be built (no compiler) or does not apply
-(CUDA, another dtype), attention falls back to SDPA with the same results up to float rounding.
+memory speed here). It reads a float32 or bfloat16 cache and computes in float32. The kernel is optional:
+where it cannot be built (no compiler) or does not apply (CUDA, a float16 cache), attention falls back to
+SDPA with the same results up to float rounding.
 """
 from __future__ import annotations
 
@@ -56,11 +57,13 @@ def load():
 def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, starts: torch.Tensor,
                      lengths: torch.Tensor, scale: float) -> torch.Tensor:
     """``query`` [N, Hq, D] against slots ``starts[n] .. starts[n]+lengths[n]`` of one layer's flat cache
-    ``keys``/``values`` [slots, Hkv, D]; returns [N, Hq, D]. Call only when :func:`applies`."""
-    return _module.decode_attention(query, keys, values, starts, lengths, float(scale))
+    ``keys``/``values`` [slots, Hkv, D]; returns [N, Hq, D] in the query's dtype (float32 inside). Call only
+    when :func:`applies`."""
+    out = _module.decode_attention(query.float().contiguous(), keys, values, starts, lengths, float(scale))
+    return out.to(query.dtype)
 
 
 def applies(keys: torch.Tensor) -> bool:
-    """Whether the kernel can run on this cache (CPU, float32, contiguous, built)."""
-    return keys.device.type == "cpu" and keys.dtype == torch.float32 and keys.is_contiguous() \
+    """Whether the kernel can run on this cache (CPU, float32 or bfloat16, contiguous, built)."""
+    return keys.device.type == "cpu" and keys.dtype in (torch.float32, torch.bfloat16) and keys.is_contiguous() \
         and load() is not None

@@ -1,5 +1,5 @@
 // Decode attention over the device-tier KV cache of one layer, every sequence of a batch in one call
-// (CPU, float32).
+// (CPU; the cache in float32 or bfloat16, query and arithmetic in float32).
 //
 // The cache is token-major ([slots, kv_heads, head_dim]) and each sequence's KV is one run of consecutive
 // slots, so a sequence's keys (then values) are read once, front to back, a few rows at a time with every
@@ -10,6 +10,8 @@
 // dotted with one query head at a time as eight independent FMA chains and reduced together (one dot per
 // head and row would be one chain of dependent FMAs), the exponentials are a polynomial over eight lanes,
 // and the value sum keeps a head's accumulators in registers. Otherwise a plain loop computes the same.
+// A bfloat16 cache is widened to float32 as it is read (a bfloat16 is the top half of a float32): half the
+// bytes from memory, the same float32 arithmetic.
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -28,24 +30,30 @@ struct Shape {
   int64_t n_q, n_kv, dim, group;
 };
 
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
+
 // ------------------------------------------------------------------------------------------- portable
-inline float dot(const float* a, const float* b, int64_t n) {
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
+  for (int64_t i = 0; i < n; ++i) sum += a[i] * to_float(b[i]);
   return sum;
 }
 
-inline void axpy(float alpha, const float* x, float* y, int64_t n) {
+template <typename T>
+inline void axpy(float alpha, const T* x, float* y, int64_t n) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * to_float(x[i]);
 }
 
 // scores [n_q, length] for one sequence: q_seq [n_q, dim], key rows from `keys`, each n_kv * dim apart
-void scores_plain(const Shape& s, const float* q_seq, const float* keys, int64_t length, float scale,
+template <typename T>
+void scores_plain(const Shape& s, const float* q_seq, const T* keys, int64_t length, float scale,
                   float* scores) {
   for (int64_t t = 0; t < length; ++t) {
-    const float* row = keys + t * s.n_kv * s.dim;
+    const T* row = keys + t * s.n_kv * s.dim;
     for (int64_t h = 0; h < s.n_q; ++h)
       scores[h * length + t] = dot(q_seq + h * s.dim, row + (h / s.group) * s.dim, s.dim) * scale;
   }
@@ -64,11 +72,12 @@ float softmax_numerators_plain(float* row, int64_t length) {
 }
 
 // o_seq [n_q, dim] = sum over t of weights[h, t] * value row t (head h / group)
-void weighted_values_plain(const Shape& s, const float* weights, const float* values, int64_t length,
+template <typename T>
+void weighted_values_plain(const Shape& s, const float* weights, const T* values, int64_t length,
                            float* o_seq) {
   std::fill(o_seq, o_seq + s.n_q * s.dim, 0.f);
   for (int64_t t = 0; t < length; ++t) {
-    const float* row = values + t * s.n_kv * s.dim;
+    const T* row = values + t * s.n_kv * s.dim;
     for (int64_t h = 0; h < s.n_q; ++h)
       axpy(weights[h * length + t], row + (h / s.group) * s.dim, o_seq + h * s.dim, s.dim);
   }
@@ -88,6 +97,13 @@ inline float hmax(__m256 v) {
   x = _mm_max_ps(x, _mm_movehl_ps(x, x));
   x = _mm_max_ss(x, _mm_movehdup_ps(x));
   return _mm_cvtss_f32(x);
+}
+
+// eight cache values as float32 lanes
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
 
 // lane i = the sum of the lanes of a[i]
@@ -122,36 +138,38 @@ constexpr int64_t kRows = 8;     // key rows dotted together (one FMA chain each
 constexpr int64_t kChunk = 64;   // value floats a head keeps in registers at once (8 vectors)
 constexpr int64_t kPrefetchBlocks = 2;  // how far ahead of the rows being dotted to prefetch (measured: 1-4 alike)
 
-void scores_avx2(const Shape& s, const float* q_seq, const float* keys, int64_t length, float scale,
+template <typename T>
+void scores_avx2(const Shape& s, const float* q_seq, const T* keys, int64_t length, float scale,
                  float* scores) {
   const int64_t stride = s.n_kv * s.dim;
   const __m256 vscale = _mm256_set1_ps(scale);
   int64_t t = 0;
   for (; t + kRows <= length; t += kRows) {
-    const float* rows = keys + t * stride;
+    const T* rows = keys + t * stride;
     // the hardware prefetcher lags eight rows read side by side: ask for the rows two blocks ahead
     const char* ahead = reinterpret_cast<const char*>(rows + kPrefetchBlocks * kRows * stride);
     const char* end = reinterpret_cast<const char*>(keys + length * stride);
-    for (int64_t b = 0; b < kRows * stride * 4 && ahead + b < end; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
+    for (int64_t b = 0; b < kRows * stride * static_cast<int64_t>(sizeof(T)) && ahead + b < end; b += 64)
+      _mm_prefetch(ahead + b, _MM_HINT_T0);
     for (int64_t h = 0; h < s.n_q; ++h) {
       const float* q = q_seq + h * s.dim;
-      const float* k = rows + (h / s.group) * s.dim;
+      const T* k = rows + (h / s.group) * s.dim;
       __m256 acc[kRows];
       for (int j = 0; j < kRows; ++j) acc[j] = _mm256_setzero_ps();
       for (int64_t c = 0; c < s.dim; c += 8) {
         const __m256 qv = _mm256_loadu_ps(q + c);
-        for (int j = 0; j < kRows; ++j) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + j * stride + c), acc[j]);
+        for (int j = 0; j < kRows; ++j) acc[j] = _mm256_fmadd_ps(qv, load8(k + j * stride + c), acc[j]);
       }
       _mm256_storeu_ps(scores + h * length + t, _mm256_mul_ps(sum_each(acc), vscale));
     }
   }
   for (; t < length; ++t) {
-    const float* row = keys + t * stride;
+    const T* row = keys + t * stride;
     for (int64_t h = 0; h < s.n_q; ++h) {
       const float* q = q_seq + h * s.dim;
-      const float* k = row + (h / s.group) * s.dim;
+      const T* k = row + (h / s.group) * s.dim;
       __m256 acc = _mm256_setzero_ps();
-      for (int64_t c = 0; c < s.dim; c += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), _mm256_loadu_ps(k + c), acc);
+      for (int64_t c = 0; c < s.dim; c += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), load8(k + c), acc);
       scores[h * length + t] = hsum(acc) * scale;
     }
   }
@@ -178,20 +196,21 @@ float softmax_numerators_avx2(float* row, int64_t length) {
   return total;
 }
 
-void weighted_values_avx2(const Shape& s, const float* weights, const float* values, int64_t length,
+template <typename T>
+void weighted_values_avx2(const Shape& s, const float* weights, const T* values, int64_t length,
                           float* o_seq) {
   const int64_t stride = s.n_kv * s.dim;
   for (int64_t h = 0; h < s.n_q; ++h) {
     const float* w = weights + h * length;
     for (int64_t c0 = 0; c0 < s.dim; c0 += kChunk) {
       const int64_t width = std::min(kChunk, s.dim - c0) / 8;
-      const float* v = values + (h / s.group) * s.dim + c0;
+      const T* v = values + (h / s.group) * s.dim + c0;
       __m256 acc[kChunk / 8];
       for (int64_t c = 0; c < width; ++c) acc[c] = _mm256_setzero_ps();
       for (int64_t t = 0; t < length; ++t) {
         const __m256 wt = _mm256_broadcast_ss(w + t);
-        const float* row = v + t * stride;
-        for (int64_t c = 0; c < width; ++c) acc[c] = _mm256_fmadd_ps(wt, _mm256_loadu_ps(row + c * 8), acc[c]);
+        const T* row = v + t * stride;
+        for (int64_t c = 0; c < width; ++c) acc[c] = _mm256_fmadd_ps(wt, load8(row + c * 8), acc[c]);
       }
       for (int64_t c = 0; c < width; ++c) _mm256_storeu_ps(o_seq + h * s.dim + c0 + c * 8, acc[c]);
     }
@@ -199,31 +218,10 @@ void weighted_values_avx2(const Shape& s, const float* weights, const float* val
 }
 #endif
 
-}  // namespace
-
-// query [N, Hq, D]; keys/values [slots, Hkv, D]; starts/lengths [N] (int64): sequence n attends to slots
-// starts[n] .. starts[n] + lengths[n] - 1. Query head h uses KV head h / (Hq / Hkv). Returns [N, Hq, D].
-torch::Tensor decode_attention(torch::Tensor query, torch::Tensor keys, torch::Tensor values,
-                               torch::Tensor starts, torch::Tensor lengths, double scale) {
-  TORCH_CHECK(query.scalar_type() == torch::kFloat && keys.scalar_type() == torch::kFloat &&
-              values.scalar_type() == torch::kFloat, "decode_attention: float32 only");
-  TORCH_CHECK(query.is_contiguous() && keys.is_contiguous() && values.is_contiguous(),
-              "decode_attention: contiguous tensors only");
-  TORCH_CHECK(starts.scalar_type() == torch::kLong && lengths.scalar_type() == torch::kLong,
-              "decode_attention: int64 starts and lengths");
-  const int64_t n_seqs = query.size(0), n_q = query.size(1), dim = query.size(2), n_kv = keys.size(1);
-  TORCH_CHECK(n_q % n_kv == 0 && keys.size(2) == dim && values.sizes() == keys.sizes(),
-              "decode_attention: head shapes do not match");
-  const Shape shape{n_q, n_kv, dim, n_q / n_kv};
-  const int64_t slots = keys.size(0);
-  auto out = torch::empty_like(query);
-  const float* q = query.data_ptr<float>();
-  const float* k = keys.data_ptr<float>();
-  const float* v = values.data_ptr<float>();
-  float* o = out.data_ptr<float>();
-  const int64_t* first = starts.data_ptr<int64_t>();
-  const int64_t* count = lengths.data_ptr<int64_t>();
-  const float fscale = static_cast<float>(scale);
+template <typename T>
+void attend(const Shape& shape, const float* q, const T* k, const T* v, float* o, const int64_t* first,
+            const int64_t* count, int64_t n_seqs, int64_t slots, float fscale) {
+  const int64_t n_q = shape.n_q, n_kv = shape.n_kv, dim = shape.dim;
 #ifdef SEESAW_AVX2
   const bool wide = dim % 8 == 0;
 #else
@@ -235,8 +233,8 @@ torch::Tensor decode_attention(torch::Tensor query, torch::Tensor keys, torch::T
     TORCH_CHECK(length > 0 && start >= 0 && start + length <= slots, "decode_attention: span outside the cache");
     scores.resize(n_q * length);
     const float* q_seq = q + seq * n_q * dim;
-    const float* k_seq = k + start * n_kv * dim;
-    const float* v_seq = v + start * n_kv * dim;
+    const T* k_seq = k + start * n_kv * dim;
+    const T* v_seq = v + start * n_kv * dim;
     float* o_seq = o + seq * n_q * dim;
 #ifdef SEESAW_AVX2
     if (wide) {
@@ -255,9 +253,40 @@ torch::Tensor decode_attention(torch::Tensor query, torch::Tensor keys, torch::T
       for (int64_t i = 0; i < dim; ++i) o_seq[h * dim + i] *= inverse;
     }
   }
+}
+
+}  // namespace
+
+// query [N, Hq, D] float32; keys/values [slots, Hkv, D] float32 or bfloat16; starts/lengths [N] (int64):
+// sequence n attends to slots starts[n] .. starts[n] + lengths[n] - 1. Query head h uses KV head
+// h / (Hq / Hkv). Returns [N, Hq, D] float32.
+torch::Tensor decode_attention(torch::Tensor query, torch::Tensor keys, torch::Tensor values,
+                               torch::Tensor starts, torch::Tensor lengths, double scale) {
+  const auto cache_type = keys.scalar_type();
+  TORCH_CHECK(query.scalar_type() == torch::kFloat && values.scalar_type() == cache_type &&
+              (cache_type == torch::kFloat || cache_type == torch::kBFloat16),
+              "decode_attention: a float32 query over a float32 or bfloat16 cache only");
+  TORCH_CHECK(query.is_contiguous() && keys.is_contiguous() && values.is_contiguous(),
+              "decode_attention: contiguous tensors only");
+  TORCH_CHECK(starts.scalar_type() == torch::kLong && lengths.scalar_type() == torch::kLong,
+              "decode_attention: int64 starts and lengths");
+  const int64_t n_seqs = query.size(0), n_q = query.size(1), dim = query.size(2), n_kv = keys.size(1);
+  TORCH_CHECK(n_q % n_kv == 0 && keys.size(2) == dim && values.sizes() == keys.sizes(),
+              "decode_attention: head shapes do not match");
+  const Shape shape{n_q, n_kv, dim, n_q / n_kv};
+  auto out = torch::empty_like(query);
+  const float fscale = static_cast<float>(scale);
+  if (cache_type == torch::kFloat) {
+    attend(shape, query.data_ptr<float>(), keys.data_ptr<float>(), values.data_ptr<float>(), out.data_ptr<float>(),
+           starts.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(), n_seqs, keys.size(0), fscale);
+  } else {
+    attend(shape, query.data_ptr<float>(), keys.data_ptr<c10::BFloat16>(), values.data_ptr<c10::BFloat16>(),
+           out.data_ptr<float>(), starts.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(), n_seqs, keys.size(0),
+           fscale);
+  }
   return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_attention", &decode_attention, "seesaw_ds decode attention over one layer's cache (CPU, float32)");
+  m.def("decode_attention", &decode_attention, "seesaw_ds decode attention over one layer's cache (CPU, float32 or bfloat16 cache)");
 }
