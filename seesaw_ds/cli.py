@@ -167,7 +167,7 @@ def check_before_launch(settings) -> None:
     (ValueError naming the value and the fix)."""
     from seesaw_ds.config import layout_of
     from seesaw_ds.model.loader import open_checkpoint
-    from seesaw_ds.runtime import check_weights, validate_model_layouts
+    from seesaw_ds.model.template import check_weights, validate_model_layouts
 
     check_sampling(settings)
     if settings.parallel.prefill_micro_batches < 1:

@@ -14,11 +14,11 @@ import torch
 from seesaw_ds.backends import deepspeed as backend
 from seesaw_ds.distributed import env as dist_env
 from seesaw_ds.distributed.groups import Topology, build_topology
-from seesaw_ds.distributed.layout import Layout, validate_named_layouts
+from seesaw_ds.distributed.layout import Layout
 from seesaw_ds.kv.sizing import max_replica_tokens
 from seesaw_ds.model.executor import Executor
 from seesaw_ds.model.loader import Checkpoint, HostWeights, open_checkpoint, parse_dtype, plan_host_tensors
-from seesaw_ds.model.stage import build_template, parameter_shapes
+from seesaw_ds.model.template import build_template, parameter_shapes, validate_model_layouts
 
 log = logging.getLogger(__name__)
 
@@ -37,20 +37,6 @@ class Runtime:
         """Release the node-shared memory (collective over the node)."""
         self.topology.env.node.Barrier()
         self.host.free()
-
-
-def validate_model_layouts(checkpoint: Checkpoint, layouts: dict[str, Layout], world_size: int) -> int:
-    """Every named layout against the model (heads, layers, the family's intermediate sizes) and the job's
-    ranks; returns the number of instances (LayoutError naming the value and the fix)."""
-    instances = validate_named_layouts(layouts, checkpoint.dims, world_size)
-    for name, layout in layouts.items():
-        checkpoint.spec.check_tp(name, layout.tp)
-    return instances
-
-
-def check_weights(checkpoint: Checkpoint) -> None:
-    """Every parameter of the model present in the checkpoint with its shape (metadata only; CheckpointError)."""
-    plan_host_tensors(checkpoint, parameter_shapes(build_template(checkpoint.config)))
 
 
 def start(model_path: str, layouts: dict[str, Layout], *, device_tokens: int | None = None, block_size: int = 16,

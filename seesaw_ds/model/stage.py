@@ -20,28 +20,11 @@ from torch import nn
 from seesaw_ds.backends import deepspeed as backend
 from seesaw_ds.distributed.groups import LayoutGroups
 from seesaw_ds.distributed.layout import layer_range
-from seesaw_ds.model.attention import register as register_attention
 from seesaw_ds.model.families import ModelNotSupported, ModelSpec
 from seesaw_ds.model.loader import HostWeights
 from seesaw_ds.model.modules import ScaledEmbedding, ShardedExperts, ShardedRMSNorm, SplitColumnLinear
 from seesaw_ds.model.rope import SequenceRope
 from seesaw_ds.model.shards import ShardKind, shard_dim, shard_ranges
-
-
-def build_template(config) -> nn.Module:
-    """The full model on the meta device, wired to seesaw's attention function."""
-    from transformers import AutoModelForCausalLM
-
-    config = copy.deepcopy(config)
-    config._attn_implementation = register_attention()
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=config._attn_implementation)
-    return model.eval()
-
-
-def parameter_shapes(template: nn.Module) -> dict[str, tuple[int, ...]]:
-    """Every parameter of the template (tied ones once), by transformers-5 name."""
-    return {name: tuple(param.shape) for name, param in template.named_parameters()}
 
 
 def _set_submodule(root: nn.Module, dotted: str, module: nn.Module) -> None:

@@ -150,18 +150,27 @@ def test_local_multirun_writes_a_summary_of_every_job(tiny_models, prompts_file,
 
 
 @pytest.fixture(scope="module")
-def unsupported_models(tmp_path_factory) -> dict[str, Path]:
+def unsupported_models(tiny_models, tmp_path_factory) -> dict[str, Path]:
     from seesaw_ds.model.tiny_families import make_unsupported_checkpoint
 
     root = tmp_path_factory.mktemp("unsupported")
-    return {kind: make_unsupported_checkpoint(kind, root / kind) for kind in ("gpt2", "gemma3_multimodal",
-                                                                             "rope_unhandled")}
+    models = {kind: make_unsupported_checkpoint(kind, root / kind) for kind in ("gpt2", "gemma3_multimodal",
+                                                                               "rope_unhandled")}
+    # a supported family whose config does not match its weights: found from metadata, before any weight
+    mismatch = root / "mismatch"
+    shutil.copytree(tiny_models["llama"], mismatch)
+    config = json.loads((mismatch / "config.json").read_text())
+    config["intermediate_size"] = 96
+    (mismatch / "config.json").write_text(json.dumps(config))
+    models["mismatch"] = mismatch
+    return models
 
 
 @pytest.mark.parametrize("kind, expected", [
     ("gpt2", ["model_type 'gpt2' is not supported", "Llama 2/3.x (llama)", "Granite (granite)"]),
     ("gemma3_multimodal", ["'gemma3'", "Gemma3ForConditionalGeneration", "gemma3_text"]),
     ("rope_unhandled", ["rope_type 'proportional'", "handled rope types"]),
+    ("mismatch", ["mlp.gate_proj.weight has shape", "does not match its config.json"]),
 ])
 def test_unsupported_checkpoint_is_refused_before_any_weight_is_read(kind, expected, unsupported_models,
                                                                      prompts_file, tmp_path):
@@ -179,5 +188,6 @@ def test_unsupported_checkpoint_is_refused_before_any_weight_is_read(kind, expec
     for text in expected:
         assert text in lines[0], f"{text!r} not in {lines[0]!r}"
     assert "Traceback" not in proc.stdout + proc.stderr
+    assert proc.stdout.strip() == "", "nothing else is printed (the checks run before DeepSpeed is imported)"
     assert not processes_mentioning(marker) and not (tmp_path / "run").exists()
     assert elapsed < 60, f"refusal took {elapsed:.0f}s"

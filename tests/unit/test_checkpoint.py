@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from seesaw_ds.model.loader import CheckpointError, open_checkpoint, parse_dtype
-from seesaw_ds.runtime import check_weights
+from seesaw_ds.model.template import check_weights
 
 
 @pytest.fixture(scope="module")
