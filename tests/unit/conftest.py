@@ -38,3 +38,15 @@ def engine_tokenizer():
     except ImportError:
         return _throwaway_tokenizer()
     return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny models: far too small to gain from threads, and on a shared 2-core box spinning
+    OpenMP workers made generation ten times slower. Restores the setting afterwards."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

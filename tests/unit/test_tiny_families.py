@@ -24,13 +24,7 @@ PER_EXPERT = sorted(case for case, spec in tf.CASES.items() if "per_expert_of" i
 MIN_GAP = 1e-3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Far too small to gain from threads (see test_tiny_model.py); restore the setting afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one torch thread (conftest)
 
 
 @pytest.fixture(scope="module")
