@@ -51,9 +51,12 @@ class Checkpoint:
 
     path: Path
     config: object
-    dims: ModelDims
     tensors: dict[str, TensorInfo]
     spec: ModelSpec
+
+    @property
+    def dims(self) -> ModelDims:
+        return self.spec.dims
 
     @property
     def tied_embeddings(self) -> bool:
@@ -119,7 +122,6 @@ def open_checkpoint(path: str | Path, *, trust_remote_code: bool = False) -> Che
         raise CheckpointError(f"model.path={str(path)!r}: {str(error).splitlines()[0]} (set model.trust_remote_code"
                               f"=true only if you trust the checkpoint's code)") from None
     spec = model_spec(config, where=f"model.path={str(path)!r}")
-    dims = spec.dims
     files = _weight_files(directory, path)
     if not files:
         pickled = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
@@ -142,7 +144,7 @@ def open_checkpoint(path: str | Path, *, trust_remote_code: bool = False) -> Che
                     raise CheckpointError(f"model.path={str(path)!r}: tensor {name} is in both "
                                           f"{tensors[name].file.name} and {file.name}; remove the stray file")
                 tensors[name] = TensorInfo(file=file, shape=tuple(meta.get_shape()), dtype=dtype)
-    return Checkpoint(path=directory, config=config, dims=dims, tensors=tensors, spec=spec)
+    return Checkpoint(path=directory, config=config, tensors=tensors, spec=spec)
 
 
 @dataclass(frozen=True)
