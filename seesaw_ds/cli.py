@@ -383,7 +383,8 @@ def _run(settings, run_dir: Path, agree, stop: StopRequest) -> int:
             staging_factory=make_staging_factory(settings),
             prefill_micro_batches=settings.parallel.prefill_micro_batches,
             device_memory_fraction=settings.kv.device_memory_fraction, max_model_len=settings.model.max_model_len,
-            max_decode_seqs=settings.scheduler.max_decode_seqs, master_addr=settings.launch.master_addr)
+            max_decode_seqs=settings.scheduler.max_decode_seqs, master_addr=settings.launch.master_addr,
+            cpu_prepack=settings.model.cpu_prepack)
         error = None
     except ValueError as start_error:
         error = str(start_error)

@@ -27,6 +27,10 @@ class ModelConfig:
     """Let transformers run code shipped with the checkpoint."""
     max_model_len: Optional[int] = None
     """Longest prompt + output in tokens; None = the model's max_position_embeddings."""
+    cpu_prepack: bool = True
+    """bfloat16 on a CPU: run the linears on oneDNN-prepacked copies of this rank's weights, one per layout
+    (bit-identical results, faster calls; memory: each layout's shard of the weights once more beside the
+    node-shared copy). false: the weights stay views of the node-shared copy."""
 
 
 @dataclass
@@ -129,6 +133,22 @@ class SamplingConfig:
     stop: Optional[list[str]] = None
     stop_token_ids: Optional[list[int]] = None
     ignore_eos: Optional[bool] = None
+    presence_penalty: Optional[float] = None
+    """Subtracted once from the logit of each token already in the output, in [-2, 2]."""
+    frequency_penalty: Optional[float] = None
+    """Subtracted from a token's logit per occurrence in the output, in [-2, 2]."""
+    repetition_penalty: Optional[float] = None
+    """> 0; tokens of the prompt or output: positive logits divided by it, negative ones multiplied."""
+    min_p: Optional[float] = None
+    """In [0, 1]: drop tokens less likely than min_p times the most likely one (after temperature)."""
+    logit_bias: Optional[dict[int, float]] = None
+    """{token id: bias in [-100, 100]} added to every request's logits."""
+    bad_words: Optional[list[str]] = None
+    """Words no request generates (vLLM's bad_words)."""
+    logprobs: Optional[int] = None
+    """Return each generated token's logprob and this many top tokens beside it (0-20)."""
+    prompt_logprobs: Optional[int] = None
+    """Return each prompt token's logprob and this many top tokens beside it (0-20)."""
 
 
 @dataclass

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from seesaw_ds.backends import deepspeed as backend
+from seesaw_ds.cpu_dtype import bf16_warning
 from seesaw_ds.distributed import env as dist_env
 from seesaw_ds.distributed.groups import Topology, build_topology
 from seesaw_ds.distributed.layout import Layout
@@ -43,7 +44,7 @@ def start(model_path: str, layouts: dict[str, Layout], *, device_tokens: int | N
           ranks_per_node: int | None = None, dtype: str | None = None, trust_remote_code: bool = False, comm_timeout_s: float = 600.0, staging_factory=None,
           prefill_micro_batches: int = 8, device_memory_fraction: float | None = None,
           max_model_len: int | None = None, max_decode_seqs: int | None = None,
-          master_addr: str | None = None) -> Runtime:
+          master_addr: str | None = None, cpu_prepack: bool = True) -> Runtime:
     """Start this rank (collective over MPI.COMM_WORLD). Raises ValueError subclasses on bad settings.
 
     ``layouts`` names every layout the executor can switch to (a job has "prefill" and "decode").
@@ -61,10 +62,14 @@ def start(model_path: str, layouts: dict[str, Layout], *, device_tokens: int | N
     plan = plan_host_tensors(checkpoint, parameter_shapes(template))
     host = HostWeights(checkpoint, plan, env.node, parse_dtype(dtype, checkpoint.config_dtype),
                        pin=backend.accelerator_name() != "cpu")
+    if env.rank == 0 and backend.accelerator_name() == "cpu":
+        warning = bf16_warning(str(host.dtype))  # None unless bf16 on a CPU without native bf16
+        if warning:
+            log.warning("%s", warning)
     staging = staging_factory(topology, checkpoint.dims, host.dtype) if staging_factory else None
     max_len = max_model_len or getattr(checkpoint.config, "max_position_embeddings", None)
     executor = Executor(topology, host, template, checkpoint.spec, device_tokens=device_tokens,
                         block_size=block_size, staging=staging, prefill_micro_batches=prefill_micro_batches,
                         device_memory_fraction=device_memory_fraction,
-                        device_tokens_cap=max_replica_tokens(max_len, max_decode_seqs))
+                        device_tokens_cap=max_replica_tokens(max_len, max_decode_seqs), prepack=cpu_prepack)
     return Runtime(topology=topology, checkpoint=checkpoint, host=host, executor=executor, layouts=layouts)

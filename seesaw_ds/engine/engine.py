@@ -20,6 +20,7 @@ from mpi4py import MPI
 from seesaw_ds.config import JobConfig, layout_of
 from seesaw_ds.distributed.env import anon_hugepage_bytes
 from seesaw_ds.engine import requests as request_io
+from seesaw_ds.engine.grammar import Grammars
 from seesaw_ds.engine.leader import Finished, Leader
 from seesaw_ds.engine.outputs import JsonlAppender, format_error, format_result, scan_answered, scan_error_lines
 from seesaw_ds.engine.sampling import eos_token_ids
@@ -89,7 +90,8 @@ class Coordinator:
     def write(self, finished: list[Finished], rejected: list) -> None:
         for item in finished:
             self.outputs.write(format_result(item.request, item.token_ids, item.text, item.finish_reason,
-                                             model=self.model_name))
+                                             model=self.model_name, logprobs=item.logprobs,
+                                             prompt_logprobs=item.prompt_logprobs, token_texts=item.token_texts))
         for bad in rejected:
             self.errors.write(format_error(bad))
         if finished:
@@ -197,8 +199,11 @@ def run_job(settings: JobConfig, runtime, run_dir: Path, *, tokenizer=None, stop
         # One prefill step's worth of waiting prompts is all the scheduler can use per step (the leader refills
         # before every step), so the input is read that far ahead only: memory follows the work in flight,
         # not the input's size (a staging area sized from host memory holds millions of tokens).
-        leader = Leader(scheduler, executor.staging.capacity, tokenizer, eos_token_ids(tokenizer, generation), source,
-                        refill_tokens=settings.scheduler.max_prefill_tokens)
+        eos_ids = eos_token_ids(tokenizer, generation)
+        # Structured output: grammars over the model's whole vocabulary (the logits' width), ended by eos.
+        grammars = Grammars(tokenizer, runtime.checkpoint.dims.vocab_size, eos_ids)
+        leader = Leader(scheduler, executor.staging.capacity, tokenizer, eos_ids, source,
+                        refill_tokens=settings.scheduler.max_prefill_tokens, grammars=grammars)
     comm = topology.instance_comm
     last_progress = time.perf_counter()
     while True:
@@ -262,6 +267,8 @@ def _summary(leader: Leader, executor) -> dict:
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "hugepage_bytes": anon_hugepage_bytes(),
             "output_tokens": stats.output_tokens, "num_transitions": leader.scheduler.num_transitions,
+            "grammar": {"bitmasks": stats.grammar_masks, "bitmask_seconds": stats.grammar_seconds,
+                        "compiled": leader.grammars.num_compiled},
             "transition_seconds": stats.transition_seconds, "reshard_bytes": stats.reshard_bytes,
             "phase_seconds": dict(stats.phase_seconds), "scheduler": leader.scheduler.stats(),
             "kv": _kv_report(staging),

@@ -1,22 +1,28 @@
 """The instance leader: turns scheduler plans into step messages and step results into answers.
 
 The leader (instance rank 0) owns every request's state: its prompt, its sampling, where its KV lies
-(waiting, staged in which extents, running on which decode replica), its stop checker. Each step it asks
+(waiting, staged in which extents, running on which decode replica), its stop checker and, for structured
+output, its grammar matcher (so grammar state survives eviction and layout switches). Each step it asks
 the :class:`~seesaw_ds.engine.scheduler.Scheduler` what to do, allocates staging extents, and builds the
 :class:`~seesaw_ds.engine.worker.StepMessage`; after the step it feeds the sampled tokens to the stop
 checkers, hands finished requests to the result sink and tells the scheduler.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
+from seesaw_ds.engine.logprobs import TokenLogprobs, token_ids_of
+from seesaw_ds.engine.grammar import Grammars, TokenMatcher
 from seesaw_ds.engine.requests import BadLine, Request
-from seesaw_ds.engine.sampling import StopChecker
+from seesaw_ds.engine.sampling import RequestError, StopChecker
 from seesaw_ds.engine.scheduler import Phase, Scheduler, StepPlan
 from seesaw_ds.engine.worker import SeqSampling, StepMessage, StepResult
 from seesaw_ds.kv.staging import ExtentAllocator, StagedSeq
 from seesaw_ds.model.executor import ForwardPlan, SeqWork
+
+log = logging.getLogger("seesaw_ds")
 
 
 @dataclass
@@ -29,6 +35,12 @@ class SeqState:
     staged: StagedSeq | None = None
     replica: int | None = None
     last_token: int | None = None
+    matcher: TokenMatcher | None = None
+    """Structured output: the request's place in its grammar (engine/grammar.py), else None."""
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    """One entry per generated token when the request asks for logprobs."""
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    """[None, then one entry per prompt token after the first] when the request asks for prompt_logprobs."""
 
     @property
     def final_tokens(self) -> int:
@@ -44,6 +56,12 @@ class Finished:
     token_ids: list[int]
     text: str
     finish_reason: str
+    logprobs: list[TokenLogprobs] | None = None
+    """Per generated token, when the request asked for logprobs."""
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    """Per prompt token (None for the first), when the request asked for prompt_logprobs."""
+    token_texts: dict[int, str] = field(default_factory=dict)
+    """Each token id the logprobs mention, decoded on its own (for the output record)."""
 
 
 #: The timeline keeps at most this many records: when it is full, neighbouring records merge pairwise (the
@@ -97,6 +115,10 @@ class LeaderStats:
     phase_seconds: dict[str, float] = field(default_factory=lambda: {"prefill": 0.0, "decode": 0.0})
     transition_seconds: float = 0.0
     reshard_bytes: int = 0
+    grammar_masks: int = 0
+    """Next-token bitmasks computed for structured output (finished requests)."""
+    grammar_seconds: float = 0.0
+    """Time those bitmasks took on the leader."""
     timeline: list[StepRecord] = field(default_factory=list)
     """At most MAX_TIMELINE_RECORDS records (see `append_bounded`)."""
 
@@ -105,8 +127,9 @@ class Leader:
     """Decides every step of one instance."""
 
     def __init__(self, scheduler: Scheduler, staging_tokens: int, tokenizer, eos_ids: list[int],
-                 source, *, refill_tokens: int):
+                 source, *, refill_tokens: int, grammars: Grammars | None = None):
         self.scheduler = scheduler
+        self.grammars = grammars
         self.extents = ExtentAllocator(staging_tokens)
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
@@ -139,13 +162,21 @@ class Leader:
         seq_id = self._next_id
         self._next_id += 1
         try:
+            matcher = self._matcher(request)  # a grammar the library refuses is this row's error
             self.scheduler.add_request(seq_id, len(request.prompt_token_ids), request.sampling.max_tokens)
         except ValueError as error:
             rejected.append(BadLine(request.line_no, request.custom_id, str(error), request.kind))
             return
         checker = StopChecker(self.tokenizer, request.sampling, self.eos_ids, request.prompt_token_ids)
-        self.seqs[seq_id] = SeqState(request=request, checker=checker)
+        self.seqs[seq_id] = SeqState(request=request, checker=checker, matcher=matcher)
         self._waiting_tokens += len(request.prompt_token_ids)
+
+    def _matcher(self, request: Request) -> TokenMatcher | None:
+        if request.grammar is None:
+            return None
+        if self.grammars is None:
+            raise RequestError(f"{request.grammar.key}: structured output is not set up in this engine")
+        return self.grammars.matcher(request.grammar)
 
     # ------------------------------------------------------------ plan -> message
     def next_message(self, rejected: list) -> StepMessage:
@@ -164,7 +195,7 @@ class Leader:
         return release
 
     def _prefill_message(self, plan: StepPlan) -> StepMessage:
-        works, register = [], {}
+        works, register, bitmasks = [], {}, {}
         for replica, seq_ids in enumerate(plan.prefill):
             for seq_id in seq_ids:
                 state = self.seqs[seq_id]
@@ -174,13 +205,18 @@ class Leader:
                                          final_tokens=state.final_tokens)
                 state.kv_tokens = len(prompt)
                 self._waiting_tokens -= len(prompt)
-                works.append(SeqWork(seq_id, replica, list(prompt), 0, staging_extents=extents))
-                register[seq_id] = SeqSampling(state.request.sampling, state.request.seed, len(prompt))
+                sampling = state.request.sampling
+                works.append(SeqWork(seq_id, replica, list(prompt), 0, staging_extents=extents,
+                                     prompt_logits=sampling.prompt_logprobs is not None))
+                register[seq_id] = SeqSampling(sampling, state.request.seed, len(prompt),
+                                               state.request.bad_words_token_ids)
+                if state.matcher is not None:
+                    bitmasks[seq_id] = state.matcher.next_token_bitmask()
         return StepMessage("prefill", forward=ForwardPlan("prefill", works, sink="staging"), register=register,
-                           release=self._take_release())
+                           release=self._take_release(), token_bitmasks=bitmasks)
 
     def _decode_message(self, plan: StepPlan) -> StepMessage:
-        swap_out, swap_in, works, banned = [], [], [], {}
+        swap_out, swap_in, works, banned, bitmasks = [], [], [], {}, {}
         for replica, seq_ids in enumerate(plan.swap_out):
             for seq_id in seq_ids:
                 state = self.seqs[seq_id]
@@ -199,20 +235,40 @@ class Leader:
             for seq_id in seq_ids:
                 state = self.seqs[seq_id]
                 works.append(SeqWork(seq_id, replica, [state.last_token], state.kv_tokens))
+                if state.matcher is not None:
+                    # The grammar alone decides where a constrained text ends (min_tokens does not apply): a ban
+                    # on eos where the grammar allows nothing else would leave no token at all.
+                    bitmasks[seq_id] = state.matcher.next_token_bitmask()
+                    continue
                 ban = state.checker.banned_token_ids()
                 if ban:
                     banned[seq_id] = ban
         self._swapped_in = swap_in
         return StepMessage("decode", forward=ForwardPlan("decode", works), release=self._take_release(),
-                           swap_out=swap_out, swap_in=swap_in, banned=banned)
+                           swap_out=swap_out, swap_in=swap_in, banned=banned, token_bitmasks=bitmasks)
+
+    @staticmethod
+    def _advance_grammar(state: SeqState) -> str | None:
+        """Feed the drawn token to the request's grammar: "stop" once the grammar is complete (its stop token
+        accepted, whatever ignore_eos or min_tokens say), else None."""
+        if not state.matcher.accept(state.last_token):
+            # Only when something else forbade every token the grammar allows (e.g. bad_words).
+            log.warning("request %r: token %d does not follow its grammar (%s); it ends here",
+                        state.request.custom_id, state.last_token, state.request.grammar.key)
+            return state.checker.finish("stop")
+        return state.checker.finish("stop") if state.matcher.terminated else None
 
     # ------------------------------------------------------------ results
     def absorb(self, message: StepMessage, results: list[StepResult], seconds: float) -> list[Finished]:
         """Apply one step's results; returns the requests that finished."""
         plan, self._plan = self._plan, None
         tokens: dict[int, int] = {}
+        logprobs: dict[int, TokenLogprobs] = {}
         for result in results:
             tokens.update(result.tokens)
+            logprobs.update(result.logprobs)
+            for seq_id, entries in result.prompt_logprobs.items():
+                self.seqs[seq_id].prompt_logprobs = [None, *entries]
         switch = max((r.switch_seconds for r in results), default=0.0)
         self.stats.transition_seconds += switch
         self.stats.reshard_bytes += sum(r.switch_bytes for r in results)
@@ -227,9 +283,13 @@ class Leader:
             if message.phase == "decode":
                 state.kv_tokens += 1
             state.last_token = tokens[work.seq_id]
+            if work.seq_id in logprobs:
+                state.logprobs.append(logprobs[work.seq_id])
             reason = state.checker.append(state.last_token)
             if reason is None and state.checker.finished:
                 reason = state.checker.finish_reason
+            if reason is None and state.matcher is not None:
+                reason = self._advance_grammar(state)
             if reason is not None:
                 finished_ids.append(work.seq_id)
                 done.append(self._finish(work.seq_id, reason))
@@ -246,10 +306,21 @@ class Leader:
             self.extents.free(state.staged.extents)
         self._release.append(seq_id)
         checker = state.checker
+        if state.matcher is not None:
+            self.stats.grammar_masks += state.matcher.num_masks
+            self.stats.grammar_seconds += state.matcher.mask_seconds
         self.stats.finished += 1
         self.stats.prompt_tokens += len(state.request.prompt_token_ids)
         self.stats.output_tokens += len(checker.token_ids)
-        return Finished(state.request, list(checker.token_ids), checker.text, reason)
+        params = state.request.sampling
+        logprobs = state.logprobs if params.logprobs is not None else None
+        prompt_logprobs = None
+        if params.prompt_logprobs is not None:  # a one-token prompt has no position to score
+            prompt_logprobs = state.prompt_logprobs or [None]
+        ids = token_ids_of([*(logprobs or ()), *(prompt_logprobs or ())])
+        texts = {token_id: self.tokenizer.decode([token_id]) for token_id in sorted(ids)}
+        return Finished(state.request, list(checker.token_ids), checker.text, reason, logprobs, prompt_logprobs,
+                        texts)
 
     @property
     def elapsed(self) -> float:

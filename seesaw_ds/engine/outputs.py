@@ -16,6 +16,7 @@ import os
 import time
 from typing import Any, Iterator
 
+from seesaw_ds.engine.logprobs import TokenLogprobs, chat_logprobs, completion_logprobs, plain_logprobs
 from seesaw_ds.engine.requests import BadLine, IdIndex, Request
 from seesaw_ds.faults import fault_point
 
@@ -30,27 +31,43 @@ def _stable_hex(custom_id: str) -> str:
 
 
 def format_result(request: Request, token_ids: list[int], text: str, finish_reason: str, *,
-                  model: str | None = None, created: int | None = None) -> dict[str, Any]:
+                  model: str | None = None, created: int | None = None,
+                  logprobs: list[TokenLogprobs] | None = None,
+                  prompt_logprobs: list[TokenLogprobs | None] | None = None,
+                  token_texts: dict[int, str] | None = None) -> dict[str, Any]:
     """The output record for a finished request, in the shape its input line asked for.
 
     `token_ids` are the generated ids (an eos or stop token that finished the request included);
     `model` names the model in OpenAI bodies when the line gave no body.model; `created` defaults to now.
+    `logprobs` / `prompt_logprobs` (when the request asked for them) are written in vLLM's shape on plain
+    lines and OpenAI's on batch lines (engine/logprobs.py); `token_texts` decodes the ids they mention.
     """
+    texts = token_texts or {}
     usage = {"prompt_tokens": len(request.prompt_token_ids), "completion_tokens": len(token_ids)}
     if request.kind == "plain":
-        return {"custom_id": request.custom_id, "text": text, "token_ids": list(token_ids),
-                "finish_reason": finish_reason, "usage": usage}
+        record = {"custom_id": request.custom_id, "text": text, "token_ids": list(token_ids),
+                  "finish_reason": finish_reason, "usage": usage}
+        if logprobs is not None:
+            record["logprobs"] = plain_logprobs(logprobs, texts)
+        if prompt_logprobs is not None:
+            record["prompt_logprobs"] = plain_logprobs(prompt_logprobs, texts)
+        return record
     stable = _stable_hex(request.custom_id)
     if request.kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                  "logprobs": None if logprobs is None else chat_logprobs(logprobs, texts),
                   "finish_reason": finish_reason}
         body_id, obj = f"chatcmpl-{stable}", "chat.completion"
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "text": text,
+                  "logprobs": None if logprobs is None else completion_logprobs(logprobs, texts),
+                  "finish_reason": finish_reason}
         body_id, obj = f"cmpl-{stable}", "text_completion"
     body = {"id": body_id, "object": obj, "created": int(time.time()) if created is None else created,
             "model": request.model or model or "", "choices": [choice],
             "usage": {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}}
+    if prompt_logprobs is not None:  # vLLM's extension: in the chat body, in a completions choice
+        (body if request.kind == "chat" else choice)["prompt_logprobs"] = plain_logprobs(prompt_logprobs, texts)
     return {"id": f"batch_req_{stable}", "custom_id": request.custom_id,
             "response": {"status_code": 200, "request_id": f"req_{stable}", "body": body}, "error": None}
 

@@ -20,7 +20,9 @@ from typing import Any, Container, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from seesaw_ds.engine.sampling import (SAMPLING_KEYS, RequestError, SamplingParams, request_seed,
+from seesaw_ds.engine.grammar import GUIDED_KEYS, GrammarSpec, parse_guided, parse_response_format
+from seesaw_ds.engine.penalties import bad_words_token_ids
+from seesaw_ds.engine.sampling import (MAX_LOGPROBS, SAMPLING_KEYS, RequestError, SamplingParams, request_seed,
                                        resolve_sampling)
 
 __all__ = ["BadLine", "IdIndex", "Request", "RequestError", "iter_requests", "OPENAI_URLS"]
@@ -31,8 +33,11 @@ _PROMPT_KEYS = ("prompt", "prompt_token_ids", "messages")
 #: Body keys accepted and ignored (they do not change what is generated).
 _BODY_IGNORED = frozenset({"model", "user", "metadata", "store", "service_tier", "stream_options"})
 #: Body keys accepted only at the value that means "feature off".
-_BODY_NEUTRAL = MappingProxyType({"n": 1, "stream": False, "echo": False, "logprobs": False,
-                                  "frequency_penalty": 0, "presence_penalty": 0, "repetition_penalty": 1})
+_BODY_NEUTRAL = MappingProxyType({"n": 1, "stream": False, "echo": False})
+#: Body keys whose meaning depends on the url (chat: logprobs true/false + top_logprobs; completions: logprobs k).
+_BODY_LOGPROBS = frozenset({"logprobs", "top_logprobs"})
+#: Body keys of structured output (engine/grammar.py): OpenAI's response_format, vLLM's guided keys.
+_BODY_GRAMMAR = frozenset({"response_format", *GUIDED_KEYS})
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +58,10 @@ class Request:
     """"plain", "completions" or "chat": decides the output shape."""
     model: str | None = None
     """body.model of an OpenAI batch line (echoed in the response), else None."""
+    grammar: GrammarSpec | None = None
+    """Structured output: what the text must match (guided_* keys or body.response_format), else None."""
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
+    """sampling.bad_words tokenized (engine/penalties.py `bad_words_token_ids`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,8 +238,9 @@ def _plain_request(record: dict, line_no: int, custom_id: str, context: _Context
         problem = "has none" if not given else f"has {len(given)} ({', '.join(given)})"
         raise _LineError(f"a line needs exactly one of prompt, prompt_token_ids, messages; this one {problem}")
     key = given[0]
-    sampling_keys = {k: v for k, v in record.items() if k not in ("custom_id", key)}
+    sampling_keys = {k: v for k, v in record.items() if k not in ("custom_id", key, *GUIDED_KEYS)}
     sampling = resolve_sampling(context.model_defaults, context.job_sampling, sampling_keys)
+    grammar = parse_guided(record)
     if key == "prompt":
         if not isinstance(record[key], str):
             raise _LineError(f"prompt must be a string, got {type(record[key]).__name__} "
@@ -240,7 +250,7 @@ def _plain_request(record: dict, line_no: int, custom_id: str, context: _Context
         ids = _token_id_list(record[key], "prompt_token_ids")
     else:
         ids = _encode_chat(record[key], context.tokenizer)
-    return _finish_request(custom_id, line_no, ids, sampling, "plain", None, context)
+    return _finish_request(custom_id, line_no, ids, sampling, "plain", None, context, grammar)
 
 
 def _openai_request(record: dict, line_no: int, custom_id: str, context: _Context) -> Request:
@@ -257,9 +267,12 @@ def _openai_request(record: dict, line_no: int, custom_id: str, context: _Contex
     if prompt_key not in body:
         raise _LineError(f"body has no {prompt_key} (url {url})")
     sampling_keys: dict[str, Any] = {}
+    grammar = _body_grammar(body)
     for key, value in body.items():
-        if key == prompt_key or key in _BODY_IGNORED or value is None:
+        if key == prompt_key or key in _BODY_IGNORED or key in _BODY_GRAMMAR or value is None:
             continue
+        if key in _BODY_LOGPROBS and (kind == "chat" or key == "logprobs"):
+            continue  # read by _body_logprobs
         if key in _BODY_NEUTRAL:
             if not _is_neutral(key, value):
                 raise _LineError(f"body.{key}={value!r} is not supported (only {_BODY_NEUTRAL[key]!r})")
@@ -270,22 +283,47 @@ def _openai_request(record: dict, line_no: int, custom_id: str, context: _Contex
             continue
         elif key not in SAMPLING_KEYS:
             raise _LineError(f"unsupported key body.{key}; supported: {prompt_key}, max_completion_tokens, "
-                             f"{', '.join(SAMPLING_KEYS)} (and ignored: {', '.join(sorted(_BODY_IGNORED))})")
+                             f"{', '.join(SAMPLING_KEYS)}, {', '.join(sorted(_BODY_GRAMMAR))} (and ignored: "
+                             f"{', '.join(sorted(_BODY_IGNORED))})")
         sampling_keys[key] = value
+    sampling_keys.update(_body_logprobs(body, kind))
     sampling = resolve_sampling(context.model_defaults, context.job_sampling, sampling_keys)
     if kind == "chat":
         ids = _encode_chat(body["messages"], context.tokenizer)
     else:
         ids = _completion_prompt(body["prompt"], context.tokenizer)
     model = body.get("model") if isinstance(body.get("model"), str) else None
-    return _finish_request(custom_id, line_no, ids, sampling, kind, model, context)
+    return _finish_request(custom_id, line_no, ids, sampling, kind, model, context, grammar)
+
+
+def _body_grammar(body: dict) -> GrammarSpec | None:
+    """body.response_format (OpenAI) or one of vLLM's guided keys (as vLLM's server takes them), not both."""
+    guided = parse_guided(body, "body.")
+    spec = None if body.get("response_format") is None else parse_response_format(body["response_format"])
+    if spec is not None and guided is not None:
+        raise _LineError(f"give body.response_format or {guided.key}, not both")
+    return spec or guided
+
+
+def _body_logprobs(body: dict, kind: str) -> dict[str, Any]:
+    """The sampling `logprobs` an OpenAI body asks for: chat `logprobs: true` with `top_logprobs: k` (k = 0
+    when absent); completions `logprobs: k` (validated as the sampling key). {} when off."""
+    logprobs, top = body.get("logprobs"), body.get("top_logprobs")
+    if kind != "chat":
+        return {} if logprobs is None or logprobs is False else {"logprobs": logprobs}
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise _LineError(f"body.logprobs={logprobs!r} must be true or false for {kind} (give the number of "
+                         "top tokens as body.top_logprobs)")
+    if top is not None and not (isinstance(top, int) and not isinstance(top, bool) and 0 <= top <= MAX_LOGPROBS):
+        raise _LineError(f"body.top_logprobs={top!r} must be an integer in [0, {MAX_LOGPROBS}]")
+    if top is not None and logprobs is not True:
+        raise _LineError(f"body.top_logprobs={top!r} needs body.logprobs=true")
+    return {"logprobs": top or 0} if logprobs else {}
 
 
 def _is_neutral(key: str, value: Any) -> bool:
-    """True when body.<key> has the value that turns its feature off (logprobs: false or 0)."""
+    """True when body.<key> has the value that turns its feature off."""
     neutral = _BODY_NEUTRAL[key]
-    if key == "logprobs":
-        return value is False or (type(value) is int and value == 0)
     return type(value) in (int, float, bool) and value == neutral \
         and isinstance(value, bool) == isinstance(neutral, bool)
 
@@ -350,7 +388,7 @@ def _message_text(content: Any, index: int) -> str:
 
 
 def _finish_request(custom_id: str, line_no: int, ids: list[int], sampling: SamplingParams, kind: str,
-                    model: str | None, context: _Context) -> Request:
+                    model: str | None, context: _Context, grammar: GrammarSpec | None = None) -> Request:
     room = context.max_model_len - sampling.max_tokens
     if len(ids) > room:
         raise _LineError(f"prompt has {len(ids)} tokens but only {max(room, 0)} fit: max_model_len "
@@ -366,8 +404,15 @@ def _finish_request(custom_id: str, line_no: int, ids: list[int], sampling: Samp
         bad = next((t for t in values if not 0 <= t < context.vocab_size), None)
         if bad is not None:
             raise _LineError(f"{name} {bad} is outside the vocabulary [0, {context.vocab_size})")
+    bad_words = bad_words_token_ids(context.tokenizer, sampling.bad_words) if sampling.bad_words else ()
+    for name, values in (("logit_bias token id", [t for t, _ in sampling.logit_bias]),
+                         ("bad_words token id", [t for word in bad_words for t in word])):
+        bad = next((t for t in values if not 0 <= t < context.vocab_size), None)
+        if bad is not None:
+            raise _LineError(f"{name} {bad} is outside the vocabulary [0, {context.vocab_size})")
     seed = request_seed(context.job_seed, custom_id, sampling.seed)
-    return Request(custom_id, line_no, ids, sampling, seed, kind, model)
+    return Request(custom_id, line_no, ids, sampling, seed, kind, model, grammar=grammar,
+                   bad_words_token_ids=bad_words)
 
 
 def _preview(value: Any, limit: int = 60) -> str:

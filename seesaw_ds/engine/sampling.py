@@ -20,7 +20,10 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
+
+from seesaw_ds.engine.penalties import TokenHistory, apply_penalties_and_filters, needs_processing
 
 _MASK64 = (1 << 64) - 1
 #: Prompt tokens decoded before the first generated one, so that its leading space is right (as vLLM).
@@ -90,6 +93,45 @@ def _check_seed(key: str, value: Any) -> int | None:
     return value
 
 
+#: Most top-k logprobs a request may ask for (vLLM's default `max_logprobs`; OpenAI's top_logprobs limit).
+MAX_LOGPROBS = 20
+#: logit_bias values are clamped to this range by OpenAI; here a value outside it is an error.
+MAX_LOGIT_BIAS = 100.0
+
+
+def _check_logprobs(key: str, value: Any) -> int | None:
+    if value is not None and not (_is_int(value) and 0 <= value <= MAX_LOGPROBS):
+        raise RequestError(_describe(key, value, f"must be an integer in [0, {MAX_LOGPROBS}] (how many top "
+                                                 "tokens beside the chosen one) or null (off)"))
+    return value
+
+
+def _check_logit_bias(key: str, value: Any) -> tuple[tuple[int, float], ...]:
+    """{token id (int, or its decimal string as JSON keys are): bias in [-100, 100]} -> sorted (id, bias) pairs."""
+    allowed = (f"must be an object {{token id: bias}} with token ids >= 0 (integers or their decimal strings) "
+               f"and biases in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
+    items = value.items() if isinstance(value, Mapping) else value
+    if not isinstance(items, (list, tuple, type({}.items()))):
+        raise RequestError(_describe(key, value, allowed))
+    pairs: dict[int, float] = {}
+    for item in items:
+        if not (isinstance(item, (list, tuple)) and len(item) == 2):
+            raise RequestError(_describe(key, value, allowed))
+        token, bias = item
+        if isinstance(token, str) and token.strip().isdigit():
+            token = int(token)
+        if not (_is_int(token) and token >= 0):
+            raise RequestError(_describe(key, value, allowed))
+        pairs[token] = _check_float(f"{key}[{item[0]!r}]", bias, lambda x: abs(x) <= MAX_LOGIT_BIAS, allowed)
+    return tuple(sorted(pairs.items()))
+
+
+def _check_bad_words(key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(w, str) and w.strip() for w in value):
+        raise RequestError(_describe(key, value, "must be a list of non-blank strings"))
+    return tuple(value)
+
+
 _CHECKS = MappingProxyType({
     "max_tokens": lambda k, v: _check_int(k, v, 1, "must be an integer >= 1"),
     "min_tokens": lambda k, v: _check_int(k, v, 0, "must be an integer >= 0 and <= max_tokens"),
@@ -100,6 +142,14 @@ _CHECKS = MappingProxyType({
     "stop": _check_stop,
     "stop_token_ids": _check_token_ids,
     "ignore_eos": _check_bool,
+    "presence_penalty": lambda k, v: _check_float(k, v, lambda x: -2 <= x <= 2, "must be a number in [-2, 2]"),
+    "frequency_penalty": lambda k, v: _check_float(k, v, lambda x: -2 <= x <= 2, "must be a number in [-2, 2]"),
+    "repetition_penalty": lambda k, v: _check_float(k, v, lambda x: x > 0, "must be a number > 0 (1 = off)"),
+    "min_p": lambda k, v: _check_float(k, v, lambda x: 0 <= x <= 1, "must be a number in [0, 1] (0 = off)"),
+    "logit_bias": _check_logit_bias,
+    "bad_words": _check_bad_words,
+    "logprobs": _check_logprobs,
+    "prompt_logprobs": _check_logprobs,
 })
 
 #: generation_config.json keys that seed the defaults (as vLLM's `generation_config="auto"`), and their names here.
@@ -133,6 +183,22 @@ class SamplingParams:
     """Token ids that end the output (kept in token_ids, left out of text)."""
     ignore_eos: bool = False
     """Keep generating past eos (until max_tokens or another stop condition)."""
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token that already occurs in the output (not the prompt)."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once per occurrence in the output (not the prompt)."""
+    repetition_penalty: float = 1.0
+    """Tokens seen in the prompt or output: positive logits divided by it, negative ones multiplied."""
+    min_p: float = 0.0
+    """Drop tokens whose probability (after temperature) is below min_p times the largest one."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to the logits (OpenAI's {token id: bias}, biases in [-100, 100])."""
+    bad_words: tuple[str, ...] = ()
+    """Words never generated (vLLM: tokenized with and without a leading space; see engine/penalties.py)."""
+    logprobs: int | None = None
+    """Return each generated token's logprob and the top-k logprobs beside it (None = off)."""
+    prompt_logprobs: int | None = None
+    """Return each prompt token's logprob and the top-k beside it (the first token has none; None = off)."""
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -216,6 +282,39 @@ def _apply_bans(logits: torch.Tensor, banned: Sequence[Sequence[int]] | None) ->
     return out
 
 
+def _unpack_bits(packed: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Little-endian int32 words [R, W] -> bool [R, 32 W] on `device`: bit j of word i is column 32 i + j."""
+    if device.type == "cpu":  # numpy's C unpacking: ~20x faster than shifts in torch on a CPU
+        return torch.from_numpy(np.unpackbits(packed.view(np.uint8), axis=1, bitorder="little")).bool()
+    return _unpack_bits_with_shifts(packed, device)
+
+
+def _unpack_bits_with_shifts(packed: np.ndarray, device: torch.device) -> torch.Tensor:
+    """`_unpack_bits` on an accelerator: the packed words cross (one bit a token) and are unpacked there."""
+    shifts = torch.arange(32, dtype=torch.int32, device=device)
+    return ((torch.from_numpy(packed).to(device)[:, :, None] >> shifts) & 1).reshape(len(packed), -1).bool()
+
+
+def apply_token_bitmasks(logits: torch.Tensor, bitmasks: Sequence[Any] | None) -> torch.Tensor:
+    """Float32 logits with the tokens each row's grammar forbids set to -inf (a copy when a row has a mask).
+
+    `bitmasks[i]` is None (row unconstrained) or xgrammar's packed mask (engine/grammar.py): int32 words,
+    bit j of word i allows token 32 * i + j. Columns past the mask's width are forbidden.
+    """
+    rows = [i for i, mask in enumerate(bitmasks or ()) if mask is not None]
+    if not rows:
+        return logits.float()
+    num_cols = logits.shape[1]
+    packed = np.stack([np.asarray(bitmasks[i], dtype="<i4") for i in rows])
+    allowed = _unpack_bits(packed, logits.device)[:, :num_cols]
+    if allowed.shape[1] < num_cols:
+        allowed = torch.nn.functional.pad(allowed, (0, num_cols - allowed.shape[1]), value=False)
+    out = logits.to(torch.float32, copy=True)
+    index = torch.tensor(rows, device=logits.device)
+    out[index] = out[index].masked_fill_(~allowed, float("-inf"))
+    return out
+
+
 def _select(tensor: torch.Tensor, rows: list[int], num_rows: int) -> torch.Tensor:
     """tensor[rows] without the copy when rows are all of them, in order."""
     return tensor if len(rows) == num_rows else tensor[torch.tensor(rows, device=tensor.device)]
@@ -252,7 +351,7 @@ def _nucleus_cuts(weights: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
 
 def _sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams], uniforms: Sequence[float]
                  ) -> torch.Tensor:
-    """Temperature, top-k, top-p, then an inverse-CDF draw in token-id order, row by row in effect.
+    """Temperature, min-p, top-k, top-p, then an inverse-CDF draw in token-id order, row by row in effect.
 
     Works on unnormalised weights exp((logit - max) / T) in [0, 1]: one exp for all three steps.
     """
@@ -261,6 +360,14 @@ def _sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams], uniform
     # Clamped so that a tiny temperature cannot underflow to 0 in float32 (0/0 = NaN): it acts as greedy.
     temperature = torch.tensor([max(p.temperature, _MIN_TEMPERATURE) for p in params], device=device)
     weights = (logits - logits.max(dim=1, keepdim=True).values).div_(temperature[:, None]).exp_()
+
+    # min_p first (as vLLM): the largest weight is exactly 1, so a weight is a probability over the largest one.
+    min_p_rows = [i for i, p in enumerate(params) if p.min_p > 0.0]
+    if min_p_rows:
+        cuts = torch.zeros((num_rows, 1), device=device)
+        cuts[torch.tensor(min_p_rows, device=device), 0] = torch.tensor([params[i].min_p for i in min_p_rows],
+                                                                       device=device)
+        weights.masked_fill_(weights < cuts, 0.0)
 
     top_k_rows = [i for i, p in enumerate(params) if 0 < p.top_k < vocab_size]
     if top_k_rows:
@@ -286,18 +393,28 @@ def _sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams], uniform
 
 
 def sample_next_tokens(logits: torch.Tensor, params: Sequence[SamplingParams], seeds: Sequence[int],
-                       steps: Sequence[int], banned: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
-    """Next token for each row of `logits` [N, V]; returns a long tensor [N].
+                       steps: Sequence[int], banned: Sequence[Sequence[int]] | None = None,
+                       histories: Sequence[TokenHistory | None] | None = None,
+                       token_bitmasks: Sequence[Any] | None = None) -> torch.Tensor:
+    """Next token for each row of `logits` [N, V]; returns a long tensor [N]. `logits` is not modified.
 
-    Greedy rows (temperature 0) take the argmax. Other rows apply temperature, top-k and top-p, then draw
-    with `draw_uniform(seeds[i], steps[i])`, so a row's token depends only on its logits, seed and step.
-    `banned[i]` ids are excluded (used for min_tokens). `steps[i]` is the index of the token being drawn.
+    A row's grammar (`token_bitmasks[i]`, structured output: `apply_token_bitmasks`) forbids tokens first.
+
+    `banned[i]` ids are excluded (used for min_tokens); bad words, logit_bias and penalties then apply
+    (engine/penalties.py; `histories[i]` is row i's token history, needed when its penalties read one).
+    Greedy rows (temperature 0) take the argmax. Other rows apply temperature, min-p, top-k and top-p, then
+    draw with `draw_uniform(seeds[i], steps[i])`, so a row's token depends only on its logits, history, seed
+    and step. `steps[i]` is the index of the token being drawn.
     """
     num_rows = logits.shape[0]
     if not len(params) == len(seeds) == len(steps) == num_rows or (banned is not None and len(banned) != num_rows):
         raise ValueError(f"sample_next_tokens: {num_rows} logit rows but {len(params)} params, {len(seeds)} "
                          f"seeds, {len(steps)} steps, {None if banned is None else len(banned)} banned lists")
-    logits = _apply_bans(logits, banned)
+    processed = _apply_bans(apply_token_bitmasks(logits, token_bitmasks), banned)
+    if any(needs_processing(p) for p in params):
+        processed = apply_penalties_and_filters(processed.clone() if processed is logits else processed, params,
+                                                histories if histories is not None else [None] * num_rows)
+    logits = processed
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if not sampled:
         return logits.argmax(dim=1)
@@ -378,6 +495,13 @@ class StopChecker:
                 return self.finish_reason
             return self._finish("length", None)
         return None
+
+    def finish(self, reason: str, stop_reason: int | str | None = None) -> str:
+        """End the request for a reason decided elsewhere (its grammar is complete: "stop"); text is flushed."""
+        if not self.finished:
+            self._flush()
+            self._finish(reason, stop_reason)
+        return self.finish_reason
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True)

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from seesaw_ds.engine.logprobs import TokenLogprobs, token_logprobs
+from seesaw_ds.engine.penalties import TokenHistory, needs_history
 from seesaw_ds.engine.sampling import SamplingParams, sample_next_tokens
 from seesaw_ds.faults import fault_point
 from seesaw_ds.kv.staging import StagedSeq
@@ -24,6 +27,7 @@ class SeqSampling:
     params: SamplingParams
     seed: int
     prompt_len: int
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
 
 
 @dataclass
@@ -37,6 +41,7 @@ class StepMessage:
     swap_out: list[StagedSeq] = field(default_factory=list)
     swap_in: list[StagedSeq] = field(default_factory=list)
     banned: dict[int, list[int]] = field(default_factory=dict)
+    token_bitmasks: dict[int, Any] = field(default_factory=dict)  # structured output: packed allowed tokens
     preempted: bool = False                      # "stop" before the work was done (a signal arrived)
 
 
@@ -45,6 +50,10 @@ class StepResult:
     """One rank's answer: sampled tokens (sampling ranks only) and what its step cost."""
 
     tokens: dict[int, int] = field(default_factory=dict)
+    logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)
+    """Only for the sequences whose params ask for logprobs."""
+    prompt_logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)
+    """Prefill only, for the sequences whose params ask for prompt_logprobs: prompt positions 1.."""
     switch_seconds: float = 0.0
     switch_bytes: int = 0
     compute_seconds: float = 0.0
@@ -56,18 +65,23 @@ class Worker:
     def __init__(self, executor: Executor):
         self.executor = executor
         self.sampling: dict[int, SeqSampling] = {}
+        # Every rank sees every step, so each keeps the history of the sequences whose penalties read one:
+        # whichever rank samples them under the next layout has it (eviction and swap-in keep it too).
+        self.histories: dict[int, TokenHistory] = {}
         executor.cache("decode")  # allocate the device tier at start-up, not inside the first timed step
 
     def run_step(self, message: StepMessage) -> StepResult:
         executor = self.executor
         result = StepResult()
         self.sampling.update(message.register)
+        self._record_history(message)
         if executor.active != message.phase:
             stats = executor.activate(message.phase)
             fault_point("transition")  # SEESAW_FAULT: a kill mid-switch (weights moved, KV not yet)
             result.switch_seconds, result.switch_bytes = stats.seconds, stats.bytes_moved
         for seq_id in message.release:
             self.sampling.pop(seq_id, None)
+            self.histories.pop(seq_id, None)
             executor.cache("decode").allocator.free(seq_id)
         began = time.perf_counter()
         swap = None
@@ -75,7 +89,9 @@ class Worker:
             executor.evict(message.swap_out, "decode")
         if message.swap_in:
             swap = executor.staging.swap_in(message.swap_in, "decode", executor.cache("decode"))
-        seq_ids, logits = executor.forward(message.forward, ready=swap.wait if swap else None) \
+        prompt_logits = {} if executor.groups.tp_index == 0 else None
+        seq_ids, logits = executor.forward(message.forward, ready=swap.wait if swap else None,
+                                           prompt_logits=prompt_logits) \
             if message.forward and message.forward.seqs else ([], None)
         if swap is not None:
             swap.finish()
@@ -83,15 +99,45 @@ class Worker:
             executor.staging.finish_writes()
         groups = executor.groups
         if logits is not None and groups.tp_index == 0:
-            result.tokens = self._sample(seq_ids, logits, message)
+            result.tokens = self._sample(seq_ids, logits, message, result)
+            for seq_id, rows in (prompt_logits or {}).items():
+                prompt = self._prompt_tokens(message, seq_id)
+                result.prompt_logprobs[seq_id] = token_logprobs(
+                    rows, prompt[1:], [self.sampling[seq_id].params.prompt_logprobs] * (len(prompt) - 1))
         result.compute_seconds = time.perf_counter() - began
         return result
 
-    def _sample(self, seq_ids: list[int], logits: torch.Tensor, message: StepMessage) -> dict[int, int]:
+    def _record_history(self, message: StepMessage) -> None:
+        """Prefill: start the history with the prompt; decode: append the token fed (the last one sampled)."""
+        for work in message.forward.seqs if message.forward else ():
+            info = self.sampling.get(work.seq_id)
+            if info is None or not needs_history(info.params):
+                continue
+            if message.forward.kind == "prefill":
+                self.histories[work.seq_id] = TokenHistory(list(work.tokens), [], info.bad_words_token_ids)
+            else:
+                self.histories[work.seq_id].output.append(work.tokens[-1])
+
+    @staticmethod
+    def _prompt_tokens(message: StepMessage, seq_id: int) -> list[int]:
+        return next(work.tokens for work in message.forward.seqs if work.seq_id == seq_id)
+
+    def _sample(self, seq_ids: list[int], logits: torch.Tensor, message: StepMessage,
+                result: StepResult) -> dict[int, int]:
         plan = {work.seq_id: work for work in message.forward.seqs}
         infos = [self.sampling[seq_id] for seq_id in seq_ids]
         steps = [plan[s].start + len(plan[s].tokens) - info.prompt_len for s, info in zip(seq_ids, infos)]
         banned = [message.banned.get(seq_id, []) for seq_id in seq_ids]
+        bitmasks = [message.token_bitmasks.get(seq_id) for seq_id in seq_ids] if message.token_bitmasks else None
         tokens = sample_next_tokens(logits, [i.params for i in infos], [i.seed for i in infos], steps,
-                                    banned if any(banned) else None)
-        return dict(zip(seq_ids, tokens.tolist()))
+                                    banned if any(banned) else None,
+                                    [self.histories.get(seq_id) for seq_id in seq_ids],
+                                    token_bitmasks=bitmasks).tolist()
+        # Raw logprobs (vLLM's default mode) of the rows that asked, from the logits just sampled.
+        rows = [i for i, info in enumerate(infos) if info.params.logprobs is not None]
+        if rows:
+            index = torch.tensor(rows, device=logits.device)
+            entries = token_logprobs(logits[index], [tokens[i] for i in rows],
+                                     [infos[i].params.logprobs for i in rows])
+            result.logprobs = {seq_ids[i]: entry for i, entry in zip(rows, entries)}
+        return dict(zip(seq_ids, tokens))

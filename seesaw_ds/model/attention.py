@@ -9,9 +9,13 @@ which reads the per-batch metadata passed down as the ``seesaw`` keyword:
 - **decode**: one new token per sequence, batched as ``[N, heads, 1, head_dim]``; its K/V are written into
   the paged device-tier cache and attention reads each sequence's blocks.
 
-Attention logit soft-capping (Gemma 2) takes the eager path (scores, ``cap * tanh(scores / cap)``, mask,
-float32 softmax, as transformers' eager attention). Any other keyword argument a family's attention module
-passes, and that this function does not implement, is refused rather than ignored.
+Each path is one call per layer into a backend (``kernels.py``: the CPU decode kernel over block runs, and
+the packed prefill loop in C++); a GPU backend (FlashInfer / flash-attn varlen) plugs in at the same two
+functions, :func:`_prefill` and :func:`_decode`. Where no backend applies (the extension could not be built;
+decode on an accelerator), the reference path runs one SDPA call per sequence. Attention logit
+soft-capping (Gemma 2) is ``cap * tanh(scores / cap)`` before the mask and float32 softmax, as transformers'
+eager attention. Any other keyword argument a family's attention module passes, and that this function does
+not implement, is refused rather than ignored.
 """
 from __future__ import annotations
 
@@ -39,6 +43,11 @@ class PrefillMeta:
 
     cu_seqlens: list[int]
     sink: PrefillSink
+    bounds: torch.Tensor | None = None  # cu_seqlens as an int64 CPU tensor, made once for every layer
+
+    def __post_init__(self) -> None:
+        if self.bounds is None:
+            self.bounds = torch.tensor(self.cu_seqlens, dtype=torch.long)
 
 
 @dataclass
@@ -50,16 +59,12 @@ class DecodeMeta:
     write_blocks: torch.Tensor      # [N] long
     write_offsets: torch.Tensor     # [N] long
     ready: Callable[[int], None] | None = None  # blocks until a layer's swapped-in KV has landed
-    starts: torch.Tensor | None = None  # [N] long: each sequence's first slot, when every one is a single span
-    lengths: torch.Tensor | None = None  # [N] long: its KV length (new token included)
+    runs: kernels.SpanRuns | None = None  # the spans flattened for the kernel (None: the reference path)
 
     @classmethod
     def over(cls, cache, spans: list[list[tuple[int, int]]], **fields) -> "DecodeMeta":
-        """The metadata for ``spans``; with ``starts``/``lengths`` when every sequence is one span."""
-        if all(len(runs) == 1 for runs in spans):
-            fields["starts"] = torch.tensor([runs[0][0] for runs in spans], dtype=torch.long)
-            fields["lengths"] = torch.tensor([runs[0][1] for runs in spans], dtype=torch.long)
-        return cls(cache=cache, spans=spans, **fields)
+        """The metadata for ``spans``, with the kernel's flattened runs (made once per step)."""
+        return cls(cache=cache, spans=spans, runs=kernels.SpanRuns(spans), **fields)
 
 
 def _window_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -84,7 +89,13 @@ def _eager(query, key, value, mask: torch.Tensor | None, scaling: float, softcap
 def _prefill(module, query, key, value, meta: PrefillMeta, scaling, window, softcap=None) -> torch.Tensor:
     # query [1, Hq, T, D]; key/value [1, Hkv, T, D]
     meta.sink(module.layer_idx, key[0], value[0])
-    bounds = meta.cu_seqlens
+    if kernels.built():
+        return kernels.prefill_attention(query[0], key[0], value[0], meta.bounds, scaling, window, softcap)[None]
+    return _prefill_reference(query, key, value, meta.cu_seqlens, scaling, window, softcap)
+
+
+def _prefill_reference(query, key, value, bounds: list[int], scaling, window, softcap=None) -> torch.Tensor:
+    """One SDPA (or eager, soft-capped) call per prompt: the path without the extension, and the tests' reference."""
     outputs = []
     gqa = query.shape[1] != key.shape[1]
     for start, stop in zip(bounds[:-1], bounds[1:]):
@@ -109,18 +120,20 @@ def _decode(module, query, key, value, meta: DecodeMeta, scaling, window, softca
         meta.ready(module.layer_idx)
     cache.write_tokens(module.layer_idx, meta.write_blocks, meta.write_offsets, key[:, :, 0], value[:, :, 0])
     flat_keys, flat_values = cache.flat(module.layer_idx)
-    if meta.starts is not None and not softcap and kernels.applies(flat_keys):
-        starts, lengths = meta.starts, meta.lengths
-        if window:
-            kept = lengths.clamp(max=window)
-            starts, lengths = starts + (lengths - kept), kept
+    if meta.runs is not None and kernels.applies(flat_keys):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        out = kernels.decode_attention(query[:, :, 0].contiguous(), flat_keys, flat_values, starts, lengths, scale)
+        out = kernels.decode_attention(query[:, :, 0], flat_keys, flat_values, meta.runs, scale, window, softcap)
         return out[:, :, None]
-    gqa = query.shape[1] != key.shape[1]
+    return _decode_reference(module, query, meta, flat_keys, flat_values, scaling, window, softcap)
+
+
+def _decode_reference(module, query, meta: DecodeMeta, flat_keys, flat_values, scaling, window, softcap=None):
+    """One SDPA (or eager, soft-capped) call per sequence over its gathered spans: the path where the kernel
+    does not apply, and the tests' reference."""
+    gqa = query.shape[1] != flat_keys.shape[1]
     outputs = []
     for one_query, spans in zip(query.split(1), meta.spans):
-        keys, values = cache.sequence_kv(module.layer_idx, spans, flat_keys, flat_values)  # one span: a view
+        keys, values = meta.cache.sequence_kv(module.layer_idx, spans, flat_keys, flat_values)  # one span: a view
         if window and keys.shape[1] > window:
             keys, values = keys[:, -window:], values[:, -window:]
         if softcap:

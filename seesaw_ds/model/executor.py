@@ -35,6 +35,7 @@ class SeqWork:
     tokens: list[int]     # prefill: the prompt; decode: the last sampled token
     start: int = 0        # KV tokens already cached for this sequence
     staging_extents: list[tuple[int, int]] | None = None  # prefill into staging: the sequence's slots
+    prompt_logits: bool = False  # prefill: also return the logits at every prompt position (prompt logprobs)
 
 
 @dataclass
@@ -82,7 +83,7 @@ class Executor:
     def __init__(self, topology: Topology, host: HostWeights, template, spec: ModelSpec, *,
                  device_tokens: int | None, block_size: int = 16, device: torch.device | None = None, staging=None,
                  prefill_micro_batches: int = 8, device_memory_fraction: float | None = None,
-                 device_tokens_cap: int | None = None):
+                 device_tokens_cap: int | None = None, prepack: bool = True):
         self.topology = topology
         self.dims = dims = spec.dims
         self.device = device or backend.device()
@@ -94,13 +95,14 @@ class Executor:
         by_layout: dict[object, StageModel] = {}
         for name, groups in topology.layouts.items():
             if groups.layout not in by_layout:
-                by_layout[groups.layout] = StageModel(template, host, spec, groups, self.device)
+                by_layout[groups.layout] = StageModel(template, host, spec, groups, self.device, prepack=prepack)
             self.stages[name] = by_layout[groups.layout]
         if device_tokens is None:  # sized from memory, the same on every rank (collective)
             device_tokens = sizing.size_device_tier(
                 topology, dims, self.dtype, self.device, block_size=block_size, fraction=device_memory_fraction,
                 cap_tokens=device_tokens_cap, staging=staging,
-                weight_bytes=max(stage.shard_bytes for stage in by_layout.values()))
+                weight_bytes=max(stage.shard_bytes for stage in by_layout.values())
+                + sum(stage.packed_bytes for stage in by_layout.values()))
         self.device_tokens = device_tokens
         """Device-tier tokens per data-parallel replica (what the scheduler plans with)."""
         self.device_blocks = max(1, device_tokens // block_size)
@@ -140,8 +142,12 @@ class Executor:
         return self.caches[groups.layout]
 
     # ---------------------------------------------------------------- forward
-    def forward(self, plan: ForwardPlan, ready=None) -> tuple[list[int], torch.Tensor | None]:
+    def forward(self, plan: ForwardPlan, ready=None, prompt_logits: dict | None = None
+                ) -> tuple[list[int], torch.Tensor | None]:
         """Run ``plan`` on this rank; the last stage returns (seq ids, last-position logits [N, vocab]).
+
+        ``prompt_logits``, when given, receives on the last stage ``{seq id: logits [len - 1, vocab]}`` at every
+        prompt position but the last, for the prefill sequences whose ``SeqWork.prompt_logits`` is set.
 
         ``ready(layer)``, when given, is awaited before a decode step's attention reads ``layer`` (a swap-in
         still landing in the device tier).
@@ -171,6 +177,8 @@ class Executor:
                 if groups.is_last_stage:
                     last = self._last_positions(batch, prefill)
                     logits.append(stage.head(hidden.reshape(-1, hidden.shape[-1])[last]))
+                    if prefill and prompt_logits is not None:
+                        self._prompt_logits(stage, hidden.reshape(-1, hidden.shape[-1]), batch, prompt_logits)
                     seq_ids.extend(s.seq_id for s in batch)
                 else:
                     pending_sends.append(backend.isend(hidden.contiguous(), groups.next_rank))
@@ -179,6 +187,14 @@ class Executor:
         if not groups.is_last_stage:
             return [], None
         return seq_ids, (torch.cat(logits) if logits else None)
+
+    @staticmethod
+    def _prompt_logits(stage, flat_hidden: torch.Tensor, batch: list[SeqWork], out: dict) -> None:
+        start = 0
+        for s in batch:
+            if s.prompt_logits and len(s.tokens) > 1:
+                out[s.seq_id] = stage.head(flat_hidden[start:start + len(s.tokens) - 1])
+            start += len(s.tokens)
 
     def _last_positions(self, batch: list[SeqWork], prefill: bool) -> torch.Tensor:
         if not prefill:

@@ -1,11 +1,17 @@
-"""The engine's one hand-written kernel: CPU decode attention over the device-tier cache
-(``csrc/decode_attention.cpp``), built once per environment by torch's JIT extension loader.
+"""The engine's one hand-written extension (``csrc/decode_attention.cpp``), built once per environment by
+torch's JIT extension loader: the attention of a whole step in one call per layer.
 
-No installed library reads a paged, token-major KV cache in place on CPU (DeepSpeed's inference kernels
-are CUDA-only; torch's SDPA wants one call per sequence and reads the cache head by head at under half of
-memory speed here). It reads a float32 or bfloat16 cache and computes in float32. The kernel is optional:
-where it cannot be built (no compiler) or does not apply (CUDA, a float16 cache), attention falls back to
-SDPA with the same results up to float rounding.
+- ``decode_attention``: CPU decode attention over the paged, token-major device-tier cache, each sequence's
+  KV a list of slot runs (its block table), with sliding window and soft-cap; float32, bfloat16 or float16
+  cache, float32 arithmetic. No installed library reads such a cache in place on CPU: DeepSpeed's inference
+  kernels are CUDA-only, torch's SDPA wants one call per sequence and reads the cache head by head at under
+  half of memory speed here, and FlexAttention on CPU needs a torch.compile of each new shape (measured:
+  seconds per shape, and a decode batch changes shape every step).
+- ``prefill_attention``: the packed ragged prefill row, one call per layer; inside, torch's fused SDPA per
+  prompt (ATen, so it also runs on CUDA tensors), the eager formula where a soft-cap is set.
+
+The extension is optional: where it cannot be built (no compiler), attention falls back to one SDPA call per
+sequence with the same results up to float rounding, after one warning.
 """
 from __future__ import annotations
 
@@ -42,8 +48,8 @@ def load():
         return _module
     from torch.utils.cpp_extension import load as jit_load
 
-    wide = {"avx2", "fma"} <= _cpu_flags()  # one build per instruction set: nodes of a cluster may differ
-    flags = ["-O3", "-fopenmp-simd"] + (["-mavx2", "-mfma"] if wide else [])
+    wide = {"avx2", "fma", "f16c"} <= _cpu_flags()  # one build per instruction set: nodes may differ
+    flags = ["-O3", "-fopenmp-simd"] + (["-mavx2", "-mfma", "-mf16c"] if wide else [])
     export_extension_dir()
     try:
         _module = jit_load(f"seesaw_decode_attention_{'avx2' if wide else 'base'}", [str(_SOURCE)],
@@ -54,16 +60,49 @@ def load():
     return _module
 
 
-def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, starts: torch.Tensor,
-                     lengths: torch.Tensor, scale: float) -> torch.Tensor:
-    """``query`` [N, Hq, D] against slots ``starts[n] .. starts[n]+lengths[n]`` of one layer's flat cache
-    ``keys``/``values`` [slots, Hkv, D]; returns [N, Hq, D] in the query's dtype (float32 inside). Call only
+def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, runs: "SpanRuns",
+                     scale: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """``query`` [N, Hq, D] against each sequence's KV runs in one layer's flat cache ``keys``/``values``
+    [slots, Hkv, D] (``runs``: :class:`SpanRuns`); only the last ``window`` tokens when set, scores
+    soft-capped when ``softcap`` is set. Returns [N, Hq, D] in the query's dtype (float32 inside). Call only
     when :func:`applies`."""
-    out = _module.decode_attention(query.float().contiguous(), keys, values, starts, lengths, float(scale))
+    out = _module.decode_attention(query.float().contiguous(), keys, values, runs.offsets, runs.first, runs.count,
+                                   float(scale), int(window or 0), float(softcap or 0.0))
     return out.to(query.dtype)
 
 
+def prefill_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cu_seqlens: torch.Tensor,
+                      scale: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """Causal attention within each prompt of a packed row: ``query`` [Hq, T, D], ``keys``/``values``
+    [Hkv, T, D], prompt i at ``cu_seqlens[i]:cu_seqlens[i+1]`` (int64, CPU). Returns [Hq, T, D]. Call only
+    when :func:`built`."""
+    return _module.prefill_attention(query, keys, values, cu_seqlens, float(scale), int(window or 0),
+                                     float(softcap or 0.0))
+
+
+class SpanRuns:
+    """Each sequence's KV as runs of consecutive cache slots, flattened for the kernel: sequence n owns runs
+    ``offsets[n]:offsets[n+1]`` of (``first``, ``count``). Built once per step, used by every layer."""
+
+    __slots__ = ("offsets", "first", "count")
+
+    def __init__(self, spans: list[list[tuple[int, int]]]):
+        flat = [run for runs in spans for run in runs]
+        bounds = [0]
+        for runs in spans:
+            bounds.append(bounds[-1] + len(runs))
+        self.offsets = torch.tensor(bounds, dtype=torch.long)
+        pairs = torch.tensor(flat, dtype=torch.long).reshape(-1, 2)
+        self.first = pairs[:, 0].contiguous()
+        self.count = pairs[:, 1].contiguous()
+
+
+def built() -> bool:
+    """Whether the extension is available (built here, or loadable)."""
+    return load() is not None
+
+
 def applies(keys: torch.Tensor) -> bool:
-    """Whether the kernel can run on this cache (CPU, float32 or bfloat16, contiguous, built)."""
-    return keys.device.type == "cpu" and keys.dtype in (torch.float32, torch.bfloat16) and keys.is_contiguous() \
-        and load() is not None
+    """Whether the decode kernel can run on this cache (CPU, float32/bfloat16/float16, contiguous, built)."""
+    return keys.device.type == "cpu" and keys.dtype in (torch.float32, torch.bfloat16, torch.float16) \
+        and keys.is_contiguous() and load() is not None

@@ -8,7 +8,8 @@ binds every parameter to a view of the node-shared host copy: linears become Aut
 concatenated), experts shard their intermediate dimension and all-reduce their output, norms over all
 heads all-reduce their sum of squares. The first stage gets the embedding, the last the final norm and
 ``lm_head``, with what the family's forward does around the layers (embedding scale, logit scaling and
-soft-cap). Building a stage copies no weight bytes.
+soft-cap). Building a stage copies no weight bytes, except the oneDNN-prepacked copies of a bf16 stage's
+linears on a CPU (``prepack``; :func:`seesaw_ds.backends.deepspeed.pack_cpu_linears`).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ class StageModel(nn.Module):
     """This rank's modules under one layout: embedding (first stage), layers, norm and head (last stage)."""
 
     def __init__(self, template: nn.Module, host: HostWeights, spec: ModelSpec, groups: LayoutGroups,
-                 device: torch.device):
+                 device: torch.device, *, prepack: bool = False):
         super().__init__()
         self.spec = spec
         self.host = host
@@ -73,6 +74,10 @@ class StageModel(nn.Module):
             self.norm = self.lm_head = None
         self.rope = SequenceRope(type(base.rotary_emb)(config=config), spec.length_dependent_rope)
         self._check_materialized()
+        self.packed_bytes = 0
+        """Bytes of oneDNN-prepacked weight copies (bf16 on a CPU, ``model.cpu_prepack``), beside the views."""
+        if prepack and backend.can_pack_cpu_linears(device, host.dtype):
+            self.packed_bytes = backend.pack_cpu_linears(self)
 
     # ------------------------------------------------------------------ binding host views
     def _bind(self, module: nn.Module, param: str, tensor: torch.Tensor) -> None:

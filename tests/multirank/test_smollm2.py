@@ -95,9 +95,15 @@ def test_fp32_token_exact_with_transformers(smollm2, chat_input, expected_fp32, 
 
 def test_bf16_agreement_with_transformers(smollm2, chat_input, tmp_path):
     """The default job's dtype: agreement with transformers bf16 printed per prompt (tokens identical before
-    the first difference); only the France answer is asserted."""
+    the first difference); only the France answer is asserted. The oneDNN-prepacked linears (the default on a
+    CPU) give the same tokens as the plain views of the weights."""
     expected = transformers_greedy(smollm2, torch.bfloat16)
-    records = run_job(smollm2, chat_input, tmp_path, 2, "model.dtype=bfloat16", "parallel=seesaw_pp2_dp2")
+    (tmp_path / "packed").mkdir()
+    (tmp_path / "views").mkdir()
+    records = run_job(smollm2, chat_input, tmp_path / "packed", 2, "model.dtype=bfloat16", "parallel=seesaw_pp2_dp2")
+    views = run_job(smollm2, chat_input, tmp_path / "views", 2, "model.dtype=bfloat16", "parallel=seesaw_pp2_dp2",
+                    "model.cpu_prepack=false")
+    assert {i: r["token_ids"] for i, r in views.items()} == {i: r["token_ids"] for i, r in records.items()}
     agree = {}
     for custom_id, reference in expected.items():
         got = records[custom_id]["token_ids"]

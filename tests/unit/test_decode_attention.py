@@ -1,7 +1,7 @@
-"""The CPU decode-attention kernel against torch SDPA on the same paged cache: GQA and MHA, sliding window,
-head sizes of the vectorized path (multiples of 8, one and two register chunks) and of the plain loop,
-sequence lengths around the 8-row blocks, sequences of one span (the kernel) and of several (SDPA's
-fallback). Builds the kernel once per venv."""
+"""The attention extension against the reference path (one torch SDPA / eager call per sequence) on the same
+paged cache and packed rows: GQA and MHA, sliding window, soft-cap, head sizes of the vectorized path
+(multiples of 8, one and two register chunks) and of the plain loop, sequence lengths around the 8-row blocks,
+sequences of one span and fragmented ones, float32 / bfloat16 / float16. Builds the extension once per venv."""
 from __future__ import annotations
 
 import random
@@ -61,12 +61,75 @@ def test_kernel_matches_sdpa(heads, kv_heads, window, head_dim):
     assert torch.allclose(fast, reference, atol=1e-5), (fast - reference).abs().max()
 
 
-def test_fragmented_sequences_take_the_fallback():
-    lengths = [9, 14, 5]
-    cache = filled_cache(lengths, 2, reserve=False)
+def _last_slots(spans):
+    return [runs[-1][0] + runs[-1][1] - 1 for runs in spans]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads,kv_heads,window,softcap,head_dim", [
+    (8, 2, None, None, 32), (9, 3, 5, None, 64), (4, 4, None, 30.0, 16), (8, 2, 11, 2.5, 32), (4, 2, 6, 3.0, 12),
+])
+def test_kernel_reads_fragmented_block_tables(dtype, heads, kv_heads, window, softcap, head_dim):
+    """Sequences grown in lockstep without reservations hold many separate blocks: the kernel walks every
+    run of each (no gather, no contiguous-KV assumption), the window crossing run boundaries."""
+    rng = random.Random(heads * 7 + head_dim)
+    lengths = [1, 3, 4, 5, 9, 14, 33] + [rng.randint(1, 90) for _ in range(6)]
+    cache = filled_cache(lengths, kv_heads, reserve=False, head_dim=head_dim, dtype=dtype)
     spans = [cache.token_spans(seq_id, length) for seq_id, length in enumerate(lengths)]
-    assert any(len(runs) > 1 for runs in spans)
-    assert DecodeMeta.over(cache, spans, write_blocks=None, write_offsets=None).starts is None
+    assert sum(len(runs) > 1 for runs in spans) >= 6
+    last = _last_slots(spans)
+    flat_keys, flat_values = cache.flat(3)
+    key, value = flat_keys[last][:, :, None], flat_values[last][:, :, None]
+    query = torch.randn(len(lengths), heads, 1, head_dim).to(dtype)
+    fields = dict(write_blocks=torch.tensor([slot // 4 for slot in last]),
+                  write_offsets=torch.tensor([slot % 4 for slot in last]))
+    module = SimpleNamespace(layer_idx=3)
+    meta = DecodeMeta.over(cache, spans, **fields)
+    assert meta.runs is not None and kernels.applies(flat_keys)
+    fast = _decode(module, query, key, value, meta, head_dim ** -0.5, window, softcap)
+    # reference in float32 over the same (rounded) cache values
+    reference = _decode(module, query.float(), key.float(), value.float(),
+                        DecodeMeta(cache=_as_float(cache), spans=spans, **fields), head_dim ** -0.5, window, softcap)
+    assert fast.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 8e-3
+    assert torch.allclose(fast.float(), reference, atol=tolerance, rtol=tolerance), \
+        (fast.float() - reference).abs().max()
+
+
+def _as_float(cache: DeviceKVCache) -> DeviceKVCache:
+    copy = DeviceKVCache(cache.layers, cache.keys.shape[1], cache.block_size, cache.keys.shape[3], cache.keys.shape[4],
+                         torch.float32, torch.device("cpu"))
+    copy.allocator = cache.allocator
+    copy.keys.copy_(cache.keys)
+    copy.values.copy_(cache.values)
+    return copy
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads,kv_heads,window,softcap,head_dim", [
+    (8, 2, None, None, 32), (9, 3, 7, None, 64), (4, 4, None, 20.0, 16), (8, 2, 5, 2.5, 32),
+])
+def test_packed_prefill_one_call_matches_per_prompt_reference(dtype, heads, kv_heads, window, softcap, head_dim):
+    from seesaw_ds.model.attention import PrefillMeta, _prefill, _prefill_reference
+
+    torch.manual_seed(heads + head_dim)
+    lengths = [1, 7, 8, 19, 3, 40]
+    total = sum(lengths)
+    bounds = [0]
+    for length in lengths:
+        bounds.append(bounds[-1] + length)
+    q = torch.randn(1, heads, total, head_dim).to(dtype)
+    k = torch.randn(1, kv_heads, total, head_dim).to(dtype)
+    v = torch.randn(1, kv_heads, total, head_dim).to(dtype)
+    sunk = []
+    meta = PrefillMeta(cu_seqlens=bounds, sink=lambda layer, keys, values: sunk.append((layer, keys.shape)))
+    assert kernels.built()
+    out = _prefill(SimpleNamespace(layer_idx=2), q, k, v, meta, head_dim ** -0.5, window, softcap)
+    want = _prefill_reference(q, k, v, bounds, head_dim ** -0.5, window, softcap)
+    assert sunk == [(2, (kv_heads, total, head_dim))]
+    assert out.shape == want.shape and out.dtype == dtype
+    assert torch.equal(out, want) or torch.allclose(out.float(), want.float(), atol=1e-6), \
+        (out.float() - want.float()).abs().max()
 
 
 @pytest.mark.parametrize("heads,kv_heads,window,head_dim", [(9, 3, None, 64), (8, 2, 7, 32), (4, 2, None, 12)])
@@ -82,7 +145,7 @@ def test_bfloat16_cache_matches_float32_attention(heads, kv_heads, window, head_
     key, value = flat_keys[last][:, :, None], flat_values[last][:, :, None]
     meta = DecodeMeta.over(cache, spans, write_blocks=torch.tensor([slot // 4 for slot in last]),
                            write_offsets=torch.tensor([slot % 4 for slot in last]))
-    assert meta.starts is not None and kernels.applies(flat_keys)
+    assert meta.runs is not None and kernels.applies(flat_keys)
     fast = _decode(SimpleNamespace(layer_idx=3), query, key, value, meta, head_dim ** -0.5, window)
     assert fast.dtype == torch.bfloat16
     for index, runs in enumerate(spans):
