@@ -17,7 +17,7 @@ class WorkloadConfig:
     """Which requests every peer runs (``seesaw_ds.bench.workloads``)."""
 
     kind: str = "random"
-    """random | sharegpt_like | arxiv_like | jsonl."""
+    """random | sharegpt_like | arxiv_like | chat | jsonl."""
     input_len_min: int = 20
     """random: shortest prompt in tokens."""
     input_len_max: int = 500
@@ -35,7 +35,12 @@ class ModelSettings:
     """The model every peer serves."""
 
     path: Optional[str] = None
-    """Hugging Face checkpoint directory; None = the standard benchmark model, built into cache_dir."""
+    """Hugging Face checkpoint directory; None = the model ``name`` names."""
+    name: str = "smollm2"
+    """When path is None: smollm2 (the real SmolLM2-135M-Instruct, fetched as the default job's model is) or
+    bench_tiny (the random 26M Llama of the earlier fp32 benchmark, built into cache_dir)."""
+    dtype: str = "bfloat16"
+    """The dtype every peer runs the model in (bfloat16 | float32 | float16)."""
     cache_dir: str = ".cache/bench"
     """Where the standard benchmark model (and the vLLM venv, beside it) are kept; relative to the repo."""
 

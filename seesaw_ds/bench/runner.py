@@ -22,6 +22,7 @@ from seesaw_ds.bench.workloads import Workload, make_workload, token_id_range
 
 REPO = peer_runs.REPO
 BENCH_MODEL_NAME = "bench-llama"
+CORPUS = REPO / "seesaw_ds" / "data" / "tokenizer_corpus.txt"
 _TARGET = re.compile(r"^\s*([\w.-]+)\s*>=\s*([0-9.]+)\s*\*\s*([\w.-]+)\s*$")
 
 
@@ -58,6 +59,21 @@ def ensure_bench_model(cache_dir: Path) -> Path:
     return target
 
 
+def resolve_model(settings: BenchConfig) -> Path:
+    """The checkpoint every peer serves: ``model.path``, else the model ``model.name`` names."""
+    model = settings.model
+    if model.path:
+        return _repo_path(model.path)
+    if model.name == "bench_tiny":
+        return ensure_bench_model(_repo_path(model.cache_dir))
+    if model.name == "smollm2":
+        from seesaw_ds.cli import cache_dir
+        from seesaw_ds.model.pretrained import ensure_smollm2
+
+        return Path(ensure_smollm2(cache_dir()))
+    raise ValueError(f"model.name={model.name!r}: expected smollm2 or bench_tiny (or give model.path)")
+
+
 def build_workload(settings: BenchConfig, model_dir: Path) -> tuple[Workload, int]:
     """The run's workload on ``model_dir``'s vocabulary, and the model's context length."""
     from transformers import AutoTokenizer
@@ -71,7 +87,10 @@ def build_workload(settings: BenchConfig, model_dir: Path) -> tuple[Workload, in
                              token_range=token_id_range(vocab, tokenizer.all_special_ids),
                              max_model_len=max_model_len, input_len=(spec.input_len_min, spec.input_len_max),
                              output_len=(spec.output_len_min, spec.output_len_max), path=spec.path,
-                             tokenize=lambda text: tokenizer(text)["input_ids"])
+                             tokenize=lambda text: tokenizer(text)["input_ids"],
+                             apply_chat_template=lambda messages: list(tokenizer.apply_chat_template(
+                                 messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]),
+                             corpus=CORPUS.read_text() if spec.kind == "chat" else None)
     return workload, max_model_len
 
 
@@ -84,8 +103,9 @@ def run_peer(name: str, settings: BenchConfig, model_dir: Path, run_dir: Path, w
     spec = peer_runs.PeerSpec(name, definition.kind, list(definition.overrides), definition.description)
     work_dir = run_dir / "peers" / name
     bench = settings.bench
+    dtype = settings.model.dtype
     if spec.kind == "seesaw":
-        spec.overrides = [*bench.seesaw_overrides, *spec.overrides]
+        spec.overrides = [f"model.dtype={dtype}", *bench.seesaw_overrides, *spec.overrides]
         return peer_runs.run_seesaw(spec, model_dir, input_jsonl, work_dir, nproc=bench.nproc,
                                     timeout_s=bench.timeout_s, profile=bench.profile,
                                     extra_env=dict(definition.env))
@@ -94,13 +114,13 @@ def run_peer(name: str, settings: BenchConfig, model_dir: Path, run_dir: Path, w
         return peer_runs.run_transformers(spec, model_dir, workload_json, work_dir, threads=hf.threads,
                                           batch_size=hf.batch_size, search_candidates=list(hf.search_candidates),
                                           timeout_s=bench.timeout_s, search_prompts=hf.search_prompts,
-                                          search_output_len=hf.search_output_len)
+                                          search_output_len=hf.search_output_len, dtype=dtype)
     if spec.kind == "vllm":
         vl = settings.vllm
         return peer_runs.run_vllm(spec, model_dir, workload_json, work_dir, venv=_repo_path(vl.venv),
                                   max_model_len=max_model_len, kv_cache_gib=vl.kv_cache_gib, seed=bench.seed,
                                   timeout_s=bench.timeout_s, env_extra={**vl.env, **definition.env},
-                                  engine_args=dict(vl.engine_args))
+                                  engine_args=dict(vl.engine_args), dtype=dtype)
     return peer_runs.PeerResult(name, spec.kind, "unavailable",
                                 f"peer_defs.{name}.kind={spec.kind!r}; expected one of {peer_runs.KINDS}")
 
@@ -253,8 +273,7 @@ def cores_gflops(best: dict[str, float]) -> dict[str, float]:
 def run_benchmark(settings: BenchConfig, run_dir: Path, command: str) -> dict:
     """Everything: returns the results document (also written to disk)."""
     bench = settings.bench
-    model_dir = _repo_path(settings.model.path) if settings.model.path else \
-        ensure_bench_model(_repo_path(settings.model.cache_dir))
+    model_dir = resolve_model(settings)
     workload, max_model_len = build_workload(settings, model_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     workload_json = run_dir / "workload.json"
@@ -262,7 +281,7 @@ def run_benchmark(settings: BenchConfig, run_dir: Path, command: str) -> dict:
     input_jsonl = workload.write_jsonl(run_dir / "input.jsonl", ignore_eos=bench.ignore_eos)
     targets = [parse_target(t) for t in bench.targets]
     summary = workload.summary()
-    print(f"[bench] model {model_dir}; workload {summary['name']}: {summary['num_requests']} requests, "
+    print(f"[bench] model {model_dir} ({settings.model.dtype}); workload {summary['name']}: {summary['num_requests']} requests, "
           f"{summary['prompt_tokens']} prompt + {summary['output_tokens']} output tokens", flush=True)
     before = measure_machine(bench.measure_machine, bench.nproc)
     if before:

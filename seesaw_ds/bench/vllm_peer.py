@@ -107,7 +107,7 @@ if __name__ == "__main__":
 
 def run_vllm(venv: Path, model_dir: Path, workload_json: Path, work_dir: Path, *, max_model_len: int,
              kv_cache_gib: int = 4, seed: int = 0, timeout_s: float = 1800.0, engine_args: dict | None = None,
-             env_extra: dict | None = None) -> tuple[dict | None, str | None, float]:
+             env_extra: dict | None = None, dtype: str = "float32") -> tuple[dict | None, str | None, float]:
     """Run the generated script in the vLLM venv; returns (result dict, failure reason, wall seconds)."""
     reason = ensure_vllm_venv(venv)
     if reason is not None:
@@ -116,7 +116,7 @@ def run_vllm(venv: Path, model_dir: Path, workload_json: Path, work_dir: Path, *
     script, request_path, result_path = work_dir / "vllm_throughput.py", work_dir / "vllm_request.json", \
         work_dir / "vllm_result.json"
     script.write_text(SCRIPT)
-    request_path.write_text(json.dumps({"model": str(model_dir), "workload": str(workload_json), "dtype": "float32",
+    request_path.write_text(json.dumps({"model": str(model_dir), "workload": str(workload_json), "dtype": dtype,
                                         "max_model_len": max_model_len, "seed": seed, "result": str(result_path),
                                         "engine_args": engine_args or {}}))
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(kv_cache_gib), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",

@@ -23,7 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-PRESETS = ("random", "sharegpt_like", "arxiv_like", "jsonl")
+PRESETS = ("random", "sharegpt_like", "arxiv_like", "chat", "jsonl")
+#: The chat preset's instructions, one drawn per prompt before its passage.
+CHAT_INSTRUCTIONS = ("Summarize the following text in a few sentences.", "What is the main idea of this passage?",
+                     "Rewrite this passage in simpler words.", "List the people and places this text mentions.",
+                     "Write three questions a reader could answer from this text.",
+                     "Continue this story for another paragraph.")
 
 
 @dataclass(frozen=True)
@@ -192,10 +197,49 @@ def jsonl_workload(path: Path, *, num_prompts: int | None, default_output_len: i
     return Workload(path.stem, prompts, outputs)
 
 
+def chat_workload(num_prompts: int, *, input_len: tuple[int, int], output_len: tuple[int, int],
+                  apply_chat_template: Callable[[list[dict]], list[int]], corpus: str, max_model_len: int,
+                  seed: int = 0) -> Workload:
+    """Chat prompts of real text: an instruction and a corpus passage (cycling through the corpus from a drawn
+    sentence) in the model's chat template, of a templated length uniform in ``input_len`` (the passage is
+    grown a sentence at a time and the last sentence trimmed word by word to land on it)."""
+    if num_prompts < 1:
+        raise ValueError(f"num_prompts={num_prompts} must be >= 1")
+    if input_len[1] + output_len[1] > max_model_len:
+        raise ValueError(f"input_len max {input_len[1]} + output_len max {output_len[1]} exceed the model's "
+                         f"{max_model_len} positions; lower one of them")
+    sentences = [part.strip() + "." for part in corpus.replace("\n", " ").split(".") if part.strip()]
+    if not sentences:
+        raise ValueError("the chat workload's corpus has no sentences")
+    rng = random.Random(seed)
+    prompts, outputs = [], []
+    for _ in range(num_prompts):
+        target, out_len = rng.randint(*input_len), rng.randint(*output_len)
+        instruction, start = rng.choice(CHAT_INSTRUCTIONS), rng.randrange(len(sentences))
+        render = lambda words: apply_chat_template([{"role": "user", "content": f"{instruction}\n\n{' '.join(words)}"}])
+        words: list[str] = []
+        index = start
+        while len(render(words)) < target:
+            words.extend(sentences[index % len(sentences)].split())
+            index += 1
+        while len(words) > 1 and len(render(words[:-1])) >= target:
+            words.pop()
+        prompts.append(render(words))
+        outputs.append(out_len)
+    return Workload("chat", prompts, outputs)
+
+
 def make_workload(kind: str, *, num_prompts: int, seed: int, token_range: tuple[int, int], max_model_len: int,
                   input_len: tuple[int, int] = (20, 500), output_len: tuple[int, int] = (128, 128),
-                  path: str | None = None, tokenize=None) -> Workload:
+                  path: str | None = None, tokenize=None, apply_chat_template=None, corpus: str | None = None
+                  ) -> Workload:
     """The workload of preset ``kind`` (one of :data:`PRESETS`)."""
+    if kind == "chat":
+        if apply_chat_template is None or corpus is None:
+            raise ValueError("workload.kind=chat needs a tokenizer with a chat template and a corpus")
+        return chat_workload(num_prompts, input_len=input_len, output_len=output_len,
+                             apply_chat_template=apply_chat_template, corpus=corpus, max_model_len=max_model_len,
+                             seed=seed)
     if kind == "random":
         return random_workload(num_prompts, input_len=input_len, output_len=output_len, token_range=token_range,
                                max_model_len=max_model_len, seed=seed)

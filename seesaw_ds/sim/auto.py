@@ -54,6 +54,8 @@ class JobFacts:
     """kv.device_tokens the user gave explicitly (else the plan sizes it)."""
     max_decode_seqs: int | None = None
     """scheduler.max_decode_seqs the user gave explicitly (else max_seqs * decode pp)."""
+    prefill_micro_batches: int = 8
+    """parallel.prefill_micro_batches: prefill micro-batches per pipeline stage when pp > 1."""
 
 
 @dataclass
@@ -133,7 +135,8 @@ def device_tokens_cap(workload: Workload, num_ranks: int, block_size: int) -> in
 
 
 def plan_options(facts: JobFacts, calibration: Calibration, workload: Workload) -> PlanOptions:
-    """How to simulate the job: measured figures at face value, today's executor (synchronous pipeline,
+    """How to simulate the job: measured figures at face value (compute from the engine's own profile
+    where the calibration has one), today's executor (synchronous pipeline, its prefill micro-batches,
     data-parallel replicas in lockstep), the job's scheduler and KV settings; no vLLM baseline (seesaw_ds
     cannot run it)."""
     host_per_rank = calibration.host_memory_bytes / max(1, facts.num_ranks)  # the staging area's pool
@@ -144,6 +147,7 @@ def plan_options(facts: JobFacts, calibration: Calibration, workload: Workload) 
                        max_seqs=(MAX_SEQS_PER_MICRO_BATCH if facts.max_decode_seqs is None
                                  else max(1, facts.max_decode_seqs)),
                        low_watermark=facts.low_watermark, chunk_sizes=(), dtype_bytes=facts.dtype_bytes,
+                       profile=calibration.profile, prefill_micro_batches=facts.prefill_micro_batches,
                        device_tokens=facts.device_tokens or device_tokens_cap(workload, facts.num_ranks,
                                                                               facts.block_size))
 
@@ -203,6 +207,19 @@ def family_usable(model_path: str | Path) -> Callable[[Layout], bool]:
     return usable
 
 
+def job_dtype(model_path: str | Path, dtype: str | None) -> str:
+    """The dtype name the job computes in: ``model.dtype``, or the checkpoint's for None/auto."""
+    from transformers import AutoConfig
+
+    if dtype in (None, "auto"):
+        config = AutoConfig.from_pretrained(model_path)
+        dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+    dtype = str(dtype).removeprefix("torch.")
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"model.dtype={dtype!r}: parallel=auto knows {', '.join(DTYPE_BYTES)}")
+    return dtype
+
+
 def checkpoint_facts(model_path: str | Path, dtype: str) -> tuple[ModelDims, int, int, int]:
     """(dims, dtype bytes, max positions, vocab size) from a checkpoint's config.json."""
     from transformers import AutoConfig
@@ -210,12 +227,8 @@ def checkpoint_facts(model_path: str | Path, dtype: str) -> tuple[ModelDims, int
     from seesaw_ds.model.loader import model_dims
 
     config = AutoConfig.from_pretrained(model_path)
-    if dtype in (None, "auto"):
-        dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
-    dtype = dtype.removeprefix("torch.")
-    if dtype not in DTYPE_BYTES:
-        raise ValueError(f"model.dtype={dtype!r}: parallel=auto knows {', '.join(DTYPE_BYTES)}")
-    return model_dims(config), DTYPE_BYTES[dtype], int(config.max_position_embeddings), int(config.vocab_size)
+    name = job_dtype(model_path, dtype)
+    return model_dims(config), DTYPE_BYTES[name], int(config.max_position_embeddings), int(config.vocab_size)
 
 
 def workload_from_input(input_path: str | Path, model_path: str | Path, *, job_sampling: dict, max_model_len: int,
@@ -266,8 +279,10 @@ def plan_job(settings, overrides: list[str], *, sample_lines: int = 256) -> Auto
                      fixed_decode=fixed["decode"],
                      device_tokens=settings.kv.device_tokens if "kv.device_tokens" in keys else None,
                      max_decode_seqs=(settings.scheduler.max_decode_seqs
-                                      if "scheduler.max_decode_seqs" in keys else None))
-    calibration = measure(ranks=facts.num_ranks, dtype={4: "float32", 2: "bfloat16"}[dtype_bytes])
+                                      if "scheduler.max_decode_seqs" in keys else None),
+                     prefill_micro_batches=settings.parallel.prefill_micro_batches)
+    calibration = measure(ranks=facts.num_ranks, dtype=job_dtype(settings.model.path, settings.model.dtype),
+                          model_path=settings.model.path)
     choice = choose(facts, calibration, dims, workload, usable=family_usable(settings.model.path))
     choice.timings.update(read_input=read_s, calibrate=calibration.seconds, total=time.perf_counter() - began)
     return choice

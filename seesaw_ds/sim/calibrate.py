@@ -6,7 +6,9 @@ on CPU it times what one rank gets (a single-threaded matmul in the model's dtyp
 memcpy) and the rank interconnect (a TCP loopback ping-pong and stream between two processes: gloo's
 path for point-to-point sends; DeepSpeed's shared-memory all-reduce is no slower). Every figure is the best
 of a few short repetitions -- the machine's capability, not its momentary load -- and the whole
-measurement takes a few hundred milliseconds.
+measurement takes a few hundred milliseconds. Given the job's model, a CPU calibration also times the
+engine itself on the model's shapes in the job's dtype (:mod:`seesaw_ds.sim.profile`, a few seconds): the
+cost model then prices compute with what the engine reaches rather than with a roofline of the matmul rate.
 
 :func:`hardware_spec` turns a :class:`Calibration` into the :class:`~seesaw_ds.sim.cost.GpuSpec` the cost
 model prices with (pure). Measured figures are *achieved* rates, so the planner prices them with
@@ -14,12 +16,15 @@ efficiency 1.0 (:data:`MEASURED_EFFICIENCY`) rather than the spec-sheet fraction
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
 from dataclasses import asdict, dataclass
 
-from seesaw_ds.sim.cost import Efficiency, GpuSpec
+from seesaw_ds.sim.cost import ComputeProfile, Efficiency, GpuSpec
+
+log = logging.getLogger("seesaw_ds")
 
 MEASURED_EFFICIENCY = Efficiency(flops=1.0, hbm=1.0, link=1.0, host=1.0)
 """Efficiencies for measured figures: they already are what kernels reach."""
@@ -53,6 +58,8 @@ class Calibration:
     """Ranks the figures are per (compute is divided when ranks outnumber cores)."""
     seconds: float = 0.0
     """Time the measurement took."""
+    profile: ComputeProfile | None = None
+    """The engine's measured compute costs on the job's model and dtype (None: not measured)."""
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -71,18 +78,34 @@ def hardware_spec(calibration: Calibration) -> GpuSpec:
                    link_latency=calibration.link_latency, host_bandwidth=calibration.host_bandwidth * share)
 
 
-def measure(*, ranks: int, dtype: str = "float32", memory_fraction: float = 0.5) -> Calibration:
+def measure(*, ranks: int, dtype: str = "float32", memory_fraction: float = 0.5,
+            model_path: str | None = None) -> Calibration:
     """Time this machine for a job of ``ranks`` ranks computing in ``dtype`` (float32, bfloat16, float16);
     ``memory_fraction`` of the available memory (host RAM on CPU, free device memory on CUDA) is what the
-    ranks may take for weights and the device-tier KV cache, split evenly between them."""
+    ranks may take for weights and the device-tier KV cache, split evenly between them. With
+    ``model_path`` on a CPU, the engine is also timed on that model with the threads one rank gets
+    (:func:`rank_threads`); where that fails, one warning, and the cost model keeps its roofline."""
     import torch
 
     began = time.perf_counter()
+    profile = None
     if torch.cuda.is_available():
         figures = _measure_cuda(dtype, memory_fraction)
     else:
         figures = _measure_cpu(ranks, dtype, memory_fraction)
-    return Calibration(**figures, ranks=ranks, seconds=time.perf_counter() - began)
+        if model_path is not None:
+            from seesaw_ds.sim.profile import measure_profile
+
+            try:
+                profile = measure_profile(model_path, dtype=dtype, threads=rank_threads(figures["cores"], ranks))
+            except (RuntimeError, ValueError, OSError) as error:
+                log.warning("planner: %s; pricing compute by the matmul roofline instead", error)
+    return Calibration(**figures, ranks=ranks, seconds=time.perf_counter() - began, profile=profile)
+
+
+def rank_threads(cores: int, ranks: int) -> int:
+    """Threads one of ``ranks`` ranks gets on ``cores`` cores (as the ranks set them at start-up)."""
+    return max(1, cores // max(1, ranks))
 
 
 # -- the measurements ---------------------------------------------------------------------------------------
@@ -132,18 +155,35 @@ def _cpu_name() -> str:
     return "cpu"
 
 
-def _measure_cpu(ranks: int, dtype: str, memory_fraction: float) -> dict:
+MATMUL_SHAPE = (128, 576, 1536)
+"""(rows, inner, columns) of the calibration matmul: a decode batch through an MLP projection of a small
+LLM (SmolLM2-135M's up_proj); the rate the engine's linears can at best reach."""
+
+
+def matmul_rate(dtype: str, shape: tuple[int, int, int] = MATMUL_SHAPE, threads: int = 1) -> float:
+    """FLOP/s of one ``shape`` matmul (activations times a transposed weight, as ``F.linear`` does) in
+    ``dtype`` with ``threads`` threads, best of a few repetitions."""
     import torch
 
     previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # a rank's share: seesaw_ds gives each rank its own core(s)
+    torch.set_num_threads(threads)
     try:
-        size = 256
+        rows, inner, columns = shape
         generator = torch.Generator().manual_seed(0)
-        a = torch.randn(size, size, generator=generator).to(_torch_dtype(dtype))
-        b = torch.randn(size, size, generator=generator).to(_torch_dtype(dtype))
-        out = torch.empty(size, size, dtype=a.dtype)
-        flops = best_rate(lambda: torch.mm(a, b, out=out), 2.0 * size ** 3)
+        a = torch.randn(rows, inner, generator=generator).to(_torch_dtype(dtype))
+        weight = torch.randn(columns, inner, generator=generator).to(_torch_dtype(dtype))
+        return best_rate(lambda: torch.nn.functional.linear(a, weight), 2.0 * rows * inner * columns)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _measure_cpu(ranks: int, dtype: str, memory_fraction: float) -> dict:
+    import torch
+
+    flops = matmul_rate(dtype)  # one thread: a rank's share (seesaw_ds gives each rank its own core(s))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
         count = 16 * 2 ** 20 // 4
         source, target = torch.ones(count), torch.empty(count)
         memcpy = best_rate(lambda: target.copy_(source), count * 4.0)

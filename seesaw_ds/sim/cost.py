@@ -68,6 +68,78 @@ class Efficiency:
                 raise ValueError(f"efficiency.{name}={value} must lie in (0, 1]")
 
 
+@dataclass(frozen=True, kw_only=True)
+class ComputeProfile:
+    """Measured compute seconds of the engine on one rank (``seesaw_ds/sim/profile.py`` times them): each
+    part is affine in the work of one micro-batch. It replaces the roofline where the roofline is far from
+    what the engine reaches (a CPU: small bf16 matrices, one kernel call per sequence, Python frames per
+    layer). Coefficients are seconds per unit; a TP rank does 1/tp of the per-unit work, not of the fixed."""
+
+    prefill_layer_s: float
+    """Fixed seconds of one decoder layer in a prefill micro-batch (Python frames, kernel launches)."""
+    prefill_token_s: float
+    """Seconds per prompt token per layer (the linears, norms, rotary, activation)."""
+    prefill_pair_s: float
+    """Seconds per causal (query, key) pair per layer (attention's arithmetic)."""
+    prefill_seq_s: float
+    """Seconds per sequence per layer (one attention call per prompt, the K/V write)."""
+    decode_layer_s: float
+    """Fixed seconds of one decoder layer in a decode micro-batch."""
+    decode_seq_s: float
+    """Seconds per sequence per layer (its token through the linears, its cache write)."""
+    decode_kv_token_s: float
+    """Seconds per cached token read per layer (decode attention)."""
+    head_s: float
+    """Fixed seconds of the final norm, ``lm_head`` and sampling of a micro-batch (last stage)."""
+    head_seq_s: float
+    """Seconds per sampled sequence (its logits row and sampling)."""
+    step_s: float
+    """Fixed seconds of the rest of a micro-batch's forward (inputs, metadata, embedding)."""
+    step_token_s: float
+    """Seconds per token of the rest."""
+    step_seq_s: float
+    """Seconds per sequence of the rest."""
+    threads: int = 1
+    """Threads the timed rank used (a job's rank gets cores / ranks per node)."""
+    dtype: str = "bfloat16"
+    """The dtype weights and KV were timed in."""
+    engine: str = ""
+    """Fingerprint of the engine code that was timed."""
+    seconds: float = 0.0
+    """Time the measurement took."""
+
+    def __post_init__(self) -> None:
+        for name, value in self.to_json().items():
+            if isinstance(value, float) and name != "seconds" and not value >= 0.0:
+                raise ValueError(f"ComputeProfile.{name}={value} must be >= 0 seconds")
+
+    def layer_time(self, prefill, tokens, pairs, kv_read, seqs, tp: int = 1):
+        """Seconds of one decoder layer for one micro-batch (arrays broadcast; ``prefill`` is a bool or a
+        bool array)."""
+        prefill = np.asarray(prefill, dtype=bool)
+        prefill_s = self.prefill_layer_s + (self.prefill_token_s * tokens + self.prefill_pair_s * pairs
+                                            + self.prefill_seq_s * seqs) / tp
+        decode_s = self.decode_layer_s + (self.decode_seq_s * seqs + self.decode_kv_token_s * kv_read) / tp
+        return np.where(prefill, prefill_s, decode_s)
+
+    def head_time(self, samples):
+        """Seconds of the head and sampling for ``samples`` sequences (the head is replicated under TP)."""
+        return self.head_s + self.head_seq_s * np.asarray(samples, dtype=float)
+
+    def rest_time(self, tokens, seqs):
+        """Seconds of the rest of a micro-batch's forward on one stage."""
+        return self.step_s + self.step_token_s * np.asarray(tokens, dtype=float) + self.step_seq_s * np.asarray(
+            seqs, dtype=float)
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ComputeProfile":
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     """How one GPU's memory splits under a layout (the fullest GPU of the layout)."""
@@ -82,14 +154,25 @@ class MemoryPlan:
 
 
 class CostModel:
-    """Times and memory of a model of ``dims`` on ``gpu`` (fp16/bf16 weights and KV by default)."""
+    """Times and memory of a model of ``dims`` on ``gpu`` (fp16/bf16 weights and KV by default).
+
+    Compute is priced by a roofline of ``gpu``'s figures, or, when ``profile`` is given, by the engine's
+    measured per-layer, head and per-step costs (:class:`ComputeProfile`); communication, weight loads and
+    KV swaps always by the links. ``prefill_micro_batches``: micro-batches per pipeline stage in a prefill
+    step when pp > 1 (seesaw_ds's ``parallel.prefill_micro_batches``; 1 = the paper's pp micro-batches).
+    """
 
     def __init__(self, gpu: GpuSpec, dims: ModelDims, efficiency: Efficiency = Efficiency(), *,
-                 dtype_bytes: int = 2, memory_utilization: float = 0.9, step_overhead: float = 0.0) -> None:
+                 dtype_bytes: int = 2, memory_utilization: float = 0.9, step_overhead: float = 0.0,
+                 profile: ComputeProfile | None = None, prefill_micro_batches: int = 1) -> None:
         if not 0.0 < memory_utilization <= 1.0:
             raise ValueError(f"memory_utilization={memory_utilization} must lie in (0, 1]")
         if step_overhead < 0:
             raise ValueError(f"step_overhead={step_overhead} s must be >= 0")
+        if prefill_micro_batches < 1:
+            raise ValueError(f"prefill_micro_batches={prefill_micro_batches} must be >= 1")
+        self.profile = profile
+        self.prefill_micro_batches = prefill_micro_batches
         self.gpu = gpu
         self.dims = dims
         self.eff = efficiency
@@ -188,16 +271,26 @@ class CostModel:
     def _roofline(self, nbytes, flops):
         return np.maximum(nbytes / (self.gpu.hbm_bandwidth * self.eff.hbm), flops / (self.gpu.peak_flops * self.eff.flops))
 
-    def layer_time(self, layout: Layout, tokens, pairs, kv_read):
+    def layer_time(self, layout: Layout, tokens, pairs, kv_read, *, seqs=None, prefill=None):
         """(compute, communication) seconds of one decoder layer on one GPU for one micro-batch.
 
-        Linear layers: max(weight + activation bytes / HBM, 2 * params * tokens / FLOP/s). Attention:
+        With a :class:`ComputeProfile`, compute is its measured layer time (``seqs`` and ``prefill`` say
+        how many sequences the micro-batch holds and which phase it is; by default, one per token and
+        prefill where a token attends to more than one key on average). Otherwise a roofline:
+
+        linear layers: max(weight + activation bytes / HBM, 2 * params * tokens / FLOP/s). Attention:
         max(Q, K, V, O and cached-KV bytes / HBM, 4 * head_dim * heads * pairs / FLOP/s) -- QK^T and PV
         each cost 2 FLOP per (query, key) pair per head dimension (the paper's d^2 is a typo for d).
         Communication: two ring all-reduces of the hidden states (after o_proj and after down_proj).
         """
         d, tp, b = self.dims, layout.tp, self.dtype_bytes
         tokens, pairs, kv_read = (np.asarray(x, dtype=float) for x in (tokens, pairs, kv_read))
+        comm = np.where(tokens > 0, 2 * self.allreduce_time(tokens * d.hidden_size * b, tp), 0.0)
+        if self.profile is not None:
+            seqs = tokens if seqs is None else np.asarray(seqs, dtype=float)
+            prefill = (kv_read == 0) & (pairs > tokens) if prefill is None else prefill
+            compute = self.profile.layer_time(prefill, tokens, pairs, kv_read, seqs, tp)
+            return np.where(tokens > 0, compute, 0.0), comm
         params = self.layer_params(tp)
         q_dim = d.num_heads // tp * d.head_dim
         kv_dim = self.kv_heads_per_gpu(tp) * d.head_dim
@@ -205,28 +298,33 @@ class CostModel:
         linear = self._roofline(params * b + activations, 2 * params * tokens)
         attn_bytes = b * (tokens * (2 * q_dim + 2 * kv_dim) + kv_read * 2 * kv_dim)
         attention = np.where(tokens > 0, self._roofline(attn_bytes, 4 * q_dim * pairs), 0.0)
-        comm = np.where(tokens > 0, 2 * self.allreduce_time(tokens * d.hidden_size * b, tp), 0.0)
         return linear + attention, comm
 
-    def stage_time(self, layout: Layout, tokens, pairs, kv_read, samples):
+    def stage_time(self, layout: Layout, tokens, pairs, kv_read, samples, *, prefill=None):
         """(compute, communication) seconds of the slowest pipeline stage for one micro-batch.
 
         The first stage adds the vocab-parallel embedding's all-reduce, the last the LM head on ``samples``
-        rows and the all-gather of their logits; every stage but the last sends its activations on.
+        rows and the all-gather of their logits; every stage but the last sends its activations on. With a
+        profile, every stage adds the measured rest of a forward and the last the measured head and
+        sampling (every sequence of a step samples, so ``samples`` is also the micro-batch's sequences).
         """
         d, tp, b = self.dims, layout.tp, self.dtype_bytes
         tokens, pairs, kv_read, samples = (np.asarray(x, dtype=float) for x in (tokens, pairs, kv_read, samples))
-        layer_compute, layer_comm = self.layer_time(layout, tokens, pairs, kv_read)
+        layer_compute, layer_comm = self.layer_time(layout, tokens, pairs, kv_read, seqs=samples, prefill=prefill)
         active = tokens > 0
+        rest = (np.where(active, self.profile.rest_time(tokens, samples), 0.0) if self.profile is not None
+                else np.zeros_like(tokens))
         best_total = best_compute = best_comm = None
         for layers, embed, head in {s for s in self.stages(layout.pp)}:
-            compute = layers * layer_compute
+            compute = layers * layer_compute + rest
             comm = layers * layer_comm
             if embed:
                 comm = comm + np.where(active, self.allreduce_time(tokens * d.hidden_size * b, tp), 0.0)
             if head:
                 vocab = self.vocab_params(tp)
-                compute = compute + np.where(active, self._roofline(vocab * b, 2 * vocab * samples), 0.0)
+                head = (self.profile.head_time(samples) if self.profile is not None
+                        else self._roofline(vocab * b, 2 * vocab * samples))
+                compute = compute + np.where(active, head, 0.0)
                 comm = comm + np.where(active, self.allgather_time(samples * d.vocab_size * b, tp), 0.0)
             else:
                 comm = comm + np.where(active, self.p2p_time(tokens * d.hidden_size * b), 0.0)
@@ -244,7 +342,8 @@ class CostModel:
                   pipeline: str = "overlapped"):
         """(total, communication) seconds of one engine step of one data-parallel replica.
 
-        The replica's ``seqs`` sequences are cut into m = min(pp, seqs) equal micro-batches.
+        The replica's ``seqs`` sequences are cut into m = min(pp, seqs) equal micro-batches (a streaming step
+        with pp > 1: min(pp * prefill_micro_batches, seqs)).
         ``pipeline='overlapped'``: micro-batches of consecutive steps overlap (vLLM, the paper's system):
         a streaming step (prefill: nothing waits for its output) costs m stage times, its fill paid once per
         phase (see :meth:`fill_time`); a dependent step (decode: the next step needs these tokens) costs pp
@@ -256,9 +355,9 @@ class CostModel:
             raise ValueError(f"pipeline={pipeline!r} must be 'overlapped' or 'synchronous'")
         seqs = np.asarray(seqs, dtype=float)
         pp = layout.pp
-        micro = np.clip(seqs, 1, pp)
+        micro = np.clip(seqs, 1, self._micro_batches(pp, streaming))
         compute, comm = self.stage_time(layout, *(np.asarray(x, dtype=float) / micro
-                                                  for x in (tokens, pairs, kv_read, samples)))
+                                                  for x in (tokens, pairs, kv_read, samples)), prefill=streaming)
         if pipeline == "synchronous":
             factor = micro + pp - 1
         else:
@@ -267,11 +366,14 @@ class CostModel:
         overhead = np.where(seqs > 0, self.step_overhead, 0.0)
         return factor * (compute + comm) + overhead, factor * comm
 
+    def _micro_batches(self, pp: int, streaming: bool) -> int:
+        return pp * self.prefill_micro_batches if streaming and pp > 1 else pp
+
     def fill_time(self, layout: Layout, seqs, tokens, pairs, kv_read, samples) -> float:
         """Pipeline fill of a streaming phase (overlapped pipeline): pp - 1 stage times of its first step."""
-        micro = max(1.0, min(float(seqs), layout.pp))
+        micro = max(1.0, min(float(seqs), self._micro_batches(layout.pp, True)))
         compute, comm = self.stage_time(layout, *(np.asarray(float(x)) / micro for x in (tokens, pairs, kv_read,
-                                                                                           samples)))
+                                                                                           samples)), prefill=True)
         return float((layout.pp - 1) * (compute + comm))
 
     # -- host transfers -----------------------------------------------------------------------------------

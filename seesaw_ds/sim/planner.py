@@ -27,7 +27,7 @@ import numpy as np
 from seesaw_ds.distributed.layout import Layout, LayoutError, ModelDims, validate_layout
 from seesaw_ds.engine.scheduler import SchedulerConfig
 from seesaw_ds.sim.chunked import time_chunked, trace_chunked
-from seesaw_ds.sim.cost import GIB, CostModel, Efficiency, GpuSpec
+from seesaw_ds.sim.cost import GIB, ComputeProfile, CostModel, Efficiency, GpuSpec
 from seesaw_ds.sim.simulator import SimResult, Trace, time_trace, trace_seesaw
 from seesaw_ds.sim.workload import Workload
 
@@ -56,6 +56,10 @@ class PlanOptions:
     """Bytes per weight and KV element (2: fp16/bf16; 4: fp32, e.g. a CPU job)."""
     device_tokens: int | None = None
     """Cap on the device-tier KV tokens per replica (the job's kv.device_tokens); None = all the memory left."""
+    profile: ComputeProfile | None = None
+    """The engine's measured compute costs on this machine (seesaw_ds/sim/profile.py); None = the roofline."""
+    prefill_micro_batches: int = 1
+    """Prefill micro-batches per pipeline stage when pp > 1 (seesaw_ds: parallel.prefill_micro_batches)."""
 
 
 @dataclass
@@ -147,7 +151,8 @@ class Planner:
     """Simulates the candidates of one (gpu, num_gpus, model, workload) setting; traces are cached, and
     :meth:`variant` re-times them under other timing options (link bandwidth, efficiencies, pipeline)."""
 
-    TIMING_ONLY = frozenset({"pipeline", "dp_lockstep", "efficiency", "interconnect_scale", "step_overhead_s"})
+    TIMING_ONLY = frozenset({"pipeline", "dp_lockstep", "efficiency", "interconnect_scale", "step_overhead_s",
+                             "profile", "prefill_micro_batches"})
     """Options that change step times but neither memory nor scheduling, so traces stay valid."""
 
     def __init__(self, gpu: GpuSpec, num_gpus: int, dims: ModelDims, workload: Workload,
@@ -166,11 +171,13 @@ class Planner:
     def _cost(self, link_scale: float) -> CostModel:
         return CostModel(self.gpu.scaled(link_scale), self.dims, self.options.efficiency,
                          dtype_bytes=self.options.dtype_bytes, memory_utilization=self.options.memory_utilization,
-                         step_overhead=self.options.step_overhead_s)
+                         step_overhead=self.options.step_overhead_s, profile=self.options.profile,
+                         prefill_micro_batches=self.options.prefill_micro_batches)
 
     def variant(self, **changes) -> "Planner":
         """The same setting with timing-only options changed (pipeline, dp_lockstep, efficiency,
-        interconnect_scale, step_overhead_s): it shares this planner's traces, so it runs in a blink."""
+        interconnect_scale, step_overhead_s, profile, prefill_micro_batches): it shares this planner's traces,
+        so it runs in a blink."""
         bad = set(changes) - self.TIMING_ONLY
         if bad:
             raise ValueError(f"variant() changes only timing options ({sorted(self.TIMING_ONLY)}), not {sorted(bad)}")
@@ -313,7 +320,8 @@ class Planner:
                     "replication": self.k, "staging_tokens": self.staging_tokens,
                     "pipeline": self.options.pipeline, "dp_lockstep": self.options.dp_lockstep,
                     "interconnect_scale": self.options.interconnect_scale,
-                    "step_overhead_s": self.options.step_overhead_s}
+                    "step_overhead_s": self.options.step_overhead_s,
+                    "compute": "roofline" if self.options.profile is None else "engine profile"}
         return PlanResult(candidates, infeasible, settings, time.perf_counter() - began,
                           len(self._seesaw_traces) + len(self._vllm_traces))
 

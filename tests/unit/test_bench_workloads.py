@@ -243,3 +243,25 @@ def test_cores_gflops_is_the_better_of_threads_and_ranks():
     assert merged["matmul_gflops_best"] == {"1": 12.0, "2": 15.0}
     assert merged["matmul_gflops_cores"] == {"1": 12.0, "2": 24.0}
     assert merged["memcpy_gbps_best"] == 5.0
+
+
+def test_chat_workload_is_real_text_in_the_template_at_drawn_lengths():
+    """Prompts of the chat preset: the template around an instruction and corpus text, each templated prompt
+    within [min, max] tokens (a word of slack above the drawn target), the same ids for the same seed."""
+    from seesaw_ds.bench.workloads import CHAT_INSTRUCTIONS, chat_workload
+
+    corpus = "The river ran quietly. Clara baked bread before dawn. People talked about the weather. " * 3
+    template = lambda messages: [ord(c) for c in f"<user>{messages[0]['content']}</user><assistant>"]
+    make = lambda seed: chat_workload(40, input_len=(60, 300), output_len=(128, 128), apply_chat_template=template,
+                                      corpus=corpus, max_model_len=2048, seed=seed)
+    workload = make(0)
+    assert workload.name == "chat" and workload.output_lens == [128] * 40
+    texts = ["".join(map(chr, prompt)) for prompt in workload.prompts]
+    assert all(t.startswith("<user>") and t.endswith("</user><assistant>") for t in texts)
+    assert all(any(t[len("<user>"):].startswith(i) for i in CHAT_INSTRUCTIONS) for t in texts)
+    assert all(60 <= len(p) <= 300 + 20 for p in workload.prompts)
+    assert len({len(p) for p in workload.prompts}) > 10
+    assert make(0).prompts == workload.prompts and make(1).prompts != workload.prompts
+    with pytest.raises(ValueError, match="exceed the model"):
+        chat_workload(1, input_len=(60, 2000), output_len=(128, 128), apply_chat_template=template, corpus=corpus,
+                      max_model_len=2048)

@@ -138,3 +138,104 @@ def test_bad_settings_are_value_errors():
         Efficiency(flops=0.0)
     with pytest.raises(ValueError, match="pipeline"):
         CostModel(gpu(), CODELLAMA34B).step_time(Layout(), 1, 1, 1, 0, 1, streaming=True, pipeline="async")
+
+
+# -- the engine's measured compute profile (seesaw_ds/sim/profile.py fits it) -------------------------------
+from seesaw_ds.sim.cost import ComputeProfile  # noqa: E402
+from seesaw_ds.sim.profile import child_environment, fit_profile, nonnegative_lstsq  # noqa: E402
+
+SMOL = ModelDims(num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, hidden_size=576, intermediate_size=1536,
+                 vocab_size=49152)
+PROFILE = dict(prefill_layer_s=1e-3, prefill_token_s=2e-5, prefill_pair_s=1e-8, prefill_seq_s=3e-4,
+               decode_layer_s=2e-3, decode_seq_s=5e-5, decode_kv_token_s=1e-7, head_s=7e-3, head_seq_s=4e-4,
+               step_s=5e-4, step_token_s=1e-6, step_seq_s=2e-5)
+
+
+def test_profile_prices_a_layer_by_its_phase_and_tp_shares_only_the_per_unit_work():
+    profile = ComputeProfile(**PROFILE)
+    prefill = profile.layer_time(True, tokens=300, pairs=20_000, kv_read=0, seqs=2)
+    assert prefill == pytest.approx(1e-3 + 300 * 2e-5 + 20_000 * 1e-8 + 2 * 3e-4)
+    decode = profile.layer_time(False, tokens=64, pairs=64 * 400, kv_read=64 * 399, seqs=64)
+    assert decode == pytest.approx(2e-3 + 64 * 5e-5 + 64 * 399 * 1e-7)
+    assert profile.layer_time(False, 64, 0, 64 * 399, 64, tp=2) == pytest.approx(2e-3 + (decode - 2e-3) / 2)
+    mixed = profile.layer_time(np.array([True, False]), np.array([300, 64]), np.array([20_000, 0]),
+                               np.array([0, 64 * 399]), np.array([2, 64]))
+    assert mixed == pytest.approx([float(prefill), float(decode)])
+    assert ComputeProfile.from_json({**profile.to_json(), "unknown": 1}) == profile
+    with pytest.raises(ValueError, match="head_s=-1"):
+        ComputeProfile(**{**PROFILE, "head_s": -1.0})
+
+
+def test_with_a_profile_a_step_is_layers_plus_rest_on_every_stage_and_the_head_on_the_last():
+    profile = ComputeProfile(**PROFILE)
+    cost = CostModel(gpu(), SMOL, IDEAL, profile=profile)
+    compute, _ = cost.stage_time(Layout(), tokens=64, pairs=64 * 200, kv_read=64 * 199, samples=64, prefill=False)
+    layer = profile.layer_time(False, 64, 64 * 200, 64 * 199, 64)
+    assert compute == pytest.approx(30 * layer + profile.rest_time(64, 64) + profile.head_time(64))
+    # pp2: 15 layers per stage; the slowest is the last (it also runs the head)
+    compute_pp, _ = cost.stage_time(Layout(pp=2), tokens=64, pairs=64 * 200, kv_read=64 * 199, samples=64,
+                                    prefill=False)
+    assert compute_pp == pytest.approx(15 * layer + profile.rest_time(64, 64) + profile.head_time(64))
+    # without the phase, a micro-batch whose tokens attend to cached keys counts as decode
+    assert cost.layer_time(Layout(), 64, 64 * 200, 64 * 199)[0] == pytest.approx(layer)
+
+
+def test_engine_prefill_micro_batches_multiply_the_fixed_costs_of_a_pipelined_step():
+    profile = ComputeProfile(**PROFILE)
+    one = CostModel(gpu(), SMOL, IDEAL, profile=profile)
+    eight = CostModel(gpu(), SMOL, IDEAL, profile=profile, prefill_micro_batches=8)
+    work = dict(seqs=32, tokens=32 * 300, pairs=32 * 300 * 301 // 2, kv_read=0, samples=32)
+    total_one, _ = one.step_time(Layout(pp=2), **work, streaming=True, pipeline="synchronous")
+    total_eight, _ = eight.step_time(Layout(pp=2), **work, streaming=True, pipeline="synchronous")
+    per = {k: v / 16 for k, v in work.items() if k != "seqs"}
+    stage, comm = eight.stage_time(Layout(pp=2), **per, prefill=True)
+    assert total_eight == pytest.approx(17 * (stage + comm))  # 16 micro-batches through 2 stages
+    assert total_eight != pytest.approx(total_one)
+    # decode keeps pp micro-batches; one rank ignores the setting
+    decode = dict(seqs=32, tokens=32, pairs=32 * 300, kv_read=32 * 299, samples=32)
+    assert eight.step_time(Layout(pp=2), **decode, streaming=False, pipeline="synchronous")[0] == pytest.approx(
+        one.step_time(Layout(pp=2), **decode, streaming=False, pipeline="synchronous")[0])
+    assert eight.step_time(Layout(), **work, streaming=True)[0] == pytest.approx(
+        one.step_time(Layout(), **work, streaming=True)[0])
+    with pytest.raises(ValueError, match="prefill_micro_batches=0"):
+        CostModel(gpu(), SMOL, IDEAL, prefill_micro_batches=0)
+
+
+def synthetic_samples(truth: ComputeProfile, layers: int = 2) -> list[dict]:
+    """Timed steps as the engine would give them if its costs were exactly ``truth``."""
+    out = []
+    for phase, seqs, length in [("prefill", 1, 32), ("prefill", 1, 512), ("prefill", 4, 64), ("prefill", 8, 256),
+                                ("prefill", 16, 96), ("decode", 1, 64), ("decode", 32, 128), ("decode", 64, 512),
+                                ("decode", 128, 256)]:
+        tokens = seqs * (length if phase == "prefill" else 1)
+        pairs = seqs * length * (length + 1) // 2 if phase == "prefill" else seqs * (length + 1)
+        kv_read = 0 if phase == "prefill" else seqs * length
+        layer = float(truth.layer_time(phase == "prefill", tokens, pairs, kv_read, seqs))
+        out.append({"phase": phase, "seqs": seqs, "tokens": tokens, "pairs": pairs, "kv_read": kv_read,
+                    "layers_s": layers * layer, "head_s": float(truth.head_time(seqs)) - 1e-4,
+                    "sample_s": 1e-4, "rest_s": float(truth.rest_time(tokens, seqs))})
+    return out
+
+
+def test_fit_recovers_the_coefficients_of_exact_timings():
+    truth = ComputeProfile(**PROFILE)
+    fitted = fit_profile(synthetic_samples(truth), threads=1, dtype="bfloat16")
+    for name, value in PROFILE.items():
+        assert getattr(fitted, name) == pytest.approx(value, rel=1e-6, abs=1e-12), name
+
+
+def test_fit_keeps_every_coefficient_nonnegative_and_needs_enough_points():
+    # y = 2 + 3x exactly, plus a feature that would take a negative weight
+    x = np.arange(1.0, 7.0)
+    features = np.stack([np.ones_like(x), x, np.array([0.0, 1.0, 0.0, 1.0, 0.0, 1.0])], axis=1)
+    target = 2 + 3 * x - 0.01 * features[:, 2]
+    coef = nonnegative_lstsq(features, target)
+    assert (coef >= 0).all() and coef[2] == 0.0 and coef[1] == pytest.approx(3.0, rel=0.01)
+    with pytest.raises(ValueError, match=">= 4 prefill"):
+        fit_profile(synthetic_samples(ComputeProfile(**PROFILE))[3:], threads=1, dtype="bfloat16")
+
+
+def test_profile_child_is_no_mpi_rank():
+    env = child_environment({"PMI_RANK": "0", "PMI_FD": "5", "OMPI_COMM_WORLD_RANK": "1", "HYDRA_CONTROL_FD": "7",
+                             "PATH": "/bin", "SLURM_JOB_ID": "3", "OMP_NUM_THREADS": "8"}, threads=1)
+    assert env == {"PATH": "/bin", "SLURM_JOB_ID": "3", "OMP_NUM_THREADS": "1"}

@@ -170,3 +170,29 @@ def test_validation_rank_correlation():
     assert module.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert module.spearman([1, 2, 3, 4], [40, 30, 20, 10]) == pytest.approx(-1.0)
     assert module.spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)  # 1 - 6*4/(5*24)
+
+
+def test_a_calibrated_profile_prices_the_plan_and_ranks_by_what_the_engine_pays():
+    from seesaw_ds.sim.auto import make_planner, plan_options
+    from seesaw_ds.sim.cost import ComputeProfile
+
+    fixed_heavy = ComputeProfile(prefill_layer_s=2e-3, prefill_token_s=1e-6, prefill_pair_s=0.0, prefill_seq_s=0.0,
+                                 decode_layer_s=2e-3, decode_seq_s=1e-6, decode_kv_token_s=0.0, head_s=5e-3,
+                                 head_seq_s=1e-5, step_s=0.0, step_token_s=0.0, step_seq_s=0.0)
+    workload = small_workload()
+    facts = JobFacts(num_ranks=2, dtype_bytes=2, prefill_micro_batches=8)
+    calibration = cpu_calibration(profile=fixed_heavy)
+    options = plan_options(facts, calibration, workload)
+    assert options.profile == fixed_heavy and options.prefill_micro_batches == 8
+    assert calibration.to_json()["profile"]["head_s"] == 5e-3
+    planner = make_planner(facts, calibration, BENCH_DIMS, workload)
+    dp2 = planner.simulate_pair(Layout(dp=2), Layout(dp=2)).result
+    pp2 = planner.simulate_pair(Layout(pp=2), Layout(pp=2)).result
+    # per-layer fixed costs dominate: dp2 pays them once per replica step, pp2's 17 prefill micro-batches
+    # and 3 decode stage slots pay them over and over
+    assert dp2.throughput > 1.5 * pp2.throughput
+    roofline = make_planner(facts, cpu_calibration(), BENCH_DIMS, workload).simulate_pair(Layout(dp=2), Layout(dp=2))
+    assert roofline.result.throughput != pytest.approx(dp2.throughput)  # the profile, not the roofline, priced it
+    # a decode step of one replica: its layers' fixed cost, per-sequence cost, the head
+    decode_steps = ~planner.seesaw_trace(Layout(dp=2), Layout(dp=2)).prefill
+    assert dp2.phase_s["decode"] >= decode_steps.sum() * (8 * 2e-3 + 5e-3)
