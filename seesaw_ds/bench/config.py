@@ -57,6 +57,8 @@ class PeerDef:
     """More environment variables for the peer's processes (vllm: added to vllm.env)."""
     description: str = ""
     """One line for the report."""
+    dtype: Optional[str] = None
+    """This peer's dtype when it differs from model.dtype (e.g. the float32 reference of the agreement column)."""
 
 
 @dataclass
@@ -114,7 +116,8 @@ class BenchSettings:
     profile: bool = False
     """Run each seesaw_ds peer under py-spy and report where its ranks' time goes (slows it a little)."""
     reference: str = "transformers"
-    """Peer whose greedy outputs the others are checked against (share of identical first 16 tokens)."""
+    """Peer whose greedy outputs the others are checked against (mean tokens identical before the first
+    difference; the standard run's is transformers_fp32)."""
     targets: list[str] = field(default_factory=list)
     """Goals to evaluate, as "peer>=factor*other" (other may be "roofline")."""
 

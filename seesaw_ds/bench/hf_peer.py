@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-PREFIX_TOKENS = 16
+PREFIX_TOKENS = 128  # output tokens kept per request to compare peers (the standard workload's length)
 """Leading output tokens kept per request to check that the peers generated the same text."""
 
 

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from seesaw_ds.bench import profile as profiling, vllm_peer
+from seesaw_ds.bench import hf_peer, profile as profiling, vllm_peer
 from seesaw_ds.bench.report import throughput
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -113,7 +113,7 @@ def run_seesaw(spec: PeerSpec, model_dir: Path, input_jsonl: Path, work_dir: Pat
     with open(output) as handle:
         for line in handle:
             record = json.loads(line)
-            prefixes[record["custom_id"].removeprefix("bench-")] = record["token_ids"][:16]
+            prefixes[record["custom_id"].removeprefix("bench-")] = record["token_ids"][:hf_peer.PREFIX_TOKENS]
     return PeerResult(spec.name, spec.kind, "ok", metrics=metrics, wall_seconds=wall, details=details,
                       token_prefixes=prefixes)
 
@@ -172,7 +172,8 @@ def run_vllm(spec: PeerSpec, model_dir: Path, workload_json: Path, work_dir: Pat
 
 
 def agreement(results: list[PeerResult], reference: str) -> dict[str, float]:
-    """Share of requests whose first output tokens equal the ``reference`` peer's (greedy: should be ~1)."""
+    """Per peer, the mean count of output tokens identical to the ``reference`` peer's before the first
+    difference (greedy; over the requests both answered, each cut at ``hf_peer.PREFIX_TOKENS``)."""
     ref = next((r for r in results if r.name == reference and r.ok and r.token_prefixes), None)
     if ref is None:
         return {}
@@ -181,6 +182,10 @@ def agreement(results: list[PeerResult], reference: str) -> dict[str, float]:
         if not result.ok or not result.token_prefixes:
             continue
         common = [key for key in ref.token_prefixes if key in result.token_prefixes]
-        same = sum(ref.token_prefixes[k] == result.token_prefixes[k] for k in common)
-        shares[result.name] = same / len(common) if common else 0.0
+        shares[result.name] = sum(_same_before_difference(ref.token_prefixes[k], result.token_prefixes[k])
+                                  for k in common) / len(common) if common else 0.0
     return shares
+
+
+def _same_before_difference(a: list[int], b: list[int]) -> int:
+    return next((n for n, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))

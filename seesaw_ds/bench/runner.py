@@ -103,7 +103,7 @@ def run_peer(name: str, settings: BenchConfig, model_dir: Path, run_dir: Path, w
     spec = peer_runs.PeerSpec(name, definition.kind, list(definition.overrides), definition.description)
     work_dir = run_dir / "peers" / name
     bench = settings.bench
-    dtype = settings.model.dtype
+    dtype = definition.dtype or settings.model.dtype
     if spec.kind == "seesaw":
         spec.overrides = [f"model.dtype={dtype}", *bench.seesaw_overrides, *spec.overrides]
         return peer_runs.run_seesaw(spec, model_dir, input_jsonl, work_dir, nproc=bench.nproc,
@@ -163,21 +163,21 @@ def table_rows(results: list[peer_runs.PeerResult], analysis: dict, compare_to: 
             share = analysis["transition_share"].get(r.name)
             row["transition_pct"] = None if share is None else 100 * share
             agree = analysis["agreement_with_reference"].get(r.name)
-            row["agree_pct"] = None if agree is None else 100 * agree
+            row["agree_tokens"] = agree
         rows.append(row)
     return rows
 
 
 def write_report(run_dir: Path, output_json: Path, results, analysis: dict, workload: Workload,
                  machine_info: dict, settings: dict, command: str) -> dict:
-    compare_to = [name for name in ("transformers", "vllm") if name in analysis["ratios"]]
+    compare_to = [name for name in ("transformers", "vllm", "vllm_2cores") if name in analysis["ratios"]]
     rows = table_rows(results, analysis, compare_to)
     columns = [("peer", "peer", ""), ("elapsed_time", "elapsed s", ".1f"), ("requests_per_second", "req/s", ".2f"),
                ("tokens_per_second", "total tok/s", ".1f"), ("output_tokens_per_second", "output tok/s", ".1f"),
                ("roofline_pct", "% roofline", ".1f"),
                *[(f"x_{o}", f"x {o}", ".2f") for o in compare_to],
                ("transitions", "transitions", "d"), ("transition_pct", "transition % of time", ".2f"),
-               ("agree_pct", f"% same tokens as {analysis['reference']}", ".0f"), ("wall", "wall s (with start-up)", ".1f"),
+               ("agree_tokens", f"tokens = {analysis['reference']} before the first difference (mean)", ".1f"), ("wall", "wall s (with start-up)", ".1f"),
                ("status", "status", "")]
     main_table = markdown_table(rows, columns)
     names = list(analysis["ratios"])

@@ -96,7 +96,7 @@ def main():
     json.dump({"elapsed_time": elapsed, "num_requests": len(outputs),
                "prompt_tokens": sum(len(p) for p in workload["prompts"]), "output_tokens": sum(made),
                "exact_lengths": made == list(workload["output_lens"]),
-               "token_prefixes": {str(i): list(o.outputs[0].token_ids[:16]) for i, o in enumerate(outputs)}},
+               "token_prefixes": {str(i): list(o.outputs[0].token_ids[:128]) for i, o in enumerate(outputs)}},
               open(request["result"], "w"), indent=2)
 
 

@@ -265,3 +265,15 @@ def test_chat_workload_is_real_text_in_the_template_at_drawn_lengths():
     with pytest.raises(ValueError, match="exceed the model"):
         chat_workload(1, input_len=(60, 2000), output_len=(128, 128), apply_chat_template=template, corpus=corpus,
                       max_model_len=2048)
+
+
+def test_agreement_counts_tokens_before_the_first_difference():
+    from seesaw_ds.bench.peers import PeerResult, agreement
+
+    ref = PeerResult("ref", "transformers", "ok", token_prefixes={"0": [1, 2, 3, 4], "1": [5, 6, 7]})
+    same = PeerResult("same", "seesaw", "ok", token_prefixes={"0": [1, 2, 3, 4], "1": [5, 6, 7]})
+    early = PeerResult("early", "vllm", "ok", token_prefixes={"0": [1, 9, 3, 4], "1": [8, 6, 7]})
+    failed = PeerResult("failed", "vllm", "failed")
+    shares = agreement([ref, same, early, failed], "ref")
+    assert shares == {"ref": 3.5, "same": 3.5, "early": 0.5}
+    assert agreement([same], "ref") == {}
