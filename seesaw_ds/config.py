@@ -124,6 +124,8 @@ class SchedulerSettings:
 class SamplingConfig:
     """Job-wide sampling defaults (vLLM names); None = not set (the model's generation_config decides)."""
 
+    n: Optional[int] = None
+    """Samples (completions) per request, 1-128; each prompt is prefilled once (docs/sampling.md)."""
     max_tokens: Optional[int] = None
     min_tokens: Optional[int] = None
     temperature: Optional[float] = None

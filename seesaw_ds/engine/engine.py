@@ -91,7 +91,8 @@ class Coordinator:
         for item in finished:
             self.outputs.write(format_result(item.request, item.token_ids, item.text, item.finish_reason,
                                              model=self.model_name, logprobs=item.logprobs,
-                                             prompt_logprobs=item.prompt_logprobs, token_texts=item.token_texts))
+                                             prompt_logprobs=item.prompt_logprobs, token_texts=item.token_texts,
+                                             samples=item.samples))
         for bad in rejected:
             self.errors.write(format_error(bad))
         if finished:

@@ -6,6 +6,11 @@ output, its grammar matcher (so grammar state survives eviction and layout switc
 the :class:`~seesaw_ds.engine.scheduler.Scheduler` what to do, allocates staging extents, and builds the
 :class:`~seesaw_ds.engine.worker.StepMessage`; after the step it feeds the sampled tokens to the stop
 checkers, hands finished requests to the result sink and tells the scheduler.
+
+A request with n > 1 samples is n sequences with consecutive ids: the prompt runs once (sample 0's work),
+its KV is staged once in extents that all n reference (`ExtentAllocator(refs=n)`; each sample's swap-in
+drops one reference), every sample draws with its own seed (`sample_seed`) and keeps its own stop checker,
+grammar matcher and logprobs; the request is answered when its last sample finishes.
 """
 from __future__ import annotations
 
@@ -15,8 +20,9 @@ from dataclasses import dataclass, field
 
 from seesaw_ds.engine.logprobs import TokenLogprobs, token_ids_of
 from seesaw_ds.engine.grammar import Grammars, TokenMatcher
+from seesaw_ds.engine.outputs import Sample
 from seesaw_ds.engine.requests import BadLine, Request
-from seesaw_ds.engine.sampling import RequestError, StopChecker
+from seesaw_ds.engine.sampling import RequestError, StopChecker, sample_seed
 from seesaw_ds.engine.scheduler import Phase, Scheduler, StepPlan
 from seesaw_ds.engine.worker import SeqSampling, StepMessage, StepResult
 from seesaw_ds.kv.staging import ExtentAllocator, StagedSeq
@@ -41,6 +47,10 @@ class SeqState:
     """One entry per generated token when the request asks for logprobs."""
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     """[None, then one entry per prompt token after the first] when the request asks for prompt_logprobs."""
+    sample_index: int = 0
+    """Which of the request's n samples this sequence is."""
+    first_id: int = 0
+    """The seq_id of the request's sample 0 (its samples have ids first_id..first_id+n-1)."""
 
     @property
     def final_tokens(self) -> int:
@@ -62,6 +72,16 @@ class Finished:
     """Per prompt token (None for the first), when the request asked for prompt_logprobs."""
     token_texts: dict[int, str] = field(default_factory=dict)
     """Each token id the logprobs mention, decoded on its own (for the output record)."""
+    samples: list[Sample] | None = None
+    """n > 1: every sample in order (the fields above are sample 0's); None for n = 1."""
+
+
+@dataclass
+class _Answers:
+    """The finished samples of a request with n > 1, until the last one finishes."""
+
+    samples: list[Sample | None]
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 #: The timeline keeps at most this many records: when it is full, neighbouring records merge pairwise (the
@@ -138,6 +158,7 @@ class Leader:
         self.seqs: dict[int, SeqState] = {}
         self.stats = LeaderStats()
         self._next_id = 0
+        self._answers: dict[int, _Answers] = {}  # n > 1: first_id -> its samples finished so far
         self._waiting_tokens = 0
         self._release: list[int] = []
         self._plan: StepPlan | None = None
@@ -159,16 +180,22 @@ class Leader:
                 self._admit(item, rejected)
 
     def _admit(self, request: Request, rejected: list) -> None:
-        seq_id = self._next_id
-        self._next_id += 1
+        first_id, num_samples = self._next_id, request.sampling.n
+        self._next_id += num_samples
         try:
-            matcher = self._matcher(request)  # a grammar the library refuses is this row's error
-            self.scheduler.add_request(seq_id, len(request.prompt_token_ids), request.sampling.max_tokens)
+            # a grammar the library refuses is this row's error; each sample walks its own matcher
+            matchers = [self._matcher(request) for _ in range(num_samples)]
+            self.scheduler.add_request(first_id, len(request.prompt_token_ids), request.sampling.max_tokens,
+                                       num_samples=num_samples)
         except ValueError as error:
             rejected.append(BadLine(request.line_no, request.custom_id, str(error), request.kind))
             return
-        checker = StopChecker(self.tokenizer, request.sampling, self.eos_ids, request.prompt_token_ids)
-        self.seqs[seq_id] = SeqState(request=request, checker=checker, matcher=matcher)
+        for index, matcher in enumerate(matchers):
+            checker = StopChecker(self.tokenizer, request.sampling, self.eos_ids, request.prompt_token_ids)
+            self.seqs[first_id + index] = SeqState(request=request, checker=checker, matcher=matcher,
+                                                   sample_index=index, first_id=first_id)
+        if num_samples > 1:
+            self._answers[first_id] = _Answers([None] * num_samples)
         self._waiting_tokens += len(request.prompt_token_ids)
 
     def _matcher(self, request: Request) -> TokenMatcher | None:
@@ -195,25 +222,30 @@ class Leader:
         return release
 
     def _prefill_message(self, plan: StepPlan) -> StepMessage:
-        works, register, bitmasks = [], {}, {}
+        works, register, bitmasks, samples = [], {}, {}, {}
         for replica, seq_ids in enumerate(plan.prefill):
-            for seq_id in seq_ids:
+            for seq_id in seq_ids:  # a request's samples come together, sample 0 first
                 state = self.seqs[seq_id]
                 prompt = state.request.prompt_token_ids
-                extents = self.extents.allocate(len(prompt))
+                sampling = state.request.sampling
+                if state.sample_index == 0:  # the prompt runs once; its KV is staged once for all samples
+                    extents = self.extents.allocate(len(prompt), refs=sampling.n)
+                    self._waiting_tokens -= len(prompt)
+                    works.append(SeqWork(seq_id, replica, list(prompt), 0, staging_extents=extents,
+                                         prompt_logits=sampling.prompt_logprobs is not None))
+                    if sampling.n > 1:
+                        samples[seq_id] = list(range(seq_id + 1, seq_id + sampling.n))
+                else:
+                    extents = self.seqs[state.first_id].staged.extents
                 state.staged = StagedSeq(seq_id, extents, len(prompt), writer="prefill", writer_replica=replica,
                                          final_tokens=state.final_tokens)
                 state.kv_tokens = len(prompt)
-                self._waiting_tokens -= len(prompt)
-                sampling = state.request.sampling
-                works.append(SeqWork(seq_id, replica, list(prompt), 0, staging_extents=extents,
-                                     prompt_logits=sampling.prompt_logprobs is not None))
-                register[seq_id] = SeqSampling(sampling, state.request.seed, len(prompt),
-                                               state.request.bad_words_token_ids)
+                register[seq_id] = SeqSampling(sampling, sample_seed(state.request.seed, state.sample_index),
+                                               len(prompt), state.request.bad_words_token_ids)
                 if state.matcher is not None:
                     bitmasks[seq_id] = state.matcher.next_token_bitmask()
         return StepMessage("prefill", forward=ForwardPlan("prefill", works, sink="staging"), register=register,
-                           release=self._take_release(), token_bitmasks=bitmasks)
+                           release=self._take_release(), token_bitmasks=bitmasks, samples=samples)
 
     def _decode_message(self, plan: StepPlan) -> StepMessage:
         swap_out, swap_in, works, banned, bitmasks = [], [], [], {}, {}
@@ -278,21 +310,24 @@ class Leader:
             self.seqs[staged.seq_id].staged = None
         self._swapped_in = []
         finished_ids, done = [], []
-        for work in message.forward.seqs:
-            state = self.seqs[work.seq_id]
+        ran = [s for work in message.forward.seqs for s in (work.seq_id, *message.samples.get(work.seq_id, ()))]
+        for seq_id in ran:
+            state = self.seqs[seq_id]
             if message.phase == "decode":
                 state.kv_tokens += 1
-            state.last_token = tokens[work.seq_id]
-            if work.seq_id in logprobs:
-                state.logprobs.append(logprobs[work.seq_id])
+            state.last_token = tokens[seq_id]
+            if seq_id in logprobs:
+                state.logprobs.append(logprobs[seq_id])
             reason = state.checker.append(state.last_token)
             if reason is None and state.checker.finished:
                 reason = state.checker.finish_reason
             if reason is None and state.matcher is not None:
                 reason = self._advance_grammar(state)
             if reason is not None:
-                finished_ids.append(work.seq_id)
-                done.append(self._finish(work.seq_id, reason))
+                finished_ids.append(seq_id)
+                answer = self._finish(seq_id, reason)
+                if answer is not None:
+                    done.append(answer)
         self.scheduler.complete(plan, finished_ids)
         batch_tokens = sum(len(w.tokens) for w in message.forward.seqs)
         append_bounded(self.stats.timeline, StepRecord(time.perf_counter() - self._began, message.phase,
@@ -300,27 +335,40 @@ class Leader:
                                                        self.scheduler.staging_used_tokens, seconds))
         return done
 
-    def _finish(self, seq_id: int, reason: str) -> Finished:
+    def _finish(self, seq_id: int, reason: str) -> Finished | None:
+        """Forget a finished sequence; its request's answer once it was the request's last sample, else None."""
         state = self.seqs.pop(seq_id)
         if state.staged is not None:
-            self.extents.free(state.staged.extents)
+            self.extents.free(state.staged.extents)  # a shared prompt's extents: one reference
         self._release.append(seq_id)
         checker = state.checker
         if state.matcher is not None:
             self.stats.grammar_masks += state.matcher.num_masks
             self.stats.grammar_seconds += state.matcher.mask_seconds
-        self.stats.finished += 1
-        self.stats.prompt_tokens += len(state.request.prompt_token_ids)
         self.stats.output_tokens += len(checker.token_ids)
         params = state.request.sampling
         logprobs = state.logprobs if params.logprobs is not None else None
         prompt_logprobs = None
-        if params.prompt_logprobs is not None:  # a one-token prompt has no position to score
+        if params.prompt_logprobs is not None and state.sample_index == 0:  # a one-token prompt scores nothing
             prompt_logprobs = state.prompt_logprobs or [None]
-        ids = token_ids_of([*(logprobs or ()), *(prompt_logprobs or ())])
+        sample = Sample(list(checker.token_ids), checker.text, reason, logprobs)
+        samples = None
+        if params.n > 1:
+            answers = self._answers[state.first_id]
+            answers.samples[state.sample_index] = sample
+            if state.sample_index == 0:
+                answers.prompt_logprobs = prompt_logprobs
+            if any(done is None for done in answers.samples):
+                return None
+            del self._answers[state.first_id]
+            samples, prompt_logprobs, sample = answers.samples, answers.prompt_logprobs, answers.samples[0]
+        self.stats.finished += 1
+        self.stats.prompt_tokens += len(state.request.prompt_token_ids)  # prefilled once, whatever n is
+        ids = token_ids_of([*(entry for s in samples or [sample] for entry in s.logprobs or ()),
+                            *(prompt_logprobs or ())])
         texts = {token_id: self.tokenizer.decode([token_id]) for token_id in sorted(ids)}
-        return Finished(state.request, list(checker.token_ids), checker.text, reason, logprobs, prompt_logprobs,
-                        texts)
+        return Finished(state.request, sample.token_ids, sample.text, sample.finish_reason, sample.logprobs,
+                        prompt_logprobs, texts, samples)
 
     @property
     def elapsed(self) -> float:

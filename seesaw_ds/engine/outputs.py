@@ -1,7 +1,8 @@
 """Results on disk: the output and error record shapes, the append-only JSONL writer, and resume scanning.
 
 This module owns the output contract: plain results `{"custom_id", "text", "token_ids", "finish_reason",
-"usage"}`, OpenAI batch results `{"id", "custom_id", "response": {"status_code", "request_id", "body"},
+"usage"}` (with n > 1 samples: `{"custom_id", "outputs": [{"index", "text", "token_ids", "finish_reason"}, ...],
+"usage"}`), OpenAI batch results `{"id", "custom_id", "response": {"status_code", "request_id", "body"},
 "error"}`, and error records. Files are only ever appended to, one whole line per `os.write` on an O_APPEND
 descriptor (rank 0 writes); after a hard kill `scan_answered` finds which custom_ids are done and cuts a torn
 last line so that appending can resume.
@@ -14,13 +15,14 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 from seesaw_ds.engine.logprobs import TokenLogprobs, chat_logprobs, completion_logprobs, plain_logprobs
 from seesaw_ds.engine.requests import BadLine, IdIndex, Request
 from seesaw_ds.faults import fault_point
 
-__all__ = ["JsonlAppender", "format_error", "format_result", "scan_answered", "scan_error_lines"]
+__all__ = ["JsonlAppender", "Sample", "format_error", "format_result", "scan_answered", "scan_error_lines"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -30,44 +32,70 @@ def _stable_hex(custom_id: str) -> str:
     return hashlib.sha256(custom_id.encode()).hexdigest()[:24]
 
 
+@dataclass
+class Sample:
+    """One of a request's n completions."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    logprobs: list[TokenLogprobs] | None = None
+
+
 def format_result(request: Request, token_ids: list[int], text: str, finish_reason: str, *,
                   model: str | None = None, created: int | None = None,
                   logprobs: list[TokenLogprobs] | None = None,
                   prompt_logprobs: list[TokenLogprobs | None] | None = None,
-                  token_texts: dict[int, str] | None = None) -> dict[str, Any]:
+                  token_texts: dict[int, str] | None = None,
+                  samples: list[Sample] | None = None) -> dict[str, Any]:
     """The output record for a finished request, in the shape its input line asked for.
 
     `token_ids` are the generated ids (an eos or stop token that finished the request included);
     `model` names the model in OpenAI bodies when the line gave no body.model; `created` defaults to now.
     `logprobs` / `prompt_logprobs` (when the request asked for them) are written in vLLM's shape on plain
     lines and OpenAI's on batch lines (engine/logprobs.py); `token_texts` decodes the ids they mention.
+    `samples`, for a request with n > 1, are its n completions in order (they replace token_ids, text,
+    finish_reason and logprobs): OpenAI `choices[i]`, plain `outputs[i]`; usage counts all their tokens.
     """
     texts = token_texts or {}
-    usage = {"prompt_tokens": len(request.prompt_token_ids), "completion_tokens": len(token_ids)}
+    many = samples is not None and len(samples) > 1
+    samples = samples or [Sample(list(token_ids), text, finish_reason, logprobs)]
+    usage = {"prompt_tokens": len(request.prompt_token_ids),
+             "completion_tokens": sum(len(sample.token_ids) for sample in samples)}
     if request.kind == "plain":
-        record = {"custom_id": request.custom_id, "text": text, "token_ids": list(token_ids),
-                  "finish_reason": finish_reason, "usage": usage}
-        if logprobs is not None:
-            record["logprobs"] = plain_logprobs(logprobs, texts)
+        if many:
+            outputs = [{"index": index, "text": sample.text, "token_ids": list(sample.token_ids),
+                        "finish_reason": sample.finish_reason} for index, sample in enumerate(samples)]
+            for output, sample in zip(outputs, samples):
+                if sample.logprobs is not None:
+                    output["logprobs"] = plain_logprobs(sample.logprobs, texts)
+            record = {"custom_id": request.custom_id, "outputs": outputs, "usage": usage}
+        else:
+            (sample,) = samples
+            record = {"custom_id": request.custom_id, "text": sample.text, "token_ids": list(sample.token_ids),
+                      "finish_reason": sample.finish_reason, "usage": usage}
+            if sample.logprobs is not None:
+                record["logprobs"] = plain_logprobs(sample.logprobs, texts)
         if prompt_logprobs is not None:
             record["prompt_logprobs"] = plain_logprobs(prompt_logprobs, texts)
         return record
     stable = _stable_hex(request.custom_id)
     if request.kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "logprobs": None if logprobs is None else chat_logprobs(logprobs, texts),
-                  "finish_reason": finish_reason}
+        choices = [{"index": index, "message": {"role": "assistant", "content": sample.text},
+                    "logprobs": None if sample.logprobs is None else chat_logprobs(sample.logprobs, texts),
+                    "finish_reason": sample.finish_reason} for index, sample in enumerate(samples)]
         body_id, obj = f"chatcmpl-{stable}", "chat.completion"
     else:
-        choice = {"index": 0, "text": text,
-                  "logprobs": None if logprobs is None else completion_logprobs(logprobs, texts),
-                  "finish_reason": finish_reason}
+        choices = [{"index": index, "text": sample.text,
+                    "logprobs": None if sample.logprobs is None else completion_logprobs(sample.logprobs, texts),
+                    "finish_reason": sample.finish_reason} for index, sample in enumerate(samples)]
         body_id, obj = f"cmpl-{stable}", "text_completion"
     body = {"id": body_id, "object": obj, "created": int(time.time()) if created is None else created,
-            "model": request.model or model or "", "choices": [choice],
+            "model": request.model or model or "", "choices": choices,
             "usage": {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}}
-    if prompt_logprobs is not None:  # vLLM's extension: in the chat body, in a completions choice
-        (body if request.kind == "chat" else choice)["prompt_logprobs"] = plain_logprobs(prompt_logprobs, texts)
+    if prompt_logprobs is not None:  # vLLM's extension: in the chat body, in each completions choice
+        for holder in [body] if request.kind == "chat" else choices:
+            holder["prompt_logprobs"] = plain_logprobs(prompt_logprobs, texts)
     return {"id": f"batch_req_{stable}", "custom_id": request.custom_id,
             "response": {"status_code": 200, "request_id": f"req_{stable}", "body": body}, "error": None}
 

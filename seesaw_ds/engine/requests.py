@@ -33,7 +33,7 @@ _PROMPT_KEYS = ("prompt", "prompt_token_ids", "messages")
 #: Body keys accepted and ignored (they do not change what is generated).
 _BODY_IGNORED = frozenset({"model", "user", "metadata", "store", "service_tier", "stream_options"})
 #: Body keys accepted only at the value that means "feature off".
-_BODY_NEUTRAL = MappingProxyType({"n": 1, "stream": False, "echo": False})
+_BODY_NEUTRAL = MappingProxyType({"stream": False, "echo": False})
 #: Body keys whose meaning depends on the url (chat: logprobs true/false + top_logprobs; completions: logprobs k).
 _BODY_LOGPROBS = frozenset({"logprobs", "top_logprobs"})
 #: Body keys of structured output (engine/grammar.py): OpenAI's response_format, vLLM's guided keys.

@@ -51,6 +51,12 @@ def _check_int(key: str, value: Any, minimum: int, allowed: str) -> int:
     return value
 
 
+def _check_int_range(key: str, value: Any, low: int, high: int) -> int:
+    if not _is_int(value) or not low <= value <= high:
+        raise RequestError(_describe(key, value, f"must be an integer in [{low}, {high}]"))
+    return value
+
+
 def _check_float(key: str, value: Any, ok, allowed: str) -> float:
     try:
         number = float(value) if _is_int(value) or isinstance(value, float) else math.nan
@@ -97,6 +103,8 @@ def _check_seed(key: str, value: Any) -> int | None:
 MAX_LOGPROBS = 20
 #: logit_bias values are clamped to this range by OpenAI; here a value outside it is an error.
 MAX_LOGIT_BIAS = 100.0
+#: Most samples (`n`) one request may ask for; each is its own sequence in the decode tier.
+MAX_SAMPLES = 128
 
 
 def _check_logprobs(key: str, value: Any) -> int | None:
@@ -133,6 +141,7 @@ def _check_bad_words(key: str, value: Any) -> tuple[str, ...]:
 
 
 _CHECKS = MappingProxyType({
+    "n": lambda k, v: _check_int_range(k, v, 1, MAX_SAMPLES),
     "max_tokens": lambda k, v: _check_int(k, v, 1, "must be an integer >= 1"),
     "min_tokens": lambda k, v: _check_int(k, v, 0, "must be an integer >= 0 and <= max_tokens"),
     "temperature": lambda k, v: _check_float(k, v, lambda x: x >= 0, "must be a number >= 0 (0 = greedy)"),
@@ -199,6 +208,9 @@ class SamplingParams:
     """Return each generated token's logprob and the top-k logprobs beside it (None = off)."""
     prompt_logprobs: int | None = None
     """Return each prompt token's logprob and the top-k beside it (the first token has none; None = off)."""
+    n: int = 1
+    """Completions of the prompt (vLLM/OpenAI `n`): the prompt is prefilled once, each sample decodes on its
+    own with its own seed (`sample_seed`); with temperature 0 all n are the same greedy text."""
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -263,6 +275,16 @@ def request_seed(job_seed: int, custom_id: str, seed: int | None) -> int:
     if seed is not None:
         return seed
     digest = hashlib.blake2b(f"{job_seed}\x00{custom_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample `index` (0..n-1) of a request whose seed is `seed` (`request_seed`): sample 0 keeps
+    `seed` itself (an n=1 request draws as before), sample i > 0 a stable 63-bit hash of (seed, i), so each
+    sample depends only on the request, never on the layout, replica or batch."""
+    if index == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}\x00sample\x00{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
 

@@ -7,7 +7,11 @@ commits the moves of one step and returns them as a ``StepPlan``; ``complete()``
 
 Token accounting follows the engine: prefill of a P-token prompt leaves P KV tokens in staging and one
 pending output token; a sequence with n KV tokens needs ceil((n+1)/block_size) device blocks to decode
-once, and each decode appends one KV token. Running sequences that no longer fit are evicted LIFO back to
+once, and each decode appends one KV token. A request with n samples (`add_request(..., num_samples=n)`)
+is n sequences with consecutive ids that are prefilled together in one step (the prompt's tokens count once
+toward `max_prefill_tokens`) and then live on their own; the staging area counts each sample's prompt KV
+(n * P) although the engine stages it once, shared: conservative, so every invariant below holds as for n
+separate requests. Running sequences that no longer fit are evicted LIFO back to
 staging (never recomputed, never dropped).
 
 Deadlock freedom rests on one invariant, kept by every move (the *staging invariant*):
@@ -108,6 +112,7 @@ class _Seq:
     replica: int = -1
     blocks: int = 0  # device blocks held while running
     admitted: int = -1  # admission stamp; the newest running sequence is evicted first
+    num_samples: int = 1  # a request's first sample: how many it has (ids seq_id..); a later sample: 0
 
     @property
     def max_kv(self) -> int:
@@ -161,7 +166,7 @@ class Scheduler:
         self._pending: StepPlan | None = None
         self._stats = dict(prefill_steps=0, decode_steps=0, prefilled_seqs=0, finished_seqs=0,
                            decoded_tokens=0, evictions=0, swap_ins=0, paused_slots=0,
-                           peak_staging_tokens=0, peak_device_blocks=0, peak_running_seqs=0)
+                           prefilled_prompts=0, peak_staging_tokens=0, peak_device_blocks=0, peak_running_seqs=0)
 
     # -- public API ---------------------------------------------------------------------------------------------
     @property
@@ -181,13 +186,22 @@ class Scheduler:
         """Counters: steps per phase, transitions, evictions, swap-ins, paused decode slots, peak occupancies."""
         return dict(self._stats, transitions=self.num_transitions)
 
-    def add_request(self, seq_id: int, prompt_len: int, max_new_tokens: int) -> None:
-        """Queue a prompt; raises ValueError when it could never fit the staging area or one device tier."""
-        if seq_id in self._seqs:
-            raise ValueError(f"seq_id {seq_id} is already scheduled; give every request its own id")
+    def add_request(self, seq_id: int, prompt_len: int, max_new_tokens: int, *, num_samples: int = 1) -> None:
+        """Queue a prompt whose `num_samples` samples are sequences seq_id..seq_id+num_samples-1 (prefilled
+        together); raises ValueError when it could never fit the staging area or one device tier."""
+        ids = range(seq_id, seq_id + num_samples)
+        if num_samples < 1:
+            raise ValueError(f"request {seq_id}: num_samples={num_samples} must be >= 1")
+        if any(s in self._seqs for s in ids):
+            taken = next(s for s in ids if s in self._seqs)
+            raise ValueError(f"seq_id {taken} is already scheduled; give every request (and sample) its own id")
         if prompt_len < 1 or max_new_tokens < 1:
             raise ValueError(f"request {seq_id}: prompt_len={prompt_len} and max_new_tokens={max_new_tokens} "
                              "must both be >= 1")
+        if num_samples * prompt_len > self.staging_tokens:
+            raise ValueError(f"request {seq_id}: n={num_samples} samples of a {prompt_len}-token prompt count "
+                             f"{num_samples * prompt_len} KV tokens in the staging area, which holds "
+                             f"{self.staging_tokens}; raise kv.host_tokens or lower n")
         max_kv = prompt_len + max_new_tokens - 1
         if max_kv > self.staging_tokens:
             raise ValueError(f"request {seq_id}: prompt_len={prompt_len} + max_new_tokens={max_new_tokens} needs up "
@@ -199,7 +213,9 @@ class Scheduler:
                              f"to {need} blocks of {self.block_size} tokens in one decode replica, which holds "
                              f"{self.blocks_per_replica} ({self.blocks_per_replica * self.block_size} tokens); raise "
                              "kv.device_tokens (or decode tp/pp) or lower max_tokens / shorten the prompt")
-        self._seqs[seq_id] = _Seq(seq_id, self._next_order, prompt_len, max_new_tokens, max_blocks=need)
+        for s in ids:
+            self._seqs[s] = _Seq(s, self._next_order, prompt_len, max_new_tokens, max_blocks=need,
+                                 num_samples=num_samples if s == seq_id else 0)
         self._next_order += 1
         self._waiting.append(seq_id)
 
@@ -235,6 +251,7 @@ class Scheduler:
             seq = self._seqs[seq_id]
             seq.num_generated = 1
             self._stats["prefilled_seqs"] += 1
+            self._stats["prefilled_prompts"] += seq.num_samples > 0  # once per prompt, not per sample
             self._finish_if_done(seq, seq_id in finished)
         for seq_id in (s for group in plan.decode for s in group):
             seq = self._seqs[seq_id]
@@ -263,14 +280,16 @@ class Scheduler:
         loads = [0] * self.num_prefill_replicas
         prefill: list[list[int]] = [[] for _ in loads]
         for seq_id in batch:
-            seq = self._seqs[self._waiting.popleft()]
-            assert seq.seq_id == seq_id
-            seq.where, seq.num_kv = _Where.STAGED, seq.prompt_len
-            self._staging_used += seq.prompt_len
-            bisect.insort(self._staged, (seq.order, seq_id))
+            first = self._seqs[self._waiting.popleft()]
+            assert first.seq_id == seq_id
             r = loads.index(min(loads))  # balance prompt tokens across prefill replicas
-            loads[r] += seq.prompt_len
-            prefill[r].append(seq_id)
+            loads[r] += first.prompt_len
+            for sample in range(seq_id, seq_id + first.num_samples):  # every sample on the prompt's replica
+                seq = self._seqs[sample]
+                seq.where, seq.num_kv = _Where.STAGED, seq.prompt_len
+                self._staging_used += seq.prompt_len
+                bisect.insort(self._staged, (seq.order, sample))
+                prefill[r].append(sample)
         return StepPlan(Phase.PREFILL, prefill, *([[] for _ in self._running] for _ in range(3)))
 
     def _pick_prefill(self, device_fit: bool) -> list[int]:
@@ -283,18 +302,19 @@ class Scheduler:
                 if not self._fit(free, counts, self._blocks_for(self._seqs[seq_id].num_kv + 1)):
                     return []
         batch: list[int] = []
-        tokens = 0
+        tokens = staged = 0  # prompt tokens computed; KV tokens staged (each sample's counted)
         for seq_id in self._waiting:
             seq = self._seqs[seq_id]
             if batch and tokens + seq.prompt_len > self.config.max_prefill_tokens:
                 break
-            if used + tokens + seq.prompt_len > self.staging_tokens:
+            if used + staged + seq.prompt_len * seq.num_samples > self.staging_tokens:
                 break
-            if device_fit and seq.max_new_tokens > 1 and not self._fit(free, counts,
-                                                                         self._blocks_for(seq.prompt_len + 1)):
+            if device_fit and seq.max_new_tokens > 1 and not all(
+                    self._fit(free, counts, self._blocks_for(seq.prompt_len + 1)) for _ in range(seq.num_samples)):
                 break
             batch.append(seq_id)
             tokens += seq.prompt_len
+            staged += seq.prompt_len * seq.num_samples
         return batch
 
     def _growth_reserve(self) -> int:

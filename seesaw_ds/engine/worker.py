@@ -42,6 +42,9 @@ class StepMessage:
     swap_in: list[StagedSeq] = field(default_factory=list)
     banned: dict[int, list[int]] = field(default_factory=dict)
     token_bitmasks: dict[int, Any] = field(default_factory=dict)  # structured output: packed allowed tokens
+    samples: dict[int, list[int]] = field(default_factory=dict)
+    """Prefill, requests with n > 1: the prefilled sequence (sample 0) -> its other samples' ids, which draw
+    their first token from the same last-position logits (the prompt runs once)."""
     preempted: bool = False                      # "stop" before the work was done (a signal arrived)
 
 
@@ -99,6 +102,8 @@ class Worker:
             executor.staging.finish_writes()
         groups = executor.groups
         if logits is not None and groups.tp_index == 0:
+            if message.samples:
+                seq_ids, logits = self._with_samples(seq_ids, logits, message.samples)
             result.tokens = self._sample(seq_ids, logits, message, result)
             for seq_id, rows in (prompt_logits or {}).items():
                 prompt = self._prompt_tokens(message, seq_id)
@@ -114,9 +119,21 @@ class Worker:
             if info is None or not needs_history(info.params):
                 continue
             if message.forward.kind == "prefill":
-                self.histories[work.seq_id] = TokenHistory(list(work.tokens), [], info.bad_words_token_ids)
+                for seq_id in (work.seq_id, *message.samples.get(work.seq_id, ())):
+                    self.histories[seq_id] = TokenHistory(list(work.tokens), [], info.bad_words_token_ids)
             else:
                 self.histories[work.seq_id].output.append(work.tokens[-1])
+
+    @staticmethod
+    def _with_samples(seq_ids: list[int], logits: torch.Tensor,
+                      samples: dict[int, list[int]]) -> tuple[list[int], torch.Tensor]:
+        """Each prefilled sequence's row followed by the same row for each of its other samples."""
+        rows, ids = [], []
+        for row, seq_id in enumerate(seq_ids):
+            for sample in (seq_id, *samples.get(seq_id, ())):
+                rows.append(row)
+                ids.append(sample)
+        return ids, logits[torch.tensor(rows, device=logits.device)]
 
     @staticmethod
     def _prompt_tokens(message: StepMessage, seq_id: int) -> list[int]:
@@ -125,6 +142,7 @@ class Worker:
     def _sample(self, seq_ids: list[int], logits: torch.Tensor, message: StepMessage,
                 result: StepResult) -> dict[int, int]:
         plan = {work.seq_id: work for work in message.forward.seqs}
+        plan.update((sample, plan[seq_id]) for seq_id, others in message.samples.items() for sample in others)
         infos = [self.sampling[seq_id] for seq_id in seq_ids]
         steps = [plan[s].start + len(plan[s].tokens) - info.prompt_len for s, info in zip(seq_ids, infos)]
         banned = [message.banned.get(seq_id, []) for seq_id in seq_ids]

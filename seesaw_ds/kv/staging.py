@@ -68,21 +68,36 @@ def staging_capacity(requested: int | None, dims: ModelDims, dtype: torch.dtype,
 
 
 class ExtentAllocator:
-    """Token slots of the staging area as sorted free runs (pure, leader-side)."""
+    """Token slots of the staging area as sorted free runs (pure, leader-side).
+
+    Extents may be shared: ``allocate(tokens, refs=k)`` hands out extents that k holders reference (the
+    prompt KV of a request's k samples, staged once); each holder's ``free`` drops one reference and the slots
+    return to the free list with the last one.
+    """
 
     def __init__(self, capacity: int):
         self.capacity = capacity
         self._free: list[tuple[int, int]] = [(0, capacity)]  # sorted (start, length)
+        self._refs: dict[tuple[int, int], int] = {}  # shared extents -> holders left (absent: one holder)
         self.used = 0
 
-    def allocate(self, tokens: int) -> list[tuple[int, int]]:
-        """Extents ``(start, length)`` covering ``tokens`` slots: one run when one fits, else several."""
+    def allocate(self, tokens: int, *, refs: int = 1) -> list[tuple[int, int]]:
+        """Extents ``(start, length)`` covering ``tokens`` slots: one run when one fits, else several;
+        ``refs`` holders free them (each once) before their slots are free again."""
+        if refs < 1:
+            raise ValueError(f"refs={refs} must be >= 1")
         if tokens > self.capacity - self.used:
             raise MemoryError(f"staging area full: {tokens} slots asked, {self.capacity - self.used} free")
+        extents = self._take(tokens)
+        self.used += tokens
+        if refs > 1:
+            self._refs.update((extent, refs) for extent in extents)
+        return extents
+
+    def _take(self, tokens: int) -> list[tuple[int, int]]:
         for index, (start, length) in enumerate(self._free):
             if length >= tokens:
                 self._free[index:index + 1] = [(start + tokens, length - tokens)] if length > tokens else []
-                self.used += tokens
                 return [(start, tokens)]
         extents, remaining = [], tokens
         while remaining:
@@ -91,12 +106,22 @@ class ExtentAllocator:
             extents.append((start, take))
             self._free[0:1] = [(start + take, length - take)] if length > take else []
             remaining -= take
-        self.used += tokens
         return extents
 
+    def refs(self, extent: tuple[int, int]) -> int:
+        """Holders an allocated extent has left (1 unless it was allocated shared)."""
+        return self._refs.get(tuple(extent), 1)
+
     def free(self, extents: list[tuple[int, int]]) -> None:
-        """Return extents to the free list, merging neighbouring runs."""
-        runs = sorted(self._free + [tuple(e) for e in extents])
+        """Drop one holder of each extent; return those without holders to the free list, merging neighbours."""
+        released = []
+        for extent in map(tuple, extents):
+            left = self._refs.pop(extent, 1) - 1
+            if left:
+                self._refs[extent] = left
+            else:
+                released.append(extent)
+        runs = sorted(self._free + released)
         merged: list[tuple[int, int]] = []
         for start, length in runs:
             if merged and merged[-1][0] + merged[-1][1] == start:
@@ -104,7 +129,7 @@ class ExtentAllocator:
             else:
                 merged.append((start, length))
         self._free = merged
-        self.used -= sum(length for _, length in extents)
+        self.used -= sum(length for _, length in released)
 
 
 @dataclass
