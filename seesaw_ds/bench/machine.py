@@ -40,17 +40,18 @@ def cpu_summary() -> dict:
     return summary
 
 
-def matmul_gflops(threads: int, size: int = 1024, repeats: int = 5, min_seconds: float = 0.3) -> float:
-    """fp32 GFLOP/s of an ``size``-square matmul on ``threads`` threads (best of ``repeats``)."""
+def matmul_gflops(threads: int, size: int = 1024, repeats: int = 5, min_seconds: float = 0.3,
+                  dtype: str = "float32") -> float:
+    """GFLOP/s of an ``size``-square matmul in ``dtype`` on ``threads`` threads (best of ``repeats``)."""
     import torch
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         generator = torch.Generator().manual_seed(0)
-        a = torch.randn(size, size, generator=generator)
-        b = torch.randn(size, size, generator=generator)
-        out = torch.empty(size, size)
+        a = torch.randn(size, size, generator=generator).to(getattr(torch, dtype))
+        b = torch.randn(size, size, generator=generator).to(getattr(torch, dtype))
+        out = torch.empty(size, size, dtype=getattr(torch, dtype))
         return best_rate(lambda: torch.mm(a, b, out=out), 2.0 * size ** 3 / 1e9, repeats, min_seconds)
     finally:
         torch.set_num_threads(previous)
@@ -70,7 +71,8 @@ def memcpy_gbps(megabytes: int = 256, repeats: int = 5, min_seconds: float = 0.3
         torch.set_num_threads(previous)
 
 
-def measure(thread_counts: tuple[int, ...] = (1, 2), matmul_size: int = 1024) -> dict:
-    """``{"matmul_gflops": {threads: GFLOP/s}, "memcpy_gbps": GB/s}``."""
-    return {"matmul_gflops": {str(t): matmul_gflops(t, matmul_size) for t in thread_counts},
-            "memcpy_gbps": memcpy_gbps(), "matmul_size": matmul_size}
+def measure(thread_counts: tuple[int, ...] = (1, 2), matmul_size: int = 1024, dtype: str = "float32") -> dict:
+    """``{"matmul_gflops": {threads: GFLOP/s}, "memcpy_gbps": GB/s}``, the matmuls in ``dtype`` (the model's:
+    the roofline is the rate of the dtype the peers compute in)."""
+    return {"matmul_gflops": {str(t): matmul_gflops(t, matmul_size, dtype=dtype) for t in thread_counts},
+            "memcpy_gbps": memcpy_gbps(), "matmul_size": matmul_size, "matmul_dtype": dtype}

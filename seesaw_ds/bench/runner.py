@@ -243,11 +243,11 @@ def plot(path: Path, results, analysis: dict, workload: Workload) -> None:
     plt.close(fig)
 
 
-def measure_machine(enabled: bool, nproc: int) -> dict:
+def measure_machine(enabled: bool, nproc: int, dtype: str = "float32") -> dict:
     if not enabled:
         return {}
     threads = tuple(sorted({1, nproc}))
-    return machine.measure(threads)
+    return machine.measure(threads, dtype=dtype)
 
 
 def merge_measures(before: dict, after: dict) -> dict:
@@ -283,9 +283,9 @@ def run_benchmark(settings: BenchConfig, run_dir: Path, command: str) -> dict:
     summary = workload.summary()
     print(f"[bench] model {model_dir} ({settings.model.dtype}); workload {summary['name']}: {summary['num_requests']} requests, "
           f"{summary['prompt_tokens']} prompt + {summary['output_tokens']} output tokens", flush=True)
-    before = measure_machine(bench.measure_machine, bench.nproc)
+    before = measure_machine(bench.measure_machine, bench.nproc, settings.model.dtype)
     if before:
-        print(f"[bench] machine: matmul GFLOP/s {before['matmul_gflops']}, memcpy {before['memcpy_gbps']:.1f} GB/s",
+        print(f"[bench] machine: {settings.model.dtype} matmul GFLOP/s {before['matmul_gflops']}, memcpy {before['memcpy_gbps']:.1f} GB/s",
               flush=True)
     results = []
     for name in bench.peers:
@@ -297,7 +297,7 @@ def run_benchmark(settings: BenchConfig, run_dir: Path, command: str) -> dict:
                   f" wall {result.wall_seconds:.1f} s)", flush=True)
         else:
             print(f"[bench] {name}: {result.status}: {result.reason}", flush=True)
-    after = measure_machine(bench.measure_machine, bench.nproc)
+    after = measure_machine(bench.measure_machine, bench.nproc, settings.model.dtype)
     machine_info = {"cpu": machine.cpu_summary(), **merge_measures(before, after)}
     config = json.loads((model_dir / "config.json").read_text())
     analysis = analyse(results, workload, ModelShape.from_hf_config(config), machine_info, bench.nproc, targets,

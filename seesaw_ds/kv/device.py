@@ -19,8 +19,10 @@ class DeviceKVCache:
         self.layers = layers
         self.block_size = block_size
         shape = (len(layers), num_blocks, block_size, num_kv_heads, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        # Not zero-filled: a slot is read only after its token was written, and on a CPU an untouched page
+        # costs nothing (zero-filling a tier sized from memory took ~8% of a bf16 run, docs/benchmarks.md).
+        self.keys = torch.empty(shape, dtype=dtype, device=device)
+        self.values = torch.empty(shape, dtype=dtype, device=device)
         self.allocator = BlockAllocator(num_blocks, block_size)
 
     @property

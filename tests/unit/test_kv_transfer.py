@@ -91,6 +91,8 @@ def _area(streams) -> HostKV:
 
 def _cache(heads: int, streams=None) -> DeviceKVCache:
     cache = DeviceKVCache(range(DIMS.num_layers), 32, BLOCK, heads, DIMS.head_dim, torch.float32, torch.device("cpu"))
+    cache.keys.zero_()  # the tier is not zero-filled; here whole caches are compared, unwritten slots too
+    cache.values.zero_()
     if streams is not None:  # log which stream each cache write is queued on
         write_heads = cache.write_heads
 
