@@ -270,22 +270,21 @@ def draw_uniform(seed: int, step: int) -> float:
     return (mixed >> 11) * 2.0 ** -53
 
 
+def _hash63(text: str) -> int:
+    """A stable non-negative 63-bit hash of ``text`` (a seed every rank derives alike)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+
+
 def request_seed(job_seed: int, custom_id: str, seed: int | None) -> int:
     """The request's own seed if given, else a stable 63-bit hash of (job_seed, custom_id)."""
-    if seed is not None:
-        return seed
-    digest = hashlib.blake2b(f"{job_seed}\x00{custom_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+    return seed if seed is not None else _hash63(f"{job_seed}\x00{custom_id}")
 
 
 def sample_seed(seed: int, index: int) -> int:
     """The seed of sample `index` (0..n-1) of a request whose seed is `seed` (`request_seed`): sample 0 keeps
     `seed` itself (an n=1 request draws as before), sample i > 0 a stable 63-bit hash of (seed, i), so each
     sample depends only on the request, never on the layout, replica or batch."""
-    if index == 0:
-        return seed
-    digest = hashlib.blake2b(f"{seed}\x00sample\x00{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+    return seed if index == 0 else _hash63(f"{seed}\x00sample\x00{index}")
 
 
 def _apply_bans(logits: torch.Tensor, banned: Sequence[Sequence[int]] | None) -> torch.Tensor:

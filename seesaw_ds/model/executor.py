@@ -101,8 +101,7 @@ class Executor:
             device_tokens = sizing.size_device_tier(
                 topology, dims, self.dtype, self.device, block_size=block_size, fraction=device_memory_fraction,
                 cap_tokens=device_tokens_cap, staging=staging,
-                weight_bytes=max(stage.shard_bytes for stage in by_layout.values())
-                + sum(stage.packed_bytes for stage in by_layout.values()))
+                weight_bytes=max(stage.shard_bytes for stage in by_layout.values()))
         self.device_tokens = device_tokens
         """Device-tier tokens per data-parallel replica (what the scheduler plans with)."""
         self.device_blocks = max(1, device_tokens // block_size)

@@ -74,10 +74,10 @@ class StageModel(nn.Module):
             self.norm = self.lm_head = None
         self.rope = SequenceRope(type(base.rotary_emb)(config=config), spec.length_dependent_rope)
         self._check_materialized()
-        self.packed_bytes = 0
-        """Bytes of oneDNN-prepacked weight copies (bf16 on a CPU, ``model.cpu_prepack``), beside the views."""
+        # bf16 on a CPU (model.cpu_prepack): oneDNN-prepacked weight copies beside the views. Built before the
+        # device tier is sized, which on a CPU reads the memory still available, so their bytes are counted.
         if prepack and backend.can_pack_cpu_linears(device, host.dtype):
-            self.packed_bytes = backend.pack_cpu_linears(self)
+            backend.pack_cpu_linears(self)
 
     # ------------------------------------------------------------------ binding host views
     def _bind(self, module: nn.Module, param: str, tensor: torch.Tensor) -> None:
