@@ -170,6 +170,10 @@ def check_before_launch(settings) -> None:
     from seesaw_ds.model.template import check_weights, validate_model_layouts
 
     check_sampling(settings)
+    if settings.kv.prefix_min_tokens < 1 or (settings.kv.prefix_cache_tokens or 0) < 0:
+        raise ValueError(f"kv.prefix_min_tokens={settings.kv.prefix_min_tokens} must be >= 1 and "
+                         f"kv.prefix_cache_tokens={settings.kv.prefix_cache_tokens} >= 0 (or null: a quarter of "
+                         "the staging area)")
     if settings.parallel.prefill_micro_batches < 1:
         raise ValueError(f"parallel.prefill_micro_batches={settings.parallel.prefill_micro_batches} must be >= 1 "
                          "(micro-batches per pipeline stage in a prefill step; 8 is the default)")

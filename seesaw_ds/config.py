@@ -104,6 +104,17 @@ class KVConfig:
     host's ranks (the two tiers then take about half of what is available, leaving room for other jobs)."""
     block_size: int = 16
     """Tokens per device-tier block."""
+    prefix_sharing: bool = True
+    """Compute a prompt prefix that several requests share once per prefill replica, keep its KV once in the
+    staging area and reuse it for the others (seesaw_ds/engine/prefixes.py, docs/sampling.md); false = every
+    prompt is computed whole. Requests asking for prompt_logprobs or penalties that read the prompt are always
+    computed whole."""
+    prefix_min_tokens: int = 64
+    """Shortest shared prefix worth reusing (a multiple of block_size is found: prompts are compared block by
+    block)."""
+    prefix_cache_tokens: Optional[int] = None
+    """Staging tokens the computed prefixes may keep (least recently used dropped first); None = a quarter
+    of the staging area."""
 
 
 @dataclass

@@ -22,6 +22,7 @@ from seesaw_ds.distributed.env import anon_hugepage_bytes
 from seesaw_ds.engine import requests as request_io
 from seesaw_ds.engine.grammar import Grammars
 from seesaw_ds.engine.leader import Finished, Leader
+from seesaw_ds.engine.prefixes import PrefixIndex
 from seesaw_ds.engine.outputs import JsonlAppender, format_error, format_result, scan_answered, scan_error_lines
 from seesaw_ds.engine.sampling import eos_token_ids
 from seesaw_ds.engine.scheduler import Scheduler, SchedulerConfig
@@ -190,13 +191,16 @@ def run_job(settings: JobConfig, runtime, run_dir: Path, *, tokenizer=None, stop
         else:
             source = RemoteSource(world)
         layouts = runtime.layouts
+        prefixes = prefix_index(settings, topology, runtime.checkpoint.dims)
+        capacity = executor.staging.capacity
+        prefix_cache = 0 if prefixes is None else min(capacity, settings.kv.prefix_cache_tokens or capacity // 4)
         scheduler = Scheduler(
             SchedulerConfig(policy=settings.scheduler.policy, max_prefill_tokens=settings.scheduler.max_prefill_tokens,
                             low_watermark=settings.scheduler.low_watermark,
                             max_decode_seqs=settings.scheduler.max_decode_seqs),
             staging_tokens=executor.staging.capacity, device_tokens=executor.device_tokens,
             block_size=settings.kv.block_size, num_prefill_replicas=layouts["prefill"].dp,
-            num_decode_replicas=layouts["decode"].dp)
+            num_decode_replicas=layouts["decode"].dp, prefix_cache_tokens=prefix_cache)
         # One prefill step's worth of waiting prompts is all the scheduler can use per step (the leader refills
         # before every step), so the input is read that far ahead only: memory follows the work in flight,
         # not the input's size (a staging area sized from host memory holds millions of tokens).
@@ -204,7 +208,7 @@ def run_job(settings: JobConfig, runtime, run_dir: Path, *, tokenizer=None, stop
         # Structured output: grammars over the model's whole vocabulary (the logits' width), ended by eos.
         grammars = Grammars(tokenizer, runtime.checkpoint.dims.vocab_size, eos_ids)
         leader = Leader(scheduler, executor.staging.capacity, tokenizer, eos_ids, source,
-                        refill_tokens=settings.scheduler.max_prefill_tokens, grammars=grammars)
+                        refill_tokens=settings.scheduler.max_prefill_tokens, grammars=grammars, prefixes=prefixes)
     comm = topology.instance_comm
     last_progress = time.perf_counter()
     while True:
@@ -248,6 +252,21 @@ def run_job(settings: JobConfig, runtime, run_dir: Path, *, tokenizer=None, stop
             coordinator.close()
     preempted = any(world.allgather(preempted))
     return JobResult(metrics, preempted)
+
+
+def prefix_index(settings: JobConfig, topology, dims) -> PrefixIndex | None:
+    """The shared-prefix index when kv.prefix_sharing is on and the prefill layout can reuse a cached prefix
+    (each rank reads the prefix KV its replica wrote from its own node's staging area), else None."""
+    from seesaw_ds.kv.plan import reads_own_writes
+
+    if not settings.kv.prefix_sharing:
+        return None
+    layout = topology.layouts["prefill"].layout
+    if not reads_own_writes(layout, dims, lambda rank: topology.node_of_rank[topology.instance_to_global(rank)]):
+        log.warning("kv.prefix_sharing: the prefill layout %s splits a replica's KV heads across nodes, so a "
+                    "cached prefix cannot be read back where it is needed; every prompt is computed whole", layout)
+        return None
+    return PrefixIndex(settings.kv.block_size, settings.kv.prefix_min_tokens)
 
 
 def _deliver(coordinator: Coordinator | None, world: MPI.Comm, finished: list[Finished], rejected: list) -> None:
@@ -307,6 +326,12 @@ def _kv_report(staging) -> dict:
     return report
 
 
+PREFIX_METRICS = {"hits": "prefix_hits", "tokens_saved": "prefix_tokens_saved", "computed": "prefixes_computed",
+                  "dropped": "prefixes_dropped"}
+"""metrics["prefix"] (all instances): prompts that reused a cached prefix, prompt tokens not computed thanks to
+it, prefixes computed and kept (once per prefill replica that needed one), prefixes the cache dropped."""
+
+
 def _metrics(summaries: list[dict], coordinator: Coordinator) -> dict:
     elapsed = max(s["elapsed_time"] for s in summaries)
     requests = sum(s["num_requests"] for s in summaries)
@@ -322,6 +347,7 @@ def _metrics(summaries: list[dict], coordinator: Coordinator) -> dict:
             "transition_seconds": sum(s["transition_seconds"] for s in summaries),
             "reshard_bytes": sum(s["reshard_bytes"] for s in summaries),
             "phase_seconds": first["phase_seconds"], "kv": first["kv"], "scheduler": first["scheduler"],
+            "prefix": {name: sum(s["scheduler"][key] for s in summaries) for name, key in PREFIX_METRICS.items()},
             "instances": [{k: v for k, v in s.items() if k != "timeline"} for s in summaries],
             "timeline": first["timeline"]}
 

@@ -11,6 +11,12 @@ A request with n > 1 samples is n sequences with consecutive ids: the prompt run
 its KV is staged once in extents that all n reference (`ExtentAllocator(refs=n)`; each sample's swap-in
 drops one reference), every sample draws with its own seed (`sample_seed`) and keeps its own stop checker,
 grammar matcher and logprobs; the request is answered when its last sample finishes.
+
+Shared prefixes (`engine/prefixes.py` finds them, the scheduler decides which are computed and kept): a
+prompt that computes a prefix the scheduler keeps stages that prefix in extents of their own, which the
+prefill replica's prefix cache also references; a prompt reusing it runs only its suffix, with the cached
+extents as its attention context (`SeqWork.context_extents`), and its staged KV is those extents followed by
+its own. Extents are reference-counted, so a prefix lives while the cache or any staged sequence holds it.
 """
 from __future__ import annotations
 
@@ -21,6 +27,8 @@ from dataclasses import dataclass, field
 from seesaw_ds.engine.logprobs import TokenLogprobs, token_ids_of
 from seesaw_ds.engine.grammar import Grammars, TokenMatcher
 from seesaw_ds.engine.outputs import Sample
+from seesaw_ds.engine.penalties import needs_history
+from seesaw_ds.engine.prefixes import PrefixIndex
 from seesaw_ds.engine.requests import BadLine, Request
 from seesaw_ds.engine.sampling import RequestError, StopChecker, sample_seed
 from seesaw_ds.engine.scheduler import Phase, Scheduler, StepPlan
@@ -147,8 +155,13 @@ class Leader:
     """Decides every step of one instance."""
 
     def __init__(self, scheduler: Scheduler, staging_tokens: int, tokenizer, eos_ids: list[int],
-                 source, *, refill_tokens: int, grammars: Grammars | None = None):
+                 source, *, refill_tokens: int, grammars: Grammars | None = None,
+                 prefixes: PrefixIndex | None = None):
         self.scheduler = scheduler
+        self.prefixes = prefixes
+        self._prefix_of: dict[int, tuple[bytes, int]] = {}  # waiting prompt (first id) -> its prefix key, length
+        self._waiting_cost: dict[int, int] = {}  # waiting prompt -> the tokens it counts toward the read-ahead
+        self._prefix_extents: dict[tuple[bytes, int], list[tuple[int, int]]] = {}  # cached (key, replica)
         self.grammars = grammars
         self.extents = ExtentAllocator(staging_tokens)
         self.tokenizer = tokenizer
@@ -196,7 +209,20 @@ class Leader:
                                                    sample_index=index, first_id=first_id)
         if num_samples > 1:
             self._answers[first_id] = _Answers([None] * num_samples)
+        self._waiting_cost[first_id] = len(request.prompt_token_ids)
         self._waiting_tokens += len(request.prompt_token_ids)
+        if self.prefixes is not None and self._may_share_prefix(request):
+            for prompt_id, key, length in self.prefixes.admit(first_id, request.prompt_token_ids):
+                self.scheduler.assign_prefix(prompt_id, key, length)
+                self._prefix_of[prompt_id] = (key, length)
+                self._waiting_cost[prompt_id] -= length  # the read-ahead counts the tokens to compute
+                self._waiting_tokens -= length
+
+    @staticmethod
+    def _may_share_prefix(request: Request) -> bool:
+        """Prompt logprobs need every prompt position computed, and penalties that read the prompt need the
+        whole prompt on the sampling rank: such requests are computed whole."""
+        return request.sampling.prompt_logprobs is None and not needs_history(request.sampling)
 
     def _matcher(self, request: Request) -> TokenMatcher | None:
         if request.grammar is None:
@@ -217,22 +243,49 @@ class Leader:
             return self._prefill_message(plan)
         return self._decode_message(plan)
 
+    def _prefill_work(self, seq_id: int, replica: int, prompt, n: int, prefix: tuple[bytes, int] | None,
+                      plan: StepPlan) -> SeqWork:
+        """A prompt's prefill work and staging extents: whole, whole with its prefix kept by the replica's
+        prefix cache (`plan.retain`), or its suffix only over the cached prefix (`plan.cached`)."""
+        if seq_id in plan.cached:
+            key, length = prefix
+            cached = self._prefix_extents[(key, replica)]
+            self.extents.share(cached, refs=n)
+            own = self.extents.allocate(len(prompt) - length, refs=n)
+            return SeqWork(seq_id, replica, list(prompt[length:]), length, staging_extents=own,
+                           context_extents=cached)
+        if seq_id in plan.retain:
+            key, length = prefix
+            kept = self.extents.allocate(length, refs=n + 1)  # the prefix cache holds one reference
+            self._prefix_extents[(key, replica)] = kept
+            self.prefixes.cached(key)
+            return SeqWork(seq_id, replica, list(prompt), 0,
+                           staging_extents=kept + self.extents.allocate(len(prompt) - length, refs=n))
+        return SeqWork(seq_id, replica, list(prompt), 0, staging_extents=self.extents.allocate(len(prompt), refs=n))
+
     def _take_release(self) -> list[int]:
         release, self._release = self._release, []
         return release
 
     def _prefill_message(self, plan: StepPlan) -> StepMessage:
         works, register, bitmasks, samples = [], {}, {}, {}
+        for key, replica in plan.dropped:  # first: the scheduler counted their room for this step's prompts
+            self.extents.free(self._prefix_extents.pop((key, replica)))
+            self.prefixes.release(key)
         for replica, seq_ids in enumerate(plan.prefill):
             for seq_id in seq_ids:  # a request's samples come together, sample 0 first
                 state = self.seqs[seq_id]
                 prompt = state.request.prompt_token_ids
                 sampling = state.request.sampling
                 if state.sample_index == 0:  # the prompt runs once; its KV is staged once for all samples
-                    extents = self.extents.allocate(len(prompt), refs=sampling.n)
-                    self._waiting_tokens -= len(prompt)
-                    works.append(SeqWork(seq_id, replica, list(prompt), 0, staging_extents=extents,
-                                         prompt_logits=sampling.prompt_logprobs is not None))
+                    self._waiting_tokens -= self._waiting_cost.pop(seq_id)
+                    prefix = self._prefix_of.pop(seq_id, None)
+                    work = self._prefill_work(seq_id, replica, prompt, sampling.n, prefix, plan)
+                    if self.prefixes is not None:
+                        self.prefixes.leave(seq_id)  # after the cache took its key, if it keeps it
+                    extents = (work.context_extents or []) + work.staging_extents
+                    work.prompt_logits = sampling.prompt_logprobs is not None
+                    works.append(work)
                     if sampling.n > 1:
                         samples[seq_id] = list(range(seq_id + 1, seq_id + sampling.n))
                 else:

@@ -14,6 +14,15 @@ toward `max_prefill_tokens`) and then live on their own; the staging area counts
 separate requests. Running sequences that no longer fit are evicted LIFO back to
 staging (never recomputed, never dropped).
 
+Shared prefixes (`add_request(..., prefix=(key, length))`, keys from `engine/prefixes.py`): the first prompt
+with a key that a prefill replica has not computed computes it and the replica's *prefix cache* keeps that
+prefix (its `length` tokens, counted in `staging_used`, least recently used dropped beyond
+`prefix_cache_tokens`); a later prompt with the key runs on a replica that keeps it and computes only its
+suffix (`StepPlan.cached`), and counts only the suffix toward `max_prefill_tokens`. Prompts whose key is being
+computed on their replica in the same step wait for the next one. Every sequence still counts its whole
+prompt in staging (its own copy could be needed again once the cache drops the prefix), so the invariant
+below is untouched; when nothing is in flight and no prompt fits, the cache is emptied first.
+
 Deadlock freedom rests on one invariant, kept by every move (the *staging invariant*):
 ``staging_used + sum over replicas of drain_need(replica) <= staging_tokens``, where drain_need is the
 largest LIFO suffix of the replica's running sequences (in KV tokens) that a *serial drain* would evict:
@@ -30,8 +39,8 @@ import bisect
 import enum
 import itertools
 import math
-from collections import deque
-from dataclasses import dataclass
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
 from typing import Iterable
 
 POLICIES = ("seesaw", "prefill_first", "decode_first")
@@ -87,6 +96,13 @@ class StepPlan:
     """Per decode replica: staged sequences moved into the replica's device tier before this step's decode."""
     decode: list[list[int]]
     """Per decode replica: running sequences (swapped-in ones included) that decode one token this step."""
+    cached: dict[int, int] = field(default_factory=dict)
+    """Prefill: prompts (first sample's id) whose first `n` tokens their replica's prefix cache holds; only
+    the rest is computed."""
+    retain: list[int] = field(default_factory=list)
+    """Prefill: prompts whose prefix (their key's length) their replica's prefix cache keeps after this step."""
+    dropped: list[tuple[object, int]] = field(default_factory=list)
+    """(key, prefill replica) prefixes the cache dropped in this step (before its prompts ran)."""
 
     def ran(self) -> set[int]:
         """Sequence ids that produced a token this step."""
@@ -113,6 +129,8 @@ class _Seq:
     blocks: int = 0  # device blocks held while running
     admitted: int = -1  # admission stamp; the newest running sequence is evicted first
     num_samples: int = 1  # a request's first sample: how many it has (ids seq_id..); a later sample: 0
+    prefix_key: object = None  # a shared prefix (first sample only): its key and length in tokens
+    prefix_len: int = 0
 
     @property
     def max_kv(self) -> int:
@@ -136,7 +154,7 @@ class Scheduler:
     """Phase-aware scheduler over a host staging area and `num_decode_replicas` paged device tiers."""
 
     def __init__(self, config: SchedulerConfig, *, staging_tokens: int, device_tokens: int, block_size: int,
-                 num_prefill_replicas: int = 1, num_decode_replicas: int = 1) -> None:
+                 num_prefill_replicas: int = 1, num_decode_replicas: int = 1, prefix_cache_tokens: int = 0) -> None:
         if block_size < 1 or device_tokens < block_size or staging_tokens < 1:
             raise ValueError(f"need block_size >= 1, device_tokens >= block_size and staging_tokens >= 1; got "
                              f"block_size={block_size}, device_tokens={device_tokens}, staging_tokens={staging_tokens}"
@@ -164,15 +182,26 @@ class Scheduler:
         self._next_order = 0
         self._next_stamp = 0
         self._pending: StepPlan | None = None
+        if prefix_cache_tokens < 0:
+            raise ValueError(f"prefix_cache_tokens={prefix_cache_tokens} must be >= 0")
+        self.prefix_cache_tokens = prefix_cache_tokens
+        self._prefixes: OrderedDict[tuple[object, int], int] = OrderedDict()  # (key, replica) -> length, LRU first
+        self._prefix_used = 0
         self._stats = dict(prefill_steps=0, decode_steps=0, prefilled_seqs=0, finished_seqs=0,
                            decoded_tokens=0, evictions=0, swap_ins=0, paused_slots=0,
-                           prefilled_prompts=0, peak_staging_tokens=0, peak_device_blocks=0, peak_running_seqs=0)
+                           prefilled_prompts=0, peak_staging_tokens=0, peak_device_blocks=0, peak_running_seqs=0,
+                           prefix_hits=0, prefix_tokens_saved=0, prefixes_computed=0, prefixes_dropped=0)
 
     # -- public API ---------------------------------------------------------------------------------------------
     @property
     def staging_used_tokens(self) -> int:
         """KV tokens currently held (or reserved by the pending prefill) in the staging area."""
         return self._staging_used
+
+    @property
+    def prefix_cache_used_tokens(self) -> int:
+        """Staging tokens the prefix cache keeps (part of `staging_used_tokens`)."""
+        return self._prefix_used
 
     def device_used_blocks(self, replica: int) -> int:
         """Device blocks held by the running sequences of one decode replica."""
@@ -186,9 +215,11 @@ class Scheduler:
         """Counters: steps per phase, transitions, evictions, swap-ins, paused decode slots, peak occupancies."""
         return dict(self._stats, transitions=self.num_transitions)
 
-    def add_request(self, seq_id: int, prompt_len: int, max_new_tokens: int, *, num_samples: int = 1) -> None:
+    def add_request(self, seq_id: int, prompt_len: int, max_new_tokens: int, *, num_samples: int = 1,
+                    prefix: tuple[object, int] | None = None) -> None:
         """Queue a prompt whose `num_samples` samples are sequences seq_id..seq_id+num_samples-1 (prefilled
-        together); raises ValueError when it could never fit the staging area or one device tier."""
+        together); `prefix` = (key, length) when its first `length` tokens are a prefix other prompts share.
+        Raises ValueError when it could never fit the staging area or one device tier."""
         ids = range(seq_id, seq_id + num_samples)
         if num_samples < 1:
             raise ValueError(f"request {seq_id}: num_samples={num_samples} must be >= 1")
@@ -218,6 +249,18 @@ class Scheduler:
                                  num_samples=num_samples if s == seq_id else 0)
         self._next_order += 1
         self._waiting.append(seq_id)
+        if prefix is not None:
+            self.assign_prefix(seq_id, *prefix)
+
+    def assign_prefix(self, seq_id: int, key: object, length: int) -> None:
+        """A waiting prompt's first `length` tokens are the shared prefix `key` (found after it was added)."""
+        seq = self._seqs[seq_id]
+        if seq.where is not _Where.WAITING or not seq.num_samples:
+            raise ValueError(f"seq_id {seq_id} is not a waiting prompt; only those take a prefix")
+        if not 0 < length < seq.prompt_len:
+            raise ValueError(f"seq_id {seq_id}: prefix length {length} must leave 1..{seq.prompt_len - 1} "
+                             "prompt tokens to compute")
+        seq.prefix_key, seq.prefix_len = key, length
 
     def schedule(self) -> StepPlan | None:
         """Commit and return the next step, or None when every added request has finished."""
@@ -270,30 +313,67 @@ class Scheduler:
             return Phase.PREFILL  # a prefill phase lasts while prompts fit (seesaw: staging; decode_first: device)
         if self.config.policy == "decode_first":
             return Phase.DECODE  # until every running and staged sequence has finished
-        drained = self._staging_used == 0 or self._staging_used < self.config.low_watermark * self.staging_tokens
+        staged = self._staging_used - self._prefix_used  # the prefix cache is not work waiting for decode
+        drained = staged == 0 or staged < self.config.low_watermark * self.staging_tokens
         return Phase.PREFILL if drained else Phase.DECODE
 
     def _prefill_plan(self) -> StepPlan | None:
+        dropped: list[tuple[object, int]] = []
         batch = self._pick_prefill(device_fit=self.config.policy != "seesaw")
+        while not batch and self._prefixes and not self._staged and not any(self._running):
+            dropped.append(self._drop_prefix())  # nothing in flight and nothing fits: the cache yields
+            batch = self._pick_prefill(device_fit=self.config.policy != "seesaw")
         if not batch:
             return None
-        loads = [0] * self.num_prefill_replicas
-        prefill: list[list[int]] = [[] for _ in loads]
-        for seq_id in batch:
-            first = self._seqs[self._waiting.popleft()]
-            assert first.seq_id == seq_id
-            r = loads.index(min(loads))  # balance prompt tokens across prefill replicas
-            loads[r] += first.prompt_len
+        prefill: list[list[int]] = [[] for _ in range(self.num_prefill_replicas)]
+        cached, retain = {}, []
+        used = {(self._seqs[seq_id].prefix_key, r) for seq_id, r, hit, _ in batch if hit}
+        for entry in used:
+            self._prefixes.move_to_end(entry)  # most recently used: dropped last, never in this step
+        for seq_id, r, hit, keep in batch:
+            self._waiting.remove(seq_id)
+            first = self._seqs[seq_id]
+            if hit:
+                cached[seq_id] = first.prefix_len
+                self._stats["prefix_hits"] += 1
+                self._stats["prefix_tokens_saved"] += first.prefix_len
+            elif keep:
+                while (self._prefix_used + first.prefix_len > self.prefix_cache_tokens
+                       and next(iter(self._prefixes)) not in used):
+                    dropped.append(self._drop_prefix())
+                if self._prefix_used + first.prefix_len <= self.prefix_cache_tokens:
+                    used.add((first.prefix_key, r))  # nor is one kept in this step
+                    self._prefixes[(first.prefix_key, r)] = first.prefix_len
+                    self._prefix_used += first.prefix_len
+                    self._staging_used += first.prefix_len
+                    self._stats["prefixes_computed"] += 1
+                    retain.append(seq_id)
             for sample in range(seq_id, seq_id + first.num_samples):  # every sample on the prompt's replica
                 seq = self._seqs[sample]
                 seq.where, seq.num_kv = _Where.STAGED, seq.prompt_len
                 self._staging_used += seq.prompt_len
                 bisect.insort(self._staged, (seq.order, sample))
                 prefill[r].append(sample)
-        return StepPlan(Phase.PREFILL, prefill, *([[] for _ in self._running] for _ in range(3)))
+        return StepPlan(Phase.PREFILL, prefill, *([[] for _ in self._running] for _ in range(3)),
+                        cached=cached, retain=retain, dropped=dropped)
 
-    def _pick_prefill(self, device_fit: bool) -> list[int]:
-        """FIFO prompts for one prefill step that keep the staging invariant and the growth reserve."""
+    def _cacheable(self, length: int) -> bool:
+        """Can the prefix cache keep a prefix of `length` tokens (at most a quarter of the staging area)?"""
+        return 0 < length <= min(self.prefix_cache_tokens, self.staging_tokens // 4)
+
+    def _drop_prefix(self) -> tuple[object, int]:
+        """Drop the least recently used prefix of the cache; returns its (key, replica)."""
+        entry, length = self._prefixes.popitem(last=False)
+        self._prefix_used -= length
+        self._staging_used -= length
+        self._stats["prefixes_dropped"] += 1
+        return entry
+
+    def _pick_prefill(self, device_fit: bool) -> list[tuple[int, int, bool, bool]]:
+        """FIFO prompts for one prefill step that keep the staging invariant and the growth reserve, each with
+        its prefill replica, whether its prefix is cached there and whether the cache is to keep the prefix it
+        computes: ``(seq_id, replica, hit, keep)``. Prompt tokens are balanced across replicas; a prompt whose
+        prefix is being computed on its replica in this step waits for the next one."""
         used = self._staging_used + sum(self._drain_need(run) for run in self._running) + self._growth_reserve()
         free = [self.blocks_per_replica - u for u in self._device_used]
         counts = [len(run) for run in self._running]
@@ -301,21 +381,46 @@ class Scheduler:
             for _, seq_id in self._staged:
                 if not self._fit(free, counts, self._blocks_for(self._seqs[seq_id].num_kv + 1)):
                     return []
-        batch: list[int] = []
+        batch: list[tuple[int, int, bool, bool]] = []
+        loads = [0] * self.num_prefill_replicas
+        computing: set[tuple[object, int]] = set()  # prefixes computed (and cached) in this step
         tokens = staged = 0  # prompt tokens computed; KV tokens staged (each sample's counted)
         for seq_id in self._waiting:
             seq = self._seqs[seq_id]
-            if batch and tokens + seq.prompt_len > self.config.max_prefill_tokens:
+            r, hit, keep = self._place_prefill(seq, loads)
+            if (seq.prefix_key, r) in computing:
+                continue  # its prefix is computed on its replica in this step: reuse it in the next one
+            cost = seq.prompt_len - seq.prefix_len if hit else seq.prompt_len
+            if batch and tokens + cost > self.config.max_prefill_tokens:
                 break
+            if used + staged + seq.prompt_len * seq.num_samples + keep > self.staging_tokens:
+                keep = 0  # compute it without keeping the prefix
             if used + staged + seq.prompt_len * seq.num_samples > self.staging_tokens:
                 break
             if device_fit and seq.max_new_tokens > 1 and not all(
                     self._fit(free, counts, self._blocks_for(seq.prompt_len + 1)) for _ in range(seq.num_samples)):
                 break
-            batch.append(seq_id)
-            tokens += seq.prompt_len
-            staged += seq.prompt_len * seq.num_samples
+            if keep:
+                computing.add((seq.prefix_key, r))
+            batch.append((seq_id, r, hit, bool(keep)))
+            loads[r] += cost
+            tokens += cost
+            staged += seq.prompt_len * seq.num_samples + keep
         return batch
+
+    def _place_prefill(self, seq: _Seq, loads: list[int]) -> tuple[int, bool, int]:
+        """A prompt's prefill replica, whether its prefix is cached there, and the staging tokens the prefix
+        cache takes if this prompt computes its prefix: the least loaded replica that caches the prefix when
+        that one is no busier than the least loaded replica plus the prefix's cost, else the least loaded."""
+        least = loads.index(min(loads))
+        if seq.prefix_key is None:
+            return least, False, 0
+        holders = [r for r in range(len(loads)) if (seq.prefix_key, r) in self._prefixes]
+        if holders:
+            best = min(holders, key=lambda r: loads[r])
+            if loads[best] <= loads[least] + seq.prefix_len:
+                return best, True, 0
+        return least, False, seq.prefix_len if self._cacheable(seq.prefix_len) else 0
 
     def _growth_reserve(self) -> int:
         """Staging kept free by prefill for resident sequences' growth that their device tiers cannot absorb.

@@ -78,6 +78,15 @@ def plan_kv_reshard(src: Layout, src_replica: int, dst: Layout, dst_replica: int
     return pieces
 
 
+def reads_own_writes(layout: Layout, dims: ModelDims, node_of) -> bool:
+    """Can every rank of ``layout`` read the KV its own replica wrote under ``layout`` from its node's staging
+    area (each writer of a (layer, head) it holds on its node)? Needed to reuse a cached prompt prefix as a
+    prefill's context; ``node_of(instance_rank)`` is the rank's node."""
+    return all(node_of(piece.src_rank) == node_of(piece.dst_rank)
+               for replica in range(layout.dp)
+               for piece in plan_kv_reshard(layout, replica, layout, replica, dims))
+
+
 def pieces_for(pieces: list[KVPiece], *, src_rank: int | None = None,
                dst_rank: int | None = None) -> list[KVPiece]:
     """The pieces written by ``src_rank`` and/or read by ``dst_rank`` (``None`` matches any), in order."""

@@ -108,6 +108,11 @@ class ExtentAllocator:
             remaining -= take
         return extents
 
+    def share(self, extents: list[tuple[int, int]], refs: int = 1) -> None:
+        """``refs`` more holders of allocated ``extents`` (a cached prompt prefix reused by a new sequence)."""
+        for extent in map(tuple, extents):
+            self._refs[extent] = self.refs(extent) + refs
+
     def refs(self, extent: tuple[int, int]) -> int:
         """Holders an allocated extent has left (1 unless it was allocated shared)."""
         return self._refs.get(tuple(extent), 1)
@@ -233,6 +238,13 @@ class HostKV:
             done += take
 
     # ------------------------------------------------------------ reads
+    def read(self, layer: int, heads: range, extents, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A sequence's first ``tokens`` K and V of one layer and global KV ``heads``, each ``[heads, tokens,
+        head_dim]`` (views of the area when the sequence is one extent): a cached prompt prefix, read by the
+        prefill ranks that wrote it (or their node's neighbours) as the context of the prompts reusing it."""
+        block = self._load(range(layer, layer + 1), heads, extents, tokens)[0]
+        return block[0], block[1]
+
     def _load(self, layers: range, heads: range, extents, tokens: int) -> torch.Tensor:
         """A sequence's K/V for ``layers`` x ``heads``: ``[layers, 2, heads, tokens, head_dim]`` (a view of
         the area when the sequence is one extent)."""

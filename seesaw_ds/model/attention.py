@@ -39,11 +39,14 @@ class PrefillSink(Protocol):
 
 @dataclass
 class PrefillMeta:
-    """Packed prefill batch: sequence boundaries in the packed row and the KV sink."""
+    """Packed prefill batch: sequence boundaries in the packed row, the KV sink and, for prompts that
+    reuse a cached prefix, that prefix's K/V per layer (``contexts[i](layer) -> (keys, values)``, each
+    ``[kv_heads, P, head_dim]``; the prompt's rows are then its tokens from position P on)."""
 
     cu_seqlens: list[int]
     sink: PrefillSink
     bounds: torch.Tensor | None = None  # cu_seqlens as an int64 CPU tensor, made once for every layer
+    contexts: list[Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None] | None = None
 
     def __post_init__(self) -> None:
         if self.bounds is None:
@@ -89,18 +92,33 @@ def _eager(query, key, value, mask: torch.Tensor | None, scaling: float, softcap
 def _prefill(module, query, key, value, meta: PrefillMeta, scaling, window, softcap=None) -> torch.Tensor:
     # query [1, Hq, T, D]; key/value [1, Hkv, T, D]
     meta.sink(module.layer_idx, key[0], value[0])
+    if meta.contexts is not None:
+        contexts = [read(module.layer_idx) if read is not None else None for read in meta.contexts]
+        return _prefill_reference(query, key, value, meta.cu_seqlens, scaling, window, softcap, contexts)
     if kernels.built():
         return kernels.prefill_attention(query[0], key[0], value[0], meta.bounds, scaling, window, softcap)[None]
     return _prefill_reference(query, key, value, meta.cu_seqlens, scaling, window, softcap)
 
 
-def _prefill_reference(query, key, value, bounds: list[int], scaling, window, softcap=None) -> torch.Tensor:
-    """One SDPA (or eager, soft-capped) call per prompt: the path without the extension, and the tests' reference."""
+def _prefill_reference(query, key, value, bounds: list[int], scaling, window, softcap=None,
+                       contexts=None) -> torch.Tensor:
+    """One SDPA (or eager, soft-capped) call per prompt: the path without the extension, the path of a batch
+    with prompts over a cached prefix (``contexts[i]``: that prefix's ``(keys, values)``, or None), and the
+    tests' reference."""
     outputs = []
     gqa = query.shape[1] != key.shape[1]
-    for start, stop in zip(bounds[:-1], bounds[1:]):
+    for index, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
         q, k, v = query[:, :, start:stop], key[:, :, start:stop], value[:, :, start:stop]
-        if softcap:
+        context = contexts[index] if contexts is not None else None
+        if context is not None:  # rows are positions P.. of the prompt; keys its whole KV
+            done = context[0].shape[1]
+            k = torch.cat([context[0][None].to(k.dtype), k], dim=2)
+            v = torch.cat([context[1][None].to(v.dtype), v], dim=2)
+            mask = _window_mask(torch.arange(done, done + stop - start, device=query.device),
+                                torch.arange(done + stop - start, device=query.device), window)
+            out = (_eager(q, k, v, mask, scaling, softcap) if softcap else
+                   F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa))
+        elif softcap:
             positions = torch.arange(stop - start, device=query.device)
             out = _eager(q, k, v, _window_mask(positions, positions, window), scaling, softcap)
         elif window and stop - start > window:

@@ -35,6 +35,7 @@ class SeqWork:
     tokens: list[int]     # prefill: the prompt; decode: the last sampled token
     start: int = 0        # KV tokens already cached for this sequence
     staging_extents: list[tuple[int, int]] | None = None  # prefill into staging: the sequence's slots
+    context_extents: list[tuple[int, int]] | None = None  # prefill over a cached prefix: its `start` tokens' slots
     prompt_logits: bool = False  # prefill: also return the logits at every prompt position (prompt logprobs)
 
 
@@ -216,9 +217,23 @@ class Executor:
                     cache.write_sequence(layer, s.seq_id, s.start, keys[:, lo:hi], values[:, lo:hi])
         else:
             write = self.staging.prefill_sink(batch, bounds, self.groups)
-        meta = PrefillMeta(cu_seqlens=bounds, sink=write)
+        contexts = None
+        if any(s.context_extents for s in batch):
+            contexts = [self._staged_context(s) if s.context_extents else None for s in batch]
+        meta = PrefillMeta(cu_seqlens=bounds, sink=write, contexts=contexts)
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)[None, :]
         return meta, as_tensor(tokens), as_tensor(positions)
+
+    def _staged_context(self, work: SeqWork):
+        """A cached prompt prefix as attention context, per layer: this rank's KV heads of the prefix's
+        staged extents (written by this replica under this layout, on this node: kv.plan.reads_own_writes)."""
+        groups = self.groups
+        heads = kv_head_range(self.dims.num_kv_heads, groups.layout.tp, groups.tp_index)
+
+        def read(layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+            keys, values = self.staging.read(layer, heads, work.context_extents, work.start)
+            return keys.to(self.device, non_blocking=True), values.to(self.device, non_blocking=True)
+        return read
 
     def _decode_inputs(self, batch: list[SeqWork], cache: DeviceKVCache, ready):
         for s in batch:

@@ -66,3 +66,23 @@ def test_unimplemented_keyword_is_refused():
         seesaw_attention(SimpleNamespace(layer_idx=0), q, q, q, None, seesaw=meta, s_aux=torch.zeros(2))
     out, _ = seesaw_attention(SimpleNamespace(layer_idx=0), q, q, q, None, seesaw=meta, position_ids=None)
     assert out.shape == (1, 3, 2, 8)
+
+
+@pytest.mark.parametrize("window,softcap,heads", [(None, None, (4, 2)), (6, None, (4, 4)), (None, 30.0, (6, 2)),
+                                                  (5, 20.0, (4, 1))])
+def test_prefill_over_a_cached_prefix_equals_the_whole_prompt(window, softcap, heads):
+    """A prompt's suffix attending over its prefix's K/V (kept from an earlier step) gives the rows the whole
+    prompt gives, beside a prompt computed whole in the same batch."""
+    from seesaw_ds.model.attention import _prefill_reference
+
+    torch.manual_seed(0)
+    n_q, n_kv = heads
+    whole, other, done = 21, 9, 12
+    q = torch.randn(1, n_q, whole + other, 16)
+    k, v = torch.randn(1, n_kv, whole + other, 16), torch.randn(1, n_kv, whole + other, 16)
+    reference = _prefill_reference(q, k, v, [0, whole, whole + other], 0.25, window, softcap)
+    keep = torch.cat([torch.arange(done, whole), torch.arange(whole, whole + other)])
+    contexts = [(k[0, :, :done], v[0, :, :done]), None]
+    out = _prefill_reference(q[:, :, keep], k[:, :, keep], v[:, :, keep], [0, whole - done, whole - done + other],
+                             0.25, window, softcap, contexts)
+    torch.testing.assert_close(out, reference[:, :, keep], atol=1e-5, rtol=1e-5)

@@ -42,7 +42,8 @@ class Checker:
         return sum(self.held[s] for s, w in self.where.items() if w == r)
 
     def check_capacity(self) -> None:
-        assert self.staging() <= self.sched.staging_tokens
+        assert self.staging() + self.sched.prefix_cache_used_tokens <= self.sched.staging_tokens
+        assert self.sched.prefix_cache_used_tokens <= self.sched.prefix_cache_tokens
         for r in range(self.sched.num_decode_replicas):
             assert self.device(r) <= self.sched.blocks_per_replica
             running = sum(1 for w in self.where.values() if w == r)
@@ -98,7 +99,7 @@ class Checker:
         for s in finished:
             del self.where[s]
             self.done.add(s)
-        assert self.sched.staging_used_tokens == self.staging()
+        assert self.sched.staging_used_tokens == self.staging() + self.sched.prefix_cache_used_tokens
         for r in range(self.sched.num_decode_replicas):
             assert self.sched.device_used_blocks(r) == self.device(r)
 
@@ -319,3 +320,125 @@ def test_random_workloads_always_finish_within_capacity(policy):
         first = [request(i) for i in range(rng.randint(1, 25))]
         late = [request(100 + i) for i in range(rng.randint(0, 10))]
         run(sched, first, late=late, late_at=rng.randint(0, 30))
+
+
+# -- shared prefixes ----------------------------------------------------------------------------------------------
+@dataclass
+class PrefixModel:
+    """What the prefix cache holds, replayed from the plans: hits only where a prefix is cached."""
+
+    sched: Scheduler
+    prefix: dict[int, tuple[str, int]]
+    cache: set[tuple[str, int]] = field(default_factory=set)
+    computed: list[tuple[str, int]] = field(default_factory=list)
+
+    def apply(self, plan: StepPlan) -> None:
+        for entry in plan.dropped:
+            self.cache.remove(entry)
+        for r, group in enumerate(plan.prefill):
+            for s in group:
+                if s in plan.cached:
+                    assert (self.prefix[s][0], r) in self.cache, (s, r)
+                    assert plan.cached[s] == self.prefix[s][1]
+        for r, group in enumerate(plan.prefill):
+            for s in group:
+                if s in plan.retain:
+                    assert s not in plan.cached and (self.prefix[s][0], r) not in self.cache
+                    self.cache.add((self.prefix[s][0], r))
+                    self.computed.append((self.prefix[s][0], r))
+        assert self.sched.prefix_cache_used_tokens == sum(
+            next(length for s, (k, length) in self.prefix.items() if k == key) for key, _ in self.cache)
+
+
+def run_with_prefixes(sched: Scheduler, requests: list[Request], prefix: dict[int, tuple[str, int]]) -> PrefixModel:
+    checker, model = Checker(sched, {q.seq_id: q for q in requests}), PrefixModel(sched, prefix)
+    for q in requests:
+        sched.add_request(q.seq_id, q.prompt_len, q.max_new_tokens, prefix=prefix.get(q.seq_id))
+    for _ in range(10 * sum(q.finish_at + 1 for q in requests) + 10):
+        plan = sched.schedule()
+        if plan is None:
+            break
+        model.apply(plan)
+        finished = checker.apply(plan)
+        sched.complete(plan, finished)
+        checker.finish(finished)
+    else:
+        raise AssertionError("scheduler did not finish: livelock")
+    assert checker.done == set(checker.requests)
+    return model
+
+
+def test_shared_prefix_is_computed_once_per_replica_and_reused():
+    requests = uniform(40, 110, 8)
+    prefix = {q.seq_id: ("system", 100) for q in requests}
+    sched = make(staging=20000, device=4096, prefill_replicas=2, max_prefill_tokens=512)
+    sched.prefix_cache_tokens = 1000
+    model = run_with_prefixes(sched, requests, prefix)
+    assert sorted(model.computed) == [("system", 0), ("system", 1)]
+    stats = sched.stats()
+    assert stats["prefix_hits"] == 38 and stats["prefix_tokens_saved"] == 3800
+    # the two computing prompts fill a step; the hits count their 10 suffix tokens toward max_prefill_tokens
+    assert stats["prefill_steps"] <= 3
+
+
+def test_prompts_sharing_a_prefix_wait_while_it_is_computed_and_the_cache_drops_lru():
+    sched = make(staging=10000, device=4096, max_prefill_tokens=4096)
+    sched.prefix_cache_tokens = 150
+    sched.add_request(0, 120, 2, prefix=("a", 100))
+    sched.add_request(1, 120, 2, prefix=("a", 100))
+    sched.add_request(2, 120, 2)
+    plan = sched.schedule()
+    assert plan.prefill == [[0, 2]] and plan.retain == [0] and not plan.cached  # 1 waits for "a"
+    sched.complete(plan, [])
+    plan = sched.schedule()
+    assert plan.prefill == [[1]] and plan.cached == {1: 100}
+    sched.complete(plan, [])
+    sched.add_request(3, 120, 2, prefix=("b", 100))  # no room for both: "a" (least recently used) goes
+    plan = sched.schedule()
+    assert plan.prefill == [[3]] and plan.dropped == [("a", 0)] and plan.retain == [3]
+    assert sched.prefix_cache_used_tokens == 100
+
+
+def test_prefix_cache_yields_when_nothing_else_can_run():
+    sched = make(staging=400, device=4096)
+    sched.prefix_cache_tokens = 100
+    sched.add_request(0, 150, 1, prefix=("a", 100))
+    plan = sched.schedule()
+    assert plan.retain == [0]
+    sched.complete(plan, [0])
+    sched.add_request(1, 350, 1)  # fits the staging area only without the cached prefix
+    plan = sched.schedule()
+    assert plan.prefill == [[1]] and plan.dropped == [("a", 0)]
+
+
+def test_prefix_assignment_is_checked():
+    sched = make(staging=1000, device=1024)
+    sched.add_request(0, 10, 2)
+    with pytest.raises(ValueError, match="leave 1..9"):
+        sched.assign_prefix(0, "k", 10)
+
+
+@pytest.mark.parametrize("policy", ["seesaw", "prefill_first"])
+def test_random_workloads_with_prefixes_finish_within_capacity(policy):
+    for seed in range(120):
+        rng = random.Random(seed)
+        block = rng.choice([1, 2, 4])
+        device = block * rng.randint(4, 16)
+        staging = rng.randint(20, 160)
+        sched = make(policy, staging=staging, device=device, block=block, prefill_replicas=rng.randint(1, 3),
+                     decode_replicas=rng.randint(1, 2), max_prefill_tokens=rng.randint(4, 60),
+                     max_decode_seqs=rng.randint(1, 6))
+        sched.prefix_cache_tokens = rng.randint(0, staging // 2)
+        limit = min(staging, (device // block) * block)
+        lengths = {key: rng.randint(1, max(1, limit // 2)) for key in "abc"}
+        requests, prefix = [], {}
+        for i in range(rng.randint(1, 25)):
+            key = rng.choice("abc")
+            prompt = rng.randint(lengths[key] + 1, max(lengths[key] + 1, limit - 1))
+            if prompt >= limit:
+                prompt = rng.randint(1, max(1, limit - 1))
+            max_new = rng.randint(1, max(1, limit - prompt + 1))
+            requests.append(Request(i, prompt, max_new, rng.randint(1, max_new)))
+            if prompt > lengths[key]:
+                prefix[i] = (key, lengths[key])
+        run_with_prefixes(sched, requests, prefix)

@@ -1,0 +1,134 @@
+"""Shared prompt prefixes among the requests read ahead: which requests can reuse which computed prefix.
+
+Pure, leader-side bookkeeping (no torch, no I/O). A prompt is cut into blocks of ``block`` tokens and each
+block-aligned prefix gets a chained digest (BLAKE2b over the previous digest and the block's token ids, as
+vLLM's prefix caching hashes blocks). On admission a request is given a *prefix key*:
+
+1. the longest of its block prefixes that is already a known key (assigned to an earlier request, whose
+   KV is computed or will be), after an exact comparison of the token ids (a digest match alone never
+   decides: wrong output is worse than a recomputed prefix); else
+2. the longest block prefix it shares with a request still waiting in the read-ahead window; that prefix
+   becomes a known key, and the waiting requests holding it that have no key yet get it too, so the first
+   of them (in input order) computes it and the others reuse it.
+
+A prefix is at least ``min_tokens`` long and always leaves the prompt's last token to be computed (its
+logits give the first output token). The index holds only the waiting requests' digests and the keys that
+waiting requests or the scheduler's prefix cache still use, so it stays as bounded as the read-ahead.
+Which prefixes are actually kept computed, and when they are dropped, is the scheduler's decision
+(:mod:`seesaw_ds.engine.scheduler`); :meth:`PrefixIndex.release` forgets a key the cache dropped.
+"""
+from __future__ import annotations
+
+import hashlib
+from array import array
+from dataclasses import dataclass, field
+
+
+def block_digests(token_ids, block: int, limit: int) -> list[bytes]:
+    """Chained digests of the first ``limit`` full blocks of ``token_ids`` (digest i covers blocks 0..i)."""
+    digests, previous = [], b""
+    for index in range(limit):
+        chunk = array("q", token_ids[index * block:(index + 1) * block]).tobytes()
+        previous = hashlib.blake2b(previous + chunk, digest_size=16).digest()
+        digests.append(previous)
+    return digests
+
+
+@dataclass
+class _Known:
+    """A prefix key: its tokens (for the exact check), and who uses it."""
+
+    tokens: tuple[int, ...]
+    waiting: set[int] = field(default_factory=set)  # waiting requests assigned this key
+    cached: int = 0                                  # replicas whose prefix cache keeps it computed
+
+
+class PrefixIndex:
+    """Prefix keys of the waiting requests; see the module docstring."""
+
+    def __init__(self, block: int, min_tokens: int):
+        if block < 1 or min_tokens < 1:
+            raise ValueError(f"prefix block={block} and min_tokens={min_tokens} must be >= 1")
+        self.block = block
+        self.min_blocks = -(-min_tokens // block)
+        self._holders: dict[bytes, set[int]] = {}     # digest -> waiting requests whose prompt has that prefix
+        self._chains: dict[int, list[bytes]] = {}     # waiting request -> its digests
+        self._known: dict[bytes, _Known] = {}
+        self._key_of: dict[int, bytes] = {}           # waiting request -> its key
+        self._tokens: dict[int, object] = {}          # waiting request -> its prompt (for the exact checks)
+
+    def admit(self, request_id: int, token_ids) -> list[tuple[int, bytes, int]]:
+        """Index a newly read request; returns ``(request_id, key, length)`` for every request whose prefix
+        key this admission set (the new one, and waiting ones that now share a prefix with it)."""
+        usable = (len(token_ids) - 1) // self.block  # the last token is always computed
+        chain = block_digests(token_ids, self.block, usable) if usable >= self.min_blocks else []
+        assigned: list[tuple[int, bytes, int]] = []
+        for index in range(len(chain) - 1, self.min_blocks - 2, -1):  # a known key first, longest first
+            known = self._known.get(chain[index])
+            if known is not None and tuple(token_ids[:len(known.tokens)]) == known.tokens:
+                assigned.append(self._assign(request_id, chain[index]))
+                break
+        else:
+            for index in range(len(chain) - 1, self.min_blocks - 2, -1):  # else the longest shared one
+                length = (index + 1) * self.block
+                prefix = tuple(token_ids[:length])
+                holders = [other for other in sorted(self._holders.get(chain[index], ()))
+                           if tuple(self._tokens[other][:length]) == prefix]
+                if not holders or chain[index] in self._known:
+                    continue
+                self._known[chain[index]] = _Known(prefix)
+                assigned.append(self._assign(request_id, chain[index]))
+                assigned.extend(self._assign(other, chain[index]) for other in holders if other not in self._key_of)
+                break
+        self._chains[request_id] = chain
+        self._tokens[request_id] = token_ids
+        for digest in chain:
+            self._holders.setdefault(digest, set()).add(request_id)
+        return assigned
+
+    def _assign(self, request_id: int, key: bytes) -> tuple[int, bytes, int]:
+        known = self._known[key]
+        known.waiting.add(request_id)
+        self._key_of[request_id] = key
+        return request_id, key, len(known.tokens)
+
+    def leave(self, request_id: int) -> None:
+        """A request left the read-ahead window (it was prefilled, or refused)."""
+        self._tokens.pop(request_id, None)
+        for digest in self._chains.pop(request_id, ()):
+            holders = self._holders[digest]
+            holders.discard(request_id)
+            if not holders:
+                del self._holders[digest]
+        key = self._key_of.pop(request_id, None)
+        if key is not None:
+            self._known[key].waiting.discard(request_id)
+            self._forget_if_unused(key)
+
+    def cached(self, key: bytes) -> None:
+        """The scheduler keeps ``key``'s KV computed (on one more replica)."""
+        self._known[key].cached += 1
+
+    def release(self, key: bytes) -> None:
+        """The scheduler dropped ``key`` from one replica's prefix cache."""
+        known = self._known.get(key)
+        if known is not None:
+            known.cached -= 1
+            self._forget_if_unused(key)
+
+    def _forget_if_unused(self, key: bytes) -> None:
+        known = self._known[key]
+        if not known.waiting and not known.cached:
+            del self._known[key]
+
+    def key_of(self, request_id: int) -> bytes | None:
+        return self._key_of.get(request_id)
+
+    @property
+    def num_keys(self) -> int:
+        return len(self._known)
+
+    @property
+    def num_indexed(self) -> int:
+        """Digests held for the waiting requests (bounded by the read-ahead)."""
+        return len(self._holders)
