@@ -17,7 +17,9 @@ class WorkloadConfig:
     """Which requests every peer runs (``seesaw_ds.bench.workloads``)."""
 
     kind: str = "random"
-    """random | sharegpt_like | arxiv_like | chat | jsonl."""
+    """random | sharegpt_like | arxiv_like | chat | shared_prefix | jsonl."""
+    prefix_len: int = 1000
+    """shared_prefix: templated tokens of the system message every prompt shares (input_len: each prompt's own)."""
     input_len_min: int = 20
     """random: shortest prompt in tokens."""
     input_len_max: int = 500

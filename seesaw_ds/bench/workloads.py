@@ -12,6 +12,10 @@ Presets (the names of ``vllm bench throughput --dataset-name`` where one exists)
   long tail (the shape of ShareGPT conversations, which the Seesaw paper also uses);
 - ``arxiv_like``: summarisation-like lengths, long prompts (log-normal around ~1,200 tokens, capped by the
   model's context) and short outputs (~180 tokens): the prefill-heavy end of the Seesaw paper's workloads;
+- ``shared_prefix``: issue 15's prefix-sharing workload: one long system message of real text (``prefix_len``
+  templated tokens: a shared instruction block, as batch jobs repeat) before each prompt's own short user
+  passage (``input_len`` more tokens), in the model's chat template; short outputs (vLLM's prefix-caching
+  benchmark uses 10);
 - ``jsonl``: a file of ``{"prompt_token_ids": [...] | "prompt": "...", "max_tokens"|"output_len": N}`` lines.
 """
 from __future__ import annotations
@@ -23,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-PRESETS = ("random", "sharegpt_like", "arxiv_like", "chat", "jsonl")
+PRESETS = ("random", "sharegpt_like", "arxiv_like", "chat", "shared_prefix", "jsonl")
 #: The chat preset's instructions, one drawn per prompt before its passage.
 CHAT_INSTRUCTIONS = ("Summarize the following text in a few sentences.", "What is the main idea of this passage?",
                      "Rewrite this passage in simpler words.", "List the people and places this text mentions.",
@@ -229,11 +233,64 @@ def chat_workload(num_prompts: int, *, input_len: tuple[int, int], output_len: t
     return Workload("chat", prompts, outputs)
 
 
+def _sentences(corpus: str) -> list[str]:
+    sentences = [part.strip() + "." for part in corpus.replace("\n", " ").split(".") if part.strip()]
+    if not sentences:
+        raise ValueError("the workload's corpus has no sentences")
+    return sentences
+
+
+def _grow(render: Callable[[list[str]], int], sentences: list[str], start: int, target: int) -> list[str]:
+    """Words of the corpus from sentence ``start`` on, as many as make ``render(words)`` reach ``target``
+    tokens (the last sentence trimmed word by word to land on it)."""
+    words: list[str] = []
+    index = start
+    while render(words) < target:
+        words.extend(sentences[index % len(sentences)].split())
+        index += 1
+    while len(words) > 1 and render(words[:-1]) >= target:
+        words.pop()
+    return words
+
+
+def shared_prefix_workload(num_prompts: int, *, prefix_len: int, input_len: tuple[int, int],
+                           output_len: tuple[int, int], apply_chat_template: Callable[[list[dict]], list[int]],
+                           corpus: str, max_model_len: int, seed: int = 0) -> Workload:
+    """One system message of ``prefix_len`` templated tokens of real text shared by every prompt, then each
+    prompt's user passage (from a drawn sentence of the corpus) of ``input_len`` more tokens."""
+    if num_prompts < 1 or prefix_len < 1:
+        raise ValueError(f"num_prompts={num_prompts} and prefix_len={prefix_len} must be >= 1")
+    if prefix_len + input_len[1] + output_len[1] > max_model_len:
+        raise ValueError(f"prefix_len {prefix_len} + input_len max {input_len[1]} + output_len max {output_len[1]} "
+                         f"exceed the model's {max_model_len} positions; lower one of them")
+    sentences = _sentences(corpus)
+    instruction = "You extract facts. Read the reference text below, then answer the user's question in one line."
+    system_words = _grow(lambda words: len(apply_chat_template(
+        [{"role": "system", "content": f"{instruction}\n\n{' '.join(words)}"}])), sentences, 0, prefix_len)
+    system = {"role": "system", "content": f"{instruction}\n\n{' '.join(system_words)}"}
+    base = len(apply_chat_template([system]))
+    rng = random.Random(seed)
+    prompts, outputs = [], []
+    for _ in range(num_prompts):
+        target, out_len = rng.randint(*input_len), rng.randint(*output_len)
+        render = lambda words: apply_chat_template([system, {"role": "user", "content": " ".join(words)}])
+        words = _grow(lambda words: len(render(words)) - base, sentences, rng.randrange(len(sentences)), target)
+        prompts.append(render(words))
+        outputs.append(out_len)
+    return Workload("shared_prefix", prompts, outputs)
+
+
 def make_workload(kind: str, *, num_prompts: int, seed: int, token_range: tuple[int, int], max_model_len: int,
                   input_len: tuple[int, int] = (20, 500), output_len: tuple[int, int] = (128, 128),
-                  path: str | None = None, tokenize=None, apply_chat_template=None, corpus: str | None = None
-                  ) -> Workload:
+                  path: str | None = None, tokenize=None, apply_chat_template=None, corpus: str | None = None,
+                  prefix_len: int = 1000) -> Workload:
     """The workload of preset ``kind`` (one of :data:`PRESETS`)."""
+    if kind == "shared_prefix":
+        if apply_chat_template is None or corpus is None:
+            raise ValueError("workload.kind=shared_prefix needs a tokenizer with a chat template and a corpus")
+        return shared_prefix_workload(num_prompts, prefix_len=prefix_len, input_len=input_len, output_len=output_len,
+                                      apply_chat_template=apply_chat_template, corpus=corpus,
+                                      max_model_len=max_model_len, seed=seed)
     if kind == "chat":
         if apply_chat_template is None or corpus is None:
             raise ValueError("workload.kind=chat needs a tokenizer with a chat template and a corpus")

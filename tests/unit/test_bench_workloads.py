@@ -267,6 +267,29 @@ def test_chat_workload_is_real_text_in_the_template_at_drawn_lengths():
                       max_model_len=2048)
 
 
+def test_shared_prefix_workload_shares_one_long_system_message():
+    """The prefix-sharing preset: every prompt starts with the same templated system message of about
+    prefix_len tokens, then its own user passage of about input_len more."""
+    import os
+
+    from seesaw_ds.bench.workloads import make_workload
+
+    corpus = "The river ran quietly. Clara baked bread before dawn. People talked about the weather. " * 3
+    template = lambda messages: [ord(c) for m in messages for c in f"<{m['role']}>{m['content']}</{m['role']}>"]
+    workload = make_workload("shared_prefix", num_prompts=12, seed=0, token_range=(0, 10), max_model_len=2048,
+                             input_len=(40, 40), output_len=(32, 32), apply_chat_template=template, corpus=corpus,
+                             prefix_len=300)
+    shared = os.path.commonprefix([tuple(p) for p in workload.prompts])
+    assert workload.name == "shared_prefix" and workload.output_lens == [32] * 12
+    assert 300 <= len(shared) <= 300 + 20 and "".join(map(chr, shared)).startswith("<system>")
+    assert all(40 - 10 <= len(p) - len(shared) <= 40 + 30 for p in workload.prompts)  # "<user>" is shared too
+    assert len({tuple(p[len(shared):]) for p in workload.prompts}) > 1
+    with pytest.raises(ValueError, match="exceed the model"):
+        make_workload("shared_prefix", num_prompts=1, seed=0, token_range=(0, 10), max_model_len=200,
+                      input_len=(40, 40), output_len=(32, 32), apply_chat_template=template, corpus=corpus,
+                      prefix_len=300)
+
+
 def test_agreement_counts_tokens_before_the_first_difference():
     from seesaw_ds.bench.peers import PeerResult, agreement
 
