@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from seesaw_ds.distributed.layout import Layout, LayoutError, ModelDims, validate_layout
-from seesaw_ds.kv.plan import KVPiece, kv_reads, kv_writes, pieces_for, plan_kv_reshard
+from seesaw_ds.kv.plan import KVPiece, kv_reads, kv_writes, pieces_for, plan_kv_reshard, reads_own_writes
 
 NUM_TOKENS = 3
 HEAD_DIM = 2
@@ -183,3 +183,13 @@ def test_bad_rank_and_bad_layout_raise():
         kv_reads(Layout(pp=8), model, 0)
     with pytest.raises(ValueError, match="num_kv_heads=0"):
         kv_reads(Layout(), dims(4, 4, 0), 0)
+
+
+def test_a_replica_reads_its_own_staged_kv_only_where_its_writers_share_its_node():
+    """A cached prompt prefix is read back by the prefill ranks from their node's staging area: fine when
+    each rank's writers are on its node, refused when a TP group (with replicated KV heads) spans nodes."""
+    model = dims(4, 8, 2)
+    assert reads_own_writes(Layout(dp=2, pp=2), model, lambda rank: rank // 2)  # each replica on a node
+    assert reads_own_writes(Layout(pp=2, tp=2), model, lambda rank: rank // 2)  # a stage per node
+    # tp4 over 2 KV heads: ranks 1 and 3 read heads written by ranks 0 and 2; rank 1 sits on another node
+    assert not reads_own_writes(Layout(tp=4), model, lambda rank: rank % 2)
