@@ -317,7 +317,8 @@ def _kv_report(staging) -> dict:
     report = {"swap_out_bytes": staging.swap_out_bytes, "swap_out_seconds": staging.swap_out_seconds,
               "swap_out_wait_seconds": staging.swap_out_wait_seconds, "swap_in_bytes": staging.swap_in_bytes,
               "swap_in_seconds": staging.swap_in_seconds, "swap_in_wait_seconds": staging.swap_in_wait_seconds,
-              "remote_bytes": staging.remote_bytes, "memcpy_GBps": memcpy_gbps()}
+              "remote_bytes": staging.remote_bytes, "swap_in_shared_tokens": staging.swap_in_shared_tokens,
+              "memcpy_GBps": memcpy_gbps()}
     for direction in ("swap_out", "swap_in"):
         seconds = report[f"{direction}_seconds"]
         report[f"{direction}_GBps"] = report[f"{direction}_bytes"] / seconds / 1e9 if seconds else 0.0

@@ -59,6 +59,8 @@ class SeqState:
     """Which of the request's n samples this sequence is."""
     first_id: int = 0
     """The seq_id of the request's sample 0 (its samples have ids first_id..first_id+n-1)."""
+    shared: tuple[object, int] | None = None
+    """(key, tokens): the leading KV the device tier may hold once for several sequences (StagedSeq.shared)."""
 
     @property
     def final_tokens(self) -> int:
@@ -263,6 +265,15 @@ class Leader:
                            staging_extents=kept + self.extents.allocate(len(prompt) - length, refs=n))
         return SeqWork(seq_id, replica, list(prompt), 0, staging_extents=self.extents.allocate(len(prompt), refs=n))
 
+    def _device_shared(self, seq_id: int, prompt_len: int, n: int, prefix: tuple[bytes, int] | None
+                       ) -> tuple[object, int] | None:
+        """What of a prompt's KV the device tier may hold once for several sequences: with n > 1 samples the
+        prompt's whole blocks (all but its last token at least: each sample writes past it), else its shared
+        prefix (block-aligned: prefixes are found block by block in blocks of the device tier's size)."""
+        if n > 1:
+            return ("samples", seq_id), (prompt_len - 1) // self.scheduler.block_size * self.scheduler.block_size
+        return (prefix[0], prefix[1]) if prefix is not None else None
+
     def _take_release(self) -> list[int]:
         release, self._release = self._release, []
         return release
@@ -288,10 +299,13 @@ class Leader:
                     works.append(work)
                     if sampling.n > 1:
                         samples[seq_id] = list(range(seq_id + 1, seq_id + sampling.n))
+                    shared = self._device_shared(seq_id, len(prompt), sampling.n, prefix)
                 else:
                     extents = self.seqs[state.first_id].staged.extents
+                    shared = self.seqs[state.first_id].shared
+                state.shared = shared
                 state.staged = StagedSeq(seq_id, extents, len(prompt), writer="prefill", writer_replica=replica,
-                                         final_tokens=state.final_tokens)
+                                         final_tokens=state.final_tokens, shared=shared)
                 state.kv_tokens = len(prompt)
                 register[seq_id] = SeqSampling(sampling, sample_seed(state.request.seed, state.sample_index),
                                                len(prompt), state.request.bad_words_token_ids)
@@ -307,7 +321,7 @@ class Leader:
                 state = self.seqs[seq_id]
                 extents = self.extents.allocate(state.kv_tokens)
                 state.staged = StagedSeq(seq_id, extents, state.kv_tokens, writer="decode", writer_replica=replica,
-                                         final_tokens=state.final_tokens)
+                                         final_tokens=state.final_tokens, shared=state.shared)
                 state.replica = None
                 swap_out.append(state.staged)
         for replica, seq_ids in enumerate(plan.swap_in):

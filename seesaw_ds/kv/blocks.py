@@ -9,6 +9,13 @@ long it may grow (``reserve_tokens``: prompt plus ``max_tokens``), starts in the
 holds all of that, and the blocks after its current end stay *reserved* for its growth — other new
 sequences start elsewhere while they can. Reservations are soft: they never make an allocation fail, and
 the scheduler counts only blocks in use, so capacity is exactly as without them.
+
+Full blocks of a shared prompt prefix (a prefix several requests share, or the prompt of a request's n
+samples) are held once (:meth:`BlockAllocator.ensure_shared`): the first sequence with a prefix key lays its
+blocks out as usual and the prefix's whole blocks become the key's; a later sequence with the key starts its
+table with those blocks (reference-counted, never written again: a sequence writes only past its prompt, and a
+shared prefix ends on a block boundary) and gets blocks of its own for the rest. A block returns to the pool
+with its last holder. The scheduler still counts every sequence's blocks in full: a bound, never short.
 """
 from __future__ import annotations
 
@@ -44,6 +51,9 @@ class BlockAllocator:
         self._reserved: dict[int, range] = {}       # seq_id -> blocks kept for its growth
         self._goal: dict[int, int] = {}             # seq_id -> blocks it may reach (from reserve_tokens)
         self._reserve_count = [0] * num_blocks      # how many sequences reserve each block
+        self._refs: dict[int, int] = {}             # shared blocks -> holders (absent: one)
+        self._shared: dict[object, list] = {}       # prefix key -> [its blocks, holders]
+        self._key_of: dict[int, object] = {}        # seq_id -> the prefix key its table starts with
 
     @property
     def num_free(self) -> int:
@@ -111,9 +121,46 @@ class BlockAllocator:
             self._reserve(seq_id, range(start + 1, min(start + want, self.num_blocks)))
         return table
 
+    def ensure_shared(self, seq_id: int, num_tokens: int, key: object, prefix_tokens: int,
+                      reserve_tokens: int = 0) -> int:
+        """:meth:`ensure` for a new sequence whose first ``prefix_tokens`` tokens are the prefix ``key``: its
+        table starts with the key's blocks when they are resident (returns the tokens already there, which
+        need no copy), else its own first whole blocks become the key's (returns 0)."""
+        if seq_id in self.tables:
+            raise ValueError(f"sequence {seq_id} already holds blocks; a shared prefix starts a new table")
+        whole = min(prefix_tokens, num_tokens) // self.block_size
+        if whole == 0:
+            self.ensure(seq_id, num_tokens, reserve_tokens)
+            return 0
+        entry = self._shared.get(key)
+        if entry is None:
+            table = self.ensure(seq_id, num_tokens, reserve_tokens)
+            self._shared[key] = [table[:whole], 1]
+            self._key_of[seq_id] = key
+            return 0
+        blocks = entry[0]
+        self.tables[seq_id] = list(blocks)
+        for block in blocks:
+            self._refs[block] = self._refs.get(block, 1) + 1
+        entry[1] += 1
+        self._key_of[seq_id] = key
+        self.ensure(seq_id, num_tokens, reserve_tokens)
+        return len(blocks) * self.block_size
+
     def free(self, seq_id: int) -> None:
-        """Return ``seq_id``'s blocks to the pool (no-op for an unknown sequence)."""
+        """Return ``seq_id``'s blocks to the pool (no-op for an unknown sequence); a shared block returns
+        with its last holder."""
         self._unreserve(seq_id)
         self._goal.pop(seq_id, None)
+        key = self._key_of.pop(seq_id, None)
+        if key is not None:
+            entry = self._shared[key]
+            entry[1] -= 1
+            if not entry[1]:
+                del self._shared[key]
         for block in self.tables.pop(seq_id, []):
-            bisect.insort(self._free, block)
+            holders = self._refs.pop(block, 1) - 1
+            if holders:
+                self._refs[block] = holders
+            else:
+                bisect.insort(self._free, block)

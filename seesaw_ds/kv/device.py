@@ -97,6 +97,7 @@ class DeviceKVCache:
         return self.sequence_kv(layer, self.token_spans(seq_id, length))
 
     def write_heads(self, layer: int, seq_id: int, keys: torch.Tensor, values: torch.Tensor, head_lo: int,
-                    head_hi: int) -> None:
-        """Write tokens ``0..T`` of a sequence into local KV heads ``head_lo:head_hi`` (``[heads, T, dim]``)."""
-        self._write_span_heads(layer, seq_id, 0, keys, values, head_lo, head_hi)
+                    head_hi: int, start: int = 0) -> None:
+        """Write tokens ``start..start+T`` of a sequence into local KV heads ``head_lo:head_hi`` (``[heads, T,
+        dim]``)."""
+        self._write_span_heads(layer, seq_id, start, keys, values, head_lo, head_hi)

@@ -148,6 +148,9 @@ class StagedSeq:
     writer_replica: int
     reader_replica: int = 0
     final_tokens: int = 0  # the length it may reach (prompt + max_tokens): device blocks are reserved for it
+    shared: tuple[object, int] | None = None
+    """(key, tokens): its first `tokens` tokens are a prefix other sequences share (a common prompt prefix,
+    or the prompt of a request's n samples): the device tier holds that prefix's whole blocks once."""
 
 
 @dataclass
@@ -161,6 +164,8 @@ class TransferStats:
     swap_in_seconds: float = 0.0
     swap_in_wait_seconds: float = 0.0
     remote_bytes: int = 0
+    swap_in_shared_tokens: int = 0
+    """Tokens a swap-in found already in the device tier (a shared prefix's blocks), so did not copy."""
     events: list = field(default_factory=list)
 
 
@@ -268,11 +273,13 @@ class HostKV:
                 self.kv[layers.start:layers.stop, :, heads.start:heads.stop, start:start + take])
             done += take
 
-    def swap_in_pieces(self, cache, local_reads, received, heads: range) -> "SwapIn":
+    def swap_in_pieces(self, cache, local_reads, received, heads: range, present: dict[int, int] | None = None
+                       ) -> "SwapIn":
         """Start copying into ``cache`` (layer by layer, on the copy thread): ``local_reads`` ``(staged,
         piece)`` read from this area, ``received`` ``(staged, piece, block)`` already in host blocks;
-        ``heads`` are the cache's global KV heads."""
-        return SwapIn(self, cache, local_reads, received, heads)
+        ``heads`` are the cache's global KV heads; ``present[seq_id]``: its first tokens already in the cache
+        (not copied)."""
+        return SwapIn(self, cache, local_reads, received, heads, present or {})
 
     def close_worker(self) -> None:
         """Let queued copies finish and stop the copy thread."""
@@ -341,10 +348,17 @@ class StagingArea(HostKV):
             handle.wait()
         mine = dst_layout.coords(me)
         my_heads = kv_head_range(self.dims.num_kv_heads, dst_layout.tp, mine[2])
+        present: dict[int, int] = {}  # tokens a sequence finds in the device tier already (a shared prefix)
         for staged in seqs:
-            if staged.reader_replica == mine[0]:
+            if staged.reader_replica != mine[0]:
+                continue
+            if staged.shared is None:
                 cache.allocator.ensure(staged.seq_id, staged.num_tokens, reserve_tokens=staged.final_tokens)
-        return self.swap_in_pieces(cache, local_reads, received, my_heads)
+            else:
+                present[staged.seq_id] = cache.allocator.ensure_shared(
+                    staged.seq_id, staged.num_tokens, *staged.shared, reserve_tokens=staged.final_tokens)
+                self.stats.swap_in_shared_tokens += present[staged.seq_id]
+        return self.swap_in_pieces(cache, local_reads, received, my_heads, present)
 
     def _host_block(self, staged: StagedSeq, piece) -> torch.Tensor:
         """A host transfer block for one piece: ``[layers, 2, heads, tokens, head_dim]``."""
@@ -369,8 +383,9 @@ class SwapIn:
     then publishes the layer to :class:`~seesaw_ds.kv.transfer.LayerReady`.
     """
 
-    def __init__(self, area: HostKV, cache, local_reads, received, heads: range):
+    def __init__(self, area: HostKV, cache, local_reads, received, heads: range, present: dict[int, int]):
         self.area = area
+        self.present = present
         by_layer: dict[int, list] = {layer: [] for layer in cache.layers}
         for staged, piece, block in received:
             for offset, layer in enumerate(piece.layers):
@@ -379,8 +394,8 @@ class SwapIn:
             for layer in piece.layers:
                 by_layer[layer].append((staged, piece.kv_heads, None))
         element = torch.empty((), dtype=area.dtype).element_size()
-        self.nbytes = sum(2 * len(kv_heads) * staged.num_tokens * area.dims.head_dim * element
-                          for items in by_layer.values() for staged, kv_heads, _ in items)
+        self.nbytes = sum(2 * len(kv_heads) * (staged.num_tokens - present.get(staged.seq_id, 0))
+                          * area.dims.head_dim * element for items in by_layer.values() for staged, kv_heads, _ in items)
         compute = area.copies.begin()  # blocks being filled may still be read by work queued before
         self.ready = LayerReady(cache.layers, area.copies.streams, compute)
         self._future = area._worker.submit(self._copy, cache, by_layer, heads)
@@ -392,30 +407,42 @@ class SwapIn:
             for layer in cache.layers:
                 if copies.enabled:
                     event = copies.upload_layer(cache, layer, [self._piece(layer, item, heads)
-                                                               for item in by_layer[layer]])
+                                                               for item in by_layer[layer] if self._copies(item[0])])
                 else:
                     event = None
                     for staged, kv_heads, block in by_layer[layer]:
+                        if not self._copies(staged):
+                            continue
+                        skip = self.present.get(staged.seq_id, 0)
                         if block is None:  # a local piece: read it from the area now (a view: no copy)
                             block = area._load(range(layer, layer + 1), kv_heads, staged.extents,
                                                staged.num_tokens)[0]
                         lo, hi = kv_heads.start - heads.start, kv_heads.stop - heads.start
-                        cache.write_heads(layer, staged.seq_id, block[0], block[1], lo, hi)
+                        cache.write_heads(layer, staged.seq_id, block[0, :, skip:], block[1, :, skip:], lo, hi,
+                                          start=skip)
                 self.ready.publish(layer, event)
             copies.streams.synchronize(self.ready.last_event)  # the thread's time is the copy's
         finally:
             self.ready.release_all()
         return time.perf_counter() - began
 
+    def _copies(self, staged: StagedSeq) -> bool:
+        """Does the sequence have tokens to copy (not all of it already in the device tier)?"""
+        return self.present.get(staged.seq_id, 0) < staged.num_tokens
+
     def _piece(self, layer: int, item, heads: range):
         staged, kv_heads, block = item
-        shape = (2, len(kv_heads), staged.num_tokens, self.area.dims.head_dim)
-        if block is None:
+        skip = self.present.get(staged.seq_id, 0)
+        shape = (2, len(kv_heads), staged.num_tokens - skip, self.area.dims.head_dim)
+        if block is None and not skip:
             fill = lambda target: self.area._gather(target[None], range(layer, layer + 1), kv_heads,
                                                     staged.extents, staged.num_tokens)
+        elif block is None:
+            fill = lambda target: target.copy_(self.area._load(range(layer, layer + 1), kv_heads, staged.extents,
+                                                               staged.num_tokens)[0][:, :, skip:])
         else:
-            fill = lambda target: target.copy_(block)
-        return staged.seq_id, kv_heads.start - heads.start, kv_heads.stop - heads.start, shape, fill
+            fill = lambda target: target.copy_(block[:, :, skip:])
+        return staged.seq_id, kv_heads.start - heads.start, kv_heads.stop - heads.start, shape, fill, skip
 
     def wait(self, layer: int) -> None:
         """Block until ``layer`` of every swapped-in sequence is in the device tier (on an accelerator:

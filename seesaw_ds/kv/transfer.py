@@ -106,23 +106,24 @@ class DeviceCopies:
     def upload_layer(self, cache, layer: int, pieces: list[tuple[int, int, int, tuple, Callable]]) -> object:
         """Queue one layer's pieces into ``cache`` on the side stream; returns the event after them.
 
-        ``pieces``: ``(seq_id, head_lo, head_hi, shape [2, heads, T, head_dim], fill)``; ``fill(block)``
-        writes the piece into its part of the pinned host block (a host-side gather).
+        ``pieces``: ``(seq_id, head_lo, head_hi, shape [2, heads, T, head_dim], fill, start)``; ``fill(block)``
+        writes the piece (the sequence's tokens from ``start`` on) into its part of the pinned host block (a
+        host-side gather).
         """
-        sizes = [2 * shape[1] * shape[2] * shape[3] for *_, shape, _ in pieces]
+        sizes = [2 * shape[1] * shape[2] * shape[3] for *_, shape, _, _ in pieces]
         if not pieces:
             return self.streams.record(self.side)
         with self.streams.use(self.side):
             host = backend.host_empty((sum(sizes),), cache.keys.dtype)
             offset = 0
-            for (*_, shape, fill), size in zip(pieces, sizes):
+            for (*_, shape, fill, _), size in zip(pieces, sizes):
                 fill(host[offset:offset + size].view(shape))
                 offset += size
             device = torch.empty(host.shape, dtype=host.dtype, device=cache.keys.device)
             device.copy_(host, non_blocking=True)
             offset = 0
-            for (seq_id, head_lo, head_hi, shape, _), size in zip(pieces, sizes):
+            for (seq_id, head_lo, head_hi, shape, _, start), size in zip(pieces, sizes):
                 block = device[offset:offset + size].view(shape)
-                cache.write_heads(layer, seq_id, block[0], block[1], head_lo, head_hi)
+                cache.write_heads(layer, seq_id, block[0], block[1], head_lo, head_hi, start=start)
                 offset += size
             return self.streams.record(self.side)

@@ -63,6 +63,7 @@ def test_shared_prefixes_are_computed_once_per_replica_and_outputs_stay_exact(wo
     assert 2 <= stats["prefixes_computed"] <= 2 * replicas + 1, stats  # +1: the 20-token one, if it is shared
     assert stats["prefix_hits"] >= 14 - stats["prefixes_computed"], stats
     assert stats["prefix_tokens_saved"] >= 36 * 10
+    assert metrics["kv"]["swap_in_shared_tokens"] >= 36 * 4  # the device tier held a prefix once for others
     assert metrics["prefix"] == {"hits": stats["prefix_hits"], "tokens_saved": stats["prefix_tokens_saved"],
                                  "computed": stats["prefixes_computed"], "dropped": stats["prefixes_dropped"]}
     assert metrics["prompt_tokens"] == sum(len(json.loads(l)["prompt_token_ids"])

@@ -1,7 +1,8 @@
 """`n` samples per request through the whole job: on one rank, under tp2 and under pp2 -> tp2 (a staging area
 small enough for several layout switches, a device tier small enough to evict samples), each request's n
 seeded samples are the same under every layout and differ from each other; sample 0 is what the same
-request with n=1 draws; the prompt is prefilled once (metrics); an OpenAI chat line with n=2 has 2 choices."""
+request with n=1 draws; the prompt is prefilled once (metrics) and its whole blocks are held once by the device
+tier for the samples resident together; an OpenAI chat line with n=2 has 2 choices."""
 from __future__ import annotations
 
 import json
@@ -114,6 +115,7 @@ def test_prompts_are_prefilled_once(outputs, workload):
         assert metrics["scheduler"]["prefilled_prompts"] == len(lines), name
         samples = sum(line.get("n", line.get("body", {}).get("n", 1)) for line in lines.values())
         assert metrics["scheduler"]["prefilled_seqs"] == samples, name
+        assert metrics["kv"]["swap_in_shared_tokens"] > 0, f"{name}: the samples share their prompt's blocks"
     _, metrics = outputs["pp2-tp2"]
     assert metrics["scheduler"]["evictions"] > 0, "samples are evicted and swapped back in"
     assert metrics["num_transitions"] >= 3, "the small staging area makes prefill and decode alternate"

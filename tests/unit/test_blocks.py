@@ -80,3 +80,29 @@ def test_reservations_never_refuse_a_free_block(seed):
     for seq_id in list(lengths):
         alloc.free(seq_id)
     assert alloc.num_free == 97 and not any(alloc._reserve_count)
+
+
+def test_a_shared_prefix_is_held_once_and_freed_with_its_last_holder():
+    alloc = BlockAllocator(num_blocks=32, block_size=4)
+    assert alloc.ensure_shared(1, 14, "sys", 8, reserve_tokens=20) == 0  # first holder: lays out its own
+    first = alloc.tables[1]
+    assert alloc.ensure_shared(2, 11, "sys", 8, reserve_tokens=16) == 8  # starts with the prefix's 2 blocks
+    assert alloc.tables[2][:2] == first[:2] and not set(alloc.tables[2][2:]) & set(first)
+    assert alloc.num_free == 32 - len(first) - 1
+    alloc.free(1)  # the prefix blocks stay with holder 2; holder 1's own blocks return
+    assert alloc.num_free == 32 - 3 and set(alloc.tables[2][:2]) == set(first[:2])
+    assert alloc.ensure_shared(3, 9, "sys", 8) == 8 and alloc.tables[3][:2] == first[:2]
+    alloc.ensure(3, 13)  # grows past its prompt in blocks of its own
+    assert not set(alloc.tables[3][2:]) & set(alloc.tables[2])
+    alloc.free(2)
+    alloc.free(3)
+    assert alloc.num_free == 32
+    assert alloc.ensure_shared(4, 9, "sys", 8) == 0  # nobody holds it any more: laid out (and copied) again
+
+
+def test_a_prefix_shorter_than_a_block_is_not_shared_and_tables_must_be_new():
+    alloc = BlockAllocator(num_blocks=8, block_size=4)
+    assert alloc.ensure_shared(1, 6, "k", 3) == 0 and alloc.ensure_shared(2, 6, "k", 3) == 0
+    assert not set(alloc.tables[1]) & set(alloc.tables[2])
+    with pytest.raises(ValueError, match="already holds blocks"):
+        alloc.ensure_shared(1, 8, "k", 4)

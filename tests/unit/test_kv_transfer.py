@@ -96,9 +96,9 @@ def _cache(heads: int, streams=None) -> DeviceKVCache:
     if streams is not None:  # log which stream each cache write is queued on
         write_heads = cache.write_heads
 
-        def logged(layer, *args):
+        def logged(layer, *args, **kwargs):
             streams._add("write_heads", layer, streams.current().name)
-            write_heads(layer, *args)
+            write_heads(layer, *args, **kwargs)
         cache.write_heads = logged
     return cache
 
@@ -259,3 +259,30 @@ def test_remote_blocks_are_host_buffers(device_path):
     block = backend.host_empty((2, 3), torch.float32)
     assert getattr(block, backend.HOST_TAG, False)
     assert block.is_pinned() == (backend.accelerator_name() != "cpu")
+
+
+def test_swap_in_of_a_sequence_sharing_a_resident_prefix_copies_only_the_rest_on_both_paths():
+    """Sequence 2's staged KV starts with the same 4 tokens as sequence 1's (a shared prefix, one block of 4):
+    swapped in after sequence 1, its table starts with sequence 1's block and only its other tokens move."""
+    for streams in (None, FakeStreams()):
+        area = _area(backend.Streams(torch.device("cpu")) if streams is None else streams)
+        _fill(area)
+        area.kv[:, :, :, 40:44] = area.kv[:, :, :, 0:4]  # sequence 2's first extent holds the same prefix
+        piece = SimpleNamespace(layers=range(0, DIMS.num_layers), kv_heads=range(1, 4))
+        first = StagedSeq(seq_id=1, extents=[(0, 7)], num_tokens=7, writer="prefill", writer_replica=0,
+                          shared=("sys", 4))
+        second = StagedSeq(seq_id=2, extents=[(40, 4), (20, 5)], num_tokens=9, writer="prefill", writer_replica=0,
+                           shared=("sys", 4))
+        cache = _cache(3, streams)
+        present = {}
+        for seq in (first, second):
+            present[seq.seq_id] = cache.allocator.ensure_shared(seq.seq_id, seq.num_tokens, *seq.shared)
+        assert present == {1: 0, 2: 4} and cache.allocator.tables[2][0] == cache.allocator.tables[1][0]
+        swap = area.swap_in_pieces(cache, [(first, piece), (second, piece)], [], range(1, 4), present)
+        swap.finish()
+        assert swap.nbytes == 2 * 3 * (7 + 5) * DIMS.head_dim * 4 * DIMS.num_layers
+        for layer in range(DIMS.num_layers):
+            for seq in (first, second):
+                expected = area._load(range(layer, layer + 1), range(1, 4), seq.extents, seq.num_tokens)[0]
+                keys, values = cache.read_sequence(layer, seq.seq_id, seq.num_tokens)
+                assert torch.equal(keys, expected[0]) and torch.equal(values, expected[1])
