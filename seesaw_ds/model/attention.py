@@ -11,8 +11,10 @@ which reads the per-batch metadata passed down as the ``seesaw`` keyword:
 
 Each path is one call per layer into a backend (``kernels.py``: the CPU decode kernel over block runs, and
 the packed prefill loop in C++); a GPU backend (FlashInfer / flash-attn varlen) plugs in at the same two
-functions, :func:`_prefill` and :func:`_decode`. Where no backend applies (the extension could not be built;
-decode on an accelerator), the reference path runs one SDPA call per sequence. Attention logit
+functions, :func:`_prefill` and :func:`_decode`. Where the CPU kernel does not apply (decode on an
+accelerator, or no compiler), decode gathers every sequence's KV into one padded batch once per layer and
+makes one masked SDPA call (:func:`_decode_padded`: twice the KV traffic of a paged kernel, but no
+per-sequence launches); the per-sequence SDPA path is kept as the tests' reference. Attention logit
 soft-capping (Gemma 2) is ``cap * tanh(scores / cap)`` before the mask and float32 softmax, as transformers'
 eager attention. Any other keyword argument a family's attention module passes, and that this function does
 not implement, is refused rather than ignored.
@@ -63,11 +65,24 @@ class DecodeMeta:
     write_offsets: torch.Tensor     # [N] long
     ready: Callable[[int], None] | None = None  # blocks until a layer's swapped-in KV has landed
     runs: kernels.SpanRuns | None = None  # the spans flattened for the kernel (None: the reference path)
+    _padded: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def over(cls, cache, spans: list[list[tuple[int, int]]], **fields) -> "DecodeMeta":
         """The metadata for ``spans``, with the kernel's flattened runs (made once per step)."""
         return cls(cache=cache, spans=spans, runs=kernels.SpanRuns(spans), **fields)
+
+    def padded(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every sequence's cache slots as one padded ``[N, L]`` index (padding: slot 0) and the ``[N, L]``
+        mask of real tokens; made on the first layer, reused by the others."""
+        if self._padded is None:
+            lengths = [sum(count for _, count in spans) for spans in self.spans]
+            slots = torch.zeros(len(self.spans), max(lengths), dtype=torch.long)
+            for row, spans in enumerate(self.spans):
+                slots[row, :lengths[row]] = torch.cat([torch.arange(first, first + count) for first, count in spans])
+            valid = torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]
+            self._padded = slots.to(device), valid.to(device)
+        return self._padded
 
 
 def _window_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -142,7 +157,26 @@ def _decode(module, query, key, value, meta: DecodeMeta, scaling, window, softca
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         out = kernels.decode_attention(query[:, :, 0], flat_keys, flat_values, meta.runs, scale, window, softcap)
         return out[:, :, None]
+    if meta.runs is not None:
+        return _decode_padded(query, meta, flat_keys, flat_values, scaling, window, softcap)
     return _decode_reference(module, query, meta, flat_keys, flat_values, scaling, window, softcap)
+
+
+def _decode_padded(query, meta: DecodeMeta, flat_keys, flat_values, scaling, window, softcap=None):
+    """One masked SDPA call (or the eager soft-capped formula) over every sequence's KV gathered into a
+    padded batch: query [N, Hq, 1, D], the cache views [slots, Hkv, D]. Only the last ``window`` tokens of a
+    sequence are kept when set."""
+    slots, valid = meta.padded(query.device)
+    keys = flat_keys[slots].transpose(1, 2)      # [N, Hkv, L, D]
+    values = flat_values[slots].transpose(1, 2)
+    if window:
+        lengths = valid.sum(dim=1, keepdim=True)
+        valid = valid & (torch.arange(valid.shape[1], device=valid.device)[None, :] >= lengths - window)
+    mask = valid[:, None, None, :]               # [N, 1, 1, L]
+    if softcap:
+        return _eager(query, keys, values, mask, scaling, softcap)
+    return F.scaled_dot_product_attention(query, keys.to(query.dtype), values.to(query.dtype), attn_mask=mask,
+                                          scale=scaling, enable_gqa=query.shape[1] != keys.shape[1])
 
 
 def _decode_reference(module, query, meta: DecodeMeta, flat_keys, flat_values, scaling, window, softcap=None):
