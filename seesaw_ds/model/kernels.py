@@ -10,6 +10,24 @@ torch's JIT extension loader: the attention of a whole step in one call per laye
 - ``prefill_attention``: the packed ragged prefill row, one call per layer; inside, torch's fused SDPA per
   prompt (ATen, so it also runs on CUDA tensors), the eager formula where a soft-cap is set.
 
+One build per instruction set, chosen from ``/proc/cpuinfo``'s flags (:func:`isa`) and named after it, so that
+nodes with different CPUs sharing an environment do not load each other's build:
+
+- ``seesaw_decode_attention_avx512`` (avx512f/bw/vl/dq with avx2/fma/f16c): 16-lane loops for head sizes that
+  are multiples of 16; its AVX2 loops for other multiples of 8, plain loops for the rest. Decode attention is
+  a quarter or more of a bf16 SmolLM2 step; on the EPYC (Zen 4) guest it runs in 0.44x the time of the AVX2
+  loops this replaced (``launch/bench_attention.py``; 0.27x with fragmented block tables), most of that from
+  computing the query heads that share a KV head together (GQA: each key and value row read and widened once
+  for all of them) and from prefetching a sequence's KV into L2 across its runs, the rest (0.87x) from the
+  wider vectors.
+- ``seesaw_decode_attention_avx2`` (avx2, fma, f16c): the same loops over 8 lanes (head sizes multiples of 8).
+- ``seesaw_decode_attention_base``: plain loops only (any x86-64 or other CPU).
+
+Every path computes in float32 (the engine's agreement with a float32 reference is a tracked target): the
+bf16 dot-product instruction, which needs the query in bfloat16, measured slower even with the query split in
+two bfloat16 halves. The build has OpenMP (``-fopenmp``) so that the kernel's ``at::parallel_for`` spreads the
+sequences over torch's intra-op threads (one per rank by default).
+
 The extension is optional: where it cannot be built (no compiler), attention falls back to one SDPA call per
 sequence with the same results up to float rounding, after one warning.
 """
@@ -39,6 +57,30 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+#: the compiler flags of each build: AVX-512 also compiles the AVX2 loops (its fallback for head sizes that are
+#: multiples of 8 but not of 16)
+ISA_FLAGS = {
+    "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "base": [],
+}
+
+
+def isa(cpu_flags: set[str] | None = None) -> str:
+    """The widest build the CPU (``/proc/cpuinfo``'s flags by default) runs: ``avx512``, ``avx2`` or ``base``."""
+    flags = _cpu_flags() if cpu_flags is None else cpu_flags
+    if not {"avx2", "fma", "f16c"} <= flags:
+        return "base"
+    return "avx512" if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags else "avx2"
+
+
+def compile_flags(name: str) -> list[str]:
+    """The compiler flags of build ``name`` (:data:`ISA_FLAGS`); ``-fopenmp`` (also at link time) makes
+    ``at::parallel_for`` spread the sequences over torch's intra-op threads (without it the header-only
+    parallel_for runs serially)."""
+    return ["-O3", "-fopenmp"] + ISA_FLAGS[name]
+
+
 def load():
     """The compiled module, building it on first use (a file lock lets one rank build while the others
     wait; a lock left by a killed build is removed with a warning, seesaw_ds/distributed/jit_lock.py);
@@ -48,12 +90,11 @@ def load():
         return _module
     from torch.utils.cpp_extension import load as jit_load
 
-    wide = {"avx2", "fma", "f16c"} <= _cpu_flags()  # one build per instruction set: nodes may differ
-    flags = ["-O3", "-fopenmp-simd"] + (["-mavx2", "-mfma", "-mf16c"] if wide else [])
+    name = isa()  # one build per instruction set: nodes may differ
     export_extension_dir()
     try:
-        _module = jit_load(f"seesaw_decode_attention_{'avx2' if wide else 'base'}", [str(_SOURCE)],
-                           extra_cflags=flags, verbose=False)
+        _module = jit_load(f"seesaw_decode_attention_{name}", [str(_SOURCE)], extra_cflags=compile_flags(name),
+                           extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # no compiler, no headers: SDPA still works
         _failed = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
         log.warning("seesaw_ds decode-attention kernel unavailable (%s); using torch SDPA", _failed)

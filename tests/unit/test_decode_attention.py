@@ -1,7 +1,10 @@
 """The attention extension against the reference path (one torch SDPA / eager call per sequence) on the same
-paged cache and packed rows: GQA and MHA, sliding window, soft-cap, head sizes of the vectorized path
-(multiples of 8, one and two register chunks) and of the plain loop, sequence lengths around the 8-row blocks,
-sequences of one span and fragmented ones, float32 / bfloat16 / float16. Builds the extension once per venv."""
+paged cache and packed rows: GQA and MHA, sliding window, soft-cap, head sizes of the vectorized paths
+(multiples of 16 for AVX-512, of 8 for AVX2, one and several register chunks) and of the plain loop, sequence
+lengths around the 8- and 16-row blocks, sequences of one span and fragmented ones, float32 / bfloat16 /
+float16. The build is the one this machine's engine uses (``kernels.isa()``: on an AVX-512 CPU the AVX-512
+build, whose head sizes that are not multiples of 16 take its AVX2 loops, and of 8 its plain loop). Builds the
+extension once per venv."""
 from __future__ import annotations
 
 import random
@@ -18,6 +21,30 @@ from seesaw_ds.model.attention import DecodeMeta, _decode
 def test_kernel_builds_here():
     """This machine has a compiler: the engine must not silently run on the fallback."""
     assert kernels.load() is not None
+
+
+def test_build_is_the_widest_this_cpu_runs():
+    """One build per instruction set, chosen from /proc/cpuinfo: on this machine's CPU the widest it has, and
+    within it the widest path each head size allows."""
+    module = kernels.load()
+    name = kernels.isa()
+    assert module.__name__ == f"seesaw_decode_attention_{name}"
+    assert module.isa() == {"base": "portable"}.get(name, name)
+    widest = {"avx512": "avx512", "avx2": "avx2", "base": "portable"}[name]
+    assert module.path(64) == module.path(128) == module.path(16) == widest
+    assert module.path(40) == module.path(72) == ("portable" if name == "base" else "avx2")
+    assert module.path(12) == "portable"
+
+
+def test_isa_from_cpu_flags():
+    avx2 = {"avx2", "fma", "f16c"}
+    assert kernels.isa(avx2 | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"}) == "avx512"
+    assert kernels.isa(avx2 | {"avx512f", "avx512bw"}) == "avx2"  # no VL/DQ: not the AVX-512 build
+    assert kernels.isa(avx2) == "avx2"
+    assert kernels.isa({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2"}) == "base"  # no FMA/F16C
+    assert kernels.isa(set()) == "base"
+    assert "-mavx512f" in kernels.compile_flags("avx512") and "-mavx2" in kernels.compile_flags("avx512")
+    assert not any("avx512" in flag for flag in kernels.compile_flags("avx2"))
 
 
 def filled_cache(lengths: list[int], kv_heads: int, reserve: bool, head_dim: int = 32,
@@ -158,3 +185,79 @@ def test_bfloat16_cache_matches_float32_attention(heads, kv_heads, window, head_
                                                                 values[None], enable_gqa=heads != kv_heads)
         assert torch.allclose(fast[index].float(), want[0], atol=8e-3, rtol=8e-3), \
             (fast[index].float() - want[0]).abs().max()
+
+
+def _scattered_runs(rng: random.Random, lengths: list[int]) -> tuple[list[list[tuple[int, int]]], int]:
+    """Each sequence as runs of 1-20 slots with gaps between them (a fragmented block table); the cache size."""
+    spans, slot = [], 0
+    for length in lengths:
+        runs, left = [], length
+        while left:
+            count = min(left, rng.randint(1, 20))
+            runs.append((slot + rng.randint(0, 3), count))
+            slot = runs[-1][0] + count
+            left -= count
+        spans.append(runs)
+    return spans, slot + 4
+
+
+def _reference(query, keys, values, spans, scale, window, softcap):
+    """Attention in float64 over each sequence's slots (of the same, possibly rounded, cache values)."""
+    group = query.shape[1] // keys.shape[1]
+    out = []
+    for index, runs in enumerate(spans):
+        slots = torch.cat([torch.arange(first, first + count) for first, count in runs])[-window if window else 0:]
+        k = keys[slots].double().transpose(0, 1).repeat_interleave(group, 0)
+        v = values[slots].double().transpose(0, 1).repeat_interleave(group, 0)
+        scores = torch.einsum("hd,htd->ht", query[index].double(), k) * scale
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
+        out.append(torch.einsum("ht,htd->hd", torch.softmax(scores, -1), v))
+    return torch.stack(out).float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128, 16, 80, 40, 12])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (9, 3), (8, 2), (10, 2), (14, 2)])
+def test_kernel_paths_match_float64_reference(dtype, head_dim, heads, kv_heads):
+    """``kernels.decode_attention`` called directly, float32 query and output, against float64 attention over the
+    same cache values: GQA 1 (16-row score blocks), 3 (one sub-group of three heads), 4 (four), 5 (three + two)
+    and 7 (three + four); head sizes of one (16), four (64), eight (128) and 4 + 1 (80) 16-float vectors on the
+    AVX-512 path, 40 on the AVX2 loops, 12 on the plain loop; lengths around the 8- and 16-row blocks and long
+    enough for the prefetch to run ahead; fragmented runs; window and soft-cap. The cache dtype only rounds the
+    values: the arithmetic is float32 on every path, so the tolerance is float32's."""
+    rng = random.Random(heads * 1000 + head_dim)
+    torch.manual_seed(head_dim + heads)
+    lengths = [1, 3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 100, 257]
+    spans, slots = _scattered_runs(rng, lengths)
+    keys = torch.randn(slots, kv_heads, head_dim).to(dtype)
+    values = torch.randn(slots, kv_heads, head_dim).to(dtype)
+    query = torch.randn(len(lengths), heads, head_dim)
+    runs = kernels.SpanRuns(spans)
+    assert kernels.applies(keys)
+    for window, softcap in [(None, None), (21, None), (None, 2.5), (5, 30.0)]:
+        got = kernels.decode_attention(query, keys, values, runs, head_dim ** -0.5, window, softcap)
+        want = _reference(query, keys, values, spans, head_dim ** -0.5, window, softcap)
+        assert got.dtype == torch.float32
+        assert torch.allclose(got, want, atol=2e-5, rtol=2e-5), (window, softcap, (got - want).abs().max())
+
+
+def test_kernel_threads_give_the_same_result():
+    """Sequences are spread over torch's intra-op threads, each computed by one thread in the same order:
+    one thread and two give the same bits."""
+    rng = random.Random(5)
+    lengths = [rng.randint(1, 400) for _ in range(24)]
+    spans, slots = _scattered_runs(rng, lengths)
+    keys = torch.randn(slots, 3, 64).to(torch.bfloat16)
+    values = torch.randn(slots, 3, 64).to(torch.bfloat16)
+    query = torch.randn(len(lengths), 9, 64)
+    runs = kernels.SpanRuns(spans)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.decode_attention(query, keys, values, runs, 0.125)
+        torch.set_num_threads(2)
+        two = kernels.decode_attention(query, keys, values, runs, 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)

@@ -125,7 +125,7 @@ def test_kernel_loads_past_a_stale_lock(tmp_path):
     venv's build is copied in when there is one (so nothing compiles), else it is built (~30-50 s here)."""
     from seesaw_ds.model import kernels
 
-    name = f"seesaw_decode_attention_{'avx2' if {'avx2', 'fma'} <= kernels._cpu_flags() else 'base'}"
+    name = f"seesaw_decode_attention_{kernels.isa()}"
     built = Path(sys.prefix) / "torch_extensions" / name
     target = tmp_path / "ext" / name
     if built.is_dir():

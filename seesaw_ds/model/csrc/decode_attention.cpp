@@ -4,18 +4,36 @@
 // bfloat16 or float16 cache; query and arithmetic in float32). The cache is token-major
 // ([slots, kv_heads, head_dim]) and a sequence's KV is a list of runs of consecutive slots (its block
 // table, merged where blocks are adjacent), so each run's keys (then values) are read once, front to back,
-// a few rows at a time with every head of those rows while they are in L1. Per sequence: scores for every
-// query head over all of its runs, an optional sliding window (only the last `window` tokens) and logit
+// a block of rows at a time with every head of those rows while they are in L1. Per sequence: scores for
+// every query head over all of its runs, an optional sliding window (only the last `window` tokens) and logit
 // soft-cap (cap * tanh(s / cap), Gemma 2), a max-subtracted softmax, then the weighted sum of values divided
-// by the softmax total. Sequences are spread over the intra-op threads (at::parallel_for) and the GIL is
-// released for the call.
+// by the softmax total. Sequences are spread over the intra-op threads (at::parallel_for; the extension is
+// built with OpenMP, without which that header-only loop runs serially), longest first, each thread taking
+// the next when done; the GIL is released for the call.
 //
-// With AVX2 + FMA + F16C (and head_dim a multiple of 8) the three loops are vectorized by hand: eight key
-// rows are dotted with one query head at a time as eight independent FMA chains and reduced together (one
-// dot per head and row would be one chain of dependent FMAs), the exponentials are a polynomial over eight
-// lanes, and the value sum keeps a head's accumulators in registers. Otherwise a plain loop computes the
-// same. A bfloat16 cache is widened to float32 as it is read (a bfloat16 is the top half of a float32), a
-// float16 one through F16C: half the bytes from memory, the same float32 arithmetic.
+// Three implementations of the three loops, one chosen per call by the build and the head size:
+// - AVX-512 (built with -mavx512f/bw/vl/dq; head_dim a multiple of 16): sixteen float lanes.
+// - AVX2 + FMA + F16C (head_dim a multiple of 8; in the AVX-512 build, the head sizes that are not multiples
+//   of 16): eight lanes. The two share their loops (scores_vec, weighted_values_vec), written over the
+//   vector type (struct Avx2 / Avx512).
+// - plain loops (anything else, or a build without AVX2): the same results up to float rounding.
+// In the vector loops the query heads that share a KV head (GQA) are computed together, up to four at a time:
+// each key row is read and widened once for all of them and dotted with each as independent FMA chains
+// (S heads x R rows of accumulators, reduced together at the end: one dot per head and row would be one
+// chain of dependent FMAs), and each value row is widened once and added into every head's accumulators in
+// registers. The exponentials are a polynomial over the lanes. A bfloat16 cache is widened to float32 as it
+// is read (a bfloat16 is the top half of a float32), a float16 one through F16C: half the bytes from memory,
+// the same float32 arithmetic. A sequence's keys and values are prefetched into L2 as its keys are read, run
+// after run (Prefetcher): decode attention streams the whole cache from memory once per layer, and the
+// hardware prefetchers start cold at every run of a fragmented block table.
+//
+// Measured (launch/bench_attention.py: SmolLM2-135M, 9 query / 3 KV heads of 64, 64 sequences of 100-700
+// tokens, bf16 cache streamed from memory, one thread, EPYC Zen 4 guest): the AVX-512 build in 0.44x the time
+// of the AVX2 loops before (one query head at a time, prefetch into L1 within a run), this AVX2 build in about
+// 0.5x (the AVX-512 loops 0.87x of it; 0.8x with the cache in L2). Most of the gain is GQA reuse and the
+// prefetch into L2, the values' during the scores pass. With runs of 16 slots scattered over the cache: 0.27x
+// (prefetching across runs: 0.6x of prefetching within each). _mm512_dpbf16_ps for the scores (the query
+// split into two bfloat16 halves to keep float32 accuracy) measured 1.11x slower than the FMAs, so unused.
 //
 // prefill_attention: a packed row of ragged prompts ([heads, T, head_dim], boundaries in cu_seqlens), causal
 // within each prompt, in the tensors' own dtype through ATen (torch's fused SDPA kernels; the eager formula
@@ -23,16 +41,26 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <limits>
+#include <numeric>
+#include <string>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define SEESAW_AVX2 1
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#define SEESAW_AVX512 1
+#endif
 #endif
 
 namespace {
+
+// which loops a call runs: the build's widest that the head size allows
+enum class Path { plain, avx2, avx512 };
 
 struct Shape {
   int64_t n_q, n_kv, dim, group;
@@ -41,6 +69,60 @@ struct Shape {
 inline float to_float(float x) { return x; }
 inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
 inline float to_float(c10::Half x) { return static_cast<float>(x); }
+
+// a run of a sequence's KV: `count` consecutive cache slots from `first`
+struct Span {
+  int64_t first, count;
+};
+
+// Software prefetch of one sequence's keys or values, run after run (a run's rows are consecutive in the
+// cache: one range of bytes), each cache line once and in order, kept kPrefetchBytes ahead of the rows being
+// read (columns: the sequence's tokens in order, across its runs, so that the next run of a fragmented block
+// table is on its way before the last one ends), into L2 (prefetcht1). Measured on the EPYC (Zen 4) guest,
+// bf16 SmolLM2 shapes, KV streamed from memory: into L1 (prefetcht0) the prefetches stall on the L1's miss
+// buffers and the kernel ran 1.6x slower; 4, 8 and 16 KiB ahead alike; prefetching only every other line
+// (leaving the rest to the adjacent-line prefetcher) 1.7x slower.
+constexpr int64_t kPrefetchBytes = 8192;
+
+template <typename T>
+class Prefetcher {
+ public:
+  Prefetcher(const T* cache, const Span* spans, int64_t n_spans, int64_t stride)
+      : cache_(cache),
+        spans_(spans),
+        n_spans_(n_spans),
+        stride_(stride),
+        ahead_((kPrefetchBytes + stride * static_cast<int64_t>(sizeof(T)) - 1) /
+               (stride * static_cast<int64_t>(sizeof(T)))) {
+    start();
+  }
+  // every line of the rows of columns < column + the distance
+  void upto(int64_t column) {
+    const int64_t target = column + ahead_;
+    while (span_ < n_spans_) {
+      const Span& run = spans_[span_];
+      const int64_t rows = std::min(target - span_column_, run.count);
+      const char* stop = reinterpret_cast<const char*>(cache_ + (run.first + rows) * stride_);
+      for (; next_ < stop; next_ += 64) __builtin_prefetch(next_, 0, 2);
+      if (rows < run.count) return;
+      span_column_ += run.count;
+      ++span_;
+      start();
+    }
+  }
+
+ private:
+  void start() {
+    if (span_ < n_spans_)
+      next_ = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(cache_ + spans_[span_].first * stride_) &
+                                            ~uintptr_t{63});
+  }
+  const T* cache_;
+  const Span* spans_;
+  int64_t n_spans_, stride_, ahead_;
+  int64_t span_ = 0, span_column_ = 0;
+  const char* next_ = nullptr;
+};
 
 // ------------------------------------------------------------------------------------------- portable
 template <typename T>
@@ -93,15 +175,21 @@ void weighted_values_plain(const Shape& s, const float* weights, const T* values
 }
 
 #ifdef SEESAW_AVX2
+// ------------------------------------------------------------------------------------ both vector paths
+// how many of the `left` query heads of a KV head to compute together: up to four (3 + 2 for five, ...)
+inline int64_t sub_group(int64_t left) { return left > 4 ? 3 : left; }
+
 // ---------------------------------------------------------------------------------------------- AVX2
-inline float hsum(__m256 v) {
+#define SEESAW_INLINE __attribute__((always_inline)) inline
+
+SEESAW_INLINE float hsum(__m256 v) {
   __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   x = _mm_add_ps(x, _mm_movehl_ps(x, x));
   x = _mm_add_ss(x, _mm_movehdup_ps(x));
   return _mm_cvtss_f32(x);
 }
 
-inline float hmax(__m256 v) {
+SEESAW_INLINE float hmax(__m256 v) {
   __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   x = _mm_max_ps(x, _mm_movehl_ps(x, x));
   x = _mm_max_ss(x, _mm_movehdup_ps(x));
@@ -109,21 +197,27 @@ inline float hmax(__m256 v) {
 }
 
 // eight cache values as float32 lanes
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const c10::BFloat16* p) {
+SEESAW_INLINE __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+SEESAW_INLINE __m256 load8(const c10::BFloat16* p) {
   const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
-inline __m256 load8(const c10::Half* p) {
+SEESAW_INLINE __m256 load8(const c10::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-// lane i = the sum of the lanes of a[i]
-inline __m256 sum_each(const __m256* a) {
+// lane i = the sum of the lanes of a[i], i < 8
+SEESAW_INLINE __m256 sum_each(const __m256* a) {
   const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
   const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
   // s0123 = [a0..a3 over lanes 0-3 | a0..a3 over lanes 4-7], likewise s4567
   return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+// lane i = the sum of the lanes of a[i], i < 4
+SEESAW_INLINE __m128 sum_each4(const __m256* a) {
+  const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
 }
 
 // e^x for x <= 0 (softmax numerators): x = n ln2 + r, |r| <= ln2 / 2; e^r by a degree-7 polynomial
@@ -144,47 +238,6 @@ inline __m256 exp_nonpositive(__m256 x) {
   p = _mm256_add_ps(p, _mm256_set1_ps(1.0f));
   const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-}
-
-constexpr int64_t kRows = 8;     // key rows dotted together (one FMA chain each)
-constexpr int64_t kChunk = 64;   // value floats a head keeps in registers at once (8 vectors)
-constexpr int64_t kPrefetchBlocks = 2;  // how far ahead of the rows being dotted to prefetch (measured: 1-4 alike)
-
-template <typename T>
-void scores_avx2(const Shape& s, const float* q_seq, const T* keys, int64_t length, float scale,
-                 float* scores, int64_t ld) {
-  const int64_t stride = s.n_kv * s.dim;
-  const __m256 vscale = _mm256_set1_ps(scale);
-  int64_t t = 0;
-  for (; t + kRows <= length; t += kRows) {
-    const T* rows = keys + t * stride;
-    // the hardware prefetcher lags eight rows read side by side: ask for the rows two blocks ahead
-    const char* ahead = reinterpret_cast<const char*>(rows + kPrefetchBlocks * kRows * stride);
-    const char* end = reinterpret_cast<const char*>(keys + length * stride);
-    for (int64_t b = 0; b < kRows * stride * static_cast<int64_t>(sizeof(T)) && ahead + b < end; b += 64)
-      _mm_prefetch(ahead + b, _MM_HINT_T0);
-    for (int64_t h = 0; h < s.n_q; ++h) {
-      const float* q = q_seq + h * s.dim;
-      const T* k = rows + (h / s.group) * s.dim;
-      __m256 acc[kRows];
-      for (int j = 0; j < kRows; ++j) acc[j] = _mm256_setzero_ps();
-      for (int64_t c = 0; c < s.dim; c += 8) {
-        const __m256 qv = _mm256_loadu_ps(q + c);
-        for (int j = 0; j < kRows; ++j) acc[j] = _mm256_fmadd_ps(qv, load8(k + j * stride + c), acc[j]);
-      }
-      _mm256_storeu_ps(scores + h * ld + t, _mm256_mul_ps(sum_each(acc), vscale));
-    }
-  }
-  for (; t < length; ++t) {
-    const T* row = keys + t * stride;
-    for (int64_t h = 0; h < s.n_q; ++h) {
-      const float* q = q_seq + h * s.dim;
-      const T* k = row + (h / s.group) * s.dim;
-      __m256 acc = _mm256_setzero_ps();
-      for (int64_t c = 0; c < s.dim; c += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), load8(k + c), acc);
-      scores[h * ld + t] = hsum(acc) * scale;
-    }
-  }
 }
 
 float softmax_numerators_avx2(float* row, int64_t length) {
@@ -208,77 +261,421 @@ float softmax_numerators_avx2(float* row, int64_t length) {
   return total;
 }
 
-template <typename T>
-void weighted_values_avx2(const Shape& s, const float* weights, const T* values, int64_t length,
-                          float* o_seq, int64_t ld) {
+// The two vector paths share their loops (below), written over one of these: the vector, its lanes, how many
+// key rows a sub-group of S query heads dots at once (S * rows(S) accumulators: 8 or 12 of AVX2's 16
+// registers, 16 or 24 of AVX-512's 32), how many accumulators the value sum keeps, and the horizontal sums.
+struct Avx2 {
+  using Vec = __m256;
+  static constexpr int kLanes = 8;
+  static constexpr int64_t kBlock = 8;   // key rows per block
+  static constexpr int kValueAccumulators = 12;
+  static constexpr int rows(int s) { return s == 1 ? 8 : s == 4 ? 2 : 4; }
+  template <typename T>
+  static SEESAW_INLINE Vec load(const T* p) { return load8(p); }
+  static SEESAW_INLINE Vec loadf(const float* p) { return _mm256_loadu_ps(p); }
+  static SEESAW_INLINE void storef(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+  static SEESAW_INLINE Vec set1(float x) { return _mm256_set1_ps(x); }
+  static SEESAW_INLINE Vec zero() { return _mm256_setzero_ps(); }
+  static SEESAW_INLINE Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+
+  // scale * the sums of dots[s * R + j] to out[s * ld + j], j < n
+  template <int S, int R>
+  static SEESAW_INLINE void store_scores(const Vec* dots, int64_t n, float scale, float* out, int64_t ld) {
+    static_assert(S * R == 8 || S * R == 12, "8 or 12 accumulators");
+    alignas(32) float sums[S * R];
+    _mm256_store_ps(sums, _mm256_mul_ps(sum_each(dots), _mm256_set1_ps(scale)));
+    if constexpr (S * R == 12) _mm_store_ps(sums + 8, _mm_mul_ps(sum_each4(dots + 8), _mm_set1_ps(scale)));
+    for (int s = 0; s < S; ++s)
+      for (int64_t j = 0; j < n; ++j) out[s * ld + j] = sums[s * R + j];
+  }
+};
+#endif
+
+#ifdef SEESAW_AVX512
+// ------------------------------------------------------------------------------------------- AVX-512
+// sixteen cache values as float32 lanes
+SEESAW_INLINE __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+SEESAW_INLINE __m512 load16(const c10::BFloat16* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+SEESAW_INLINE __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// The horizontal sums of many accumulators at once, as a tree of pairwise folds (each fold halves the lanes
+// per accumulator and packs two accumulators' partial sums into one register):
+// [a.lo256 + a.hi256 | b.lo256 + b.hi256]
+SEESAW_INLINE __m512 fold256(__m512 a, __m512 b) {
+  return _mm512_add_ps(_mm512_mask_blend_ps(0xFF00, a, b), _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 3, 2)));
+}
+// a = [A | B], b = [C | D] (8 partials each) -> 128-bit lanes [A, B, C, D] (4 partials each)
+SEESAW_INLINE __m512 fold128(__m512 a, __m512 b) {
+  return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+// per 128-bit lane: a's 4 partials, b's 4 partials -> [a, a, b, b] (2 partials each)
+SEESAW_INLINE __m512 fold64(__m512 a, __m512 b) {
+  return _mm512_add_ps(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
+                       _mm512_shuffle_ps(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+}
+// per 128-bit lane: [a, a, c, c], [b, b, d, d] (2 partials each) -> [a, c, b, d]
+SEESAW_INLINE __m512 fold32(__m512 a, __m512 b) {
+  return _mm512_add_ps(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// lane i = the sum of the lanes of dots[i], i < 16. The tree leaves input slot 4k + m in lane 4m + k, so slot
+// p is fed dots[4 (p % 4) + p / 4] (a transpose, its own inverse) and the lanes come out in order.
+SEESAW_INLINE __m512 sum16(const __m512* dots) {
+  auto in = [dots](int p) { return dots[4 * (p % 4) + p / 4]; };
+  const __m512 s0 = fold256(in(0), in(1)), s1 = fold256(in(2), in(3)), s2 = fold256(in(4), in(5)),
+               s3 = fold256(in(6), in(7)), s4 = fold256(in(8), in(9)), s5 = fold256(in(10), in(11)),
+               s6 = fold256(in(12), in(13)), s7 = fold256(in(14), in(15));
+  const __m512 u0 = fold128(s0, s1), u1 = fold128(s2, s3), u2 = fold128(s4, s5), u3 = fold128(s6, s7);
+  return fold32(fold64(u0, u1), fold64(u2, u3));
+}
+
+// lane i = the sum of the lanes of dots[i], i < 8
+SEESAW_INLINE __m256 sum8(const __m512* dots) {
+  const __m512 v = fold64(fold128(fold256(dots[0], dots[1]), fold256(dots[2], dots[3])),
+                          fold128(fold256(dots[4], dots[5]), fold256(dots[6], dots[7])));
+  const __m512 w = fold32(v, v);  // lane 4m + k (k < 2): dots[4k + m]
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0);
+  return _mm512_castps512_ps256(_mm512_permutexvar_ps(order, w));
+}
+
+// e^x for x <= 0, the polynomial of exp_nonpositive over sixteen lanes (2^n by scalef: the same product)
+inline __m512 exp_nonpositive16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
+  p = _mm512_add_ps(p, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+float softmax_numerators_avx512(float* row, int64_t length) {
+  const int64_t whole = length - length % 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (length - whole)) - 1);
+  __m512 vpeak = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t i = 0; i < whole; i += 16) vpeak = _mm512_max_ps(vpeak, _mm512_loadu_ps(row + i));
+  vpeak = _mm512_max_ps(vpeak, _mm512_mask_loadu_ps(vpeak, tail, row + whole));
+  const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(vpeak));
+  __m512 vtotal = _mm512_setzero_ps();
+  for (int64_t i = 0; i < whole; i += 16) {
+    const __m512 e = exp_nonpositive16(_mm512_sub_ps(_mm512_loadu_ps(row + i), shift));
+    _mm512_storeu_ps(row + i, e);
+    vtotal = _mm512_add_ps(vtotal, e);
+  }
+  const __m512 e = exp_nonpositive16(_mm512_sub_ps(_mm512_mask_loadu_ps(shift, tail, row + whole), shift));
+  _mm512_mask_storeu_ps(row + whole, tail, e);
+  vtotal = _mm512_mask_add_ps(vtotal, tail, vtotal, e);
+  return _mm512_reduce_add_ps(vtotal);
+}
+
+// Measured (bf16 SmolLM2 shapes, KV from memory): 8 or 16 key rows per block alike, 32 slower (1.35x: the
+// prefetches of a block come in one burst); value blocks of 8-32 rows alike, 64 slower.
+struct Avx512 {
+  using Vec = __m512;
+  static constexpr int kLanes = 16;
+  static constexpr int64_t kBlock = 16;  // key rows per block
+  static constexpr int kValueAccumulators = 24;
+  static constexpr int rows(int s) { return s == 1 ? 16 : s == 4 ? 4 : 8; }
+  template <typename T>
+  static SEESAW_INLINE Vec load(const T* p) { return load16(p); }
+  static SEESAW_INLINE Vec loadf(const float* p) { return _mm512_loadu_ps(p); }
+  static SEESAW_INLINE void storef(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+  static SEESAW_INLINE Vec set1(float x) { return _mm512_set1_ps(x); }
+  static SEESAW_INLINE Vec zero() { return _mm512_setzero_ps(); }
+  static SEESAW_INLINE Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+
+  // scale * the sums of dots[s * R + j] to out[s * ld + j], j < n (masked stores)
+  template <int S, int R>
+  static SEESAW_INLINE void store_scores(const Vec* dots, int64_t n, float scale, float* out, int64_t ld) {
+    static_assert(S * R == 16 || S * R == 24, "16 or 24 accumulators");
+    const __m512 vscale = _mm512_set1_ps(scale);
+    const __m512 sums = _mm512_mul_ps(sum16(dots), vscale);  // dots s * R + j < 16
+    if constexpr (R == 16) {
+      _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << n) - 1), sums);
+    } else if constexpr (R == 8) {
+      const __mmask8 mask = static_cast<__mmask8>((1u << n) - 1);
+      _mm256_mask_storeu_ps(out, mask, _mm512_castps512_ps256(sums));
+      _mm256_mask_storeu_ps(out + ld, mask, _mm512_extractf32x8_ps(sums, 1));
+      if constexpr (S == 3)
+        _mm256_mask_storeu_ps(out + 2 * ld, mask, _mm256_mul_ps(sum8(dots + 16), _mm512_castps512_ps256(vscale)));
+    } else {
+      static_assert(R == 4, "4, 8 or 16 rows");
+      const __mmask8 mask = static_cast<__mmask8>((1u << n) - 1);
+      _mm_mask_storeu_ps(out, mask, _mm512_castps512_ps128(sums));
+      _mm_mask_storeu_ps(out + ld, mask, _mm512_extractf32x4_ps(sums, 1));
+      _mm_mask_storeu_ps(out + 2 * ld, mask, _mm512_extractf32x4_ps(sums, 2));
+      _mm_mask_storeu_ps(out + 3 * ld, mask, _mm512_extractf32x4_ps(sums, 3));
+    }
+  }
+};
+#endif
+
+#ifdef SEESAW_AVX2
+// --------------------------------------------------------------------- the vector loops (AVX2, AVX-512)
+// Under GQA the query heads that share a KV head are computed together, a sub-group of up to four at a time:
+// each key and value row is read and widened once for all of them instead of once per query head.
+
+// S query heads (q: S rows, dim apart) against up to R key rows (k: row 0, `stride` apart; n <= R valid):
+// S * R dot products as S * R independent FMA chains, summed together, scaled and stored to out[s * ld + j].
+// Rows past n repeat row n - 1 (no read past the run) and are not stored.
+template <typename Isa, int S, int R, typename T>
+void score_rows(const float* q, const T* k, int64_t stride, int64_t dim, int64_t n, float scale, float* out,
+                int64_t ld) {
+  using Vec = typename Isa::Vec;
+  const T* rows[R];
+#pragma GCC unroll 16
+  for (int j = 0; j < R; ++j) rows[j] = k + std::min<int64_t>(j, n - 1) * stride;
+  Vec acc[S * R];
+#pragma GCC unroll 24
+  for (int i = 0; i < S * R; ++i) acc[i] = Isa::zero();
+  for (int64_t c = 0; c < dim; c += Isa::kLanes) {
+    Vec qv[S];
+#pragma GCC unroll 4
+    for (int s = 0; s < S; ++s) qv[s] = Isa::loadf(q + s * dim + c);
+#pragma GCC unroll 16
+    for (int j = 0; j < R; ++j) {
+      const Vec kv = Isa::load(rows[j] + c);
+#pragma GCC unroll 4
+      for (int s = 0; s < S; ++s) acc[s * R + j] = Isa::fma(qv[s], kv, acc[s * R + j]);
+    }
+  }
+  Isa::template store_scores<S, R>(acc, n, scale, out, ld);
+}
+
+template <typename Isa, int S, typename T>
+inline void score_block(const float* q, const T* k, int64_t stride, int64_t dim, int64_t n, float scale, float* out,
+                        int64_t ld) {
+  constexpr int R = Isa::rows(S);
+  for (int64_t j = 0; j < n; j += R)
+    score_rows<Isa, S, R>(q, k + j * stride, stride, dim, std::min<int64_t>(R, n - j), scale, out + j, ld);
+}
+
+// scores[h * ld + t] for t < length, one run of a sequence (see scores_plain), a block of key rows at a time:
+// every KV head's query heads over the block while its rows are in L1
+// (the run's first column is `column`; the prefetchers walk the sequence's keys, and its values, which are read
+// next and would otherwise start cold: measured 13% faster)
+template <typename Isa, typename T>
+void scores_vec(const Shape& s, const float* q_seq, const T* keys, int64_t length, float scale, float* scores,
+                int64_t ld, int64_t column, Prefetcher<T>& key_fetch, Prefetcher<T>& value_fetch) {
   const int64_t stride = s.n_kv * s.dim;
-  for (int64_t h = 0; h < s.n_q; ++h) {
-    const float* w = weights + h * ld;
-    for (int64_t c0 = 0; c0 < s.dim; c0 += kChunk) {
-      const int64_t width = std::min(kChunk, s.dim - c0) / 8;
-      const T* v = values + (h / s.group) * s.dim + c0;
-      __m256 acc[kChunk / 8];
-      float* o = o_seq + h * s.dim + c0;
-      for (int64_t c = 0; c < width; ++c) acc[c] = _mm256_loadu_ps(o + c * 8);
-      for (int64_t t = 0; t < length; ++t) {
-        const __m256 wt = _mm256_broadcast_ss(w + t);
-        const T* row = v + t * stride;
-        for (int64_t c = 0; c < width; ++c) acc[c] = _mm256_fmadd_ps(wt, load8(row + c * 8), acc[c]);
+  for (int64_t t = 0; t < length; t += Isa::kBlock) {
+    const int64_t n = std::min(Isa::kBlock, length - t);
+    for (int64_t kv = 0; kv < s.n_kv; ++kv) {
+      // the block's prefetches a share per KV head rather than in one burst (measured: 16% faster)
+      key_fetch.upto(column + t + n * (kv + 1) / s.n_kv);
+      value_fetch.upto(column + t + n * (kv + 1) / s.n_kv);
+      const T* k = keys + t * stride + kv * s.dim;
+      for (int64_t h = kv * s.group, left = s.group; left > 0;) {
+        const int64_t take = sub_group(left);
+        const float* q = q_seq + h * s.dim;
+        float* out = scores + h * ld + t;
+        switch (take) {
+          case 1: score_block<Isa, 1>(q, k, stride, s.dim, n, scale, out, ld); break;
+          case 2: score_block<Isa, 2>(q, k, stride, s.dim, n, scale, out, ld); break;
+          case 3: score_block<Isa, 3>(q, k, stride, s.dim, n, scale, out, ld); break;
+          default: score_block<Isa, 4>(q, k, stride, s.dim, n, scale, out, ld); break;
+        }
+        h += take;
+        left -= take;
       }
-      for (int64_t c = 0; c < width; ++c) _mm256_storeu_ps(o + c * 8, acc[c]);
+    }
+  }
+}
+
+// o[s * dim + c] (c < V vectors) += sum over t < n of w[s * ld + t] * value row t (v: row 0, `stride` apart)
+// for the S heads of a sub-group: S * V accumulators in registers, each row widened once for the S heads
+template <typename Isa, int S, int V, typename T>
+void value_rows(const float* w, int64_t ld, const T* v, int64_t stride, int64_t n, float* o, int64_t dim) {
+  using Vec = typename Isa::Vec;
+  constexpr int L = Isa::kLanes;
+  Vec acc[S * V];
+#pragma GCC unroll 4
+  for (int s = 0; s < S; ++s)
+#pragma GCC unroll 8
+    for (int c = 0; c < V; ++c) acc[s * V + c] = Isa::loadf(o + s * dim + c * L);
+  for (int64_t t = 0; t < n; ++t) {
+    const T* row = v + t * stride;
+    Vec wt[S];
+#pragma GCC unroll 4
+    for (int s = 0; s < S; ++s) wt[s] = Isa::set1(w[s * ld + t]);
+#pragma GCC unroll 8
+    for (int c = 0; c < V; ++c) {
+      const Vec x = Isa::load(row + c * L);
+#pragma GCC unroll 4
+      for (int s = 0; s < S; ++s) acc[s * V + c] = Isa::fma(wt[s], x, acc[s * V + c]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int s = 0; s < S; ++s)
+#pragma GCC unroll 8
+    for (int c = 0; c < V; ++c) Isa::storef(o + s * dim + c * L, acc[s * V + c]);
+}
+
+// the head's dims in chunks of 8, 4, 2, 1 vectors, at most Isa::kValueAccumulators for the sub-group
+template <typename Isa, int S, typename T>
+void value_block(const float* w, int64_t ld, const T* v, int64_t stride, int64_t n, float* o, int64_t dim) {
+  constexpr int budget = Isa::kValueAccumulators / S;
+  constexpr int widest = budget >= 8 ? 8 : budget >= 4 ? 4 : 2;
+  constexpr int L = Isa::kLanes;
+  for (int64_t c = 0; c < dim;) {
+    const int64_t left = (dim - c) / L;
+    if constexpr (widest >= 8) {
+      if (left >= 8) {
+        value_rows<Isa, S, 8>(w, ld, v + c, stride, n, o + c, dim);
+        c += 8 * L;
+        continue;
+      }
+    }
+    if constexpr (widest >= 4) {
+      if (left >= 4) {
+        value_rows<Isa, S, 4>(w, ld, v + c, stride, n, o + c, dim);
+        c += 4 * L;
+        continue;
+      }
+    }
+    if (left >= 2) {
+      value_rows<Isa, S, 2>(w, ld, v + c, stride, n, o + c, dim);
+      c += 2 * L;
+    } else {
+      value_rows<Isa, S, 1>(w, ld, v + c, stride, n, o + c, dim);
+      c += L;
+    }
+  }
+}
+
+constexpr int64_t kValueRows = 32;  // value rows per block: every head's share while they are in L1
+
+// o_seq [n_q, dim] += the weighted values of one run (see weighted_values_plain), a block of rows at a time.
+// Most lines were asked for by the scores pass; asking again as the rows come near still measured 1.3x faster.
+template <typename Isa, typename T>
+void weighted_values_vec(const Shape& s, const float* weights, const T* values, int64_t length, float* o_seq,
+                         int64_t ld, int64_t column, Prefetcher<T>& fetch) {
+  const int64_t stride = s.n_kv * s.dim;
+  for (int64_t t = 0; t < length; t += kValueRows) {
+    const int64_t n = std::min(kValueRows, length - t);
+    for (int64_t kv = 0; kv < s.n_kv; ++kv) {
+      fetch.upto(column + t + n * (kv + 1) / s.n_kv);
+      const T* v = values + t * stride + kv * s.dim;
+      for (int64_t h = kv * s.group, left = s.group; left > 0;) {
+        const int64_t take = sub_group(left);
+        const float* w = weights + h * ld + t;
+        float* o = o_seq + h * s.dim;
+        switch (take) {
+          case 1: value_block<Isa, 1>(w, ld, v, stride, n, o, s.dim); break;
+          case 2: value_block<Isa, 2>(w, ld, v, stride, n, o, s.dim); break;
+          case 3: value_block<Isa, 3>(w, ld, v, stride, n, o, s.dim); break;
+          default: value_block<Isa, 4>(w, ld, v, stride, n, o, s.dim); break;
+        }
+        h += take;
+        left -= take;
+      }
     }
   }
 }
 #endif
 
-// One sequence: its runs (first slot, count) after the window is applied, `length` tokens in all.
+// the widest path of this build whose vectors divide the head size
+inline Path choose_path(int64_t dim) {
+  (void)dim;  // unused in the portable build
+#ifdef SEESAW_AVX512
+  if (dim % 16 == 0) return Path::avx512;
+#endif
+#ifdef SEESAW_AVX2
+  if (dim % 8 == 0) return Path::avx2;
+#endif
+  return Path::plain;
+}
+
+// One run's scores, softmax numerators and weighted values on the chosen path (the plain loops leave the
+// prefetching to the hardware)
+template <typename T>
+inline void run_scores(Path path, const Shape& shape, const float* q_seq, const T* k, int64_t count, float scale,
+                       float* scores, int64_t ld, int64_t column, Prefetcher<T>& key_fetch,
+                       Prefetcher<T>& value_fetch) {
+  (void)path, (void)column, (void)key_fetch, (void)value_fetch;
+#ifdef SEESAW_AVX512
+  if (path == Path::avx512)
+    return scores_vec<Avx512>(shape, q_seq, k, count, scale, scores, ld, column, key_fetch, value_fetch);
+#endif
+#ifdef SEESAW_AVX2
+  if (path == Path::avx2)
+    return scores_vec<Avx2>(shape, q_seq, k, count, scale, scores, ld, column, key_fetch, value_fetch);
+#endif
+  scores_plain(shape, q_seq, k, count, scale, scores, ld);
+}
+
+template <typename T>
+inline void run_values(Path path, const Shape& shape, const float* weights, const T* v, int64_t count,
+                       float* o_seq, int64_t ld, int64_t column, Prefetcher<T>& value_fetch) {
+  (void)path, (void)column, (void)value_fetch;
+#ifdef SEESAW_AVX512
+  if (path == Path::avx512)
+    return weighted_values_vec<Avx512>(shape, weights, v, count, o_seq, ld, column, value_fetch);
+#endif
+#ifdef SEESAW_AVX2
+  if (path == Path::avx2) return weighted_values_vec<Avx2>(shape, weights, v, count, o_seq, ld, column, value_fetch);
+#endif
+  weighted_values_plain(shape, weights, v, count, o_seq, ld);
+}
+
+inline float numerators(Path path, float* row, int64_t length) {
+  (void)path;
+#ifdef SEESAW_AVX512
+  if (path == Path::avx512) return softmax_numerators_avx512(row, length);
+#endif
+#ifdef SEESAW_AVX2
+  if (path == Path::avx2) return softmax_numerators_avx2(row, length);
+#endif
+  return softmax_numerators_plain(row, length);
+}
+
+// One sequence: its runs (first slot, count), of which the first `skip` tokens are outside the window,
+// `length` tokens in all after it.
 template <typename T>
 void attend_one(const Shape& shape, const float* q_seq, const T* k, const T* v, float* o_seq,
                 const int64_t* run_first, const int64_t* run_count, int64_t n_runs, int64_t skip, int64_t length,
-                float scale, float softcap, bool wide, std::vector<float>& scores,
-                std::vector<float>& totals) {
+                float scale, float softcap, Path path, std::vector<float>& scores, std::vector<float>& totals,
+                std::vector<Span>& spans) {
   const int64_t n_q = shape.n_q, stride = shape.n_kv * shape.dim, dim = shape.dim;
   scores.resize(n_q * length);
   totals.resize(n_q);
-  std::fill(o_seq, o_seq + n_q * dim, 0.f);
-  // pass 0: scores over every run (the first `skip` tokens are outside the window), then the softmax
-  // numerators; pass 1: the numerator-weighted sum of values, run by run
-  for (int pass = 0; pass < 2; ++pass) {
-    int64_t column = 0, skipped = 0;
-    for (int64_t r = 0; r < n_runs; ++r) {
-      int64_t first = run_first[r], count = run_count[r];
-      const int64_t drop = std::min(count, skip - skipped);
-      skipped += drop;
-      first += drop;
-      count -= drop;
-      if (count == 0) continue;
-      float* column_base = scores.data() + column;
-      if (pass == 0) {
-#ifdef SEESAW_AVX2
-        if (wide) scores_avx2(shape, q_seq, k + first * stride, count, scale, column_base, length);
-#endif
-        if (!wide) scores_plain(shape, q_seq, k + first * stride, count, scale, column_base, length);
-      } else {
-#ifdef SEESAW_AVX2
-        if (wide) weighted_values_avx2(shape, column_base, v + first * stride, count, o_seq, length);
-#endif
-        if (!wide) weighted_values_plain(shape, column_base, v + first * stride, count, o_seq, length);
-      }
-      column += count;
-    }
-    if (pass == 1) break;
-    if (softcap > 0.f) {
-      const float inverse_cap = 1.f / softcap;
-      for (int64_t i = 0; i < n_q * length; ++i) scores[i] = softcap * std::tanh(scores[i] * inverse_cap);
-    }
-    for (int64_t h = 0; h < n_q; ++h) {
-      float* row = scores.data() + h * length;
-#ifdef SEESAW_AVX2
-      if (wide) totals[h] = softmax_numerators_avx2(row, length);
-#endif
-      if (!wide) totals[h] = softmax_numerators_plain(row, length);
-    }
+  spans.clear();
+  for (int64_t r = 0, skipped = 0; r < n_runs; ++r) {  // the runs inside the window
+    const int64_t drop = std::min(run_count[r], skip - skipped);
+    skipped += drop;
+    if (run_count[r] > drop) spans.push_back({run_first[r] + drop, run_count[r] - drop});
   }
+  const int64_t n_spans = static_cast<int64_t>(spans.size());
+  std::fill(o_seq, o_seq + n_q * dim, 0.f);
+  // scores over every run, then the softmax numerators
+  Prefetcher<T> key_fetch(k, spans.data(), n_spans, stride), value_fetch(v, spans.data(), n_spans, stride);
+  for (int64_t r = 0, column = 0; r < n_spans; column += spans[r++].count)
+    run_scores(path, shape, q_seq, k + spans[r].first * stride, spans[r].count, scale, scores.data() + column,
+               length, column, key_fetch, value_fetch);
+  if (softcap > 0.f) {
+    const float inverse_cap = 1.f / softcap;
+    for (int64_t i = 0; i < n_q * length; ++i) scores[i] = softcap * std::tanh(scores[i] * inverse_cap);
+  }
+  for (int64_t h = 0; h < n_q; ++h) totals[h] = numerators(path, scores.data() + h * length, length);
+  // the numerator-weighted sum of values, run by run
+  Prefetcher<T> value_refetch(v, spans.data(), n_spans, stride);
+  for (int64_t r = 0, column = 0; r < n_spans; column += spans[r++].count)
+    run_values(path, shape, scores.data() + column, v + spans[r].first * stride, spans[r].count, o_seq, length,
+               column, value_refetch);
   for (int64_t h = 0; h < n_q; ++h) {  // divided once at the end, as SDPA does
     const float inverse = 1.f / totals[h];
     for (int64_t i = 0; i < dim; ++i) o_seq[h * dim + i] *= inverse;
@@ -289,18 +686,22 @@ template <typename T>
 void attend(const Shape& shape, const float* q, const T* k, const T* v, float* o, const int64_t* offsets,
             const int64_t* run_first, const int64_t* run_count, const int64_t* skips, const int64_t* lengths,
             int64_t n_seqs, float scale, float softcap) {
-#ifdef SEESAW_AVX2
-  const bool wide = shape.dim % 8 == 0;
-#else
-  const bool wide = false;
-#endif
+  const Path path = choose_path(shape.dim);
   const int64_t per_seq = shape.n_q * shape.dim;
-  at::parallel_for(0, n_seqs, 1, [&](int64_t begin, int64_t end) {
+  // longest first, each thread taking the next sequence when done with one: the lengths of a batch differ
+  // several-fold, and equal slices of it would leave a thread idle
+  std::vector<int64_t> order(n_seqs);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [lengths](int64_t a, int64_t b) { return lengths[a] > lengths[b]; });
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_seqs));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     std::vector<float> scores, totals;
-    for (int64_t seq = begin; seq < end; ++seq) {
-      const int64_t lo = offsets[seq], hi = offsets[seq + 1];
+    std::vector<Span> spans;
+    for (int64_t i = next.fetch_add(1); i < n_seqs; i = next.fetch_add(1)) {
+      const int64_t seq = order[i], lo = offsets[seq], hi = offsets[seq + 1];
       attend_one(shape, q + seq * per_seq, k, v, o + seq * per_seq, run_first + lo, run_count + lo, hi - lo,
-                 skips[seq], lengths[seq], scale, softcap, wide, scores, totals);
+                 skips[seq], lengths[seq], scale, softcap, path, scores, totals, spans);
     }
   });
 }
@@ -426,7 +827,30 @@ torch::Tensor prefill_attention(torch::Tensor query, torch::Tensor keys, torch::
   return out;
 }
 
+// the widest decode path this build has: avx512 (head_dim % 16 == 0; avx2 for other multiples of 8), avx2, or
+// portable
+std::string isa() {
+#if defined(SEESAW_AVX512)
+  return "avx512";
+#elif defined(SEESAW_AVX2)
+  return "avx2";
+#else
+  return "portable";
+#endif
+}
+
+// the path decode_attention takes for this head size in this build
+std::string path_for(int64_t head_dim) {
+  switch (choose_path(head_dim)) {
+    case Path::avx512: return "avx512";
+    case Path::avx2: return "avx2";
+    default: return "portable";
+  }
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("isa", &isa, "the widest decode-attention path compiled into this build");
+  m.def("path", &path_for, "the decode-attention path this build takes for a head size");
   m.def("decode_attention", &decode_attention,
         "seesaw_ds decode attention over one layer's paged cache (CPU; float32, bfloat16 or float16 cache)");
   m.def("prefill_attention", &prefill_attention,
