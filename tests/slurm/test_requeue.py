@@ -45,11 +45,13 @@ def local_reference(workload, tmp_path_factory) -> dict[str, list[int]]:
 
 def test_scontrol_requeue_of_running_job_resumes(slurm_cluster, workload, local_reference, tmp_path):
     """No io.output: run.sh's default run directory (runs/slurm-<job id>) must be the same after the requeue."""
-    job_id = slurm_cluster.submit(["-N", "2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
-                                   "--output", tmp_path / "slurm-%j.out", RUN_SH, *workload], cwd=tmp_path)
-    output = tmp_path / "runs" / f"slurm-{job_id}" / "outputs.jsonl"
-    slurm_cluster.wait_for(job_id, lambda i: i.get("JobState") == "RUNNING" and output.exists()
-                           and len(output.read_text().splitlines()) >= 3, timeout=300, what="answering")
+    outputs = lambda job_id: tmp_path / "runs" / f"slurm-{job_id}" / "outputs.jsonl"
+    job_id, _ = slurm_cluster.submit_until(
+        ["-N", "2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--output",
+         tmp_path / "slurm-%j.out", RUN_SH, *workload], tmp_path,
+        lambda job_id, i: i.get("JobState") == "RUNNING" and outputs(job_id).exists()
+        and len(outputs(job_id).read_text().splitlines()) >= 3, timeout=300, what="answering")
+    output = outputs(job_id)
     slurm_cluster.run(["scontrol", "requeue", job_id])
     requeued_at = time.monotonic()
     before = answers(output)
