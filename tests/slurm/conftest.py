@@ -27,6 +27,7 @@ CLUSTER_SCRIPT = REPO / "slurm" / "local_cluster.sh"
 #: properly terminated in client request", then a UCX address it cannot unpack). A job that failed so is
 #: submitted once more, saying so; any other failure fails the test.
 MPI_STARTUP_FAILURE = "Fatal error in internal_Init_thread"
+PMI_GARBLED = "mpi/pmi2: invalid client request"
 
 
 class MPIStartupFailure(Exception):
@@ -117,8 +118,10 @@ class SlurmCluster:
             info = self.job_info(job_id)
             if info and predicate(info):
                 return info
-            if info.get("JobState") == "FAILED" and MPI_STARTUP_FAILURE in self.output(job_id, info):
-                raise MPIStartupFailure(f"job {job_id} died in MPI_Init\n{self.describe(job_id, info)}")
+            log = self.output(job_id, info) if info else ""
+            if (info.get("JobState") == "FAILED" and MPI_STARTUP_FAILURE in log) or PMI_GARBLED in log:
+                self.run(["scancel", str(job_id)], check=False)  # a garbled PMI2 request can also hang MPI_Init
+                raise MPIStartupFailure(f"job {job_id} failed in MPI_Init\n{self.describe(job_id, info)}")
             time.sleep(self._poll_s)
         self.run(["scancel", str(job_id)], check=False)
         pytest.fail(
