@@ -198,7 +198,7 @@ def run_job(settings: JobConfig, runtime, run_dir: Path, *, tokenizer=None, stop
             SchedulerConfig(policy=settings.scheduler.policy, max_prefill_tokens=settings.scheduler.max_prefill_tokens,
                             low_watermark=settings.scheduler.low_watermark,
                             max_decode_seqs=settings.scheduler.max_decode_seqs),
-            staging_tokens=executor.staging.capacity, device_tokens=executor.device_tokens,
+            staging_tokens=capacity, device_tokens=executor.device_tokens,
             block_size=settings.kv.block_size, num_prefill_replicas=layouts["prefill"].dp,
             num_decode_replicas=layouts["decode"].dp, prefix_cache_tokens=prefix_cache)
         # One prefill step's worth of waiting prompts is all the scheduler can use per step (the leader refills
@@ -207,7 +207,7 @@ def run_job(settings: JobConfig, runtime, run_dir: Path, *, tokenizer=None, stop
         eos_ids = eos_token_ids(tokenizer, generation)
         # Structured output: grammars over the model's whole vocabulary (the logits' width), ended by eos.
         grammars = Grammars(tokenizer, runtime.checkpoint.dims.vocab_size, eos_ids)
-        leader = Leader(scheduler, executor.staging.capacity, tokenizer, eos_ids, source,
+        leader = Leader(scheduler, capacity, tokenizer, eos_ids, source,
                         refill_tokens=settings.scheduler.max_prefill_tokens, grammars=grammars, prefixes=prefixes)
     comm = topology.instance_comm
     last_progress = time.perf_counter()

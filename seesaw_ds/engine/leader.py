@@ -161,8 +161,6 @@ class Leader:
                  prefixes: PrefixIndex | None = None):
         self.scheduler = scheduler
         self.prefixes = prefixes
-        self._prefix_of: dict[int, tuple[bytes, int]] = {}  # waiting prompt (first id) -> its prefix key, length
-        self._waiting_cost: dict[int, int] = {}  # waiting prompt -> the tokens it counts toward the read-ahead
         self._prefix_extents: dict[tuple[bytes, int], list[tuple[int, int]]] = {}  # cached (key, replica)
         self.grammars = grammars
         self.extents = ExtentAllocator(staging_tokens)
@@ -211,14 +209,11 @@ class Leader:
                                                    sample_index=index, first_id=first_id)
         if num_samples > 1:
             self._answers[first_id] = _Answers([None] * num_samples)
-        self._waiting_cost[first_id] = len(request.prompt_token_ids)
         self._waiting_tokens += len(request.prompt_token_ids)
         if self.prefixes is not None and self._may_share_prefix(request):
             for prompt_id, key, length in self.prefixes.admit(first_id, request.prompt_token_ids):
                 self.scheduler.assign_prefix(prompt_id, key, length)
-                self._prefix_of[prompt_id] = (key, length)
-                self._waiting_cost[prompt_id] -= length  # the read-ahead counts the tokens to compute
-                self._waiting_tokens -= length
+                self._waiting_tokens -= length  # the read-ahead counts the tokens to compute
 
     @staticmethod
     def _may_share_prefix(request: Request) -> bool:
@@ -272,7 +267,7 @@ class Leader:
         prefix (block-aligned: prefixes are found block by block in blocks of the device tier's size)."""
         if n > 1:
             return ("samples", seq_id), (prompt_len - 1) // self.scheduler.block_size * self.scheduler.block_size
-        return (prefix[0], prefix[1]) if prefix is not None else None
+        return prefix
 
     def _take_release(self) -> list[int]:
         release, self._release = self._release, []
@@ -289,8 +284,8 @@ class Leader:
                 prompt = state.request.prompt_token_ids
                 sampling = state.request.sampling
                 if state.sample_index == 0:  # the prompt runs once; its KV is staged once for all samples
-                    self._waiting_tokens -= self._waiting_cost.pop(seq_id)
-                    prefix = self._prefix_of.pop(seq_id, None)
+                    prefix = self.prefixes.prefix_of(seq_id) if self.prefixes is not None else None
+                    self._waiting_tokens -= len(prompt) - (prefix[1] if prefix else 0)
                     work = self._prefill_work(seq_id, replica, prompt, sampling.n, prefix, plan)
                     if self.prefixes is not None:
                         self.prefixes.leave(seq_id)  # after the cache took its key, if it keeps it

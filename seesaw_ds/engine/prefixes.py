@@ -124,6 +124,11 @@ class PrefixIndex:
     def key_of(self, request_id: int) -> bytes | None:
         return self._key_of.get(request_id)
 
+    def prefix_of(self, request_id: int) -> tuple[bytes, int] | None:
+        """A waiting request's prefix key and its length in tokens, or None."""
+        key = self._key_of.get(request_id)
+        return None if key is None else (key, len(self._known[key].tokens))
+
     @property
     def num_keys(self) -> int:
         return len(self._known)

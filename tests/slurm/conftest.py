@@ -116,12 +116,12 @@ class SlurmCluster:
         info: dict[str, str] = {}
         while time.monotonic() < deadline:
             info = self.job_info(job_id)
-            if info and predicate(info):
-                return info
             log = self.output(job_id, info) if info else ""
             if (info.get("JobState") == "FAILED" and MPI_STARTUP_FAILURE in log) or PMI_GARBLED in log:
                 self.run(["scancel", str(job_id)], check=False)  # a garbled PMI2 request can also hang MPI_Init
                 raise MPIStartupFailure(f"job {job_id} failed in MPI_Init\n{self.describe(job_id, info)}")
+            if info and predicate(info):
+                return info
             time.sleep(self._poll_s)
         self.run(["scancel", str(job_id)], check=False)
         pytest.fail(
@@ -160,9 +160,7 @@ class SlurmCluster:
 
     def submit_and_wait(self, args: list[str], cwd, timeout: float = 60) -> tuple[str, str, str]:
         """sbatch ARGS, wait for the job to finish; returns (job_id, final state, output file content)."""
-        job_id, info = self.submit_until(args, cwd, lambda _, info: info.get("JobState") in TERMINAL_STATES
-                                         and not (info.get("JobState") == "FAILED"
-                                                  and MPI_STARTUP_FAILURE in self.output(_, info)),
+        job_id, info = self.submit_until(args, cwd, lambda _, info: info.get("JobState") in TERMINAL_STATES,
                                          timeout, "finished")
         return job_id, info.get("JobState", "UNKNOWN"), self.output(job_id, info)
 
