@@ -9,26 +9,26 @@ which reads the per-batch metadata passed down as the ``seesaw`` keyword:
 - **decode**: one new token per sequence, batched as ``[N, heads, 1, head_dim]``; its K/V are written into
   the paged device-tier cache and attention reads each sequence's blocks.
 
-Each path is one call per layer into a backend (``kernels.py``: the CPU decode kernel over block runs, and
-the packed prefill loop in C++); a GPU backend (FlashInfer / flash-attn varlen) plugs in at the same two
-functions, :func:`_prefill` and :func:`_decode`. Where the CPU kernel does not apply (decode on an
-accelerator, or no compiler), decode gathers every sequence's KV into one padded batch once per layer and
-makes one masked SDPA call (:func:`_decode_padded`: twice the KV traffic of a paged kernel, but no
-per-sequence launches); the per-sequence SDPA path is kept as the tests' reference. Attention logit
-soft-capping (Gemma 2) is ``cap * tanh(scores / cap)`` before the mask and float32 softmax, as transformers'
-eager attention. Any other keyword argument a family's attention module passes, and that this function does
+Each path is one call per layer into a backend: on a CPU, ``kernels.py`` (the decode kernel over block
+runs, and the packed prefill loop in C++); on an accelerator, ``device_attention.py`` (variable-length
+flash attention for the packed prefill). Where the CPU kernel does not apply (decode on an accelerator, or
+no compiler), decode gathers every sequence's KV into one padded batch once per layer and computes grouped
+scores with two batched matmuls (:func:`_decode_padded`: twice the KV traffic of a paged kernel, but no
+per-sequence launches and no per-shape set-up); the per-sequence SDPA path is kept as the tests'
+reference. Attention logit soft-capping (Gemma 2) is ``cap * tanh(scores / cap)`` before the mask and
+float32 softmax, as transformers' eager attention. Any other keyword argument a family's attention module passes, and that this function does
 not implement, is refused rather than ignored.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from seesaw_ds.model import kernels
+from seesaw_ds.model import device_attention, kernels
 
 ATTENTION_NAME = "seesaw"
 
@@ -49,6 +49,7 @@ class PrefillMeta:
     sink: PrefillSink
     bounds: torch.Tensor | None = None  # cu_seqlens as an int64 CPU tensor, made once for every layer
     contexts: list[Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None] | None = None
+    device_cache: dict = field(default_factory=dict)  # what an accelerator backend keeps across layers
 
     def __post_init__(self) -> None:
         if self.bounds is None:
@@ -74,13 +75,22 @@ class DecodeMeta:
 
     def padded(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Every sequence's cache slots as one padded ``[N, L]`` index (padding: slot 0) and the ``[N, L]``
-        mask of real tokens; made on the first layer, reused by the others."""
+        mask of real tokens; made on the first layer (a fixed number of tensor operations, whatever the
+        batch), reused by the others."""
         if self._padded is None:
-            lengths = [sum(count for _, count in spans) for spans in self.spans]
-            slots = torch.zeros(len(self.spans), max(lengths), dtype=torch.long)
-            for row, spans in enumerate(self.spans):
-                slots[row, :lengths[row]] = torch.cat([torch.arange(first, first + count) for first, count in spans])
-            valid = torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]
+            runs = self.runs if self.runs is not None else kernels.SpanRuns(self.spans)
+            runs_per_seq = runs.offsets.diff()
+            lengths = torch.zeros(len(runs_per_seq), dtype=torch.long).index_add_(
+                0, torch.repeat_interleave(torch.arange(len(runs_per_seq)), runs_per_seq), runs.count)
+            total = int(runs.count.sum())
+            run_of_token = torch.repeat_interleave(torch.arange(len(runs.count)), runs.count)
+            run_start = runs.count.cumsum(0) - runs.count          # each run's first token in the flat order
+            seq_start = lengths.cumsum(0) - lengths                # each sequence's first token likewise
+            seq_of_token = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+            token = torch.arange(total)
+            slots = torch.zeros(len(lengths), int(lengths.max()), dtype=torch.long)
+            slots[seq_of_token, token - seq_start[seq_of_token]] = runs.first[run_of_token] + token - run_start[run_of_token]
+            valid = torch.arange(slots.shape[1])[None, :] < lengths[:, None]
             self._padded = slots.to(device), valid.to(device)
         return self._padded
 
@@ -110,7 +120,12 @@ def _prefill(module, query, key, value, meta: PrefillMeta, scaling, window, soft
     if meta.contexts is not None:
         contexts = [read(module.layer_idx) if read is not None else None for read in meta.contexts]
         return _prefill_reference(query, key, value, meta.cu_seqlens, scaling, window, softcap, contexts)
-    if kernels.built():
+    if query.device.type != "cpu":
+        out = device_attention.prefill(query[0], key[0], value[0], meta.cu_seqlens, scaling, window, softcap,
+                                       meta.device_cache)
+        if out is not None:
+            return out[None]
+    elif kernels.built():
         return kernels.prefill_attention(query[0], key[0], value[0], meta.bounds, scaling, window, softcap)[None]
     return _prefill_reference(query, key, value, meta.cu_seqlens, scaling, window, softcap)
 
@@ -163,20 +178,32 @@ def _decode(module, query, key, value, meta: DecodeMeta, scaling, window, softca
 
 
 def _decode_padded(query, meta: DecodeMeta, flat_keys, flat_values, scaling, window, softcap=None):
-    """One masked SDPA call (or the eager soft-capped formula) over every sequence's KV gathered into a
-    padded batch: query [N, Hq, 1, D], the cache views [slots, Hkv, D]. Only the last ``window`` tokens of a
-    sequence are kept when set."""
+    """Every sequence's KV gathered into a padded batch, then grouped attention (:func:`_grouped`): query
+    [N, Hq, 1, D], the cache views [slots, Hkv, D]. Only the last ``window`` tokens of a sequence are kept
+    when set."""
     slots, valid = meta.padded(query.device)
     keys = flat_keys[slots].transpose(1, 2)      # [N, Hkv, L, D]
     values = flat_values[slots].transpose(1, 2)
     if window:
         lengths = valid.sum(dim=1, keepdim=True)
         valid = valid & (torch.arange(valid.shape[1], device=valid.device)[None, :] >= lengths - window)
-    mask = valid[:, None, None, :]               # [N, 1, 1, L]
+    return _grouped(query, keys.to(query.dtype), values.to(query.dtype), valid, scaling, softcap)
+
+
+def _grouped(query, keys, values, valid, scaling, softcap=None) -> torch.Tensor:
+    """transformers' eager attention for one query token per sequence, with the query heads of each KV head
+    taken together instead of repeating the KV heads: query [N, Hq, 1, D], keys/values [N, Hkv, L, D],
+    ``valid`` [N, L] (True: attend). Two batched matmuls and a float32 softmax, the same kernels for every
+    length (no per-shape set-up on an accelerator)."""
+    n, n_q, _, dim = query.shape
+    n_kv = keys.shape[1]
+    grouped = query.reshape(n, n_kv, n_q // n_kv, dim)             # query head h reads KV head h // group
+    scores = torch.matmul(grouped, keys.transpose(2, 3)) * scaling  # [N, Hkv, group, L]
     if softcap:
-        return _eager(query, keys, values, mask, scaling, softcap)
-    return F.scaled_dot_product_attention(query, keys.to(query.dtype), values.to(query.dtype), attn_mask=mask,
-                                          scale=scaling, enable_gqa=query.shape[1] != keys.shape[1])
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(weights, values).reshape(n, n_q, 1, dim)
 
 
 def _decode_reference(module, query, meta: DecodeMeta, flat_keys, flat_values, scaling, window, softcap=None):

@@ -19,7 +19,7 @@ from seesaw_ds.distributed.groups import Topology
 from seesaw_ds.distributed.layout import kv_head_range, layer_range
 from seesaw_ds.kv import sizing
 from seesaw_ds.kv.device import DeviceKVCache
-from seesaw_ds.model import kernels
+from seesaw_ds.model import device_attention, kernels
 from seesaw_ds.model.attention import DecodeMeta, PrefillMeta
 from seesaw_ds.model.families import ModelSpec
 from seesaw_ds.model.loader import HostWeights
@@ -88,6 +88,7 @@ class Executor:
         self.topology = topology
         self.dims = dims = spec.dims
         self.device = device or backend.device()
+        device_attention.configure(self.device)
         self.dtype = host.dtype
         self.block_size = block_size
         self.prefill_micro_batches = prefill_micro_batches

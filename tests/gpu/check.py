@@ -428,7 +428,7 @@ def write_report(path: Path, header: dict, parts: dict, on_cpu: bool) -> None:
     lines += [f"`bash tests/gpu/run.sh` on {header['device']}, {header['when']}: torch {header['torch']} "
               f"(CUDA {header['cuda']}), transformers {header['transformers']}, deepspeed {header['deepspeed']}, "
               f"Python {header['python']}, MPI: {header['mpi']}, DeepSpeed accelerator: {header['accelerator']}. "
-              f"Total {header['total_s']:.0f} s ({header['parts']}).", ""]
+              f"Total {header['total_s']:.0f} s ({header['parts']}). Attention: {header['attention']}.", ""]
     sections = (("job", "1. The whole job, bf16, one rank", _job_lines),
                 ("steps", "2. The executor step by step: staging, swap-in, eviction, a forced re-activation",
                  _steps_lines),
@@ -495,6 +495,9 @@ def main(argv: list[str]) -> int:
         outcome = "done" if isinstance(parts[name], dict) else f"FAILED ({parts[name]})"
         print(f"[gpu check] {name}: {outcome} in {durations[name]:.1f} s", flush=True)
     shutil.rmtree(work, ignore_errors=True)
+    from seesaw_ds.model import device_attention
+
+    header["attention"] = device_attention.describe(device)
     header["total_s"] = time.perf_counter() - began
     header["parts"] = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in durations.items())
     write_report(report, header, parts, on_cpu)

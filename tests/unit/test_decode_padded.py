@@ -1,6 +1,6 @@
 """The decode path where the CPU kernel does not apply (an accelerator's tensors, or no compiler): every
-sequence's KV gathered into one padded batch and one masked SDPA call per layer, equal to the per-sequence
-reference for every dtype, GQA ratio, window and soft-cap, with fragmented block tables."""
+sequence's KV gathered into one padded batch and grouped attention (two batched matmuls) per layer, equal to
+the per-sequence reference for every dtype, GQA ratio, window and soft-cap, with fragmented block tables."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -36,3 +36,25 @@ def test_padded_decode_equals_one_sdpa_per_sequence(dtype, heads, window, softca
     reference = _decode_reference(SimpleNamespace(layer_idx=0), query, meta, keys, values, 0.25, window, softcap)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(padded, reference, atol=tolerance, rtol=tolerance)
+
+
+def test_padded_index_lists_every_sequences_slots_in_order():
+    """The vectorized padded index equals each sequence's runs written out one by one."""
+    generator = torch.Generator().manual_seed(3)
+    spans, next_free = [], 0
+    for _ in range(9):
+        runs = []
+        for _ in range(int(torch.randint(1, 5, (1,), generator=generator))):
+            count = int(torch.randint(1, 7, (1,), generator=generator))
+            next_free += int(torch.randint(0, 4, (1,), generator=generator))
+            runs.append((next_free, count))
+            next_free += count
+        spans.append(runs)
+    meta = DecodeMeta.over(None, spans, write_blocks=torch.zeros(9, dtype=torch.long),
+                           write_offsets=torch.zeros(9, dtype=torch.long))
+    slots, valid = meta.padded(torch.device("cpu"))
+    for row, runs in enumerate(spans):
+        want = [first + i for first, count in runs for i in range(count)]
+        assert valid[row].sum().item() == len(want)
+        assert slots[row, :len(want)].tolist() == want
+        assert not valid[row, len(want):].any()

@@ -1,0 +1,99 @@
+"""The accelerator's prefill backend (seesaw_ds/model/device_attention.py) and when it is used: the
+variable-length call is taken only after it matched per-prompt SDPA once, with this torch's keywords; a
+wrong or failing one is refused with one warning and the per-prompt loop runs; CPU tensors never reach it."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seesaw_ds.model import attention, device_attention
+
+
+def _fake_varlen(causal: bool = True):
+    """A varlen_attn stand-in on the CPU with this torch's public keywords: [T, H, D] in and out."""
+
+    def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                    enable_gqa=False, **_):
+        bounds = cu_seq_q.tolist()
+        out = [F.scaled_dot_product_attention(query[a:b].transpose(0, 1)[None], key[a:b].transpose(0, 1)[None],
+                                              value[a:b].transpose(0, 1)[None], scale=scale, enable_gqa=enable_gqa,
+                                              is_causal=causal and tuple(window_size) == (-1, 0))[0].transpose(0, 1)
+               for a, b in zip(bounds[:-1], bounds[1:])]
+        return torch.cat(out)
+    return varlen_attn
+
+
+@pytest.fixture(autouse=True)
+def fresh_state(monkeypatch):
+    monkeypatch.setattr(device_attention, "_state", {})
+
+
+def _packed(n_q=6, n_kv=2, dim=16, bounds=(0, 4, 13, 20), dtype=torch.bfloat16):
+    generator = torch.Generator().manual_seed(5)
+    make = lambda heads: torch.randn(heads, bounds[-1], dim, generator=generator, dtype=dtype)
+    return make(n_q), make(n_kv), make(n_kv), list(bounds)
+
+
+def test_a_matching_varlen_call_is_used(monkeypatch):
+    monkeypatch.setattr(device_attention, "_varlen", lambda: _fake_varlen())
+    query, key, value, bounds = _packed()
+    cache: dict = {}
+    out = device_attention.prefill(query, key, value, bounds, 0.25, None, None, cache)
+    assert out is not None and "cu" in cache
+    want = attention._prefill_reference(query[None], key[None], value[None], bounds, 0.25, None)[0]
+    torch.testing.assert_close(out, want, atol=2e-2, rtol=2e-2)
+
+
+def test_a_wrong_or_failing_varlen_call_is_refused_once_with_a_warning(monkeypatch, caplog):
+    monkeypatch.setattr(device_attention, "_varlen", lambda: _fake_varlen(causal=False))
+    query, key, value, bounds = _packed()
+    with caplog.at_level(logging.WARNING, logger=device_attention.__name__):
+        assert device_attention.prefill(query, key, value, bounds, 0.25, None, None, {}) is None
+        assert device_attention.prefill(query, key, value, bounds, 0.25, None, None, {}) is None
+    warnings = [r for r in caplog.records if "not used for prefill" in r.getMessage()]
+    assert len(warnings) == 1 and "differs from per-prompt SDPA" in warnings[0].getMessage()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image is available for execution on the device")
+    monkeypatch.setattr(device_attention, "_state", {})
+    monkeypatch.setattr(device_attention, "_varlen", lambda: broken)
+    assert device_attention.prefill(query, key, value, bounds, 0.25, None, None, {}) is None
+
+
+def test_torch_varlen_on_the_cpu_is_refused_not_raised():
+    """The real torch function (CUDA-only where it exists): the check turns it down instead of failing."""
+    query, key, value, bounds = _packed()
+    assert device_attention.prefill(query, key, value, bounds, 0.25, None, None, {}) is None
+
+
+@pytest.mark.parametrize("window,softcap,dtype", [(4, None, torch.bfloat16), (None, 30.0, torch.bfloat16),
+                                                  (None, None, torch.float32)])
+def test_windows_soft_caps_and_float32_take_the_per_prompt_loop(monkeypatch, window, softcap, dtype):
+    calls = []
+    monkeypatch.setattr(device_attention, "_varlen", lambda: calls.append(1) or _fake_varlen())
+    query, key, value, bounds = _packed(dtype=dtype)
+    assert device_attention.prefill(query, key, value, bounds, 0.25, window, softcap, {}) is None
+    assert not calls
+
+
+def test_cpu_tensors_never_reach_the_accelerator_backend(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("device_attention.prefill called with CPU tensors")
+    monkeypatch.setattr(device_attention, "prefill", forbidden)
+    query, key, value, bounds = _packed(dtype=torch.float32)
+    sunk = []
+    meta = attention.PrefillMeta(cu_seqlens=bounds, sink=lambda layer, k, v: sunk.append(layer))
+    module = type("Module", (), {"layer_idx": 0})()
+    out = attention._prefill(module, query[None], key[None], value[None], meta, 0.25, None)
+    want = attention._prefill_reference(query[None], key[None], value[None], bounds, 0.25, None)
+    torch.testing.assert_close(out, want)
+    assert sunk == [0]
+
+
+def test_configure_leaves_the_cpu_alone():
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    device_attention.configure(torch.device("cpu"))
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
