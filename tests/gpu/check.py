@@ -31,6 +31,7 @@ REPO = HERE.parent.parent
 MAX_TOKENS = 12
 JOB_PROMPT_LENGTHS = (5, 23, 9, 30, 14, 3, 27, 11, 18, 7, 25, 16)
 STEP_PROMPT_LENGTHS = (6, 19, 33, 12)
+KEPT = "<!-- tests/gpu/run.sh rewrites the page above this line and keeps what is below it. -->"
 NO_CUDA_LINE = ("tests/gpu/run.sh: no CUDA device here, so the GPU check did not run "
                 "(SEESAW_GPU_CHECK_ON_CPU=1 rehearses it on the CPU)")
 
@@ -440,6 +441,9 @@ def write_report(path: Path, header: dict, parts: dict, on_cpu: bool) -> None:
     lines += ["---", "Written by `bash tests/gpu/run.sh` (what each part runs: `tests/gpu/check.py`; the wheels a "
               "GPU machine without DeepSpeed or Hydra needs: `tests/gpu/fetch_wheels.sh`; NCCL, Slurm and a first "
               "multi-GPU run: `docs/cluster.md`)."]
+    kept = path.read_text().partition(KEPT)[2] if path.exists() and KEPT in path.read_text() else ""
+    if kept:  # the page's hand-written part (how to run it, what was learnt) stays under the figures
+        lines += ["", KEPT + kept.rstrip("\n")]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 

@@ -24,12 +24,15 @@ def test_without_cuda_one_line_and_exit_0():
 @no_cuda
 def test_cpu_rehearsal_runs_every_step(tmp_path):
     report = tmp_path / "gpu.md"
+    report.write_text("old figures\n<!-- tests/gpu/run.sh rewrites the page above this line and keeps what is "
+                      "below it. -->\n## Notes kept\n")
     proc = run_command(["bash", RUN_SH], timeout=600,
                        env={"SEESAW_GPU_CHECK_ON_CPU": "1", "SEESAW_GPU_CHECK_FAKE_MPI": "1",
                             "SEESAW_GPU_CHECK_REPORT": str(report), "SEESAW_GPU_CHECK_WORK": str(tmp_path)})
     assert "all parts passed" in proc.stdout, proc.stdout[-3000:]
     text = report.read_text()
     assert "A CPU rehearsal" in text and "single-rank stand-in" in text
+    assert "old figures" not in text and text.rstrip().endswith("## Notes kept"), "the hand-written part is kept"
     assert text.count("**PASS**") == 2 and "FAILED" not in text
     assert "| decode batch |" in text and "re-shard" in text
     assert not list(tmp_path.glob("gpu-check-*")), "the work folder (checkpoints) is removed"
