@@ -154,3 +154,19 @@ def test_family_through_the_whole_job(family_models, tmp_path, case, prefill, de
                                   *EXTRA.get(case, []))
     check_outputs(records, expected)
     assert metrics["num_transitions"] >= 2
+
+
+@pytest.mark.parametrize("case", ["qwen2", "olmo2"])
+def test_bf16_prepacked_projections_as_the_views(family_models, tmp_path, case):
+    """bf16 (oneDNN-prepacked linears) under prefill pp2 -> decode tp2 with staging and evictions: the same
+    greedy tokens as the unpacked views (``model.cpu_prepack=false``). Qwen2: q/k/v biases; OLMo-2: q/k norms
+    over all heads after the projections."""
+    input_path, _ = greedy_workload(family_models[case], tmp_path, (5, 21, 9, 17, 3, 14), seed=13, low=8)
+    tokens = {}
+    for prepack in ("true", "false"):
+        out_dir = tmp_path / f"prepack-{prepack}"
+        out_dir.mkdir()
+        _, records, _ = run_job(family_models[case], input_path, out_dir, 2, *layout_args("pp2", "tp2"),
+                                "model.dtype=bfloat16", f"model.cpu_prepack={prepack}")
+        tokens[prepack] = {r["custom_id"]: r["token_ids"] for r in records}
+    assert len(tokens["true"]) == 6 and tokens["true"] == tokens["false"]
