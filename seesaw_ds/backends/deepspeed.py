@@ -400,6 +400,15 @@ def isend(tensor: torch.Tensor, dst: int):
     return ds_comm.isend(tensor, dst=dst)
 
 
+def gather_to_first(tensor: torch.Tensor, group, ranks: tuple[int, ...]) -> list[torch.Tensor] | None:
+    """Every rank's equal-shaped device ``tensor`` over device ``group`` (global ``ranks``, in group order),
+    gathered on ``ranks[0]``: the list there, None on the others."""
+    _require_device_route(tensor, group)
+    parts = [torch.empty_like(tensor) for _ in ranks] if ds_comm.get_rank() == ranks[0] else None
+    ds_comm.gather(tensor, gather_list=parts, dst=ranks[0], group=group)
+    return parts
+
+
 def all_reduce(tensor: torch.Tensor, group) -> None:
     """Sum ``tensor`` in place over device ``group`` (DeepSpeed's inference all-reduce: the shm kernel where
     valid)."""

@@ -12,6 +12,8 @@ shard, holding views of the node-shared host copy (no weight bytes copied):
   (the same routing loop as transformers' eager experts), output all-reduced.
 - :class:`ShardedRMSNorm`: an RMS norm over features split over TP (OLMo-2's q/k norms span all heads):
   the sum of squares is all-reduced, then each rank normalises its own features.
+- :class:`VocabParallelHead`: ``lm_head`` split by vocabulary rows over TP; the logits are gathered on the
+  TP group's first rank, the one that samples (the others would only have thrown whole logits away).
 """
 from __future__ import annotations
 
@@ -104,3 +106,27 @@ class ShardedRMSNorm(nn.Module):
         variance = sum_sq / (hidden.shape[-1] * self.tp)
         hidden = hidden * torch.rsqrt(variance + self.eps)
         return (self.weight * hidden).to(dtype)
+
+
+class VocabParallelHead(nn.Module):
+    """``lm_head`` over this TP rank's rows of the vocabulary (``linear``: an AutoTP linear over a view of
+    rows ``[tp_index * chunk, ...)``, at most ``chunk`` of them). Every rank multiplies its rows; the group's
+    first rank (``ranks[0]``, which samples) gathers the pieces and returns the logits over the whole
+    ``vocab``; the others return their own piece, which nobody reads."""
+
+    def __init__(self, linear: nn.Module, vocab: int, chunk: int, group, ranks: tuple[int, ...]):
+        super().__init__()
+        self.linear = linear
+        self.vocab = vocab
+        self.chunk = chunk
+        self.group = group
+        self.ranks = tuple(ranks)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        local = self.linear(hidden)
+        if local.shape[-1] < self.chunk:  # the last rank's rows when the vocabulary does not split evenly
+            local = F.pad(local, (0, self.chunk - local.shape[-1]))
+        parts = backend.gather_to_first(local.contiguous(), self.group, self.ranks)
+        if parts is None:
+            return local
+        return torch.cat(parts, dim=-1)[..., :self.vocab]

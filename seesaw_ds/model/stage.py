@@ -7,8 +7,8 @@ binds every parameter to a view of the node-shared host copy: linears become Aut
 ``LinearLayer``/``LinearAllreduce`` (a fused linear split per block becomes one per block, outputs
 concatenated), experts shard their intermediate dimension and all-reduce their output, norms over all
 heads all-reduce their sum of squares. The first stage gets the embedding, the last the final norm and
-``lm_head``, with what the family's forward does around the layers (embedding scale, logit scaling and
-soft-cap). Building a stage copies no weight bytes, except the oneDNN-prepacked copies of a bf16 stage's
+``lm_head`` (under TP split by vocabulary rows, the logits gathered on the rank that samples), with what the
+family's forward does around the layers (embedding scale, logit scaling and soft-cap). Building a stage copies no weight bytes, except the oneDNN-prepacked copies of a bf16 stage's
 linears on a CPU (``prepack``; :func:`seesaw_ds.backends.deepspeed.pack_cpu_linears`).
 """
 from __future__ import annotations
@@ -23,7 +23,8 @@ from seesaw_ds.distributed.groups import LayoutGroups
 from seesaw_ds.distributed.layout import layer_range
 from seesaw_ds.model.families import ModelNotSupported, ModelSpec
 from seesaw_ds.model.loader import HostWeights
-from seesaw_ds.model.modules import ScaledEmbedding, ShardedExperts, ShardedRMSNorm, SplitColumnLinear
+from seesaw_ds.model.modules import (ScaledEmbedding, ShardedExperts, ShardedRMSNorm, SplitColumnLinear,
+                                     VocabParallelHead)
 from seesaw_ds.model.rope import SequenceRope
 from seesaw_ds.model.shards import ShardKind, shard_dim, shard_ranges
 
@@ -66,7 +67,7 @@ class StageModel(nn.Module):
         self.layer_rope_types = [layer_types[i] for i in self.layer_ids] if layer_types else None
         if groups.is_last_stage:
             self.norm = self._replicated(copy.deepcopy(base.norm), "model.norm")
-            self.lm_head = self._replicated(copy.deepcopy(template.lm_head), "lm_head")
+            self.lm_head = self._head(template.lm_head)
             self.logit_divisor = float(getattr(config, family.logit_divisor)) if family.logit_divisor else None
             cap = getattr(config, family.logit_softcap, None) if family.logit_softcap else None
             self.logit_softcap = float(cap) if cap else None
@@ -88,6 +89,27 @@ class StageModel(nn.Module):
         for param, _ in list(module.named_parameters(recurse=False)):
             self._bind(module, param, self.host.get(f"{prefix}.{param}"))
         return module
+
+    def _head(self, template_head: nn.Linear) -> nn.Module:
+        """``lm_head``: whole on one TP rank; under TP split by vocabulary rows, the logits gathered on the
+        TP group's first rank (:class:`~seesaw_ds.model.modules.VocabParallelHead`). Except on an accelerator
+        when the head is the embedding (tied) and this rank holds the embedding too: there the whole head is
+        the embedding's device copy, and a row shard would be a second copy of those rows."""
+        weight = self.host.get("lm_head.weight")
+        tied_here = self.embed is not None and weight is self.host.get("model.embed_tokens.weight")
+        if self.tp == 1 or (tied_here and self.device.type != "cpu"):
+            return self._replicated(copy.deepcopy(template_head), "lm_head")
+        bias = self.host.get("lm_head.bias") if template_head.bias is not None else None
+        vocab = weight.shape[0]
+        chunk = -(-vocab // self.tp)
+        start = min(vocab, self.groups.tp_index * chunk)
+        rows = min(chunk, vocab - start)
+        if rows < 1:
+            raise ModelNotSupported(f"{self.spec.family.label}: a vocabulary of {vocab} rows does not split over "
+                                    f"tp={self.tp}")
+        linear = backend.replicated_linear(weight.narrow(0, start, rows),
+                                           bias.narrow(0, start, rows) if bias is not None else None, "lm_head")
+        return self._track(VocabParallelHead(linear, vocab, chunk, self.groups.tp_group, self.groups.tp_ranks))
 
     def _shards(self, name: str) -> list[torch.Tensor]:
         """This rank's pieces of host tensor ``name``: one view per block of its shard dimension."""

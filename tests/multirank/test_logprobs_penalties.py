@@ -1,5 +1,6 @@
-"""Logprobs, prompt logprobs, penalties and filters through the whole job: on one rank and under pp2 -> tp2
-(with a device tier small enough to evict and a staging area that forces several layout switches), the
+"""Logprobs, prompt logprobs, penalties and filters through the whole job: on one rank, under pp2 -> tp2 and
+under tp2 -> pp2 (prompt logprobs from a vocabulary-parallel lm_head; a device tier small enough to evict
+and a staging area that forces several layout switches), the
 tokens are the same, the logprobs are transformers' fp32 log_softmax within 1e-4, and greedy rows with a
 repetition penalty, a logit bias or bad words give transformers' tokens with the same logits processor."""
 from __future__ import annotations
@@ -14,7 +15,7 @@ from multirank.test_job import MAX_TOKENS, layout_args, run_job
 
 pytestmark = pytest.mark.dist
 TOLERANCE = 1e-4
-LAYOUTS = {"single": (1, ("tp1", "tp1")), "pp2-tp2": (2, ("pp2", "tp2"))}
+LAYOUTS = {"single": (1, ("tp1", "tp1")), "pp2-tp2": (2, ("pp2", "tp2")), "tp2-pp2": (2, ("tp2", "pp2"))}
 
 
 def _prompts(count: int, seed: int) -> list[list[int]]:
@@ -97,7 +98,12 @@ def _check_plain_positions(positions, reference: torch.Tensor, rows: range, toke
 
 
 def test_tokens_are_the_same_under_every_layout(outputs):
-    single, other = outputs["single"], outputs["pp2-tp2"]
+    single = outputs["single"]
+    for other in (outputs["pp2-tp2"], outputs["tp2-pp2"]):
+        _same_tokens(single, other)
+
+
+def _same_tokens(single: dict, other: dict) -> None:
     assert set(single) == set(other) and len(single) == 12
     for custom_id, record in single.items():
         if "token_ids" in record:
