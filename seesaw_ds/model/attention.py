@@ -16,8 +16,8 @@ no compiler), decode gathers every sequence's KV into one padded batch once per 
 scores with two batched matmuls (:func:`_decode_padded`: twice the KV traffic of a paged kernel, but no
 per-sequence launches and no per-shape set-up); the per-sequence SDPA path is kept as the tests'
 reference. Attention logit soft-capping (Gemma 2) is ``cap * tanh(scores / cap)`` before the mask and
-float32 softmax, as transformers' eager attention. Any other keyword argument a family's attention module passes, and that this function does
-not implement, is refused rather than ignored.
+float32 softmax, as transformers' eager attention. Any other keyword argument a family's attention module
+passes, and that this function does not implement, is refused rather than ignored.
 """
 from __future__ import annotations
 
@@ -89,7 +89,8 @@ class DecodeMeta:
             seq_of_token = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
             token = torch.arange(total)
             slots = torch.zeros(len(lengths), int(lengths.max()), dtype=torch.long)
-            slots[seq_of_token, token - seq_start[seq_of_token]] = runs.first[run_of_token] + token - run_start[run_of_token]
+            within_run = token - run_start[run_of_token]
+            slots[seq_of_token, token - seq_start[seq_of_token]] = runs.first[run_of_token] + within_run
             valid = torch.arange(slots.shape[1])[None, :] < lengths[:, None]
             self._padded = slots.to(device), valid.to(device)
         return self._padded
