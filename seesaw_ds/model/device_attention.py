@@ -121,5 +121,6 @@ def describe(device: torch.device) -> str:
     prefill = {(): "prefill not run", (False,): "prefill one SDPA call per prompt (varlen flash refused)",
                (True,): "prefill through varlen flash attention",
                (False, True): "prefill through varlen flash attention for some shapes"}[tuple(used)]
-    cudnn = "cuDNN SDPA off" if device.type == "cuda" and not torch.backends.cuda.cudnn_sdp_enabled() else "SDPA defaults"
+    cudnn_off = device.type == "cuda" and not torch.backends.cuda.cudnn_sdp_enabled()
+    cudnn = "cuDNN SDPA off" if cudnn_off else "SDPA defaults"
     return f"{prefill}; decode a padded gather and grouped matmuls; {cudnn}"

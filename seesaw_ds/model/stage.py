@@ -2,14 +2,15 @@
 
 The model is instantiated once on the ``meta`` device (no memory) as a template. For a layout, this rank's
 pipeline stage builds its decoder layers from the family's *local* config (this TP rank's heads and
-intermediate sizes, :meth:`~seesaw_ds.model.families.ModelSpec.local_config`), on the meta device, and
-binds every parameter to a view of the node-shared host copy: linears become AutoTP's
+intermediate sizes, :meth:`~seesaw_ds.model.families.ModelSpec.local_config`), on the meta device, and binds
+every parameter to a view of the node-shared host copy: linears become AutoTP's
 ``LinearLayer``/``LinearAllreduce`` (a fused linear split per block becomes one per block, outputs
-concatenated), experts shard their intermediate dimension and all-reduce their output, norms over all
-heads all-reduce their sum of squares. The first stage gets the embedding, the last the final norm and
-``lm_head`` (under TP split by vocabulary rows, the logits gathered on the rank that samples), with what the
-family's forward does around the layers (embedding scale, logit scaling and soft-cap). Building a stage copies no weight bytes, except the oneDNN-prepacked copies of a bf16 stage's
-linears on a CPU (``prepack``; :func:`seesaw_ds.backends.deepspeed.pack_cpu_linears`).
+concatenated), experts shard their intermediate dimension and all-reduce their output, norms over all heads
+all-reduce their sum of squares. The first stage gets the embedding, the last the final norm and ``lm_head``
+(under TP split by vocabulary rows, the logits gathered on the rank that samples), with what the family's
+forward does around the layers (embedding scale, logit scaling and soft-cap). Building a stage copies no
+weight bytes, except the oneDNN-prepacked copies of a bf16 stage's linears on a CPU (``prepack``;
+:func:`seesaw_ds.backends.deepspeed.pack_cpu_linears`).
 """
 from __future__ import annotations
 
