@@ -147,15 +147,16 @@ class SlurmCluster:
 
     def submit_until(self, args: list[str], cwd, predicate, timeout: float, what: str) -> tuple[str, dict]:
         """sbatch ARGS and wait until ``predicate(job_id, info)`` holds; a job that died in MPI_Init is
-        submitted once more (printed). Returns (job_id, info)."""
-        for attempt in range(2):
+        submitted again, up to three times in all (printed). Returns (job_id, info)."""
+        attempts = 3
+        for attempt in range(attempts):
             job_id = self.submit(args, cwd)
             try:
                 return job_id, self.wait_for(job_id, lambda info: predicate(job_id, info), timeout, what)
             except MPIStartupFailure as failure:
-                if attempt:
-                    pytest.fail(f"twice in a row: {failure}")
-                print(f"\n[slurm test cluster] {str(failure).splitlines()[0]}; submitting it once more")
+                if attempt == attempts - 1:
+                    pytest.fail(f"{attempts} times in a row: {failure}")
+                print(f"\n[slurm test cluster] {str(failure).splitlines()[0]}; submitting it again")
         raise AssertionError("unreachable")
 
     def submit_and_wait(self, args: list[str], cwd, timeout: float = 60) -> tuple[str, str, str]:
