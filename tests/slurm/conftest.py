@@ -25,9 +25,10 @@ CLUSTER_SCRIPT = REPO / "slurm" / "local_cluster.sh"
 #: What a job's log holds when its ranks died inside MPI_Init, before any seesaw_ds code ran: this test
 #: cluster's PMI2 start-up (two posed nodes on one host) now and then garbles a client request ("value not
 #: properly terminated in client request", then a UCX address it cannot unpack). A job that failed so is
-#: submitted once more, saying so; any other failure fails the test.
+#: submitted again (three attempts in all), saying so; any other failure fails the test.
 MPI_STARTUP_FAILURE = "Fatal error in internal_Init_thread"
-PMI_GARBLED = "mpi/pmi2: invalid client request"
+PMI_GARBLED = "error: mpi/pmi2: "  # slurmstepd rejecting a garbled PMI2 request: "invalid client request",
+# "value not properly terminated in client request", "request not begin with 'cmd='"
 
 
 class MPIStartupFailure(Exception):
