@@ -21,11 +21,11 @@ runs (their wheels are tied to a torch and CUDA build); a paged kernel from eith
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 
 import torch
-import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +46,15 @@ def _varlen():
     return varlen_attn
 
 
+@functools.lru_cache(maxsize=None)
+def _keywords(varlen_attn) -> frozenset[str]:
+    """The keywords this torch's ``varlen_attn`` takes (read once, not on every layer's call)."""
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
 def _call_varlen(varlen_attn, query, key, value, cu, max_len: int, scaling: float) -> torch.Tensor:
     """``varlen_attn`` on [T, H, D] tensors, causal, over whichever keywords this torch's version takes."""
-    params = inspect.signature(varlen_attn).parameters
+    params = _keywords(varlen_attn)
     kwargs = {"scale": scaling}
     if "enable_gqa" in params:
         kwargs["enable_gqa"] = query.shape[1] != key.shape[1]
@@ -57,14 +63,6 @@ def _call_varlen(varlen_attn, query, key, value, cu, max_len: int, scaling: floa
     else:
         kwargs["window_size"] = (-1, 0)
     return varlen_attn(query, key, value, cu, cu, max_len, max_len, **kwargs)
-
-
-def _per_prompt(query, key, value, bounds: list[int], scaling: float) -> torch.Tensor:
-    """[H, T, D] causal attention, one SDPA call per prompt: what the varlen call must equal."""
-    gqa = query.shape[0] != key.shape[0]
-    return torch.cat([F.scaled_dot_product_attention(query[None, :, a:b], key[None, :, a:b], value[None, :, a:b],
-                                                     is_causal=True, scale=scaling, enable_gqa=gqa)[0]
-                      for a, b in zip(bounds[:-1], bounds[1:])], dim=1)
 
 
 def _usable(key_of_call: tuple, device: torch.device, dtype: torch.dtype, n_q: int, n_kv: int, dim: int) -> bool:
@@ -81,7 +79,9 @@ def _usable(key_of_call: tuple, device: torch.device, dtype: torch.dtype, n_q: i
             cu = torch.tensor(bounds, dtype=torch.int32, device=device)
             got = _call_varlen(varlen_attn, query.transpose(0, 1).contiguous(), key.transpose(0, 1).contiguous(),
                                value.transpose(0, 1).contiguous(), cu, 11, dim ** -0.5).transpose(0, 1)
-            want = _per_prompt(query, key, value, bounds, dim ** -0.5)
+            from seesaw_ds.model.attention import _prefill_reference  # attention.py imports this module
+
+            want = _prefill_reference(query[None], key[None], value[None], bounds, dim ** -0.5, None)[0]
             error = (got.float() - want.float()).abs().max().item()
             ok, why = error <= 2e-2, f"it differs from per-prompt SDPA by {error:.3g}"
         except Exception as exc:  # noqa: BLE001 - any failure means: do not use it

@@ -178,7 +178,7 @@ class Executor:
                 if groups.is_last_stage:
                     last = self._last_positions(batch, prefill)
                     logits.append(stage.head(hidden.reshape(-1, hidden.shape[-1])[last]))
-                    if prefill and (prompt_logits is not None or stage.tp > 1):  # TP: every rank joins the gather
+                    if prefill and (prompt_logits is not None or stage.head_gathers):  # every TP rank joins the gather
                         self._prompt_logits(stage, hidden.reshape(-1, hidden.shape[-1]), batch,
                                             prompt_logits if prompt_logits is not None else {})
                     seq_ids.extend(s.seq_id for s in batch)

@@ -112,6 +112,11 @@ class StageModel(nn.Module):
                                            bias.narrow(0, start, rows) if bias is not None else None, "lm_head")
         return self._track(VocabParallelHead(linear, vocab, chunk, self.groups.tp_group, self.groups.tp_ranks))
 
+    @property
+    def head_gathers(self) -> bool:
+        """Whether ``head`` is a collective over the TP group (every TP rank must call it alike)."""
+        return isinstance(self.lm_head, VocabParallelHead)
+
     def _shards(self, name: str) -> list[torch.Tensor]:
         """This rank's pieces of host tensor ``name``: one view per block of its shard dimension."""
         tensor = self.host.get(name)
