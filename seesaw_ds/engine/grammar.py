@@ -1,7 +1,7 @@
 """Structured output: the grammar a request's text must follow, compiled once, and each request's matcher.
 
-This module owns everything about structured output and is the only one that imports xgrammar (lazily, so a
-job without structured output never loads it):
+This module owns everything about structured output; it and the sampling rank's masking import xgrammar
+(lazily, so a job without structured output never loads it):
 
 - `GrammarSpec`, `parse_guided` and `parse_response_format`: vLLM's guided keys (`guided_json`,
   `guided_regex`, `guided_choice`, `guided_grammar`) and OpenAI's `response_format` turned into one checked,
@@ -13,7 +13,7 @@ job without structured output never loads it):
   survives eviction and layout switches): the next token's bitmask, then the token that was drawn.
 
 The bitmask is xgrammar's: int32 words, bit j of word i allows token 32 * i + j. The sampling rank applies it
-without xgrammar (`sampling.apply_token_bitmasks`).
+with xgrammar's kernel (`sampling.apply_token_bitmasks`).
 """
 from __future__ import annotations
 

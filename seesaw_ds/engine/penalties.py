@@ -14,12 +14,20 @@ own logits, parameters and history only, so the result never depends on the batc
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 
-if TYPE_CHECKING:
-    from seesaw_ds.engine.sampling import SamplingParams
+
+class PenaltyParams(Protocol):
+    """The fields of a request's sampling parameters that penalties and filters read (engine/sampling.py's
+    `SamplingParams` has them; this module does not import it, so sampling can import this one)."""
+
+    repetition_penalty: float
+    presence_penalty: float
+    frequency_penalty: float
+    bad_words: Sequence[str]
+    logit_bias: Sequence[tuple[int, float]]
 
 
 @dataclass
@@ -44,13 +52,13 @@ class TokenHistory:
         return torch.cat([self._prompt_unique, output]).unique()
 
 
-def needs_history(params: "SamplingParams") -> bool:
+def needs_history(params: PenaltyParams) -> bool:
     """True when the request's sampling reads its token history (penalties, bad words)."""
     return (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
             or params.frequency_penalty != 0.0 or bool(params.bad_words))
 
 
-def needs_processing(params: "SamplingParams") -> bool:
+def needs_processing(params: PenaltyParams) -> bool:
     """True when `apply_penalties_and_filters` changes this request's logits."""
     return needs_history(params) or bool(params.logit_bias)
 
@@ -84,7 +92,7 @@ def _ban_bad_words(row: torch.Tensor, words: Sequence[Sequence[int]], output: Se
                 row[ids[-1]] = float("-inf")
 
 
-def apply_penalties_and_filters(logits: torch.Tensor, params: Sequence["SamplingParams"],
+def apply_penalties_and_filters(logits: torch.Tensor, params: Sequence[PenaltyParams],
                                 histories: Sequence[TokenHistory | None]) -> torch.Tensor:
     """Apply each row's bad words, logit_bias and penalties to float32 `logits` [N, V] in place; returns it.
 

@@ -303,36 +303,29 @@ def _apply_bans(logits: torch.Tensor, banned: Sequence[Sequence[int]] | None) ->
     return out
 
 
-def _unpack_bits(packed: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Little-endian int32 words [R, W] -> bool [R, 32 W] on `device`: bit j of word i is column 32 i + j."""
-    if device.type == "cpu":  # numpy's C unpacking: ~20x faster than shifts in torch on a CPU
-        return torch.from_numpy(np.unpackbits(packed.view(np.uint8), axis=1, bitorder="little")).bool()
-    return _unpack_bits_with_shifts(packed, device)
-
-
-def _unpack_bits_with_shifts(packed: np.ndarray, device: torch.device) -> torch.Tensor:
-    """`_unpack_bits` on an accelerator: the packed words cross (one bit a token) and are unpacked there."""
-    shifts = torch.arange(32, dtype=torch.int32, device=device)
-    return ((torch.from_numpy(packed).to(device)[:, :, None] >> shifts) & 1).reshape(len(packed), -1).bool()
-
-
 def apply_token_bitmasks(logits: torch.Tensor, bitmasks: Sequence[Any] | None) -> torch.Tensor:
     """Float32 logits with the tokens each row's grammar forbids set to -inf (a copy when a row has a mask).
 
     `bitmasks[i]` is None (row unconstrained) or xgrammar's packed mask (engine/grammar.py): int32 words,
-    bit j of word i allows token 32 * i + j. Columns past the mask's width are forbidden.
+    bit j of word i allows token 32 * i + j. Columns past the mask's width are forbidden. The masking is
+    xgrammar's `apply_token_bitmask_inplace` (imported here only when a row has a mask): its C++ kernel on a
+    CPU, its plain-torch one on an accelerator (no Triton JIT build on a sampling rank).
     """
     rows = [i for i, mask in enumerate(bitmasks or ()) if mask is not None]
     if not rows:
         return logits.float()
-    num_cols = logits.shape[1]
-    packed = np.stack([np.asarray(bitmasks[i], dtype="<i4") for i in rows])
-    allowed = _unpack_bits(packed, logits.device)[:, :num_cols]
-    if allowed.shape[1] < num_cols:
-        allowed = torch.nn.functional.pad(allowed, (0, num_cols - allowed.shape[1]), value=False)
+    import xgrammar
+
+    num_rows, num_cols = logits.shape
+    words = -(-num_cols // 32)
+    packed = np.full((num_rows, words), -1, dtype=np.int32)  # rows without a mask: every bit set
+    for row in rows:
+        mask = np.asarray(bitmasks[row], dtype="<i4")[:words]
+        packed[row, :len(mask)] = mask
+        packed[row, len(mask):] = 0  # past the mask's width: forbidden
     out = logits.to(torch.float32, copy=True)
-    index = torch.tensor(rows, device=logits.device)
-    out[index] = out[index].masked_fill_(~allowed, float("-inf"))
+    xgrammar.apply_token_bitmask_inplace(out, torch.from_numpy(packed).to(out.device), vocab_size=num_cols,
+                                         indices=rows, backend="cpu" if out.device.type == "cpu" else "torch_native")
     return out
 
 

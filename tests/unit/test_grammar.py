@@ -12,7 +12,7 @@ import torch
 from seesaw_ds.engine.grammar import (GrammarSpec, Grammars, _bounded_strings_as_patterns, parse_guided,
                                       parse_response_format)
 from seesaw_ds.engine.requests import BadLine, Request, iter_requests
-from seesaw_ds.engine.sampling import (RequestError, SamplingParams, _unpack_bits, _unpack_bits_with_shifts,
+from seesaw_ds.engine.sampling import (RequestError, SamplingParams,
                                       apply_token_bitmasks, sample_next_tokens)
 
 xgrammar = pytest.importorskip("xgrammar")
@@ -217,15 +217,40 @@ def test_apply_token_bitmasks_matches_xgrammar_and_leaves_other_rows(smollm2_gra
     assert torch.isinf(wide[0, 49152:]).all() and torch.equal(wide[0, :49152] == 0, _allowed(packed, 49152))
 
 
-def test_both_unpackings_agree():
-    """numpy's (CPU) and the shifts an accelerator uses, here both on the CPU, on words with the sign bit set."""
+def _bit_by_bit(logits: torch.Tensor, masks) -> torch.Tensor:
+    """The masking spelled out one token at a time: token t of a masked row stays only when bit t % 32 of
+    word t // 32 is set; a token past the mask's words is forbidden."""
+    out = logits.clone()
+    for row, mask in enumerate(masks):
+        if mask is None:
+            continue
+        for token in range(logits.shape[1]):
+            word = token // 32
+            if word >= len(mask) or not (int(mask[word]) >> (token % 32)) & 1:
+                out[row, token] = float("-inf")
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_masking_equals_the_bit_by_bit_definition_on_random_masks(dtype):
+    """Random words (sign bit included), masks narrower and wider than the logits, logits of every dtype a
+    stage produces (the result is float32); the accelerator's plain-torch kernel agrees too."""
     import numpy as np
 
-    packed = np.random.default_rng(0).integers(-2 ** 31, 2 ** 31, size=(3, 40), dtype=np.int64).astype(np.int32)
-    by_numpy = _unpack_bits(packed, torch.device("cpu"))
-    assert torch.equal(by_numpy, _unpack_bits_with_shifts(packed, torch.device("cpu")))
-    word, bit = 7, 31
-    assert bool(by_numpy[1, 32 * word + bit]) == bool((int(packed[1, word]) >> bit) & 1)
+    rng = np.random.default_rng(0)
+    for num_cols, widths in ((100, (4, 3, 5)), (64, (2, 2, 1)), (37, (1, 2, 2))):
+        masks = [rng.integers(-2 ** 31, 2 ** 31, size=w, dtype=np.int64).astype(np.int32) for w in widths]
+        masks[1] = None if num_cols == 64 else masks[1]
+        logits = torch.randn(3, num_cols, generator=torch.Generator().manual_seed(num_cols)).to(dtype)
+        masked = apply_token_bitmasks(logits, masks)
+        assert masked.dtype == torch.float32
+        assert torch.equal(masked, _bit_by_bit(logits.float(), masks))
+        words = np.zeros((1, -(-num_cols // 32)), dtype=np.int32)
+        words[0, :min(len(masks[0]), words.shape[1])] = masks[0][:words.shape[1]]
+        native = logits[:1].float()
+        xgrammar.apply_token_bitmask_inplace(native, torch.from_numpy(words), vocab_size=num_cols,
+                                             backend="torch_native")
+        assert torch.equal(native[0], masked[0])
 
 
 def test_sampling_draws_only_allowed_tokens(smollm2_grammars):
