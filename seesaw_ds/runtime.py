@@ -56,7 +56,12 @@ def start(model_path: str, layouts: dict[str, Layout], *, device_tokens: int | N
     checkpoint = open_checkpoint(model_path, trust_remote_code=trust_remote_code)
     validate_model_layouts(checkpoint, layouts, env.world_size)
     dist_env.export_torch_env(env, master_addr)
-    backend.init_comm(comm_timeout_s, env.info.host_local_rank)
+    dist_env.export_extension_dir()  # DeepSpeed's CPU shm all-reduce builds into this venv
+    device_index = None
+    if backend.accelerator_name() != "cpu":
+        device_index = dist_env.device_index(env.info.host_local_rank, backend.device_count())
+        dist_env.export_device_rank(device_index)  # DeepSpeed binds its process group to LOCAL_RANK's device
+    backend.init_comm(comm_timeout_s, device_index)
     topology = build_topology(env, layouts)
     template = build_template(checkpoint.config)
     plan = plan_host_tensors(checkpoint, parameter_shapes(template))

@@ -1,7 +1,8 @@
 """The one place that imports DeepSpeed: communication start-up, the accelerator, and AutoTP's layers.
 
 - ``init_comm`` starts ``deepspeed.comm`` (gloo on CPU, NCCL on CUDA) from the environment that
-  :mod:`seesaw_ds.distributed.env` exported.
+  :mod:`seesaw_ds.distributed.env` exported (the caller's job: this package imports nothing of the project,
+  so the distributed layer above it can build its groups through it).
 - ``column_linear`` / ``row_linear`` wrap a shard that already lies in memory (a view of the node-shared
   host copy) in AutoTP's ``LinearLayer`` / ``LinearAllreduce``: DeepSpeed decides the partition sizes and
   runs the forward and its all-reduce; we only supply the bytes, so nothing is copied.
@@ -38,8 +39,6 @@ import deepspeed.comm as ds_comm
 from deepspeed.accelerator import get_accelerator
 from deepspeed.module_inject import layers as ds_layers
 
-from seesaw_ds.distributed import env as dist_env
-
 log = logging.getLogger(__name__)
 
 
@@ -56,18 +55,22 @@ def device() -> torch.device:
     return torch.device(get_accelerator().current_device_name())
 
 
-def init_comm(timeout_s: float, host_local_rank: int) -> None:
-    """Start deepspeed.comm over the exported RANK/WORLD_SIZE/MASTER_* variables (once per process), on the
-    device of this rank's real host-local rank (dist_env.device_index)."""
+def device_count() -> int:
+    """How many accelerators this process sees (0 on a CPU)."""
+    accel = get_accelerator()
+    return 0 if accel.device_name() == "cpu" else accel.device_count()
+
+
+def init_comm(timeout_s: float, device_index: int | None) -> None:
+    """Start deepspeed.comm over the exported RANK/WORLD_SIZE/MASTER_* variables (once per process), bound
+    to accelerator ``device_index`` (None on a CPU). The caller exports the environment first
+    (seesaw_ds/runtime.py: the JIT build directory, LOCAL_RANK = ``device_index``); this module reads no
+    rank of its own."""
     if ds_comm.is_initialized():
         return
-    dist_env.export_extension_dir()
     accel = get_accelerator()
     if accel.device_name() != "cpu":
-        index = dist_env.device_index(host_local_rank, accel.device_count())
-        accel.set_device(index)
-        # DeepSpeed binds its process group (init_process_group's device_id) to the device LOCAL_RANK names.
-        dist_env.export_device_rank(index)
+        accel.set_device(device_index)
     backend = "gloo" if accel.device_name() == "cpu" else accel.communication_backend_name()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                timeout=timedelta(seconds=timeout_s))
