@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from seesaw_ds.model import device_attention, kernels
+from seesaw_ds.model.attention_reference import eager as _eager
+from seesaw_ds.model.attention_reference import prefill_reference as _prefill_reference
 
 ATTENTION_NAME = "seesaw"
 
@@ -96,25 +98,6 @@ class DecodeMeta:
         return self._padded
 
 
-def _window_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None) -> torch.Tensor:
-    mask = key_pos[None, :] <= query_pos[:, None]
-    if window:
-        mask &= key_pos[None, :] > query_pos[:, None] - window
-    return mask
-
-
-def _eager(query, key, value, mask: torch.Tensor | None, scaling: float, softcap: float) -> torch.Tensor:
-    """transformers' eager attention with logit soft-capping: query [B, Hq, Tq, D], key/value [B, Hkv, Tk, D]."""
-    groups = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    scores = torch.tanh(scores / softcap) * softcap
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    return torch.matmul(weights, value)
-
-
 def _prefill(module, query, key, value, meta: PrefillMeta, scaling, window, softcap=None) -> torch.Tensor:
     # query [1, Hq, T, D]; key/value [1, Hkv, T, D]
     meta.sink(module.layer_idx, key[0], value[0])
@@ -129,37 +112,6 @@ def _prefill(module, query, key, value, meta: PrefillMeta, scaling, window, soft
     elif kernels.built():
         return kernels.prefill_attention(query[0], key[0], value[0], meta.bounds, scaling, window, softcap)[None]
     return _prefill_reference(query, key, value, meta.cu_seqlens, scaling, window, softcap)
-
-
-def _prefill_reference(query, key, value, bounds: list[int], scaling, window, softcap=None,
-                       contexts=None) -> torch.Tensor:
-    """One SDPA (or eager, soft-capped) call per prompt: the path without the extension, the path of a batch
-    with prompts over a cached prefix (``contexts[i]``: that prefix's ``(keys, values)``, or None), and the
-    tests' reference."""
-    outputs = []
-    gqa = query.shape[1] != key.shape[1]
-    for index, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
-        q, k, v = query[:, :, start:stop], key[:, :, start:stop], value[:, :, start:stop]
-        context = contexts[index] if contexts is not None else None
-        if context is not None:  # rows are positions P.. of the prompt; keys its whole KV
-            done = context[0].shape[1]
-            k = torch.cat([context[0][None].to(k.dtype), k], dim=2)
-            v = torch.cat([context[1][None].to(v.dtype), v], dim=2)
-            mask = _window_mask(torch.arange(done, done + stop - start, device=query.device),
-                                torch.arange(done + stop - start, device=query.device), window)
-            out = (_eager(q, k, v, mask, scaling, softcap) if softcap else
-                   F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa))
-        elif softcap:
-            positions = torch.arange(stop - start, device=query.device)
-            out = _eager(q, k, v, _window_mask(positions, positions, window), scaling, softcap)
-        elif window and stop - start > window:
-            positions = torch.arange(stop - start, device=query.device)
-            mask = _window_mask(positions, positions, window)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
-        outputs.append(out)
-    return torch.cat(outputs, dim=2)
 
 
 def _decode(module, query, key, value, meta: DecodeMeta, scaling, window, softcap=None) -> torch.Tensor:

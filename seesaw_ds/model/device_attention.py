@@ -27,6 +27,8 @@ import logging
 
 import torch
 
+from seesaw_ds.model.attention_reference import prefill_reference
+
 log = logging.getLogger(__name__)
 
 _state: dict[tuple, bool] = {}  # (device type, dtype, Hq, Hkv, D) -> varlen flash verified usable
@@ -79,9 +81,7 @@ def _usable(key_of_call: tuple, device: torch.device, dtype: torch.dtype, n_q: i
             cu = torch.tensor(bounds, dtype=torch.int32, device=device)
             got = _call_varlen(varlen_attn, query.transpose(0, 1).contiguous(), key.transpose(0, 1).contiguous(),
                                value.transpose(0, 1).contiguous(), cu, 11, dim ** -0.5).transpose(0, 1)
-            from seesaw_ds.model.attention import _prefill_reference  # attention.py imports this module
-
-            want = _prefill_reference(query[None], key[None], value[None], bounds, dim ** -0.5, None)[0]
+            want = prefill_reference(query[None], key[None], value[None], bounds, dim ** -0.5, None)[0]
             error = (got.float() - want.float()).abs().max().item()
             ok, why = error <= 2e-2, f"it differs from per-prompt SDPA by {error:.3g}"
         except Exception as exc:  # noqa: BLE001 - any failure means: do not use it

@@ -73,7 +73,7 @@ def test_unimplemented_keyword_is_refused():
 def test_prefill_over_a_cached_prefix_equals_the_whole_prompt(window, softcap, heads):
     """A prompt's suffix attending over its prefix's K/V (kept from an earlier step) gives the rows the whole
     prompt gives, beside a prompt computed whole in the same batch."""
-    from seesaw_ds.model.attention import _prefill_reference
+    from seesaw_ds.model.attention_reference import prefill_reference as _prefill_reference
 
     torch.manual_seed(0)
     n_q, n_kv = heads

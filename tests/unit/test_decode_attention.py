@@ -137,7 +137,8 @@ def _as_float(cache: DeviceKVCache) -> DeviceKVCache:
     (8, 2, None, None, 32), (9, 3, 7, None, 64), (4, 4, None, 20.0, 16), (8, 2, 5, 2.5, 32),
 ])
 def test_packed_prefill_one_call_matches_per_prompt_reference(dtype, heads, kv_heads, window, softcap, head_dim):
-    from seesaw_ds.model.attention import PrefillMeta, _prefill, _prefill_reference
+    from seesaw_ds.model.attention import PrefillMeta, _prefill
+    from seesaw_ds.model.attention_reference import prefill_reference as _prefill_reference
 
     torch.manual_seed(heads + head_dim)
     lengths = [1, 7, 8, 19, 3, 40]

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from seesaw_ds.model import attention, device_attention
+from seesaw_ds.model import attention, attention_reference, device_attention
 
 
 def _fake_varlen(causal: bool = True):
@@ -43,7 +43,7 @@ def test_a_matching_varlen_call_is_used(monkeypatch):
     cache: dict = {}
     out = device_attention.prefill(query, key, value, bounds, 0.25, None, None, cache)
     assert out is not None and "cu" in cache
-    want = attention._prefill_reference(query[None], key[None], value[None], bounds, 0.25, None)[0]
+    want = attention_reference.prefill_reference(query[None], key[None], value[None], bounds, 0.25, None)[0]
     torch.testing.assert_close(out, want, atol=2e-2, rtol=2e-2)
 
 
@@ -88,7 +88,7 @@ def test_cpu_tensors_never_reach_the_accelerator_backend(monkeypatch):
     meta = attention.PrefillMeta(cu_seqlens=bounds, sink=lambda layer, k, v: sunk.append(layer))
     module = type("Module", (), {"layer_idx": 0})()
     out = attention._prefill(module, query[None], key[None], value[None], meta, 0.25, None)
-    want = attention._prefill_reference(query[None], key[None], value[None], bounds, 0.25, None)
+    want = attention_reference.prefill_reference(query[None], key[None], value[None], bounds, 0.25, None)
     torch.testing.assert_close(out, want)
     assert sunk == [0]
 
