@@ -8,23 +8,12 @@ a pure function of the CPU flags (:func:`lacks_native_bf16`), testable with made
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable, Iterable
+
+from seesaw_ds.cpu_features import cpu_flags
 
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 """/proc/cpuinfo flags of x86 instructions that multiply bf16 natively (AVX-512 BF16, AMX)."""
-
-
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str] | None:
-    """The first CPU's flags; None where there is no /proc/cpuinfo (not Linux) or no ``flags`` line (not
-    x86: ARM lists ``Features``), so that nothing is claimed about such a CPU."""
-    try:
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return None
 
 
 def lacks_native_bf16(dtype: str, flags: Iterable[str] | None) -> bool:

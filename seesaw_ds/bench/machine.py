@@ -11,6 +11,7 @@ import platform
 import subprocess
 import time
 
+from seesaw_ds.cpu_features import cpu_flags
 from seesaw_ds.sim.calibrate import best_rate
 
 
@@ -27,10 +28,9 @@ def cpu_summary() -> dict:
         key, _, value = line.partition(":")
         if key.strip() in wanted:
             summary[key.strip()] = value.strip()
-        if key.strip() == "Flags":
-            flags = value.split()
-            summary["simd"] = " ".join(f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
-                                       if f in flags)
+    flags = cpu_flags()
+    if flags is not None:
+        summary["simd"] = " ".join(f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in flags)
     try:
         with open("/proc/meminfo") as handle:
             total_kb = int(handle.readline().split()[1])

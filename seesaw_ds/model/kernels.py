@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from seesaw_ds import cpu_features
 from seesaw_ds.distributed.env import export_extension_dir
 
 log = logging.getLogger("seesaw_ds")
@@ -48,13 +49,7 @@ _failed: str | None = None
 
 
 def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return cpu_features.cpu_flags() or set()
 
 
 #: the compiler flags of each build: AVX-512 also compiles the AVX2 loops (its fallback for head sizes that are

@@ -22,6 +22,7 @@ import socket
 import time
 from dataclasses import asdict, dataclass
 
+from seesaw_ds.cpu_features import cpu_model_name
 from seesaw_ds.sim.cost import ComputeProfile, Efficiency, GpuSpec
 
 log = logging.getLogger("seesaw_ds")
@@ -144,17 +145,6 @@ def _available_host_bytes() -> float:
     return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / 2
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "cpu"
-
-
 MATMUL_SHAPE = (128, 576, 1536)
 """(rows, inner, columns) of the calibration matmul: a decode batch through an MLP projection of a small
 LLM (SmolLM2-135M's up_proj); the rate the engine's linears can at best reach."""
@@ -191,7 +181,7 @@ def _measure_cpu(ranks: int, dtype: str, memory_fraction: float) -> dict:
         torch.set_num_threads(previous)
     latency, bandwidth = loopback_link()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return {"device": "cpu", "name": _cpu_name(), "matmul_flops": flops, "memory_bandwidth": memcpy,
+    return {"device": "cpu", "name": cpu_model_name() or "cpu", "matmul_flops": flops, "memory_bandwidth": memcpy,
             "host_bandwidth": memcpy, "link_bandwidth": bandwidth, "link_latency": latency,
             "memory_bytes": _available_host_bytes() * memory_fraction / max(1, ranks), "cores": cores,
             "host_memory_bytes": _available_host_bytes()}

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from seesaw_ds.cpu_dtype import bf16_warning, cpu_flags, lacks_native_bf16
+from seesaw_ds.cpu_dtype import bf16_warning, lacks_native_bf16
+from seesaw_ds.cpu_features import cpu_flags, cpu_model_name
 
 ZEN3 = {"fpu", "sse2", "avx2", "fma"}
 SAPPHIRE_RAPIDS = ZEN3 | {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
@@ -45,3 +46,11 @@ def test_flags_come_from_cpuinfo_and_a_cpu_without_x86_flags_is_unknown(tmp_path
     arm = tmp_path / "arm"
     arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")
     assert cpu_flags(arm) is None and cpu_flags(tmp_path / "missing") is None
+
+
+def test_model_name_is_the_first_processors(tmp_path: Path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("\nprocessor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\nflags\t\t: fpu\n\n"
+                       "processor\t: 1\nmodel name\t: another\n")
+    assert cpu_model_name(cpuinfo) == "Intel(R) Xeon(R) Platinum 8480+"
+    assert cpu_model_name(tmp_path / "missing") is None
