@@ -26,7 +26,8 @@ from seesaw_ds.cli import (CONF_DIR, ConfigError, check_before_launch, compose_s
                            EXIT_PREEMPTED, resolve_default_model, resolve_parallel_auto, run_dir_for,
                            summarize_sweep, worker_main)
 from seesaw_ds.sim.auto import write_plan  # noqa: E402
-from seesaw_ds.distributed.env import rank_environment, under_launcher  # noqa: E402
+from seesaw_ds.distributed.env import (NODE_CPUS_VAR, cpu_affinity, mpiexec_binding,  # noqa: E402
+                                       physical_cores, rank_environment, under_launcher)
 
 
 def launch_ranks(overrides: list[str], run_dir: Path, launch) -> int:
@@ -35,11 +36,15 @@ def launch_ranks(overrides: list[str], run_dir: Path, launch) -> int:
     launcher = mpiexec if os.sep in mpiexec else str(Path(sys.executable).parent / mpiexec)
     if not Path(launcher).exists():
         launcher = mpiexec
-    command = [launcher, "-n", str(launch.nproc), sys.executable, str(Path(__file__).resolve()), *overrides,
+    cpus = cpu_affinity()
+    binding = mpiexec_binding(launch.bind, launch.nproc, physical_cores(cpus))
+    command = [launcher, "-n", str(launch.nproc), *binding,
+               sys.executable, str(Path(__file__).resolve()), *overrides,
                f"+run_dir={run_dir}" if not any(o.startswith(("run_dir=", "+run_dir=")) for o in overrides)
                else ""]
     command = [part for part in command if part]
     env = rank_environment(dict(os.environ, SEESAW_RUN_DIR=str(run_dir)), hugepages=launch.hugepages)
+    env.setdefault(NODE_CPUS_VAR, str(len(cpus)))  # a bound rank sees only its own cores; threads need the whole
     process = subprocess.Popen(command, env=env)
     # Pass preemption signals on to the ranks (mpiexec forwards them), so they stop cleanly. MPICH's mpiexec
     # does not forward USR2 (submitit's warning signal; it ends with 244): send it on as USR1, which the ranks
@@ -59,6 +64,7 @@ def single(overrides: list[str]) -> int:
         settings, _ = compose_settings(overrides)
         overrides, settings = resolve_default_model(overrides, settings)
         check_before_launch(settings)
+        mpiexec_binding(settings.launch.bind, settings.launch.nproc, [])  # ValueError for an unknown launch.bind
         rank_overrides, plan = auto_overrides(overrides, settings)
         if plan is not None:
             settings, _ = compose_settings(rank_overrides)
@@ -151,6 +157,7 @@ def plan_sweep(overrides: list[str]) -> tuple[Path, list[str]]:
                                   f"size the launcher for it")
             settings = resolve_default_model(job_overrides, settings)[1]  # fetched once here; each job re-checks
             check_before_launch(settings)
+            mpiexec_binding(settings.launch.bind, settings.launch.nproc, [])  # an unknown launch.bind
         except (ConfigError, ValueError) as error:
             varying = " ".join(o for o in job if o not in common)
             fail(f"sweep job {number}{f' ({varying})' if varying else ''}: {error}")

@@ -60,6 +60,10 @@ class ParallelConfig:
     auto: bool = False
     """Let the planner choose both layouts for this machine, model and input (``parallel=auto``; see
     seesaw_ds/sim/auto.py): resolved once before the ranks start; explicit parallel.prefill/decode axes win."""
+    recalibrate: bool = False
+    """parallel=auto: measure this machine again instead of planning with its calibration kept from an earlier
+    start (``$SEESAW_CACHE/calibration/``, one per machine, job shape and engine code; seesaw_ds/sim/
+    calibration_cache.py); the new figures replace the kept ones."""
 
 
 @dataclass
@@ -83,6 +87,13 @@ class LaunchConfig:
     +0.4% and +4.5% output tok/s in two same-run comparisons on the standard CPU benchmark (docs/benchmarks.md).
     No effect where THP is off or glibc is older than 2.35. slurm/run.sh applies it to srun's ranks unless
     ``launch.hugepages=false`` is given."""
+    bind: str = "cores"
+    """Bind each rank to its own cores, as HPC users expect (steady run-to-run figures): ``cores`` (the
+    default) gives each of mpiexec's ranks ``cores // nproc`` whole physical cores of its own (``-bind-to
+    user:...``; left unbound when there are more ranks than cores), and slurm/run.sh runs srun with
+    ``--cpu-bind=cores`` (a ``SLURM_CPU_BIND`` of the user's own wins); ``none`` leaves the ranks free to
+    move. Each rank runs as many torch threads as it has cores (seesaw_ds/distributed/env.py
+    ``cores_per_rank``)."""
 
 
 @dataclass

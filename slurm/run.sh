@@ -48,8 +48,13 @@ if [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${SLURM_STEP_ID:-}" ]; then
          *) export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1" ;;
        esac ;;
   esac
+  # launch.bind (seesaw_ds/config.py): each rank on cores of its own (steady figures) unless launch.bind=none;
+  # a SLURM_CPU_BIND of the user's own wins. Each rank then runs as many threads as it has cores.
+  cpu_bind=(--cpu-bind=cores)
+  case " $* " in *" launch.bind=none "*) cpu_bind=(--cpu-bind=none) ;; esac
+  if [ -n "${SLURM_CPU_BIND:-}" ]; then cpu_bind=(); fi
   echo "[seesaw_ds] slurm job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST:-?}; run dir ${SEESAW_RUN_DIR}"
-  exec srun --mpi="${SEESAW_SRUN_MPI:-pmi2}" --kill-on-bad-exit=1 \
+  exec srun --mpi="${SEESAW_SRUN_MPI:-pmi2}" --kill-on-bad-exit=1 "${cpu_bind[@]}" \
     "$repo/.venv/bin/python" "$repo/launch/run.py" "launch.nproc=${SLURM_NTASKS:-1}" "$@"
 else
   exec "$repo/.venv/bin/python" "$repo/launch/run.py" "$@"

@@ -226,8 +226,67 @@ def under_launcher() -> bool:
     return "SLURM_STEP_ID" in os.environ and "SLURM_PROCID" in os.environ
 
 
-def cores_per_rank(local_size: int) -> int:
-    """Threads each rank should use so the ranks of a node do not fight over cores."""
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    total = int(os.environ.get("SLURM_CPUS_ON_NODE", available))
-    return max(1, total // max(1, local_size))
+#: Values of ``launch.bind``.
+BIND_CHOICES = ("cores", "none")
+#: The number of CPUs the launcher could use, exported to the ranks it starts (their own masks may be smaller).
+NODE_CPUS_VAR = "SEESAW_NODE_CPUS"
+
+
+def cpu_affinity() -> list[int]:
+    """The CPUs this process may run on (sorted)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def physical_cores(cpus: list[int], siblings: dict[int, list[int]] | None = None) -> list[list[int]]:
+    """``cpus`` grouped by physical core (a core's hardware threads together), cores in order of their first
+    CPU. ``siblings`` maps a CPU to its core's CPUs (default: read from /sys; a CPU without one is a core)."""
+    if siblings is None:
+        siblings = {cpu: _thread_siblings(cpu) for cpu in cpus}
+    allowed, cores, seen = set(cpus), [], set()
+    for cpu in sorted(cpus):
+        if cpu in seen:
+            continue
+        core = sorted(allowed & set(siblings.get(cpu) or [cpu]) | {cpu})
+        seen.update(core)
+        cores.append(core)
+    return cores
+
+
+def _thread_siblings(cpu: int) -> list[int]:
+    """The CPUs sharing ``cpu``'s physical core, from sysfs ("0,8" or "0-1"); [cpu] where unreadable."""
+    try:
+        text = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip()
+    except OSError:
+        return [cpu]
+    found: list[int] = []
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        found.extend(range(int(low), int(high or low) + 1))
+    return found or [cpu]
+
+
+def mpiexec_binding(bind: str, nproc: int, cores: list[list[int]]) -> list[str]:
+    """mpiexec (MPICH Hydra) arguments that bind each of ``nproc`` ranks to ``len(cores) // nproc`` whole
+    physical cores of its own (pure; ``cores`` as from `physical_cores`). ``bind="none"``, or more ranks than
+    cores (binding would stack ranks on shared cores), give none. Raises ValueError for an unknown ``bind``."""
+    if bind not in BIND_CHOICES:
+        raise ValueError(f"launch.bind={bind!r} is not one of {', '.join(BIND_CHOICES)} (cores: each rank on "
+                         f"cores of its own; none: unbound)")
+    if bind == "none" or not 0 < nproc <= len(cores):
+        return []
+    per_rank = len(cores) // nproc
+    sets = ["+".join(str(cpu) for core in cores[rank * per_rank:(rank + 1) * per_rank] for cpu in core)
+            for rank in range(nproc)]
+    return ["-bind-to", "user:" + ",".join(sets)]
+
+
+def cores_per_rank(local_size: int, affinity: int | None = None, environ=None) -> int:
+    """Threads each rank should use so the ranks of a node do not fight over cores: the node's CPUs (Slurm's
+    count, else the count the launcher saw, else this rank's own mask) shared among its ``local_size`` ranks,
+    and never more than the CPUs this rank may run on (a bound rank: its own cores)."""
+    environ = os.environ if environ is None else environ
+    own = affinity if affinity is not None else len(cpu_affinity())
+    total = int(environ.get("SLURM_CPUS_ON_NODE") or environ.get(NODE_CPUS_VAR) or own)
+    return max(1, min(own, total // max(1, local_size)))

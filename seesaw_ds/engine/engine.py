@@ -18,7 +18,7 @@ from pathlib import Path
 from mpi4py import MPI
 
 from seesaw_ds.config import JobConfig, layout_of
-from seesaw_ds.distributed.env import anon_hugepage_bytes
+from seesaw_ds.distributed.env import anon_hugepage_bytes, cpu_affinity
 from seesaw_ds.engine import requests as request_io
 from seesaw_ds.engine.grammar import Grammars
 from seesaw_ds.engine.leader import Finished, Leader
@@ -160,6 +160,10 @@ def run_job(settings: JobConfig, runtime, run_dir: Path, *, tokenizer=None, stop
     topology = runtime.topology
     world = topology.env.world
     executor = runtime.executor
+    import torch
+
+    # Where each rank runs (launch.bind) and its threads: the metrics' "ranks", to check a binding by.
+    rank_cpus = world.allgather({"cpus": cpu_affinity(), "threads": torch.get_num_threads()})
     worker = Worker(executor)
     paths = JobPaths(settings, run_dir)
     coordinator = None
@@ -245,6 +249,7 @@ def run_job(settings: JobConfig, runtime, run_dir: Path, *, tokenizer=None, stop
         else:
             coordinator.wait_for_leaders()
             metrics = _metrics([summary] + coordinator.summaries, coordinator)
+            metrics["ranks"] = rank_cpus
             paths.metrics.parent.mkdir(parents=True, exist_ok=True)
             paths.metrics.write_text(json.dumps(metrics, indent=2))
             _plot_timeline(leader, paths.timeline)

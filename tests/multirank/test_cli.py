@@ -191,3 +191,33 @@ def test_unsupported_checkpoint_is_refused_before_any_weight_is_read(kind, expec
     assert proc.stdout.strip() == "", "nothing else is printed (the checks run before DeepSpeed is imported)"
     assert not processes_mentioning(marker) and not (tmp_path / "run").exists()
     assert elapsed < 60, f"refusal took {elapsed:.0f}s"
+
+
+@pytest.mark.parametrize("bind", ["cores", "none"])
+def test_ranks_are_bound_to_cores_of_their_own_by_default(bind, tiny_models, prompts_file, tmp_path):
+    """launch.bind=cores (the default): mpiexec gives each rank its own cores, and each runs that many threads;
+    launch.bind=none leaves every rank free to run anywhere. The job's metrics say where each rank ran."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if bind == "cores" and len(cpus) < 2:
+        pytest.skip("binding two ranks needs two CPUs")
+    metrics = tmp_path / "metrics.json"
+    overrides = [f"model.path={tiny_models['llama']}", f"io.input={prompts_file}",
+                 f"io.output={tmp_path / 'out.jsonl'}", f"io.metrics={metrics}", "parallel=tp2", "sampling.max_tokens=2", "launch.nproc=2"]
+    run_command([sys.executable, RUN, *overrides] + ([] if bind == "cores" else ["launch.bind=none"]),
+                timeout=600, cwd=tmp_path)
+    ranks = json.loads(metrics.read_text())["ranks"]
+    assert len(ranks) == 2
+    if bind == "cores":
+        first, second = (set(rank["cpus"]) for rank in ranks)
+        assert first and second and not first & second, ranks
+        assert all(rank["threads"] == len(rank["cpus"]) for rank in ranks), ranks
+    else:
+        assert all(rank["cpus"] == cpus for rank in ranks), ranks
+        assert all(rank["threads"] == max(1, len(cpus) // 2) for rank in ranks), ranks
+
+
+def test_unknown_bind_is_one_line(tiny_models, prompts_file, tmp_path):
+    proc = run_command([sys.executable, RUN, f"model.path={tiny_models['llama']}", f"io.input={prompts_file}",
+                        "launch.bind=socket"], timeout=300, check=False, cwd=tmp_path)
+    assert proc.returncode == 2 and "launch.bind='socket'" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -1,6 +1,8 @@
 """The environment launch/run.py gives the ranks it starts (pure): OpenMP threads and glibc's huge-page
-malloc tunable, without overriding what the user set."""
+malloc tunable, without overriding what the user set; each rank bound to cores of its own (launch.bind)."""
 from __future__ import annotations
+
+import pytest
 
 from seesaw_ds.distributed.env import HUGEPAGE_TUNABLE, rank_environment, transparent_hugepages_mode
 
@@ -32,3 +34,40 @@ def test_base_not_modified():
 
 def test_thp_mode_is_one_of_the_kernels():
     assert transparent_hugepages_mode() in ("always", "madvise", "never", "unknown")
+
+
+# -- launch.bind: each rank on physical cores of its own -----------------------------------------------------------
+
+from seesaw_ds.distributed.env import NODE_CPUS_VAR, cores_per_rank, mpiexec_binding, physical_cores  # noqa: E402
+
+
+def test_physical_cores_keep_hardware_threads_together():
+    siblings = {0: [0, 4], 4: [0, 4], 1: [1, 5], 5: [1, 5], 2: [2, 6], 6: [2, 6], 3: [3, 7], 7: [3, 7]}
+    assert physical_cores(list(range(8)), siblings) == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert physical_cores([2, 3, 6], siblings) == [[2, 6], [3]], "only the CPUs this process may use"
+
+
+def test_binding_gives_each_rank_whole_cores_of_its_own():
+    cores = [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert mpiexec_binding("cores", 2, cores) == ["-bind-to", "user:0+4+1+5,2+6+3+7"]
+    assert mpiexec_binding("cores", 4, cores) == ["-bind-to", "user:0+4,1+5,2+6,3+7"]
+    assert mpiexec_binding("cores", 3, cores) == ["-bind-to", "user:0+4,1+5,2+6"], "a core left over stays idle"
+    assert mpiexec_binding("cores", 2, [[0], [1]]) == ["-bind-to", "user:0,1"]
+
+
+def test_no_binding_when_off_or_oversubscribed():
+    assert mpiexec_binding("none", 2, [[0], [1]]) == []
+    assert mpiexec_binding("cores", 4, [[0], [1]]) == [], "more ranks than cores: binding would stack them"
+
+
+def test_unknown_bind_names_the_choices():
+    with pytest.raises(ValueError, match=r"launch.bind='socket'.*cores, none"):
+        mpiexec_binding("socket", 2, [])
+
+
+def test_threads_per_rank_bound_and_unbound():
+    assert cores_per_rank(2, affinity=1, environ={NODE_CPUS_VAR: "2"}) == 1, "bound: its own core"
+    assert cores_per_rank(2, affinity=2, environ={}) == 1, "unbound: the node's CPUs shared"
+    assert cores_per_rank(2, affinity=8, environ={NODE_CPUS_VAR: "16"}) == 8, "bound to 8 of 16: 8 threads"
+    assert cores_per_rank(4, affinity=64, environ={"SLURM_CPUS_ON_NODE": "32"}) == 8, "Slurm's count wins"
+    assert cores_per_rank(4, affinity=2, environ={}) == 1, "never below one"
