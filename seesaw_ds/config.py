@@ -2,15 +2,13 @@
 
 Hydra checks every override against these schemas, so a mistyped key or a wrong type is an error before
 any rank starts. ``to_settings`` turns the composed config into these plain dataclasses once, at the entry
-point, so no ``DictConfig`` travels inward.
+point, so no ``DictConfig`` travels inward. Hydra and OmegaConf are imported only there: the schema itself
+is plain dataclasses, which the engine's pure parts (engine/scheduler.py) import.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Optional
-
-from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
 
 from seesaw_ds.distributed.layout import Layout
 
@@ -128,18 +126,34 @@ class KVConfig:
     of the staging area."""
 
 
-@dataclass
-class SchedulerSettings:
-    """Phase scheduling."""
+#: Values of ``scheduler.policy`` (engine/scheduler.py implements them).
+POLICIES = ("seesaw", "prefill_first", "decode_first")
+
+
+@dataclass(kw_only=True)
+class SchedulerConfig:
+    """Phase scheduling (``scheduler.*``): the policy knobs engine/scheduler.py and the simulator read."""
 
     policy: str = "seesaw"
-    """seesaw (transition-minimizing) | prefill_first (vLLM-like) | decode_first."""
+    """`seesaw` (transition-minimizing), `prefill_first` (vLLM-like) or `decode_first` (FasterTransformer-like)."""
     max_prefill_tokens: int = 4096
-    """Prompt tokens per prefill step."""
+    """Prompt tokens per prefill step, all prefill replicas together; a longer single prompt still runs alone."""
     low_watermark: float = 0.2
-    """seesaw: back to prefill when staging occupancy falls below this and prompts wait."""
+    """seesaw: go back to prefill once staging occupancy is below this fraction and prompts wait."""
     max_decode_seqs: int = 256
     """Running sequences per decode replica."""
+    admit_headroom: float = 0.05
+    """Fraction of a replica's device blocks kept free when admitting, as growth room (avoids evict/admit thrash)."""
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"scheduler.policy={self.policy!r} is unknown; use one of {', '.join(POLICIES)}")
+        if self.max_prefill_tokens < 1 or self.max_decode_seqs < 1:
+            raise ValueError(f"scheduler.max_prefill_tokens={self.max_prefill_tokens} and scheduler.max_decode_seqs="
+                             f"{self.max_decode_seqs} must both be >= 1")
+        if not 0.0 <= self.low_watermark <= 1.0 or not 0.0 <= self.admit_headroom < 1.0:
+            raise ValueError(f"scheduler.low_watermark={self.low_watermark} must lie in [0, 1] and "
+                             f"scheduler.admit_headroom={self.admit_headroom} in [0, 1)")
 
 
 @dataclass
@@ -201,7 +215,7 @@ class JobConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     kv: KVConfig = field(default_factory=KVConfig)
-    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     io: IOConfig = field(default_factory=IOConfig)
     seed: int = 0
@@ -212,6 +226,8 @@ class JobConfig:
 
 def register() -> None:
     """Register the schema with Hydra's ConfigStore (the base of conf/config.yaml)."""
+    from hydra.core.config_store import ConfigStore
+
     store = ConfigStore.instance()
     store.store(name="job_schema", node=JobConfig)
 
@@ -222,6 +238,8 @@ def layout_of(config: LayoutConfig) -> Layout:
 
 def to_settings(cfg: Any) -> JobConfig:
     """Composed Hydra config (DictConfig) -> plain :class:`JobConfig`."""
+    from omegaconf import OmegaConf
+
     if isinstance(cfg, JobConfig):
         return cfg
     merged = OmegaConf.merge(OmegaConf.structured(JobConfig), cfg)

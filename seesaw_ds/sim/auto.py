@@ -4,8 +4,11 @@ Run once, in the launcher process before any rank starts (``launch/run.py``), or
 srun started directly (``cli.worker_main``, which broadcasts the result), so every rank runs the same
 layouts:
 
-1. :func:`~seesaw_ds.sim.calibrate.measure` times this machine (a few hundred ms) and
-   :func:`~seesaw_ds.sim.calibrate.hardware_spec` describes one rank of it for the cost model;
+1. :func:`~seesaw_ds.sim.calibrate.measure` times this machine (a few seconds, with the engine's profile)
+   once: the figures are kept under ``$SEESAW_CACHE/calibration/`` for this machine, job shape and engine
+   (:mod:`seesaw_ds.sim.calibration_cache`), so every later start plans with the same ones
+   (``parallel.recalibrate=true`` measures again); :func:`~seesaw_ds.sim.calibrate.hardware_spec` describes
+   one rank of it for the cost model;
 2. the model comes from its config.json, the workload from the first ``sample_lines`` requests of the
    input file (prompt lengths after tokenization, ``max_tokens`` after the sampling defaults);
 3. :class:`~seesaw_ds.sim.planner.Planner` simulates every layout pair of the job's ranks with the
@@ -97,7 +100,9 @@ class AutoChoice:
         return (f"parallel=auto chose {what} (scheduler.max_decode_seqs={self.max_decode_seqs}, "
                 f"kv.device_tokens={self.device_tokens}): predicted {self.throughput:.0f} tokens/s "
                 f"({self.output_throughput:.0f} output tokens/s) on {self.hardware.get('name', '?')}, "
-                f"{len(self.ranking)} candidates, {self.workload.get('num_requests', '?')} sampled requests")
+                f"{len(self.ranking)} candidates, {self.workload.get('num_requests', '?')} sampled requests"
+                + ("; machine calibration kept from an earlier start (parallel.recalibrate=true measures again)"
+                   if self.hardware.get("calibration_cached") else ""))
 
     def to_json(self) -> dict:
         layout = lambda x: {"dp": x.dp, "tp": x.tp, "pp": x.pp}  # noqa: E731
@@ -261,7 +266,7 @@ def plan_job(settings, overrides: list[str], *, sample_lines: int = 256) -> Auto
     io.input are resolved); ValueError with one line when nothing can run."""
     from dataclasses import asdict
 
-    from seesaw_ds.sim.calibrate import measure
+    from seesaw_ds.sim.calibration_cache import cached_calibration
 
     began = time.perf_counter()
     dims, dtype_bytes, max_positions, vocab = checkpoint_facts(settings.model.path, settings.model.dtype)
@@ -281,10 +286,14 @@ def plan_job(settings, overrides: list[str], *, sample_lines: int = 256) -> Auto
                      max_decode_seqs=(settings.scheduler.max_decode_seqs
                                       if "scheduler.max_decode_seqs" in keys else None),
                      prefill_micro_batches=settings.parallel.prefill_micro_batches)
-    calibration = measure(ranks=facts.num_ranks, dtype=job_dtype(settings.model.path, settings.model.dtype),
-                          model_path=settings.model.path)
+    calibrate_began = time.perf_counter()
+    calibration, calibration_file, cached = cached_calibration(
+        ranks=facts.num_ranks, dtype=job_dtype(settings.model.path, settings.model.dtype),
+        model_path=settings.model.path, refresh=settings.parallel.recalibrate)
     choice = choose(facts, calibration, dims, workload, usable=family_usable(settings.model.path))
-    choice.timings.update(read_input=read_s, calibrate=calibration.seconds, total=time.perf_counter() - began)
+    choice.hardware.update(calibration_file=str(calibration_file), calibration_cached=cached)
+    choice.timings.update(read_input=read_s, calibrate=time.perf_counter() - calibrate_began,
+                          total=time.perf_counter() - began)
     return choice
 
 
