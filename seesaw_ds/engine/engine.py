@@ -25,7 +25,7 @@ from seesaw_ds.engine.leader import Finished, Leader
 from seesaw_ds.engine.prefixes import PrefixIndex
 from seesaw_ds.engine.outputs import JsonlAppender, format_error, format_result, scan_answered, scan_error_lines
 from seesaw_ds.engine.sampling import eos_token_ids
-from seesaw_ds.engine.scheduler import Scheduler, SchedulerConfig
+from seesaw_ds.engine.scheduler import Scheduler
 from seesaw_ds.engine.worker import StepMessage, Worker
 from seesaw_ds.kv.staging import StagingArea, StagingCapacityError, staging_capacity
 from seesaw_ds.model.loader import read_generation_defaults
@@ -199,9 +199,7 @@ def run_job(settings: JobConfig, runtime, run_dir: Path, *, tokenizer=None, stop
         capacity = executor.staging.capacity
         prefix_cache = 0 if prefixes is None else min(capacity, settings.kv.prefix_cache_tokens or capacity // 4)
         scheduler = Scheduler(
-            SchedulerConfig(policy=settings.scheduler.policy, max_prefill_tokens=settings.scheduler.max_prefill_tokens,
-                            low_watermark=settings.scheduler.low_watermark,
-                            max_decode_seqs=settings.scheduler.max_decode_seqs),
+            settings.scheduler,
             staging_tokens=capacity, device_tokens=executor.device_tokens,
             block_size=settings.kv.block_size, num_prefill_replicas=layouts["prefill"].dp,
             num_decode_replicas=layouts["decode"].dp, prefix_cache_tokens=prefix_cache)

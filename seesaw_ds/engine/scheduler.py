@@ -43,7 +43,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Iterable
 
-POLICIES = ("seesaw", "prefill_first", "decode_first")
+from seesaw_ds.config import SchedulerConfig
 
 
 class Phase(enum.Enum):
@@ -51,32 +51,6 @@ class Phase(enum.Enum):
 
     PREFILL = "prefill"
     DECODE = "decode"
-
-
-@dataclass(frozen=True, kw_only=True)
-class SchedulerConfig:
-    """Policy knobs of the scheduler (`scheduler.*` in the Hydra config)."""
-
-    policy: str = "seesaw"
-    """`seesaw` (transition-minimizing), `prefill_first` (vLLM-like) or `decode_first` (FasterTransformer-like)."""
-    max_prefill_tokens: int = 4096
-    """Prompt tokens per prefill step, all prefill replicas together; a longer single prompt still runs alone."""
-    low_watermark: float = 0.2
-    """seesaw: go back to prefill once staging occupancy is below this fraction and prompts wait."""
-    max_decode_seqs: int = 256
-    """Running sequences per decode replica."""
-    admit_headroom: float = 0.05
-    """Fraction of a replica's device blocks kept free when admitting, as growth room (avoids evict/admit thrash)."""
-
-    def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ValueError(f"scheduler.policy={self.policy!r} is unknown; use one of {', '.join(POLICIES)}")
-        if self.max_prefill_tokens < 1 or self.max_decode_seqs < 1:
-            raise ValueError(f"scheduler.max_prefill_tokens={self.max_prefill_tokens} and scheduler.max_decode_seqs="
-                             f"{self.max_decode_seqs} must both be >= 1")
-        if not 0.0 <= self.low_watermark <= 1.0 or not 0.0 <= self.admit_headroom < 1.0:
-            raise ValueError(f"scheduler.low_watermark={self.low_watermark} must lie in [0, 1] and "
-                             f"scheduler.admit_headroom={self.admit_headroom} in [0, 1)")
 
 
 @dataclass

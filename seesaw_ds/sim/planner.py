@@ -24,8 +24,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from seesaw_ds.config import SchedulerConfig
 from seesaw_ds.distributed.layout import Layout, LayoutError, ModelDims, validate_layout
-from seesaw_ds.engine.scheduler import SchedulerConfig
 from seesaw_ds.sim.chunked import time_chunked, trace_chunked
 from seesaw_ds.sim.cost import GIB, ComputeProfile, CostModel, Efficiency, GpuSpec
 from seesaw_ds.sim.simulator import SimResult, Trace, time_trace, trace_seesaw

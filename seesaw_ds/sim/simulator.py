@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from seesaw_ds.config import SchedulerConfig
 from seesaw_ds.distributed.layout import Layout
-from seesaw_ds.engine.scheduler import Phase, Scheduler, SchedulerConfig
+from seesaw_ds.engine.scheduler import Phase, Scheduler
 from seesaw_ds.sim.cost import CostModel
 from seesaw_ds.sim.workload import Workload
 

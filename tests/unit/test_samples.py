@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from seesaw_ds.config import SchedulerConfig
 from seesaw_ds.engine.leader import Leader
 from seesaw_ds.engine.outputs import Sample, format_result
 from seesaw_ds.engine.requests import Request
 from seesaw_ds.engine.sampling import RequestError, SamplingParams, request_seed, resolve_sampling, sample_seed
-from seesaw_ds.engine.scheduler import Phase, Scheduler, SchedulerConfig
+from seesaw_ds.engine.scheduler import Phase, Scheduler
 from seesaw_ds.engine.worker import StepResult, Worker
 from seesaw_ds.kv.staging import ExtentAllocator
 

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from seesaw_ds.engine.scheduler import Phase, Scheduler, SchedulerConfig, StepPlan
+from seesaw_ds.config import SchedulerConfig
+from seesaw_ds.engine.scheduler import Phase, Scheduler, StepPlan
 
 
 @dataclass

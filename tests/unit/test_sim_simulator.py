@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from seesaw_ds.config import SchedulerConfig
 from seesaw_ds.distributed.layout import Layout, ModelDims
 from seesaw_ds.engine import scheduler as scheduler_module
-from seesaw_ds.engine.scheduler import SchedulerConfig
 from seesaw_ds.sim.chunked import time_chunked, trace_chunked, trace_chunked_engine
 from seesaw_ds.sim.cost import GIB, CostModel, GpuSpec
 from seesaw_ds.sim.simulator import (ConservationError, _check_conservation, simulate_seesaw, time_trace,
