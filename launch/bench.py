@@ -3,6 +3,9 @@
     python launch/bench.py                                   the standard run (conf/bench/config.yaml)
     python launch/bench.py --peers seesaw,transformers --num-prompts 16
     python launch/bench.py workload=sharegpt_like bench.peers=[seesaw,tp2]
+    python launch/bench.py workload=prefill_only             issue 22's presets beside the standard run: 1 output
+    python launch/bench.py workload=decode_only              token; prompts cut to 16 tokens, 256 out; one
+    python launch/bench.py workload=batch1                   prompt, 256 out (seesaw_auto vs vllm_2cores)
     python launch/bench.py --dataset-path prompts.jsonl --output-json out.json
     python launch/bench.py --reanalyse runs/bench/.../results.json   tables and plot again, no peer runs
 

@@ -30,6 +30,8 @@ class WorkloadConfig:
     """random: most output tokens."""
     path: Optional[str] = None
     """jsonl: the file of {"prompt_token_ids" | "prompt", "max_tokens" | "output_len"} lines."""
+    prompt_tail: Optional[int] = None
+    """Cut every prompt to its last N tokens (the decode-only preset: 16); None keeps prompts whole."""
 
 
 @dataclass

@@ -91,7 +91,7 @@ def build_workload(settings: BenchConfig, model_dir: Path) -> tuple[Workload, in
                              apply_chat_template=lambda messages: list(tokenizer.apply_chat_template(
                                  messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]),
                              corpus=CORPUS.read_text() if spec.kind in ("chat", "shared_prefix") else None,
-                             prefix_len=spec.prefix_len)
+                             prefix_len=spec.prefix_len, prompt_tail=spec.prompt_tail)
     return workload, max_model_len
 
 

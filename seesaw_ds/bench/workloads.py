@@ -17,6 +17,9 @@ Presets (the names of ``vllm bench throughput --dataset-name`` where one exists)
   passage (``input_len`` more tokens), in the model's chat template; short outputs (vLLM's prefix-caching
   benchmark uses 10);
 - ``jsonl``: a file of ``{"prompt_token_ids": [...] | "prompt": "...", "max_tokens"|"output_len": N}`` lines.
+
+Any preset's prompts can be cut to their last ``prompt_tail`` tokens (:func:`cut_prompts`): the decode-only
+preset (conf/bench/workload/decode_only.yaml) keeps 16 tokens of each chat prompt, so that the run is all decode.
 """
 from __future__ import annotations
 
@@ -280,11 +283,32 @@ def shared_prefix_workload(num_prompts: int, *, prefix_len: int, input_len: tupl
     return Workload("shared_prefix", prompts, outputs)
 
 
+def cut_prompts(workload: Workload, keep_last: int) -> Workload:
+    """``workload`` with every prompt cut to its last ``keep_last`` tokens (a shorter one kept whole). The last
+    tokens, not the first: a chat prompt's first ones are the template's system header, the same in every
+    prompt, while its last ones are its own text and the assistant header the answer follows."""
+    if keep_last < 1:
+        raise ValueError(f"workload.prompt_tail={keep_last} must be >= 1 (or null: prompts whole)")
+    return Workload(f"{workload.name}_last{keep_last}", [p[-keep_last:] for p in workload.prompts],
+                    list(workload.output_lens))
+
+
 def make_workload(kind: str, *, num_prompts: int, seed: int, token_range: tuple[int, int], max_model_len: int,
                   input_len: tuple[int, int] = (20, 500), output_len: tuple[int, int] = (128, 128),
                   path: str | None = None, tokenize=None, apply_chat_template=None, corpus: str | None = None,
-                  prefix_len: int = 1000) -> Workload:
-    """The workload of preset ``kind`` (one of :data:`PRESETS`)."""
+                  prefix_len: int = 1000, prompt_tail: int | None = None) -> Workload:
+    """The workload of preset ``kind`` (one of :data:`PRESETS`), its prompts cut to their last ``prompt_tail``
+    tokens when that is given (:func:`cut_prompts`)."""
+    workload = _make_workload(kind, num_prompts=num_prompts, seed=seed, token_range=token_range,
+                              max_model_len=max_model_len, input_len=input_len, output_len=output_len, path=path,
+                              tokenize=tokenize, apply_chat_template=apply_chat_template, corpus=corpus,
+                              prefix_len=prefix_len)
+    return workload if prompt_tail is None else cut_prompts(workload, prompt_tail)
+
+
+def _make_workload(kind: str, *, num_prompts: int, seed: int, token_range: tuple[int, int], max_model_len: int,
+                   input_len: tuple[int, int], output_len: tuple[int, int], path: str | None, tokenize,
+                   apply_chat_template, corpus: str | None, prefix_len: int) -> Workload:
     if kind == "shared_prefix":
         if apply_chat_template is None or corpus is None:
             raise ValueError("workload.kind=shared_prefix needs a tokenizer with a chat template and a corpus")

@@ -300,3 +300,56 @@ def test_agreement_counts_tokens_before_the_first_difference():
     shares = agreement([ref, same, early, failed], "ref")
     assert shares == {"ref": 3.5, "same": 3.5, "early": 0.5}
     assert agreement([same], "ref") == {}
+
+
+def test_cut_prompts_keeps_each_prompts_last_tokens():
+    workload = workloads.Workload("chat", [list(range(40)), [7, 8, 9]], [4, 4])
+    cut = workloads.cut_prompts(workload, 16)
+    assert cut.prompts == [list(range(24, 40)), [7, 8, 9]] and cut.output_lens == [4, 4]
+    assert cut.name == "chat_last16" and workload.prompts[0] == list(range(40)), "the original is left alone"
+    with pytest.raises(ValueError, match="prompt_tail=0"):
+        workloads.cut_prompts(workload, 0)
+
+
+def _compose_preset(name: str):
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from seesaw_ds.bench.config import register, to_settings
+
+    register()
+    conf = Path(__file__).resolve().parents[2] / "conf" / "bench"
+    with initialize_config_dir(config_dir=str(conf), version_base=None):
+        return to_settings(compose(config_name="config", overrides=[f"workload={name}"]))
+
+
+@pytest.mark.parametrize("preset, num_prompts, output_len, prompt_tail", [
+    ("standard", 128, 128, None), ("prefill_only", 128, 1, None), ("decode_only", 128, 256, 16),
+    ("batch1", 1, 256, None)])
+def test_issue22_presets_have_their_shape(preset, num_prompts, output_len, prompt_tail):
+    """The bench presets beside the standard run (conf/bench/workload/): prefill only (1 output token),
+    decode only (prompts cut to 16 tokens, 256 out), batch-1 latency (one prompt, 256 out): the standard run's
+    chat prompts otherwise, seesaw_auto against vllm_2cores with the fp32 reference."""
+    settings = _compose_preset(preset)
+    spec = settings.workload
+    assert spec.kind == "chat" and (spec.input_len_min, spec.input_len_max) == (61, 558)
+    assert (spec.output_len_min, spec.output_len_max) == (output_len, output_len) and spec.prompt_tail == prompt_tail
+    assert settings.bench.num_prompts == num_prompts
+    if preset != "standard":
+        assert settings.bench.peers[:2] == ["seesaw_auto", "vllm_2cores"]
+        assert settings.bench.reference == "transformers_fp32" in settings.bench.peers
+        assert settings.bench.targets == ["seesaw_auto>=1.0*vllm_2cores"]
+    corpus = "The river ran quietly. Clara baked bread before dawn. People talked about the weather. " * 3
+    template = lambda messages: [ord(c) for c in f"<system>helper</system><user>{messages[0]['content']}</user>>"]
+    workload = workloads.make_workload(spec.kind, num_prompts=num_prompts, seed=0, token_range=(0, 10),
+                                       max_model_len=2048, input_len=(spec.input_len_min, spec.input_len_max),
+                                       output_len=(spec.output_len_min, spec.output_len_max),
+                                       apply_chat_template=template, corpus=corpus, prompt_tail=spec.prompt_tail)
+    assert workload.num_requests == num_prompts and workload.output_lens == [output_len] * num_prompts
+    if prompt_tail:
+        assert all(len(p) == prompt_tail for p in workload.prompts)
+        assert all("".join(map(chr, p)).endswith("</user>>") for p in workload.prompts), "the prompt's own end"
+        assert len({tuple(p) for p in workload.prompts}) > 10, "not one shared header"
+    else:
+        assert all(61 <= len(p) <= 558 + 20 for p in workload.prompts)
