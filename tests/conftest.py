@@ -49,10 +49,10 @@ def smollm2() -> Path:
 
 @pytest.fixture(scope="session")
 def family_models(tmp_path_factory) -> dict[str, Path]:
-    """One tiny random checkpoint per case of `seesaw_ds.model.tiny_families.CASES` (Llama 2/3, Mistral,
+    """One tiny random checkpoint per case of `tiny_families.CASES` (tests/tiny_families.py) (Llama 2/3, Mistral,
     Mixtral, Qwen2, Qwen2-MoE, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3 text, Phi-3, Phi-3 LongRoPE, OLMo 2,
     Granite, and the MoE cases again under legacy per-expert key names), built once per session."""
-    from seesaw_ds.model.tiny_families import CASES, make_family_checkpoint
+    from tiny_families import CASES, make_family_checkpoint
 
     root = tmp_path_factory.mktemp("family_models")
     return {case: make_family_checkpoint(case, root / case) for case in CASES}

@@ -151,7 +151,7 @@ def test_local_multirun_writes_a_summary_of_every_job(tiny_models, prompts_file,
 
 @pytest.fixture(scope="module")
 def unsupported_models(tiny_models, tmp_path_factory) -> dict[str, Path]:
-    from seesaw_ds.model.tiny_families import make_unsupported_checkpoint
+    from tiny_families import make_unsupported_checkpoint
 
     root = tmp_path_factory.mktemp("unsupported")
     models = {kind: make_unsupported_checkpoint(kind, root / kind) for kind in ("gpt2", "gemma3_multimodal",

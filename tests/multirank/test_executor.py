@@ -1,6 +1,6 @@
 """Executor on real MPI ranks (gloo, DeepSpeed's CPU accelerator): every static layout of 1, 2 and 4 ranks
 and ten layout switches, logits within 1e-4 of plain transformers and identical greedy tokens — for the
-tiny default models and for every case of the family table (seesaw_ds/model/tiny_families.py)."""
+tiny default models and for every case of the family table (tests/tiny_families.py)."""
 from __future__ import annotations
 
 import re

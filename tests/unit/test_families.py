@@ -110,7 +110,7 @@ def test_support_table_in_docs_matches_the_family_table_and_the_tested_cases():
     import re
     from pathlib import Path
 
-    from seesaw_ds.model.tiny_families import CASES
+    from tiny_families import CASES
 
     text = (Path(__file__).resolve().parents[2] / "docs" / "models.md").read_text()
     rows = re.findall(r"^\| ([^|`]+?) \| (`[^|]+`) \|", text, flags=re.M)

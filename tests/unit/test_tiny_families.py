@@ -1,4 +1,4 @@
-"""Tests for seesaw_ds.model.tiny_families: every family's tiny checkpoint builds, loads back in transformers,
+"""Tests for tests/tiny_families.py: every family's tiny checkpoint builds, loads back in transformers,
 has decisive greedy logits and really uses its family's features; legacy per-expert MoE checkpoints equal the
 fused ones; unsupported checkpoints are what they claim."""
 
@@ -12,7 +12,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from seesaw_ds.model import tiny, tiny_families as tf
+import tiny_families as tf
+from seesaw_ds.model import tiny
 
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM",

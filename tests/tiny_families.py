@@ -1,4 +1,5 @@
-"""Tiny, deterministic random checkpoints of the model families users run, for token-exact tests.
+"""Tiny, deterministic random checkpoints of the model families users run, for token-exact tests (a test
+fixture: it lives under tests/, importable as ``tiny_families`` since pytest puts tests/ on the path).
 
 ``seesaw_ds.model.tiny`` builds the project's own Llama / Mistral / Qwen2; this module builds one small
 checkpoint per *family feature set* the engine must reproduce token for token against plain transformers:
@@ -39,7 +40,7 @@ included) are drawn from [0.5, 1.5] (Gemma: ``w`` from [-0.5, 0.5]) so that an e
 mis-slices a norm weight is caught. Routers (``mlp.gate.weight``) give logits with standard deviation
 ``ROUTER_STD`` so that the top-2 choice is rarely close; ``shared_expert_gate`` gives sigmoid inputs of
 standard deviation 1; biases are N(0, 0.1^2). Untied models never produce special tokens other than eos.
-``check_greedy`` measures the result (``python -m seesaw_ds.model.tiny_families`` prints it per case).
+``check_greedy`` measures the result (``python tests/tiny_families.py`` prints it per case).
 
 **LongRoPE** (``phi3_longrope``): transformers picks the factor set by sequence length: a forward whose
 largest position id + 1 exceeds ``original_max_position_embeddings`` uses ``long_factor`` for all its
