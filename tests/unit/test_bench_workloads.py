@@ -139,8 +139,7 @@ def test_model_shape_counts_the_benchmark_model():
               "intermediate_size": 1376, "vocab_size": 1024}
     shape = ModelShape.from_hf_config(config)
     assert shape == BENCH_SHAPE
-    # q 512x512, k and v 512x256 each, o 512x512, gate/up/down 3 x 512x1376
-    assert shape.layer_params == 512 * 512 * 2 + 2 * 512 * 256 + 3 * 512 * 1376
+    assert shape.layer_params == 2_899_968  # counted by hand: q, o 262,144 each; k, v 131,072 each; MLP 2,113,536
     # The whole model (the built checkpoint's manifest says 24,257,024) = layers + head + embedding + norms.
     norms = (2 * 8 + 1) * 512
     assert shape.layer_params * 8 + 2 * shape.head_params + norms == 24_257_024
@@ -150,10 +149,12 @@ def test_workload_flops_by_hand():
     shape = ModelShape(num_layers=2, hidden_size=4, num_heads=2, num_kv_heads=1, head_dim=2, intermediate_size=8,
                        vocab_size=10)
     flops = workload_flops(shape, [3], [2])
-    # 4 tokens pass the layers (3 prompt + 1 fed-back output), 2 logits rows; 1+2+3+4 = 10 causal pairs.
-    assert flops["linear"] == 2 * shape.layer_params * 2 * 4 + 2 * 40 * 2
-    assert flops["attention"] == 4 * 2 * 2 * 2 * 10
-    assert flops["total"] == flops["linear"] + flops["attention"]
+    # Counted by hand: a layer holds 144 weights (q, o 16 each; k, v 8 each; MLP 96) and the head 40; 4 tokens
+    # pass 2 layers (3 prompt + 1 fed-back output) and 2 rows the head: 2 x (144 x 2 x 4 + 40 x 2) = 2,464.
+    # Attention: 10 causal (query, key) pairs (1+2+3+4), 2 layers, 2 heads of 2 dims, 4 FLOPs each: 320.
+    assert flops == {"linear": 2_464.0, "attention": 320.0, "total": 2_784.0}
+    # one more output token: one more row through the layers and the head (656) and 5 more pairs (160)
+    assert workload_flops(shape, [3], [3])["total"] == 3_600.0
     with pytest.raises(ValueError):
         workload_flops(shape, [1, 2], [1])
 

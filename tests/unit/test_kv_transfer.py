@@ -179,7 +179,10 @@ def test_swap_in_same_cache_on_both_paths_with_per_layer_events():
     keys, values = _prefill_kv(1, 16)
     k, v = got.read_sequence(1, 2, 9)
     assert torch.equal(k, keys[1:4, 7:16]) and torch.equal(v, values[1:4, 7:16])
-    assert swap.nbytes == 2 * 3 * (7 + 9) * DIMS.head_dim * 4 * DIMS.num_layers
+    # the bytes reported are the KV that arrived: both sequences' K and V, every layer (9,216 bytes here)
+    arrived = sum(tensor.nbytes for layer in range(DIMS.num_layers) for seq_id, length in ((1, 7), (2, 9))
+                  for tensor in got.read_sequence(layer, seq_id, length))
+    assert swap.nbytes == arrived == 9_216
     # the protocol: side after compute first; per layer, both sequences' writes queued on the side stream,
     # then one event; the compute stream waits for each layer's own event exactly once
     log = [entry for entry in fake_streams.log if entry[0] != "synchronize"]
@@ -280,7 +283,11 @@ def test_swap_in_of_a_sequence_sharing_a_resident_prefix_copies_only_the_rest_on
         assert present == {1: 0, 2: 4} and cache.allocator.tables[2][0] == cache.allocator.tables[1][0]
         swap = area.swap_in_pieces(cache, [(first, piece), (second, piece)], [], range(1, 4), present)
         swap.finish()
-        assert swap.nbytes == 2 * 3 * (7 + 5) * DIMS.head_dim * 4 * DIMS.num_layers
+        # what arrived: the KV both sequences now hold, less sequence 2's 4 prefix tokens it shares with 1
+        held = sum(tensor.nbytes for layer in range(DIMS.num_layers) for seq in (first, second)
+                   for tensor in cache.read_sequence(layer, seq.seq_id, seq.num_tokens))
+        shared = sum(tensor.nbytes for layer in range(DIMS.num_layers) for tensor in cache.read_sequence(layer, 2, 4))
+        assert swap.nbytes == held - shared == 6_912
         for layer in range(DIMS.num_layers):
             for seq in (first, second):
                 expected = area._load(range(layer, layer + 1), range(1, 4), seq.extents, seq.num_tokens)[0]

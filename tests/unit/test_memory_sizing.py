@@ -100,15 +100,17 @@ def test_default_fractions_and_bad_ones():
 
 def test_cpu_budget_leaves_the_staging_area_and_shares_the_host():
     # 20 GiB available, 6 GiB of it promised to a (not yet touched) staging area, 2 ranks
-    assert sizing.cpu_device_budget(20 * GiB, 6 * GiB, 0.3, 2) == int(0.3 * 14 * GiB) // 2
+    # 14 GiB left beside the staging area, 30% of it is 4.2 GiB, 2.1 GiB for each rank
+    assert sizing.cpu_device_budget(20 * GiB, 6 * GiB, 0.3, 2) == 2_254_857_830
     assert sizing.cpu_device_budget(GiB, 2 * GiB, 0.3, 1) == 0
 
 
 def test_cuda_budget_takes_off_what_is_used_and_the_weights():
     # an 80 GiB GPU with 1 GiB in use (context), 16 GiB of weights to come
-    assert sizing.cuda_device_budget(80 * GiB, 79 * GiB, 0.9, 16 * GiB, 1) == int(0.9 * 80 * GiB) - 17 * GiB
-    # two ranks on one GPU share what is left after both their weights
-    assert sizing.cuda_device_budget(80 * GiB, 79 * GiB, 0.9, 16 * GiB, 2) == (int(0.9 * 80 * GiB) - 33 * GiB) // 2
+    # 90% of 80 GiB is 72 GiB: less 1 GiB in use and 16 GiB of weights, 55 GiB of KV
+    assert sizing.cuda_device_budget(80 * GiB, 79 * GiB, 0.9, 16 * GiB, 1) == 55 * GiB
+    # two ranks on one GPU share what is left after both their weights: (72 - 1 - 32) / 2 = 19.5 GiB each
+    assert sizing.cuda_device_budget(80 * GiB, 79 * GiB, 0.9, 16 * GiB, 2) == 39 * GiB // 2
     assert sizing.cuda_device_budget(80 * GiB, 10 * GiB, 0.9, 16 * GiB, 1) == 0
 
 
@@ -126,9 +128,9 @@ def test_rank_bytes_per_token_follow_the_layout():
     stage = SimpleNamespace(layout=Layout(pp=2), pp_index=1, tp_index=0)
     import torch
 
-    assert sizing.rank_bytes_per_token(dims, torch.bfloat16, [whole]) == 30 * 2 * 3 * 64 * 2
-    assert sizing.rank_bytes_per_token(dims, torch.bfloat16, [stage]) == 15 * 2 * 3 * 64 * 2
-    assert sizing.rank_bytes_per_token(dims, torch.bfloat16, [whole, stage]) == 45 * 2 * 3 * 64 * 2
+    assert sizing.rank_bytes_per_token(dims, torch.bfloat16, [whole]) == 23_040  # SmolLM2's 23 KB a token
+    assert sizing.rank_bytes_per_token(dims, torch.bfloat16, [stage]) == 11_520  # half the layers, half the bytes
+    assert sizing.rank_bytes_per_token(dims, torch.bfloat16, [whole, stage]) == 34_560  # a rank in both layouts
 
 
 def test_a_user_who_sets_nothing_gets_full_decode_batches():
