@@ -35,7 +35,11 @@ class Runtime:
     layouts: dict[str, Layout]
 
     def close(self) -> None:
-        """Release the node-shared memory (collective over the node)."""
+        """Release the node-shared memory: the staging area's and the host weights' (collective over the
+        node). Every MPI window is freed before MPI_Finalize: MPICH's OFI netmod fails its finalize on a
+        window still open ("fabricclose ... Device or resource busy")."""
+        if self.executor.staging is not None:
+            self.executor.staging.close()
         self.topology.env.node.Barrier()
         self.host.free()
 

@@ -122,6 +122,8 @@ SelectTypeParameters=CR_Core
 # trust the CPU counts below rather than this machine's (both "nodes" share its cores)
 SlurmdParameters=config_overrides
 MpiDefault=pmi2
+# every task's MPI environment: MPICH over OFI's TCP provider on the loopback interface (see write_config)
+TaskProlog=$DIR/task_prolog.sh
 MailProg=/bin/true
 ReturnToService=2
 SchedulerType=sched/backfill
@@ -137,6 +139,22 @@ MessageTimeout=20
 $nodelines
 PartitionName=debug Nodes=$nodelist Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 EOF
+  # Slurm runs this before every task (the batch script and each srun task) and exports what it prints.
+  # Why MPICH's OFI netmod over TCP on lo: Slurm 22.05's PMI-1 server (mpi/pmi2, which MPICH's PMI-1 client
+  # talks to) takes each request from a single read() of at most 1024 bytes. MPICH's default UCX netmod puts
+  # a node root's business card as a fixed 4096-byte buffer (the UCX address plus whatever heap bytes follow
+  # it), hex-encoded in segments of up to 1024 characters: a segment that compresses badly makes a "put" line
+  # longer than 1024 bytes, which Slurm cuts in two ("value not properly terminated in client request",
+  # "request not begin with 'cmd='"), and MPI_Init fails or hangs. With OFI's TCP provider the card is a
+  # 16-byte socket address, one short line. Both posed nodes are this host, so the loopback carries it all.
+  cat > "$DIR/task_prolog.sh.tmp" <<'PROLOG'
+#!/bin/sh
+# Written by slurm/local_cluster.sh: Slurm's TaskProlog; each "export" line sets a variable for the task.
+echo "export MPIR_CVAR_CH4_NETMOD=ofi"
+echo "export FI_PROVIDER=tcp"
+echo "export FI_TCP_IFACE=lo"
+PROLOG
+  chmod 755 "$DIR/task_prolog.sh.tmp"
   # Unused with proctrack/linuxproc + task/none, but some 22.05 code paths look for it.
   cat > "$DIR/cgroup.conf.tmp" <<EOF
 # Written by slurm/local_cluster.sh (no cgroup plugin is configured)
@@ -149,6 +167,7 @@ EOF
 install_config() {
   mv "$CONF.tmp" "$CONF"
   mv "$DIR/cgroup.conf.tmp" "$DIR/cgroup.conf"
+  mv "$DIR/task_prolog.sh.tmp" "$DIR/task_prolog.sh"
 }
 
 start_munge() {
@@ -198,6 +217,7 @@ do_start() {
   if [ -f "$CONF" ] && all_up; then
     if cmp -s "$CONF" "$CONF.tmp"; then
       rm -f "$CONF.tmp" "$DIR/cgroup.conf.tmp"
+      mv "$DIR/task_prolog.sh.tmp" "$DIR/task_prolog.sh"  # read at each task's start: no restart needed
       log "already running (SLURM_CONF=$CONF)"
       return 0
     fi

@@ -31,7 +31,7 @@ MPI_PROBE = (
     "from mpi4py import MPI; import json, os, socket; c = MPI.COMM_WORLD; "
     "print(json.dumps({'rank': c.Get_rank(), 'size': c.Get_size(), "
     "'node': os.environ.get('SLURMD_NODENAME'), 'host': socket.gethostname(), "
-    "'sum': c.allreduce(c.Get_rank())}), flush=True)"
+    "'netmod': os.environ.get('MPIR_CVAR_CH4_NETMOD'), 'sum': c.allreduce(c.Get_rank())}), flush=True)"
 )
 
 
@@ -69,6 +69,8 @@ def test_srun_pmi2_mpi_spans_both_nodes(slurm_cluster, venv_python, tmp_path, pe
     assert sorted(r["rank"] for r in ranks) == list(range(size)), out
     assert {r["size"] for r in ranks} == {size}, out
     assert {r["sum"] for r in ranks} == {size * (size - 1) // 2}, out  # a real cross-rank allreduce
+    # the cluster's TaskProlog gave every task MPICH's OFI netmod (its business card fits one PMI-1 line)
+    assert {r["netmod"] for r in ranks} == {"ofi"}, out
     by_node = {}
     for r in ranks:
         by_node.setdefault(r["node"], []).append(r["rank"])
