@@ -8,7 +8,7 @@ This module owns:
 - `apply_penalties_and_filters`: bad words, logit_bias, then the repetition, frequency and presence
   penalties, in vLLM V1's order, on float32 logits in place.
 
-`min_p` acts after temperature, so it lives with the draw (engine/sampling.py). A row is processed from its
+`min_p` acts after temperature, so it lives with the draw (engine/draw.py). A row is processed from its
 own logits, parameters and history only, so the result never depends on the batch or the layout.
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch
 
 
 class PenaltyParams(Protocol):
-    """The fields of a request's sampling parameters that penalties and filters read (engine/sampling.py's
-    `SamplingParams` has them; this module does not import it, so sampling can import this one)."""
+    """The fields of a request's sampling parameters that penalties and filters read (engine/params.py's
+    `SamplingParams` has them; this module does not import it, so the draw can import this one)."""
 
     repetition_penalty: float
     presence_penalty: float
