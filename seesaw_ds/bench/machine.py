@@ -9,10 +9,9 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
-import time
 
 from seesaw_ds.cpu_features import cpu_flags
-from seesaw_ds.sim.calibrate import best_rate
+from seesaw_ds.probes import best_rate, memcpy_bytes_per_second
 
 
 def cpu_summary() -> dict:
@@ -57,22 +56,8 @@ def matmul_gflops(threads: int, size: int = 1024, repeats: int = 5, min_seconds:
         torch.set_num_threads(previous)
 
 
-def memcpy_gbps(megabytes: int = 256, repeats: int = 5, min_seconds: float = 0.3) -> float:
-    """GB/s copied by one thread between two ``megabytes`` buffers (bytes copied, not read + written)."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        count = megabytes * 2 ** 20 // 4
-        source, target = torch.ones(count), torch.empty(count)
-        return best_rate(lambda: target.copy_(source), count * 4 / 1e9, repeats, min_seconds)
-    finally:
-        torch.set_num_threads(previous)
-
-
 def measure(thread_counts: tuple[int, ...] = (1, 2), matmul_size: int = 1024, dtype: str = "float32") -> dict:
     """``{"matmul_gflops": {threads: GFLOP/s}, "memcpy_gbps": GB/s}``, the matmuls in ``dtype`` (the model's:
     the roofline is the rate of the dtype the peers compute in)."""
     return {"matmul_gflops": {str(t): matmul_gflops(t, matmul_size, dtype=dtype) for t in thread_counts},
-            "memcpy_gbps": memcpy_gbps(), "matmul_size": matmul_size, "matmul_dtype": dtype}
+            "memcpy_gbps": memcpy_bytes_per_second(256 << 20, repeats=5, min_seconds=0.3) / 1e9, "matmul_size": matmul_size, "matmul_dtype": dtype}

@@ -29,6 +29,7 @@ from seesaw_ds.engine.scheduler import Scheduler
 from seesaw_ds.engine.worker import StepMessage, Worker
 from seesaw_ds.kv.staging import StagingArea, StagingCapacityError, staging_capacity
 from seesaw_ds.model.loader import read_generation_defaults
+from seesaw_ds.probes import memcpy_bytes_per_second
 
 log = logging.getLogger("seesaw_ds")
 
@@ -298,19 +299,6 @@ def _summary(leader: Leader, executor) -> dict:
             "timeline": [asdict(record) for record in stats.timeline]}
 
 
-def memcpy_gbps(nbytes: int = 64 << 20, repeats: int = 3) -> float:
-    """Host memcpy bandwidth of this rank right now (GB/s, best of a few copies)."""
-    import torch
-
-    source, target = torch.ones(nbytes // 4), torch.empty(nbytes // 4)
-    best = float("inf")
-    for _ in range(repeats):
-        began = time.perf_counter()
-        target.copy_(source)
-        best = min(best, time.perf_counter() - began)
-    return nbytes / best / 1e9
-
-
 def _kv_report(staging) -> dict:
     """Bytes and seconds of KV movement; bandwidth against memcpy measured now; the share hidden by compute.
 
@@ -321,7 +309,7 @@ def _kv_report(staging) -> dict:
               "swap_out_wait_seconds": staging.swap_out_wait_seconds, "swap_in_bytes": staging.swap_in_bytes,
               "swap_in_seconds": staging.swap_in_seconds, "swap_in_wait_seconds": staging.swap_in_wait_seconds,
               "remote_bytes": staging.remote_bytes, "swap_in_shared_tokens": staging.swap_in_shared_tokens,
-              "memcpy_GBps": memcpy_gbps()}
+              "memcpy_GBps": memcpy_bytes_per_second(64 << 20, threads=None, min_seconds=0.0) / 1e9}
     for direction in ("swap_out", "swap_in"):
         seconds = report[f"{direction}_seconds"]
         report[f"{direction}_GBps"] = report[f"{direction}_bytes"] / seconds / 1e9 if seconds else 0.0

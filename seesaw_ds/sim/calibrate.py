@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from seesaw_ds.cpu_features import cpu_model_name
+from seesaw_ds.probes import best_rate, memcpy_bytes_per_second
 from seesaw_ds.sim.cost import ComputeProfile, Efficiency, GpuSpec
 
 log = logging.getLogger("seesaw_ds")
@@ -110,24 +111,6 @@ def rank_threads(cores: int, ranks: int) -> int:
 
 
 # -- the measurements ---------------------------------------------------------------------------------------
-def best_rate(work, amount: float, repeats: int = 3, min_seconds: float = 0.03, sync=lambda: None) -> float:
-    """``amount`` units per second of ``work()`` at its best over ``repeats`` timed batches."""
-    work()
-    sync()
-    best = 0.0
-    for _ in range(repeats):
-        calls, start = 0, time.perf_counter()
-        while True:
-            work()
-            calls += 1
-            sync()
-            elapsed = time.perf_counter() - start
-            if elapsed >= min_seconds:
-                break
-        best = max(best, amount * calls / elapsed)
-    return best
-
-
 def _torch_dtype(name: str):
     import torch
 
@@ -171,14 +154,7 @@ def _measure_cpu(ranks: int, dtype: str, memory_fraction: float) -> dict:
     import torch
 
     flops = matmul_rate(dtype)  # one thread: a rank's share (seesaw_ds gives each rank its own core(s))
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        count = 16 * 2 ** 20 // 4
-        source, target = torch.ones(count), torch.empty(count)
-        memcpy = best_rate(lambda: target.copy_(source), count * 4.0)
-    finally:
-        torch.set_num_threads(previous)
+    memcpy = memcpy_bytes_per_second(16 << 20, threads=1)
     latency, bandwidth = loopback_link()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return {"device": "cpu", "name": cpu_model_name() or "cpu", "matmul_flops": flops, "memory_bandwidth": memcpy,
