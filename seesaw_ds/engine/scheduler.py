@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from seesaw_ds.config import SchedulerConfig
+from seesaw_ds.kv.blocks import blocks_for
 
 
 class Phase(enum.Enum):
@@ -212,7 +213,7 @@ class Scheduler:
             raise ValueError(f"request {seq_id}: prompt_len={prompt_len} + max_new_tokens={max_new_tokens} needs up "
                              f"to {max_kv} KV tokens in the staging area, which holds {self.staging_tokens}; raise "
                              "kv.host_tokens or lower max_tokens / shorten the prompt")
-        need = self._blocks_for(max_kv) if max_new_tokens > 1 else 0
+        need = blocks_for(max_kv, self.block_size) if max_new_tokens > 1 else 0
         if need > self.blocks_per_replica:
             raise ValueError(f"request {seq_id}: prompt_len={prompt_len} + max_new_tokens={max_new_tokens} needs up "
                              f"to {need} blocks of {self.block_size} tokens in one decode replica, which holds "
@@ -353,7 +354,7 @@ class Scheduler:
         counts = [len(run) for run in self._running]
         if device_fit:  # staged sequences go to the device first; a prompt is prefilled only if it follows them
             for _, seq_id in self._staged:
-                if not self._fit(free, counts, self._blocks_for(self._seqs[seq_id].num_kv + 1)):
+                if not self._fit(free, counts, blocks_for(self._seqs[seq_id].num_kv + 1, self.block_size)):
                     return []
         batch: list[tuple[int, int, bool, bool]] = []
         loads = [0] * self.num_prefill_replicas
@@ -372,7 +373,8 @@ class Scheduler:
             if used + staged + seq.prompt_len * seq.num_samples > self.staging_tokens:
                 break
             if device_fit and seq.max_new_tokens > 1 and not all(
-                    self._fit(free, counts, self._blocks_for(seq.prompt_len + 1)) for _ in range(seq.num_samples)):
+                    self._fit(free, counts, blocks_for(seq.prompt_len + 1, self.block_size))
+                    for _ in range(seq.num_samples)):
                 break
             if keep:
                 computing.add((seq.prefix_key, r))
@@ -459,7 +461,7 @@ class Scheduler:
             if seq_id in just_evicted:
                 continue
             seq = self._seqs[seq_id]
-            need = self._blocks_for(seq.num_kv + 1)
+            need = blocks_for(seq.num_kv + 1, self.block_size)
             allowed = [not group for group in swap_out]
             while (r := _pick_replica(free, counts, need, self._headroom, self.config.max_decode_seqs,
                                       allowed)) is not None:
@@ -488,7 +490,7 @@ class Scheduler:
     def _replica_step(self, r: int, decoding: set[int]) -> tuple[list[int], dict[int, int]]:
         """LIFO victims of replica r for a step decoding `decoding`, and the blocks each kept sequence holds."""
         run = self._running[r]
-        need = {s: self._blocks_for(self._seqs[s].num_kv + 1) if s in decoding else self._seqs[s].blocks
+        need = {s: blocks_for(self._seqs[s].num_kv + 1, self.block_size) if s in decoding else self._seqs[s].blocks
                 for s in run}
         total, victims = sum(need.values()), []
         for s in reversed(run):
@@ -529,9 +531,6 @@ class Scheduler:
         return staging + total_need <= self.staging_tokens
 
     # -- bookkeeping ----------------------------------------------------------------------------------------------
-    def _blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
-
     def _evict(self, seq_id: int) -> None:
         seq = self._seqs[seq_id]
         self._running[seq.replica].remove(seq_id)

@@ -16,6 +16,9 @@ blocks out as usual and the prefix's whole blocks become the key's; a later sequ
 table with those blocks (reference-counted, never written again: a sequence writes only past its prompt, and a
 shared prefix ends on a block boundary) and gets blocks of its own for the rest. A block returns to the pool
 with its last holder. The scheduler still counts every sequence's blocks in full: a bound, never short.
+
+Also here, as the pure helpers both KV tiers share: ``blocks_for`` (blocks that hold n tokens) and
+``leading_pieces`` (where a sequence's first n tokens lie over its runs of slots).
 """
 from __future__ import annotations
 
@@ -25,6 +28,20 @@ import bisect
 def blocks_for(num_tokens: int, block_size: int) -> int:
     """Blocks needed to hold ``num_tokens`` tokens."""
     return -(-num_tokens // block_size)
+
+
+def leading_pieces(extents, tokens: int) -> list[tuple[int, int, int]]:
+    """Where a sequence's first ``tokens`` tokens lie when it is laid out over ``extents`` (``(first_slot,
+    length)`` runs of slots, in order): ``(first_slot, offset in the sequence, length)`` of each piece, the
+    last one cut short. The one walk over a sequence's runs (staging extents, device block runs)."""
+    pieces, done = [], 0
+    for start, length in extents:
+        take = min(length, tokens - done)
+        if take <= 0:
+            break
+        pieces.append((start, done, take))
+        done += take
+    return pieces
 
 
 def runs(table: list[int]) -> list[tuple[int, int]]:

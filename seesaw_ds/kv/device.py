@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from seesaw_ds.kv.blocks import BlockAllocator, runs
+from seesaw_ds.kv.blocks import BlockAllocator, leading_pieces, runs
 
 
 class DeviceKVCache:
@@ -83,14 +83,9 @@ class DeviceKVCache:
 
     def token_spans(self, seq_id: int, length: int) -> list[tuple[int, int]]:
         """The first ``length`` tokens of a sequence as runs of consecutive token slots."""
-        spans, remaining = [], length
-        for block, count in runs(self.allocator.tables[seq_id]):
-            take = min(remaining, count * self.block_size)
-            if take <= 0:
-                break
-            spans.append((block * self.block_size, take))
-            remaining -= take
-        return spans
+        block_runs = [(block * self.block_size, count * self.block_size)
+                      for block, count in runs(self.allocator.tables[seq_id])]
+        return [(start, take) for start, _, take in leading_pieces(block_runs, length)]
 
     def read_sequence(self, layer: int, seq_id: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of one sequence's first ``length`` tokens as ``[kv_heads, length, head_dim]``."""

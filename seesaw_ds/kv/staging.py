@@ -31,6 +31,7 @@ from seesaw_ds.backends import deepspeed as backend
 from seesaw_ds.distributed.groups import Topology
 from seesaw_ds.distributed.hostmem import NodeSharedBuffer
 from seesaw_ds.distributed.layout import ModelDims, kv_head_range
+from seesaw_ds.kv.blocks import leading_pieces
 from seesaw_ds.kv.plan import kv_writes, plan_kv_reshard
 from seesaw_ds.kv.sizing import node_shared_available_bytes
 from seesaw_ds.kv.transfer import DeviceCopies, LayerReady
@@ -234,13 +235,8 @@ class HostKV:
 
     def _store(self, layer: int, kv_index: int, heads: range, extents, data: torch.Tensor) -> None:
         """Write ``data`` (``[heads, tokens, head_dim]``) into a sequence's extents, from its first token."""
-        done = 0
-        for start, length in extents:
-            take = min(length, data.shape[1] - done)
-            if take <= 0:
-                break
-            self.kv[layer, kv_index, heads.start:heads.stop, start:start + take] = data[:, done:done + take]
-            done += take
+        for start, offset, take in leading_pieces(extents, data.shape[1]):
+            self.kv[layer, kv_index, heads.start:heads.stop, start:start + take] = data[:, offset:offset + take]
 
     # ------------------------------------------------------------ reads
     def read(self, layer: int, heads: range, extents, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,25 +249,15 @@ class HostKV:
     def _load(self, layers: range, heads: range, extents, tokens: int) -> torch.Tensor:
         """A sequence's K/V for ``layers`` x ``heads``: ``[layers, 2, heads, tokens, head_dim]`` (a view of
         the area when the sequence is one extent)."""
-        parts, done = [], 0
-        for start, length in extents:
-            take = min(length, tokens - done)
-            if take <= 0:
-                break
-            parts.append(self.kv[layers.start:layers.stop, :, heads.start:heads.stop, start:start + take])
-            done += take
+        parts = [self.kv[layers.start:layers.stop, :, heads.start:heads.stop, start:start + take]
+                 for start, _, take in leading_pieces(extents, tokens)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=3)
 
     def _gather(self, target: torch.Tensor, layers: range, heads: range, extents, tokens: int) -> None:
         """Copy a sequence's K/V into ``target`` (``[layers, 2, heads, tokens, head_dim]``), extent by extent."""
-        done = 0
-        for start, length in extents:
-            take = min(length, tokens - done)
-            if take <= 0:
-                break
-            target[:, :, :, done:done + take].copy_(
+        for start, offset, take in leading_pieces(extents, tokens):
+            target[:, :, :, offset:offset + take].copy_(
                 self.kv[layers.start:layers.stop, :, heads.start:heads.stop, start:start + take])
-            done += take
 
     def swap_in_pieces(self, cache, local_reads, received, heads: range, present: dict[int, int] | None = None
                        ) -> "SwapIn":

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from seesaw_ds.distributed.layout import Layout
+from seesaw_ds.kv.blocks import blocks_for
 from seesaw_ds.sim.cost import CostModel
 from seesaw_ds.sim.simulator import ConservationError, SimResult
 from seesaw_ds.sim.workload import Workload
@@ -53,10 +54,6 @@ class EngineTrace:
     preemptions: int
 
 
-def _blocks(tokens, block_size: int):
-    return -(-tokens // block_size)
-
-
 def trace_chunked_engine(workload: Workload, *, kv_tokens: int, chunk_tokens: int, max_seqs: int,
                          block_size: int = 16, watermark: float = 0.01) -> EngineTrace:
     """Run one virtual engine over ``workload``; raises ConservationError if a request or token is lost."""
@@ -64,7 +61,7 @@ def trace_chunked_engine(workload: Workload, *, kv_tokens: int, chunk_tokens: in
     if chunk_tokens < max_seqs:
         raise ValueError(f"chunk_tokens={chunk_tokens} must be >= max_seqs={max_seqs} (every running sequence "
                          "decodes in each step)")
-    if _blocks(workload.max_len, block_size) > total_blocks:
+    if blocks_for(workload.max_len, block_size) > total_blocks:
         raise ValueError(f"a request of {workload.max_len} tokens does not fit {kv_tokens} KV tokens")
     watermark_blocks = int(watermark * total_blocks)
     waiting = deque(_Seq(i, int(p), int(o), target=int(p)) for i, (p, o) in
@@ -94,7 +91,7 @@ def trace_chunked_engine(workload: Workload, *, kv_tokens: int, chunk_tokens: in
             while i < len(running) and budget > 0:  # running sequences decode first, oldest first
                 seq = running[i]
                 if seq.computed >= seq.target:
-                    need = _blocks(seq.computed + 1, block_size) - seq.blocks
+                    need = blocks_for(seq.computed + 1, block_size) - seq.blocks
                     while need > free and len(running) - 1 > i:
                         preempt(running.pop())  # the newest running sequence goes first
                     if need > free:
@@ -111,7 +108,7 @@ def trace_chunked_engine(workload: Workload, *, kv_tokens: int, chunk_tokens: in
                     chunks.append((seq, min(seq.target - seq.computed, budget)))
                     budget -= chunks[-1][1]
             while waiting and budget > 0 and len(running) < max_seqs:  # then new prompts, blocks up front
-                need = _blocks(waiting[0].target, block_size)
+                need = blocks_for(waiting[0].target, block_size)
                 if free - need < watermark_blocks:
                     break
                 seq = waiting.popleft()
@@ -161,7 +158,7 @@ def _fast_forward(running: list[_Seq], waiting: deque, free: int, max_seqs: int,
     finishes or a block runs out; returns False (and does nothing) when that does not apply."""
     if not running or any(s.computed < s.target or s.output - s.generated < 2 for s in running):
         return False
-    if waiting and len(running) < max_seqs and free - _blocks(waiting[0].target, block_size) >= watermark_blocks:
+    if waiting and len(running) < max_seqs and free - blocks_for(waiting[0].target, block_size) >= watermark_blocks:
         return False
     kv = np.array([s.computed for s in running], dtype=np.int64)
     held = np.array([s.blocks for s in running], dtype=np.int64)
@@ -170,7 +167,7 @@ def _fast_forward(running: list[_Seq], waiting: deque, free: int, max_seqs: int,
     budget = held.sum() + free
 
     def fits(steps: int) -> bool:  # blocks for the last of `steps` steps, each sequence grown by steps - 1
-        return int(np.maximum(_blocks(kv + steps, block_size), held).sum()) <= budget
+        return int(np.maximum(blocks_for(kv + steps, block_size), held).sum()) <= budget
 
     lo, hi = 0, horizon
     while lo < hi:
@@ -186,7 +183,7 @@ def _fast_forward(running: list[_Seq], waiting: deque, free: int, max_seqs: int,
     batch = np.full(lo, float(b))
     columns.add_many(batch, batch, kv.sum() + b * (steps + 1), kv.sum() + b * steps, batch)
     counts["decode"] += b * lo
-    for seq, blocks in zip(running, np.maximum(_blocks(kv + lo, block_size), held)):
+    for seq, blocks in zip(running, np.maximum(blocks_for(kv + lo, block_size), held)):
         seq.computed += lo
         seq.generated += lo
         seq.blocks = int(blocks)

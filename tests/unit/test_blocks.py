@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from seesaw_ds.kv.blocks import BlockAllocator, blocks_for, runs
+from seesaw_ds.kv.blocks import BlockAllocator, blocks_for, leading_pieces, runs
 
 
 def grow_batch(alloc: BlockAllocator, prompts: list[int], new_tokens: int, reserve: bool) -> None:
@@ -106,3 +106,15 @@ def test_a_prefix_shorter_than_a_block_is_not_shared_and_tables_must_be_new():
     assert not set(alloc.tables[1]) & set(alloc.tables[2])
     with pytest.raises(ValueError, match="already holds blocks"):
         alloc.ensure_shared(1, 8, "k", 4)
+
+
+def test_leading_pieces_cover_the_first_tokens_in_order():
+    # a 9-token sequence staged as 5 slots at 20 and 4 at 40: its first 7 tokens are 5 at 20 and 2 at 40
+    assert leading_pieces([(20, 5), (40, 4)], 7) == [(20, 0, 5), (40, 5, 2)]
+    assert leading_pieces([(20, 5), (40, 4)], 9) == [(20, 0, 5), (40, 5, 4)]
+    assert leading_pieces([(20, 5), (40, 4)], 3) == [(20, 0, 3)]
+    assert leading_pieces([(20, 5)], 0) == []
+
+
+def test_blocks_for_rounds_up_to_whole_blocks():
+    assert [blocks_for(tokens, 16) for tokens in (0, 1, 16, 17, 32)] == [0, 1, 1, 2, 2]
