@@ -17,12 +17,15 @@ table with those blocks (reference-counted, never written again: a sequence writ
 shared prefix ends on a block boundary) and gets blocks of its own for the rest. A block returns to the pool
 with its last holder. The scheduler still counts every sequence's blocks in full: a bound, never short.
 
+Free blocks are kept as runs, twice (all free blocks; those no sequence reserves), each indexed by start and
+by length (Fenwick trees): taking, freeing, reserving a block and placing a new run are O(log n) in the pool.
+
 Also here, as the pure helpers both KV tiers share: ``blocks_for`` (blocks that hold n tokens) and
 ``leading_pieces`` (where a sequence's first n tokens lie over its runs of slots).
 """
 from __future__ import annotations
 
-import bisect
+import heapq
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
@@ -55,6 +58,115 @@ def runs(table: list[int]) -> list[tuple[int, int]]:
     return result
 
 
+class _Counts:
+    """A Fenwick tree of counts over ``0..size-1``: add at a point, count below an index, find the k-th, each
+    in O(log size)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._tree = [0] * (size + 1)
+        self._top = 1 << size.bit_length()
+
+    def add(self, index: int, delta: int) -> None:
+        index += 1
+        while index <= self.size:
+            self._tree[index] += delta
+            index += index & -index
+
+    def below(self, index: int) -> int:
+        """The count at indices ``< index``."""
+        total = 0
+        while index > 0:
+            total += self._tree[index]
+            index -= index & -index
+        return total
+
+    def kth(self, k: int) -> int:
+        """The smallest index whose count up to and including it exceeds ``k`` (the (k+1)-th counted one)."""
+        position, step = 0, self._top
+        while step:
+            nxt = position + step
+            if nxt <= self.size and self._tree[nxt] <= k:
+                position = nxt
+                k -= self._tree[nxt]
+            step >>= 1
+        return position
+
+
+class _Runs:
+    """A set of blocks kept as maximal runs of consecutive blocks, with O(log n) insert and remove of a block
+    and O(log n) queries for the run that best fits a length and for the longest run (lowest start on ties)."""
+
+    def __init__(self, num_blocks: int, full: bool):
+        self._length_of: dict[int, int] = {}   # run start -> length
+        self._starts = _Counts(num_blocks)     # 1 at every run start: the run holding a block by rank
+        self._lengths = _Counts(num_blocks + 1)  # how many runs have each length
+        self._by_length: dict[int, list[int]] = {}  # length -> heap of starts (stale entries skipped)
+        self.num_runs = 0
+        if full:
+            self._insert(0, num_blocks)
+
+    def _insert(self, start: int, length: int) -> None:
+        self._length_of[start] = length
+        self._starts.add(start, 1)
+        self._lengths.add(length, 1)
+        heapq.heappush(self._by_length.setdefault(length, []), start)
+        self.num_runs += 1
+
+    def _delete(self, start: int) -> int:
+        length = self._length_of.pop(start)
+        self._starts.add(start, -1)
+        self._lengths.add(length, -1)
+        self.num_runs -= 1
+        return length
+
+    def run_of(self, block: int) -> int | None:
+        """The start of the run holding ``block``, or None."""
+        rank = self._starts.below(block + 1)
+        if not rank:
+            return None
+        start = self._starts.kth(rank - 1)
+        return start if start + self._length_of[start] > block else None
+
+    def add(self, block: int) -> None:
+        """Put ``block`` (not in the set) in, merging it with the runs on either side."""
+        start, length = block, 1
+        left = self.run_of(block - 1) if block else None
+        if left is not None:
+            start, length = left, self._delete(left) + 1
+        if block + 1 in self._length_of:
+            length += self._delete(block + 1)
+        self._insert(start, length)
+
+    def remove(self, block: int) -> None:
+        """Take ``block`` (in the set) out, splitting its run."""
+        start = self.run_of(block)
+        length = self._delete(start)
+        if block > start:
+            self._insert(start, block - start)
+        if start + length > block + 1:
+            self._insert(block + 1, start + length - block - 1)
+
+    def _lowest_start(self, length: int) -> int:
+        heap = self._by_length[length]
+        while self._length_of.get(heap[0]) != length:
+            heapq.heappop(heap)
+        return heap[0]
+
+    def best_fit(self, want: int) -> int | None:
+        """The start of the shortest run of at least ``want`` blocks (the lowest start among equals)."""
+        shorter = self._lengths.below(want)
+        if shorter == self.num_runs:
+            return None
+        return self._lowest_start(self._lengths.kth(shorter))
+
+    def longest(self) -> int | None:
+        """The start of the longest run (the lowest start among equals), or None when the set is empty."""
+        if not self.num_runs:
+            return None
+        return self._lowest_start(self._lengths.kth(self.num_runs - 1))
+
+
 class BlockAllocator:
     """A fixed pool of ``num_blocks`` blocks of ``block_size`` tokens, handed out per sequence."""
 
@@ -63,7 +175,10 @@ class BlockAllocator:
             raise ValueError(f"need at least one block of at least one token, got {num_blocks}x{block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free = list(range(num_blocks))  # sorted
+        self._free_blocks = bytearray(b"\x01") * num_blocks  # 1 where a block is free
+        self._free = _Runs(num_blocks, full=True)    # every free block, as runs
+        self._open = _Runs(num_blocks, full=True)    # the free blocks no sequence reserves, as runs
+        self._num_free = num_blocks
         self.tables: dict[int, list[int]] = {}
         self._reserved: dict[int, range] = {}       # seq_id -> blocks kept for its growth
         self._goal: dict[int, int] = {}             # seq_id -> blocks it may reach (from reserve_tokens)
@@ -74,46 +189,49 @@ class BlockAllocator:
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return self._num_free
 
     def _is_free(self, block: int) -> bool:
-        index = bisect.bisect_left(self._free, block)
-        return index < len(self._free) and self._free[index] == block
-
-    def _free_runs(self, skip_reserved: bool) -> list[tuple[int, int]]:
-        """Free blocks as runs ``(start, length)``; with ``skip_reserved``, reserved blocks break runs."""
-        result: list[tuple[int, int]] = []
-        for block in self._free:
-            if skip_reserved and self._reserve_count[block]:
-                continue
-            if result and result[-1][0] + result[-1][1] == block:
-                result[-1] = (result[-1][0], result[-1][1] + 1)
-            else:
-                result.append((block, 1))
-        return result
+        return block < self.num_blocks and bool(self._free_blocks[block])
 
     def _place(self, want: int) -> int:
-        """Where a run of ``want`` blocks should start: the smallest unreserved free run that holds it, else
-        the largest unreserved run, else (everything free is reserved) the largest free run."""
-        candidates = self._free_runs(skip_reserved=True) or self._free_runs(skip_reserved=False)
-        fitting = [run for run in candidates if run[1] >= want]
-        if fitting:
-            return min(fitting, key=lambda run: (run[1], run[0]))[0]
-        return max(candidates, key=lambda run: (run[1], -run[0]))[0]
+        """Where a run of ``want`` blocks should start: the smallest unreserved free run that holds it (the
+        lowest among equals), else the largest unreserved run; when everything free is reserved, the same
+        choice among all free runs. O(log n): runs are kept by length."""
+        runs = self._open if self._open.num_runs else self._free
+        start = runs.best_fit(want)
+        return start if start is not None else runs.longest()
 
     def _reserve(self, seq_id: int, blocks: range) -> None:
         self._unreserve(seq_id)
         self._reserved[seq_id] = blocks
         for block in blocks:
             self._reserve_count[block] += 1
+            if self._reserve_count[block] == 1 and self._free_blocks[block]:
+                self._open.remove(block)
 
     def _unreserve(self, seq_id: int) -> None:
         for block in self._reserved.pop(seq_id, ()):
             self._reserve_count[block] -= 1
+            if not self._reserve_count[block] and self._free_blocks[block]:
+                self._open.add(block)
 
     def _take(self, block: int) -> int:
-        self._free.pop(bisect.bisect_left(self._free, block))
+        """Mark a free block used (O(log n))."""
+        self._free_blocks[block] = 0
+        self._num_free -= 1
+        self._free.remove(block)
+        if not self._reserve_count[block]:
+            self._open.remove(block)
         return block
+
+    def _give_back(self, block: int) -> None:
+        """Mark a used block free (O(log n))."""
+        self._free_blocks[block] = 1
+        self._num_free += 1
+        self._free.add(block)
+        if not self._reserve_count[block]:
+            self._open.add(block)
 
     def ensure(self, seq_id: int, num_tokens: int, reserve_tokens: int = 0) -> list[int]:
         """Grow ``seq_id``'s block table to hold ``num_tokens`` tokens; returns the table.
@@ -123,9 +241,9 @@ class BlockAllocator:
         """
         total = blocks_for(num_tokens, self.block_size)
         needed = total - len(self.tables.get(seq_id, ()))
-        if needed > len(self._free):
+        if needed > self._num_free:
             raise MemoryError(f"device KV tier exhausted: sequence {seq_id} needs {needed} more blocks, "
-                              f"{len(self._free)} of {self.num_blocks} free")
+                              f"{self._num_free} of {self.num_blocks} free")
         table = self.tables.setdefault(seq_id, [])
         goal = self._goal[seq_id] = max(self._goal.get(seq_id, 0), blocks_for(reserve_tokens, self.block_size))
         for _ in range(max(0, needed)):
@@ -180,4 +298,4 @@ class BlockAllocator:
             if holders:
                 self._refs[block] = holders
             else:
-                bisect.insort(self._free, block)
+                self._give_back(block)
