@@ -10,6 +10,8 @@ import os
 import platform
 import subprocess
 
+import psutil
+
 from seesaw_ds.cpu_features import cpu_flags
 from seesaw_ds.probes import best_rate, memcpy_bytes_per_second
 
@@ -30,12 +32,7 @@ def cpu_summary() -> dict:
     flags = cpu_flags()
     if flags is not None:
         summary["simd"] = " ".join(f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in flags)
-    try:
-        with open("/proc/meminfo") as handle:
-            total_kb = int(handle.readline().split()[1])
-        summary["memory_gib"] = round(total_kb / 2 ** 20, 1)
-    except (OSError, ValueError, IndexError):
-        pass
+    summary["memory_gib"] = round(psutil.virtual_memory().total / 2 ** 30, 1)
     return summary
 
 

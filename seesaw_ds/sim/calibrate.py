@@ -118,14 +118,10 @@ def _torch_dtype(name: str):
 
 
 def _available_host_bytes() -> float:
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return float(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / 2
+    """The kernel's MemAvailable (psutil reads it)."""
+    import psutil
+
+    return float(psutil.virtual_memory().available)
 
 
 MATMUL_SHAPE = (128, 576, 1536)
