@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
+import numpy as np
 import torch
 
 
@@ -41,6 +42,19 @@ class TokenHistory:
     bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
     """The request's bad_words as token id sequences (`bad_words_token_ids`)."""
     _prompt_unique: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    _prompt_unique_array: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    def seen_id_array(self, vocab_size: int) -> np.ndarray:
+        """Distinct ids below ``vocab_size`` of the prompt and the output (int64), for the batched penalties."""
+        if self._prompt_unique_array is None:
+            self._prompt_unique_array = np.unique(np.asarray(self.prompt, dtype=np.int64))
+        ids = np.concatenate([self._prompt_unique_array, np.asarray(self.output, dtype=np.int64)])
+        return ids[ids < vocab_size]
+
+    def output_id_array(self, vocab_size: int) -> np.ndarray:
+        """The output's ids below ``vocab_size`` (int64, every occurrence)."""
+        ids = np.asarray(self.output, dtype=np.int64)
+        return ids[ids < vocab_size]
 
     def seen_ids(self, device: torch.device) -> torch.Tensor:
         """Distinct ids of the prompt and the output (the repetition penalty's set)."""
@@ -81,15 +95,39 @@ def bad_words_token_ids(tokenizer: Any, words: Sequence[str]) -> tuple[tuple[int
     return tuple(tuple(ids) for ids in sequences)
 
 
-def _ban_bad_words(row: torch.Tensor, words: Sequence[Sequence[int]], output: Sequence[int]) -> None:
-    """A word's last token is banned when the output ends with the word's other tokens (vLLM: output only)."""
+def _bad_word_bans(words: Sequence[Sequence[int]], output: Sequence[int]) -> list[int]:
+    """The last token of each word whose other tokens end the output (vLLM: the output only)."""
+    banned = []
     for ids in words:
         prefix_length = len(ids) - 1
         if prefix_length > len(output):
             continue
         if prefix_length == 0 or list(output[-prefix_length:]) == list(ids[:-1]):
-            if ids[-1] < row.shape[0]:
-                row[ids[-1]] = float("-inf")
+            banned.append(ids[-1])
+    return banned
+
+
+def _distinct(keys: np.ndarray, *, counts: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """The distinct values of ``keys`` in order (and how often each occurs): sorted, then run boundaries
+    (faster here than np.unique, which hashes)."""
+    keys = np.sort(keys)
+    starts = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
+    return keys[starts], (np.diff(np.append(starts, len(keys))) if counts else None)
+
+
+def _row_groups(keys: np.ndarray, vocab_size: int, value_of_row: dict[int, object],
+                device: torch.device) -> list[tuple[object, torch.Tensor | None]]:
+    """Positions of ``keys`` (row * vocab_size + token) grouped by their row's value (None: all of them, when
+    every row has the same), so that each group is computed with Python scalars exactly as one row at a time
+    would be."""
+    groups: dict[object, list[int]] = {}
+    for row, value in value_of_row.items():
+        groups.setdefault(value, []).append(row)
+    if len(groups) == 1:
+        return [(next(iter(groups)), None)]
+    rows = keys // vocab_size
+    return [(value, torch.from_numpy(np.flatnonzero(np.isin(rows, members))).to(device))
+            for value, members in groups.items()]
 
 
 def apply_penalties_and_filters(logits: torch.Tensor, params: Sequence[PenaltyParams],
@@ -99,30 +137,61 @@ def apply_penalties_and_filters(logits: torch.Tensor, params: Sequence[PenaltyPa
     vLLM's definitions: presence and frequency penalties count output tokens only (subtract `presence` once
     per distinct token, `frequency` per occurrence); the repetition penalty covers prompt and output tokens,
     dividing positive logits and multiplying negative ones. A row that needs a history must have one.
+
+    Batched: each of the four steps is one indexed update over every row that asks for it (rows with the
+    same penalty value computed together, with the same float32 operations a row at a time would do), so
+    the cost no longer grows with a Python loop of tensor calls per row.
     """
     vocab_size = logits.shape[1]
     device = logits.device
-    for index, (p, history) in enumerate(zip(params, histories)):
-        if not needs_processing(p):
-            continue
-        row = logits[index]
-        if needs_history(p) and history is None:
+    if not logits.is_contiguous():
+        raise ValueError("apply_penalties_and_filters needs contiguous logits (it indexes them flat)")
+    rows = [index for index, p in enumerate(params) if needs_processing(p)]
+    for index in rows:
+        if needs_history(params[index]) and histories[index] is None:
             raise ValueError(f"row {index}: penalties or bad_words need the sequence's token history")
-        if p.bad_words:
-            _ban_bad_words(row, history.bad_words_token_ids, history.output)
-        if p.logit_bias:
-            pairs = [(token, bias) for token, bias in p.logit_bias if token < vocab_size]
-            if pairs:
-                ids = torch.tensor([token for token, _ in pairs], dtype=torch.long, device=device)
-                row[ids] += torch.tensor([bias for _, bias in pairs], dtype=row.dtype, device=device)
-        if p.repetition_penalty != 1.0:
-            seen = history.seen_ids(device)
-            seen = seen[seen < vocab_size]
-            values = row[seen]
-            row[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
-        if (p.frequency_penalty or p.presence_penalty) and history.output:
-            ids, counts = torch.tensor(history.output, dtype=torch.long, device=device).unique(return_counts=True)
-            keep = ids < vocab_size
-            ids, counts = ids[keep], counts[keep].to(row.dtype)
-            row[ids] -= p.frequency_penalty * counts + p.presence_penalty
+    if not rows:
+        return logits
+    banned = [(index, token) for index in rows if params[index].bad_words
+              for token in _bad_word_bans(histories[index].bad_words_token_ids, histories[index].output)
+              if token < vocab_size]
+    if banned:
+        logits[torch.tensor([r for r, _ in banned], device=device),
+               torch.tensor([t for _, t in banned], device=device)] = float("-inf")
+    biased = [(index, token, bias) for index in rows for token, bias in params[index].logit_bias if token < vocab_size]
+    if biased:
+        logits[torch.tensor([r for r, _, _ in biased], device=device),
+               torch.tensor([t for _, t, _ in biased], device=device)] += torch.tensor(
+                   [b for _, _, b in biased], dtype=logits.dtype, device=device)
+    flat = logits.view(-1)  # one index per (row, token): row * vocab_size + token
+    repeating = [index for index in rows if params[index].repetition_penalty != 1.0]
+    if repeating:
+        keys, _ = _distinct(np.concatenate([index * vocab_size + histories[index].seen_id_array(vocab_size)
+                                            for index in repeating]))
+        index = torch.from_numpy(keys).to(device)
+        values = flat[index]
+        updated = values
+        for penalty, at in _row_groups(keys, vocab_size, {i: params[i].repetition_penalty for i in repeating}, device):
+            chosen = values if at is None else values[at]
+            result = torch.where(chosen > 0, chosen / penalty, chosen * penalty)
+            if at is None:
+                updated = result
+            else:
+                updated = updated.clone() if updated is values else updated
+                updated[at] = result
+        flat[index] = updated
+    counting = [index for index in rows if (params[index].frequency_penalty or params[index].presence_penalty)
+                and histories[index].output]
+    if counting:
+        keys, times = _distinct(np.concatenate([index * vocab_size + histories[index].output_id_array(vocab_size)
+                                                for index in counting]), counts=True)
+        counts = torch.from_numpy(times).to(device=device, dtype=logits.dtype)
+        delta = torch.empty_like(counts)
+        pairs = {i: (params[i].frequency_penalty, params[i].presence_penalty) for i in counting}
+        for (frequency, presence), at in _row_groups(keys, vocab_size, pairs, device):
+            if at is None:
+                delta = frequency * counts + presence
+            else:
+                delta[at] = frequency * counts[at] + presence
+        flat[torch.from_numpy(keys).to(device)] -= delta
     return logits
