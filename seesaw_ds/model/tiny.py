@@ -30,6 +30,7 @@ has 24,257,024 parameters with the 1024-token vocabulary.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -239,7 +240,7 @@ def build_tiny_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """Build the tiny model and its tokenizer in memory; returns ``(model, tokenizer)``.
 
-    Arguments as for ``make_tiny_model``, which writes the result to disk.
+    ``make_tiny_model`` writes the result to disk; its docstring says what the arguments do.
     """
     from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -284,23 +285,9 @@ def build_tiny_model(
     return model, tokenizer
 
 
-def make_tiny_model(
-    out_dir: str | Path,
-    family: str = "llama",
-    *,
-    num_layers: int = 3,
-    hidden_size: int = 64,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    intermediate_size: int = 128,
-    vocab_size: int | None = None,
-    max_position_embeddings: int = 512,
-    tie_word_embeddings: bool | None = None,
-    sliding_window: int | None = None,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float32,
-) -> Path:
-    """Write a complete, deterministic, randomly initialised HF checkpoint of ``family`` to ``out_dir``.
+def make_tiny_model(out_dir: str | Path, family: str = "llama", **options) -> Path:
+    """Write a complete, deterministic, randomly initialised HF checkpoint of ``family`` to ``out_dir``;
+    ``options`` are :func:`build_tiny_model`'s keywords (num_layers, hidden_size, ... seed, dtype).
 
     ``vocab_size`` may only enlarge the model's vocabulary beyond the tokenizer's (padded rows are zero);
     ``tie_word_embeddings`` defaults to False for llama / mistral and True for qwen2; ``sliding_window``
@@ -308,12 +295,10 @@ def make_tiny_model(
     ``generation_config.json``, the tokenizer files, and ``seesaw_tiny.json`` (the build arguments).
     Returns ``out_dir`` as a ``Path``.
     """
-    model, tokenizer = build_tiny_model(
-        family, num_layers=num_layers, hidden_size=hidden_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
-        intermediate_size=intermediate_size, vocab_size=vocab_size,
-        max_position_embeddings=max_position_embeddings, tie_word_embeddings=tie_word_embeddings,
-        sliding_window=sliding_window, seed=seed, dtype=dtype,
-    )
+    arguments = inspect.signature(build_tiny_model).bind(family, **options)
+    arguments.apply_defaults()
+    args = arguments.arguments
+    model, tokenizer = build_tiny_model(family, **options)
     config = model.config
     corpus_sha256 = hashlib.sha256(load_tokenizer_corpus().encode("utf-8")).hexdigest()
     out = Path(out_dir)
@@ -323,17 +308,17 @@ def make_tiny_model(
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "family": family,
-        "num_layers": num_layers,
-        "hidden_size": hidden_size,
-        "num_heads": num_heads,
-        "num_kv_heads": num_kv_heads,
-        "intermediate_size": intermediate_size,
+        "num_layers": args["num_layers"],
+        "hidden_size": args["hidden_size"],
+        "num_heads": args["num_heads"],
+        "num_kv_heads": args["num_kv_heads"],
+        "intermediate_size": args["intermediate_size"],
         "vocab_size": config.vocab_size,
-        "max_position_embeddings": max_position_embeddings,
+        "max_position_embeddings": args["max_position_embeddings"],
         "tie_word_embeddings": bool(config.tie_word_embeddings),
-        "sliding_window": sliding_window,
-        "seed": seed,
-        "dtype": str(dtype).removeprefix("torch."),
+        "sliding_window": args["sliding_window"],
+        "seed": args["seed"],
+        "dtype": str(args["dtype"]).removeprefix("torch."),
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "logit_std": LOGIT_STD,
         "residual_gain": RESIDUAL_GAIN,
