@@ -1,0 +1,99 @@
+"""Communication through ``deepspeed.comm``: its start (gloo on CPU, NCCL on CUDA, from the environment the
+caller exported), device groups, barriers, point-to-point sends of device tensors, the TP all-reduce
+(DeepSpeed's inference all-reduce; its CPU shared-memory kernel only where ``use_shm_allreduce`` allows it:
+it ignores the process group, so it is valid only for a world-sized group on one node) and a gather to
+the group's first rank. Host tensors go through seesaw_ds/backends/routes.py instead.
+"""
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch
+import deepspeed
+import deepspeed.comm as ds_comm
+from deepspeed.accelerator import get_accelerator
+
+from seesaw_ds.backends.routes import HostGroup, HostTensorThroughDeviceGroup, require_device_route
+
+
+def init_comm(timeout_s: float, device_index: int | None) -> None:
+    """Start deepspeed.comm over the exported RANK/WORLD_SIZE/MASTER_* variables (once per process), bound
+    to accelerator ``device_index`` (None on a CPU). The caller exports the environment first
+    (seesaw_ds/runtime.py: the JIT build directory, LOCAL_RANK = ``device_index``); this module reads no
+    rank of its own."""
+    if ds_comm.is_initialized():
+        return
+    accel = get_accelerator()
+    if accel.device_name() != "cpu":
+        accel.set_device(device_index)
+    backend = "gloo" if accel.device_name() == "cpu" else accel.communication_backend_name()
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                               timeout=timedelta(seconds=timeout_s))
+    _unlink_shm_allreduce_files()
+
+
+def _unlink_shm_allreduce_files() -> None:
+    """DeepSpeed's CPU shm all-reduce never removes its /dev/shm buffer files (69 MB per rank per job);
+    once every rank has mapped them (after a barrier), unlink this rank's: the mappings stay valid."""
+    import glob
+    import os
+
+    if get_accelerator().device_name() != "cpu":
+        return
+    ds_comm.barrier()
+    pattern = (f"/dev/shm/deepspeed_allreduce_buffer_*_{os.environ.get('MASTER_ADDR')}_"
+               f"{os.environ.get('MASTER_PORT')}_{os.environ.get('RANK')}")
+    for path in glob.glob(pattern):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def new_group(ranks: list[int]):
+    """A process group over global ``ranks`` (collective over the world: every rank must call it)."""
+    return ds_comm.new_group(ranks)
+
+
+def use_shm_allreduce(enabled: bool) -> None:
+    """Allow DeepSpeed's shared-memory all-reduce kernel (valid only for a world-sized group on one node)."""
+    backend = ds_comm.comm.cdb
+    if backend is None or getattr(backend, "shm_comm_op", None) is None:
+        return
+    if not hasattr(backend, "_seesaw_shm_level"):
+        backend._seesaw_shm_level = getattr(backend, "shm_vector_kernel_level", 0)
+    backend.shm_vector_kernel_level = backend._seesaw_shm_level if enabled else 0
+
+
+def barrier(group=None) -> None:
+    """A barrier over ``group`` (the world by default)."""
+    ds_comm.barrier(group=group)
+
+
+def recv(tensor: torch.Tensor, src: int) -> None:
+    """Blocking point-to-point receive of a device tensor from global rank ``src`` (the world device group)."""
+    require_device_route(tensor, None)
+    ds_comm.recv(tensor, src=src)
+
+
+def isend(tensor: torch.Tensor, dst: int):
+    """Non-blocking send of a device tensor to global rank ``dst``; returns a handle with ``wait()``."""
+    require_device_route(tensor, None)
+    return ds_comm.isend(tensor, dst=dst)
+
+
+def gather_to_first(tensor: torch.Tensor, group, ranks: tuple[int, ...]) -> list[torch.Tensor] | None:
+    """Every rank's equal-shaped device ``tensor`` over device ``group`` (global ``ranks``, in group order),
+    gathered on ``ranks[0]``: the list there, None on the others."""
+    require_device_route(tensor, group)
+    parts = [torch.empty_like(tensor) for _ in ranks] if ds_comm.get_rank() == ranks[0] else None
+    ds_comm.gather(tensor, gather_list=parts, dst=ranks[0], group=group)
+    return parts
+
+
+def all_reduce(tensor: torch.Tensor, group) -> None:
+    """Sum ``tensor`` in place over device ``group`` (DeepSpeed's inference all-reduce: the shm kernel where
+    valid)."""
+    if isinstance(group, HostGroup):
+        raise HostTensorThroughDeviceGroup(f"{group!r} is a host group; activations are reduced over device groups")
+    ds_comm.inference_all_reduce(tensor, group=group)
