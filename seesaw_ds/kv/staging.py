@@ -159,12 +159,19 @@ class TransferStats:
     """Bytes and seconds of KV movement, and how much of it the compute hid."""
 
     swap_out_bytes: int = 0
+    """KV bytes written from the device tier (or a prefill) into the staging area."""
     swap_out_seconds: float = 0.0
+    """Time the copy thread spent on those writes."""
     swap_out_wait_seconds: float = 0.0
+    """Time steps waited for them (the rest ran behind compute)."""
     swap_in_bytes: int = 0
+    """KV bytes read from the staging area into the device tier."""
     swap_in_seconds: float = 0.0
+    """Time the copy thread spent on those reads."""
     swap_in_wait_seconds: float = 0.0
+    """Time steps waited for them."""
     remote_bytes: int = 0
+    """Bytes of KV pieces that came from another node (through the world group's gloo twin)."""
     swap_in_shared_tokens: int = 0
     """Tokens a swap-in found already in the device tier (a shared prefix's blocks), so did not copy."""
     events: list = field(default_factory=list)
