@@ -5,6 +5,7 @@ until whole; cut by max_tokens they flush as U+FFFD), on byte-fallback pieces (a
 and on random ids with special tokens among them; with min_tokens, eos and stop token ids."""
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -14,7 +15,10 @@ from seesaw_ds.engine.params import SamplingParams
 from seesaw_ds.engine.stops import Detokenizer, StopChecker
 from stop_reference import ReferenceStopChecker
 
-SMOLLM2 = Path.home() / ".cache" / "seesaw_ds" / "models" / "SmolLM2-135M-Instruct"
+#: Where SmolLM2 is converted: the test suite's cache (tests/conftest.py smollm2) or the user's ($SEESAW_CACHE).
+SMOLLM2_DIRS = [Path(__file__).resolve().parents[2] / ".cache" / "models" / "SmolLM2-135M-Instruct",
+                Path(os.environ.get("SEESAW_CACHE", Path.home() / ".cache" / "seesaw_ds")) / "models"
+                / "SmolLM2-135M-Instruct"]
 TEXTS = ["The quick brown fox jumps over the lazy dog. It was a bright cold day in April, and the clocks were "
          "striking thirteen.\n\nSTOP here: ### and then more text follows.",
          "Überraschung! Les élèves ont mangé des crêpes. 東京は日本の首都です。 Emoji: 🙂🚀👩‍👩‍👧 done.",
@@ -49,11 +53,12 @@ def tokenizer(request, engine_tokenizer):
         return engine_tokenizer
     if request.param == "byte_fallback":
         return _byte_fallback_tokenizer()
-    if not (SMOLLM2 / "tokenizer.json").is_file():
+    found = [path for path in SMOLLM2_DIRS if (path / "tokenizer.json").is_file()]
+    if not found:
         pytest.skip("SmolLM2's tokenizer is not converted on this machine (python launch/fetch_model.py)")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(SMOLLM2)
+    return AutoTokenizer.from_pretrained(found[0])
 
 
 def _ids(tokenizer, text: str) -> list[int]:
