@@ -10,7 +10,7 @@ from pathlib import Path
 
 from seesaw_ds.sim.cost import GIB
 from seesaw_ds.sim.planner import Planner, PlanOptions, PlanResult
-from seesaw_ds.sim.presets import PlannerConfig, efficiency, gpu_spec, load_workload, model_dims
+from seesaw_ds.sim.presets import PlannerConfig, gpu_spec, load_workload, model_dims
 
 
 def options_from_config(config: PlannerConfig) -> PlanOptions:
@@ -25,7 +25,7 @@ def options_from_config(config: PlannerConfig) -> PlanOptions:
     if config.max_simulated_requests < 1 or config.max_prefill_tokens < 1 or config.max_seqs < 1:
         raise ValueError("planner.max_simulated_requests, planner.max_prefill_tokens and planner.max_seqs must be >= 1")
     return PlanOptions(pipeline=config.pipeline, dp_lockstep=config.dp_lockstep,
-                       efficiency=efficiency(config.efficiency), interconnect_scale=config.interconnect_scale,
+                       efficiency=config.efficiency, interconnect_scale=config.interconnect_scale,
                        step_overhead_s=config.step_overhead_ms * 1e-3,
                        memory_utilization=config.memory_utilization,
                        host_memory_bytes_per_gpu=config.host_memory_gib_per_gpu * GIB,

@@ -48,9 +48,11 @@ class GpuSpec:
         return GpuSpec(**fields)
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True, unsafe_hash=True)
 class Efficiency:
-    """Fractions of the peak figures that real kernels reach; fixed a priori, never fitted to results."""
+    """Fractions of the peak figures that real kernels reach; fixed a priori, never fitted to results. Also the
+    schema of ``planner.efficiency`` (conf/planner/config.yaml): not frozen, so Hydra can override a field;
+    hashable by value, as the frozen planner options that hold it need (nothing mutates one)."""
 
     flops: float = 0.7
     """Large fp16 GEMMs and flash attention: ~70% of dense peak."""

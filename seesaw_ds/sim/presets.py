@@ -88,16 +88,6 @@ class WorkloadPreset:
 
 
 @dataclass
-class EfficiencyConfig:
-    """Fractions of peak that kernels reach (fixed a priori; see docs/planner.md)."""
-
-    flops: float = 0.7
-    hbm: float = 0.8
-    link: float = 0.8
-    host: float = 0.8
-
-
-@dataclass
 class PlannerConfig:
     """What to plan for and how to simulate it (`planner.*`)."""
 
@@ -148,7 +138,8 @@ class PlannerConfig:
     low_watermark: float = 0.2
     chunk_sizes: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048, 4096, 8192])
     """Chunk sizes (max_num_batched_tokens) the vLLM baseline is tuned over."""
-    efficiency: EfficiencyConfig = field(default_factory=EfficiencyConfig)
+    efficiency: Efficiency = field(default_factory=Efficiency)
+    """Fractions of peak that kernels reach (fixed a priori; see docs/planner.md)."""
 
 
 @dataclass
@@ -207,7 +198,3 @@ def load_workload(name: str, *, path: str | None = None, num_requests: int | Non
             raise PresetError("planner.workload=jsonl needs planner.workload_path=<a JSONL file>")
         return from_jsonl(file)
     raise PresetError(f"workload preset {name!r}: kind={preset.kind!r} must be sharegpt, arxiv or jsonl")
-
-
-def efficiency(config: EfficiencyConfig) -> Efficiency:
-    return Efficiency(flops=config.flops, hbm=config.hbm, link=config.link, host=config.host)
