@@ -29,6 +29,12 @@ class ModelConfig:
     """bfloat16 on a CPU: run the linears on oneDNN-prepacked copies of this rank's weights, one per layout
     (bit-identical results, faster calls; memory: each layout's shard of the weights once more beside the
     node-shared copy). false: the weights stay views of the node-shared copy."""
+    compile: str = "${oc.env:SEESAW_MODEL_COMPILE,auto}"
+    """torch.compile (inductor) of the decoder layers: true, false, or auto (bf16/fp16 on an accelerator or
+    a CPU with AMX, where it measured faster; eager elsewhere). The default is $SEESAW_MODEL_COMPILE where set
+    (the test suite runs eager that way). A stage compiles at most three graphs (one layer's call, shared by
+    every layer), cached on disk under $SEESAW_CACHE/inductor, so a second job on the node starts warm;
+    compile seconds are in the metrics and on the progress line (seesaw_ds/model/compiled.py)."""
 
 
 @dataclass

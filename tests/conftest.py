@@ -1,11 +1,17 @@
 """Fixtures shared by every test tier: tiny models built once per session."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from helpers import REPO
+
+# Jobs the tests launch run eager (model.compile's default reads this): compiling would add tens of seconds
+# to every launch; the compiled path has its own tests (tests/unit/test_compiled.py, a compiled job in
+# tests/multirank/test_job.py), which ask for it explicitly.
+os.environ.setdefault("SEESAW_MODEL_COMPILE", "false")
 
 
 @pytest.fixture(scope="session")

@@ -70,11 +70,29 @@ def row_linear(full_shape: tuple[int, int], weight: torch.Tensor, bias: torch.Te
     return _attach(layer, weight, bias)
 
 
-def _packed_matmul(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
     flat = x.reshape(-1, x.shape[-1])
     out = torch.ops.mkldnn._linear_pointwise(flat if flat.is_contiguous() else flat.contiguous(),
-                                             module.seesaw_packed, None, "none", [], "")
-    return out.view(*x.shape[:-1], out.shape[-1])
+                                             packed, None, "none", [], "")
+    return out.view(*x.shape[:-1], out_features)
+
+
+@torch.library.custom_op("seesaw::packed_linear", mutates_args=())
+def packed_linear_op(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """``x @ W.T`` over a oneDNN-prepacked ``W`` as one opaque operator: under ``torch.compile`` inductor
+    lowers ``mkldnn._linear_pointwise`` only for weights it froze itself, so the compiled graph calls this."""
+    return _packed_linear(x, packed, out_features)
+
+
+@packed_linear_op.register_fake
+def _packed_linear_shape(x, packed, out_features):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _packed_matmul(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return packed_linear_op(x, module.seesaw_packed, module.weight.shape[0])
+    return _packed_linear(x, module.seesaw_packed, module.weight.shape[0])
 
 
 class PackedLinearLayer(ds_layers.LinearLayer):

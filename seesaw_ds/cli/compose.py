@@ -44,6 +44,8 @@ def compose_settings(overrides: list[str]):
         raise ConfigError(one_line_error(error)) from None
     if settings.launch.nproc < 1:
         raise ConfigError(f"launch.nproc={settings.launch.nproc} must be >= 1")
+    if str(settings.model.compile).lower() not in ("auto", "true", "false"):
+        raise ConfigError(f"model.compile={settings.model.compile!r}: expected auto, true or false")
     return settings, cfg
 
 

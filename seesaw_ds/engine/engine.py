@@ -136,7 +136,8 @@ def _progress_line(leader: Leader, coordinator: Coordinator | None, total: int |
     staging = leader.scheduler.staging_used_tokens / max(1, leader.extents.capacity)
     return (f"[seesaw_ds] phase={phase} done={done}/{total if total is not None else '?'} req/s={rate:.2f} "
             f"in_tok/s={leader.stats.prompt_tokens / elapsed:.1f} out_tok/s={leader.stats.output_tokens / elapsed:.1f} "
-            f"staging={staging:.0%} transitions={leader.scheduler.num_transitions} eta={eta}")
+            f"staging={staging:.0%} transitions={leader.scheduler.num_transitions} "
+            f"compile={leader.stats.compile_seconds:.0f}s eta={eta}")
 
 
 def _count_lines(path: Path) -> int:
@@ -294,6 +295,7 @@ def _summary(leader: Leader, executor) -> dict:
             "grammar": {"bitmasks": stats.grammar_masks, "bitmask_seconds": stats.grammar_seconds,
                         "compiled": leader.grammars.num_compiled},
             "transition_seconds": stats.transition_seconds, "reshard_bytes": stats.reshard_bytes,
+            "compile_seconds": stats.compile_seconds,
             "phase_seconds": dict(stats.phase_seconds), "scheduler": leader.scheduler.stats(),
             "kv": _kv_report(staging),
             "timeline": [asdict(record) for record in stats.timeline]}
@@ -338,6 +340,7 @@ def _metrics(summaries: list[dict], coordinator: Coordinator) -> dict:
             "num_transitions": sum(s["num_transitions"] for s in summaries),
             "transition_seconds": sum(s["transition_seconds"] for s in summaries),
             "reshard_bytes": sum(s["reshard_bytes"] for s in summaries),
+            "compile_seconds": max(s["compile_seconds"] for s in summaries),
             "phase_seconds": first["phase_seconds"], "kv": first["kv"], "scheduler": first["scheduler"],
             "prefix": {name: sum(s["scheduler"][key] for s in summaries) for name, key in PREFIX_METRICS.items()},
             "instances": [{k: v for k, v in s.items() if k != "timeline"} for s in summaries],

@@ -145,6 +145,8 @@ class LeaderStats:
     phase_seconds: dict[str, float] = field(default_factory=lambda: {"prefill": 0.0, "decode": 0.0})
     transition_seconds: float = 0.0
     reshard_bytes: int = 0
+    compile_seconds: float = 0.0
+    """Of the steps' time, what the slowest rank of each step spent compiling graphs (model.compile)."""
     grammar_masks: int = 0
     """Next-token bitmasks computed for structured output (finished requests)."""
     grammar_seconds: float = 0.0
@@ -366,6 +368,7 @@ class Leader:
         switch = max((r.switch_seconds for r in results), default=0.0)
         self.stats.transition_seconds += switch
         self.stats.reshard_bytes += sum(r.switch_bytes for r in results)
+        self.stats.compile_seconds += max((r.compile_seconds for r in results), default=0.0)
         self.stats.phase_seconds[message.phase] += max(0.0, seconds - switch)
         for staged in self._swapped_in:
             self.extents.free(staged.extents)

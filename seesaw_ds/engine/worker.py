@@ -60,6 +60,8 @@ class StepResult:
     switch_seconds: float = 0.0
     switch_bytes: int = 0
     compute_seconds: float = 0.0
+    compile_seconds: float = 0.0
+    """Of compute_seconds, the time spent compiling graphs (model.compile; the first steps of each shape)."""
 
 
 class Worker:
@@ -87,6 +89,7 @@ class Worker:
             self.histories.pop(seq_id, None)
             executor.cache("decode").allocator.free(seq_id)
         began = time.perf_counter()
+        compiling = executor.compile_seconds
         swap = None
         if message.swap_out:
             executor.evict(message.swap_out, "decode")
@@ -110,6 +113,7 @@ class Worker:
                 result.prompt_logprobs[seq_id] = token_logprobs(
                     rows, prompt[1:], [self.sampling[seq_id].params.prompt_logprobs] * (len(prompt) - 1))
         result.compute_seconds = time.perf_counter() - began
+        result.compile_seconds = executor.compile_seconds - compiling
         return result
 
     def _record_history(self, message: StepMessage) -> None:

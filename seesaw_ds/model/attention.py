@@ -21,6 +21,8 @@ passes, and that this function does not implement, is refused rather than ignore
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -98,11 +100,11 @@ class DecodeMeta:
         return self._padded
 
 
-def _prefill(module, query, key, value, meta: PrefillMeta, scaling, window, softcap=None) -> torch.Tensor:
+def _prefill(layer: int, query, key, value, meta: PrefillMeta, scaling, window, softcap=None) -> torch.Tensor:
     # query [1, Hq, T, D]; key/value [1, Hkv, T, D]
-    meta.sink(module.layer_idx, key[0], value[0])
+    meta.sink(layer, key[0], value[0])
     if meta.contexts is not None:
-        contexts = [read(module.layer_idx) if read is not None else None for read in meta.contexts]
+        contexts = [read(layer) if read is not None else None for read in meta.contexts]
         return _prefill_reference(query, key, value, meta.cu_seqlens, scaling, window, softcap, contexts)
     if query.device.type != "cpu":
         out = device_attention.prefill(query[0], key[0], value[0], meta.cu_seqlens, scaling, window, softcap,
@@ -114,20 +116,20 @@ def _prefill(module, query, key, value, meta: PrefillMeta, scaling, window, soft
     return _prefill_reference(query, key, value, meta.cu_seqlens, scaling, window, softcap)
 
 
-def _decode(module, query, key, value, meta: DecodeMeta, scaling, window, softcap=None) -> torch.Tensor:
+def _decode(layer: int, query, key, value, meta: DecodeMeta, scaling, window, softcap=None) -> torch.Tensor:
     # query [N, Hq, 1, D]; key/value [N, Hkv, 1, D]
     cache = meta.cache
     if meta.ready is not None:
-        meta.ready(module.layer_idx)
-    cache.write_tokens(module.layer_idx, meta.write_blocks, meta.write_offsets, key[:, :, 0], value[:, :, 0])
-    flat_keys, flat_values = cache.flat(module.layer_idx)
+        meta.ready(layer)
+    cache.write_tokens(layer, meta.write_blocks, meta.write_offsets, key[:, :, 0], value[:, :, 0])
+    flat_keys, flat_values = cache.flat(layer)
     if meta.runs is not None and kernels.applies(flat_keys):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         out = kernels.decode_attention(query[:, :, 0], flat_keys, flat_values, meta.runs, scale, window, softcap)
         return out[:, :, None]
     if meta.runs is not None:
         return _decode_padded(query, meta, flat_keys, flat_values, scaling, window, softcap)
-    return _decode_reference(module, query, meta, flat_keys, flat_values, scaling, window, softcap)
+    return _decode_reference(layer, query, meta, flat_keys, flat_values, scaling, window, softcap)
 
 
 def _decode_padded(query, meta: DecodeMeta, flat_keys, flat_values, scaling, window, softcap=None):
@@ -159,13 +161,13 @@ def _grouped(query, keys, values, valid, scaling, softcap=None) -> torch.Tensor:
     return torch.matmul(weights, values).reshape(n, n_q, 1, dim)
 
 
-def _decode_reference(module, query, meta: DecodeMeta, flat_keys, flat_values, scaling, window, softcap=None):
+def _decode_reference(layer: int, query, meta: DecodeMeta, flat_keys, flat_values, scaling, window, softcap=None):
     """One SDPA (or eager, soft-capped) call per sequence over its gathered spans: the path where the kernel
     does not apply, and the tests' reference."""
     gqa = query.shape[1] != flat_keys.shape[1]
     outputs = []
     for one_query, spans in zip(query.split(1), meta.spans):
-        keys, values = meta.cache.sequence_kv(module.layer_idx, spans, flat_keys, flat_values)  # one span: a view
+        keys, values = meta.cache.sequence_kv(layer, spans, flat_keys, flat_values)  # one span: a view
         if window and keys.shape[1] > window:
             keys, values = keys[:, -window:], values[:, -window:]
         if softcap:
@@ -176,6 +178,69 @@ def _decode_reference(module, query, meta: DecodeMeta, flat_keys, flat_values, s
     return torch.cat(outputs)
 
 
+def _attend(layer: int, query, key, value, meta, scaling: float, window: int | None, softcap: float | None):
+    """Attention of one layer over the batch ``meta`` describes: ``[N, T, Hq, D]``, as transformers expects."""
+    if isinstance(meta, PrefillMeta):
+        out = _prefill(layer, query, key, value, meta, scaling, window, softcap)
+    else:
+        out = _decode(layer, query, key, value, meta, scaling, window, softcap)
+    return out.transpose(1, 2).contiguous()
+
+
+class Batch:
+    """The forward pass running in this thread: its attention metadata and the decoder layer now running."""
+
+    __slots__ = ("meta", "layer")
+
+    def __init__(self, meta: PrefillMeta | DecodeMeta):
+        self.meta = meta
+        self.layer = -1
+        """Set by the caller before each layer: the compiled graph is one layer's, shared by every layer, so
+        the operator cannot take the layer's index as a constant (a new graph per layer)."""
+
+
+_BATCH: contextvars.ContextVar = contextvars.ContextVar("seesaw_attention_batch", default=None)
+"""The :class:`Batch` running in this thread (:func:`batch`). A context variable rather than an argument
+because the metadata (callbacks into the KV tiers, Python lists) cannot cross ``torch.compile``'s graph: the
+operator below carries only tensors and numbers, and reads the rest here, as vLLM's forward context does."""
+
+
+@contextlib.contextmanager
+def batch(meta: PrefillMeta | DecodeMeta):
+    """Make ``meta`` the metadata every attention call reads until the block ends (one forward pass); yields
+    the :class:`Batch`, whose ``layer`` the caller sets before each layer it runs compiled."""
+    current = Batch(meta)
+    token = _BATCH.set(current)
+    try:
+        yield current
+    finally:
+        _BATCH.reset(token)
+
+
+def _current_batch() -> Batch:
+    current = _BATCH.get()
+    if current is None:
+        raise RuntimeError("seesaw attention called outside a forward pass (no `attention.batch(meta)` block)")
+    return current
+
+
+@torch.library.custom_op("seesaw::attention", mutates_args=())
+def attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, window: int,
+                 softcap: float) -> torch.Tensor:
+    """One layer's attention as one opaque operator, so that a compiled graph keeps it whole and does not
+    break there: query ``[N, Hq, T, D]``, key/value ``[N, Hkv, T, D]`` -> ``[N, T, Hq, D]``; ``window`` and
+    ``softcap`` are 0 when unset. The layer and the batch come from :func:`batch`. It also writes the new K/V
+    into the batch's KV sink or cache (state outside the graph, which nothing in the graph reads)."""
+    current = _current_batch()
+    return _attend(current.layer, query, key, value, current.meta, scaling, window or None, softcap or None)
+
+
+@attention_op.register_fake
+def _attention_shape(query, key, value, scaling, window, softcap):
+    batch_size, heads, tokens, head_dim = query.shape
+    return query.new_empty((batch_size, tokens, heads, head_dim))
+
+
 _PASSED_THROUGH = frozenset({"position_ids", "position_embeddings", "cache_position", "use_cache",
                              "output_attentions", "cache", "past_key_values", "is_causal"})
 """Keywords transformers' layers pass along that do not change attention here (positions are already in the
@@ -184,24 +249,22 @@ rotary embedding, the cache is seesaw's own, masking is causal)."""
 
 def seesaw_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                      sliding_window=None, softcap=None, seesaw=None, **kwargs):
-    """transformers attention function: dispatch to the prefill or decode path of the batch metadata."""
-    if seesaw is None:
-        raise RuntimeError("seesaw attention called without batch metadata (the `seesaw` keyword)")
+    """transformers attention function: the batch's prefill or decode path (:func:`batch` gives the metadata;
+    ``seesaw=`` passes it explicitly). Under ``torch.compile`` it is the :func:`attention_op` operator; in
+    eager mode the same code is called directly (no operator dispatch per layer)."""
     unknown = sorted(name for name, val in kwargs.items() if name not in _PASSED_THROUGH and val is not None)
     if unknown or dropout:
         raise NotImplementedError(f"seesaw attention does not implement {unknown or ['dropout']} "
                                   f"(passed by {type(module).__name__}); refusing rather than ignoring it")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    if isinstance(seesaw, PrefillMeta):
-        out = _prefill(module, query, key, value, seesaw, scaling, sliding_window, softcap)
-    else:
-        out = _decode(module, query, key, value, seesaw, scaling, sliding_window, softcap)
-    return out.transpose(1, 2).contiguous(), None
+    if seesaw is None and torch.compiler.is_compiling():
+        return attention_op(query, key, value, float(scaling), int(sliding_window or 0), float(softcap or 0.0)), None
+    meta = seesaw if seesaw is not None else _current_batch().meta
+    return _attend(module.layer_idx, query, key, value, meta, scaling, sliding_window, softcap), None
 
 
 def register() -> str:
     """Register the attention function with transformers (idempotent); returns its name."""
     AttentionInterface.register(ATTENTION_NAME, seesaw_attention)
     return ATTENTION_NAME
-

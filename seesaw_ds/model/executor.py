@@ -19,7 +19,7 @@ from seesaw_ds.distributed.groups import Topology
 from seesaw_ds.distributed.layout import kv_head_range, layer_range
 from seesaw_ds.kv import sizing
 from seesaw_ds.kv.device import DeviceKVCache
-from seesaw_ds.model import device_attention, kernels
+from seesaw_ds.model import compiled, device_attention, kernels
 from seesaw_ds.model.attention import DecodeMeta, PrefillMeta
 from seesaw_ds.model.families import ModelSpec
 from seesaw_ds.model.loader import HostWeights
@@ -84,7 +84,7 @@ class Executor:
     def __init__(self, topology: Topology, host: HostWeights, template, spec: ModelSpec, *,
                  device_tokens: int | None, block_size: int = 16, device: torch.device | None = None, staging=None,
                  prefill_micro_batches: int = 8, device_memory_fraction: float | None = None,
-                 device_tokens_cap: int | None = None, prepack: bool = True):
+                 device_tokens_cap: int | None = None, prepack: bool = True, compile: str | bool = False):
         self.topology = topology
         self.dims = dims = spec.dims
         self.device = device or backend.device()
@@ -99,6 +99,11 @@ class Executor:
             if groups.layout not in by_layout:
                 by_layout[groups.layout] = StageModel(template, host, spec, groups, self.device, prepack=prepack)
             self.stages[name] = by_layout[groups.layout]
+        self.compiled = compiled.resolve(compile, self.device, self.dtype)
+        """Whether the stages' decoder layers run under torch.compile (model.compile)."""
+        if self.compiled:
+            for stage in by_layout.values():
+                stage.compile()
         if device_tokens is None:  # sized from memory, the same on every rank (collective)
             device_tokens = sizing.size_device_tier(
                 topology, dims, self.dtype, self.device, block_size=block_size, fraction=device_memory_fraction,
@@ -126,6 +131,11 @@ class Executor:
         stats = SwitchStats(name, moved, stage.shard_bytes, time.perf_counter() - start)
         self.switches.append(stats)
         return stats
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds this rank spent compiling graphs so far (0 when eager)."""
+        return sum(stage.compiled.compile_seconds for stage in set(self.stages.values()) if stage.compiled)
 
     @property
     def groups(self):

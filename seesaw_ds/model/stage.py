@@ -22,12 +22,19 @@ from torch import nn
 from seesaw_ds.backends import deepspeed as backend
 from seesaw_ds.distributed.groups import LayoutGroups
 from seesaw_ds.distributed.layout import layer_range
+from seesaw_ds.model import attention
+from seesaw_ds.model.compiled import CompiledLayers
 from seesaw_ds.model.families import ModelNotSupported, ModelSpec
 from seesaw_ds.model.loader import HostWeights
 from seesaw_ds.model.modules import (ScaledEmbedding, ShardedExperts, ShardedRMSNorm, SplitColumnLinear,
                                      VocabParallelHead)
 from seesaw_ds.model.rope import SequenceRope
 from seesaw_ds.model.shards import ShardKind, shard_dim, shard_ranges
+
+
+def _run_layer(layer: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor, position_embeddings) -> torch.Tensor:
+    """One decoder layer (transformers' own); attention reads the batch from :func:`attention.batch`."""
+    return layer(hidden, attention_mask=None, position_ids=position_ids, position_embeddings=position_embeddings)
 
 
 def _set_submodule(root: nn.Module, dotted: str, module: nn.Module) -> None:
@@ -50,6 +57,7 @@ class StageModel(nn.Module):
         self.layer_ids = layer_range(spec.dims.num_layers, groups.layout.pp, groups.pp_index)
         self.host_params: list[tuple[nn.Module, str, torch.Tensor]] = []
         self._weight_stream = None  # the stream weight copies run on (an accelerator only; made on first use)
+        self.compiled: CompiledLayers | None = None  # the layers under torch.compile (compile())
         family, config = spec.family, template.config
         base = template.model
         self.embed = None
@@ -240,17 +248,26 @@ class StageModel(nn.Module):
         return self.embed(token_ids)
 
     def run_layers(self, hidden: torch.Tensor, position_ids: torch.Tensor, meta, segments: list[int]) -> torch.Tensor:
-        """This stage's decoder layers; ``segments`` bounds each sequence's positions in ``position_ids``."""
+        """This stage's decoder layers; ``segments`` bounds each sequence's positions in ``position_ids``;
+        ``meta`` is the batch's attention metadata. Rotary tables are computed here, eagerly (per sequence
+        where the rope type depends on the length); the layers run compiled when :meth:`compile` was called."""
         if self.layer_rope_types is None:
             shared = self.rope(hidden, position_ids, segments)
             embeddings = [shared] * len(self.layers)
         else:
             by_type = {t: self.rope(hidden, position_ids, segments, t) for t in set(self.layer_rope_types)}
             embeddings = [by_type[t] for t in self.layer_rope_types]
-        for layer, position_embeddings in zip(self.layers, embeddings):
-            hidden = layer(hidden, attention_mask=None, position_ids=position_ids,
-                           position_embeddings=position_embeddings, seesaw=meta)
+        run = self.compiled or _run_layer
+        with attention.batch(meta) as current:
+            for index, layer, position_embeddings in zip(self.layer_ids, self.layers, embeddings):
+                current.layer = index
+                hidden = run(layer, hidden, position_ids, position_embeddings)
         return hidden
+
+    def compile(self) -> None:
+        """Run the decoder layers under ``torch.compile`` from now on (:mod:`seesaw_ds.model.compiled`)."""
+        if self.compiled is None:
+            self.compiled = CompiledLayers(_run_layer)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(self.norm(hidden))

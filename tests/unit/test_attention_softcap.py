@@ -50,7 +50,7 @@ def test_decode_softcap_matches_direct_computation():
     query = torch.randn(len(lengths), 4, 1, 16)
     meta = DecodeMeta.over(cache, spans, write_blocks=torch.tensor([s // 4 for s in last]),
                            write_offsets=torch.tensor([s % 4 for s in last]))
-    out = _decode(SimpleNamespace(layer_idx=3), query, key, value, meta, 0.25, None, softcap=3.0)
+    out = _decode(3, query, key, value, meta, 0.25, None, softcap=3.0)
     for index, runs in enumerate(spans):
         start, length = runs[0]
         keys = flat_keys[start:start + length].transpose(0, 1)

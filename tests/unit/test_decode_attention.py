@@ -8,7 +8,6 @@ extension once per venv."""
 from __future__ import annotations
 
 import random
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -74,7 +73,7 @@ def test_kernel_matches_sdpa(heads, kv_heads, window, head_dim):
     spans = [cache.token_spans(seq_id, length) for seq_id, length in enumerate(lengths)]
     assert all(len(runs) == 1 for runs in spans)
     query = torch.randn(len(lengths), heads, 1, head_dim)
-    module = SimpleNamespace(layer_idx=3)
+    layer = 3
     # the new token's K/V are written first; write back what is already there so the cache stays as filled
     last = [runs[0][0] + runs[0][1] - 1 for runs in spans]
     blocks = torch.tensor([slot // 4 for slot in last])
@@ -82,8 +81,8 @@ def test_kernel_matches_sdpa(heads, kv_heads, window, head_dim):
     flat_keys, flat_values = cache.flat(3)
     key, value = flat_keys[last][:, :, None], flat_values[last][:, :, None]
     fields = dict(write_blocks=blocks, write_offsets=offsets)
-    fast = _decode(module, query, key, value, DecodeMeta.over(cache, spans, **fields), None, window)
-    reference = _decode(module, query, key, value, DecodeMeta(cache=cache, spans=spans, **fields), None, window)
+    fast = _decode(layer, query, key, value, DecodeMeta.over(cache, spans, **fields), None, window)
+    reference = _decode(layer, query, key, value, DecodeMeta(cache=cache, spans=spans, **fields), None, window)
     assert fast.shape == reference.shape == (len(lengths), heads, 1, head_dim)
     assert torch.allclose(fast, reference, atol=1e-5), (fast - reference).abs().max()
 
@@ -110,12 +109,12 @@ def test_kernel_reads_fragmented_block_tables(dtype, heads, kv_heads, window, so
     query = torch.randn(len(lengths), heads, 1, head_dim).to(dtype)
     fields = dict(write_blocks=torch.tensor([slot // 4 for slot in last]),
                   write_offsets=torch.tensor([slot % 4 for slot in last]))
-    module = SimpleNamespace(layer_idx=3)
+    layer = 3
     meta = DecodeMeta.over(cache, spans, **fields)
     assert meta.runs is not None and kernels.applies(flat_keys)
-    fast = _decode(module, query, key, value, meta, head_dim ** -0.5, window, softcap)
+    fast = _decode(layer, query, key, value, meta, head_dim ** -0.5, window, softcap)
     # reference in float32 over the same (rounded) cache values
-    reference = _decode(module, query.float(), key.float(), value.float(),
+    reference = _decode(layer, query.float(), key.float(), value.float(),
                         DecodeMeta(cache=_as_float(cache), spans=spans, **fields), head_dim ** -0.5, window, softcap)
     assert fast.dtype == dtype
     tolerance = 1e-5 if dtype == torch.float32 else 8e-3
@@ -152,7 +151,7 @@ def test_packed_prefill_one_call_matches_per_prompt_reference(dtype, heads, kv_h
     sunk = []
     meta = PrefillMeta(cu_seqlens=bounds, sink=lambda layer, keys, values: sunk.append((layer, keys.shape)))
     assert kernels.built()
-    out = _prefill(SimpleNamespace(layer_idx=2), q, k, v, meta, head_dim ** -0.5, window, softcap)
+    out = _prefill(2, q, k, v, meta, head_dim ** -0.5, window, softcap)
     want = _prefill_reference(q, k, v, bounds, head_dim ** -0.5, window, softcap)
     assert sunk == [(2, (kv_heads, total, head_dim))]
     assert out.shape == want.shape and out.dtype == dtype
@@ -174,7 +173,7 @@ def test_bfloat16_cache_matches_float32_attention(heads, kv_heads, window, head_
     meta = DecodeMeta.over(cache, spans, write_blocks=torch.tensor([slot // 4 for slot in last]),
                            write_offsets=torch.tensor([slot % 4 for slot in last]))
     assert meta.runs is not None and kernels.applies(flat_keys)
-    fast = _decode(SimpleNamespace(layer_idx=3), query, key, value, meta, head_dim ** -0.5, window)
+    fast = _decode(3, query, key, value, meta, head_dim ** -0.5, window)
     assert fast.dtype == torch.bfloat16
     for index, runs in enumerate(spans):
         start, length = runs[0]

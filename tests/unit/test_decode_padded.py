@@ -3,7 +3,6 @@ sequence's KV gathered into one padded batch and grouped attention (two batched 
 the per-sequence reference for every dtype, GQA ratio, window and soft-cap, with fragmented block tables."""
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -33,7 +32,7 @@ def test_padded_decode_equals_one_sdpa_per_sequence(dtype, heads, window, softca
     query = torch.randn(len(lengths), n_q, 1, 16, dtype=dtype)
     keys, values = cache.flat(0)
     padded = _decode_padded(query, meta, keys, values, 0.25, window, softcap)
-    reference = _decode_reference(SimpleNamespace(layer_idx=0), query, meta, keys, values, 0.25, window, softcap)
+    reference = _decode_reference(0, query, meta, keys, values, 0.25, window, softcap)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(padded, reference, atol=tolerance, rtol=tolerance)
 

@@ -86,8 +86,8 @@ def test_cpu_tensors_never_reach_the_accelerator_backend(monkeypatch):
     query, key, value, bounds = _packed(dtype=torch.float32)
     sunk = []
     meta = attention.PrefillMeta(cu_seqlens=bounds, sink=lambda layer, k, v: sunk.append(layer))
-    module = type("Module", (), {"layer_idx": 0})()
-    out = attention._prefill(module, query[None], key[None], value[None], meta, 0.25, None)
+    layer = 0
+    out = attention._prefill(layer, query[None], key[None], value[None], meta, 0.25, None)
     want = attention_reference.prefill_reference(query[None], key[None], value[None], bounds, 0.25, None)
     torch.testing.assert_close(out, want)
     assert sunk == [0]
