@@ -43,7 +43,8 @@ def launch_ranks(overrides: list[str], run_dir: Path, launch) -> int:
                f"+run_dir={run_dir}" if not any(o.startswith(("run_dir=", "+run_dir=")) for o in overrides)
                else ""]
     command = [part for part in command if part]
-    env = rank_environment(dict(os.environ, SEESAW_RUN_DIR=str(run_dir)), hugepages=launch.hugepages)
+    env = rank_environment(dict(os.environ, SEESAW_RUN_DIR=str(run_dir)), hugepages=launch.hugepages,
+                           oversubscribed=launch.nproc > len(cpus))
     env.setdefault(NODE_CPUS_VAR, str(len(cpus)))  # a bound rank sees only its own cores; threads need the whole
     process = subprocess.Popen(command, env=env)
     # Pass preemption signals on to the ranks (mpiexec forwards them), so they stop cleanly. MPICH's mpiexec

@@ -180,9 +180,11 @@ def export_extension_dir() -> None:
 HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
 
 
-def rank_environment(base: dict[str, str], *, hugepages: bool) -> dict[str, str]:
-    """The environment the ranks start with (pure): one OpenMP thread unless told otherwise, and with
-    ``hugepages`` glibc's huge-page tunable added to ``GLIBC_TUNABLES`` (kept when the user set it either way).
+def rank_environment(base: dict[str, str], *, hugepages: bool, oversubscribed: bool = False) -> dict[str, str]:
+    """The environment the ranks start with (pure): one OpenMP thread unless told otherwise, with
+    ``hugepages`` glibc's huge-page tunable added to ``GLIBC_TUNABLES`` (kept when the user set it either way),
+    and when ``oversubscribed`` (more ranks than CPUs) MPICH's waits made to yield (`YIELDING_MPI`, each kept
+    when the user set it).
 
     The KV cache, activations and weight buffers are large tensors read front to back; on 4 KiB pages every
     few KV rows is a TLB miss and a restart of the hardware prefetcher. glibc reads the tunable only at
@@ -194,6 +196,9 @@ def rank_environment(base: dict[str, str], *, hugepages: bool) -> dict[str, str]
     tunables = env.get("GLIBC_TUNABLES", "")
     if hugepages and "glibc.malloc.hugetlb" not in tunables:
         env["GLIBC_TUNABLES"] = f"{tunables}:{HUGEPAGE_TUNABLE}" if tunables else HUGEPAGE_TUNABLE
+    if oversubscribed:
+        for name, value in YIELDING_MPI.items():
+            env.setdefault(name, value)
     return env
 
 
@@ -282,11 +287,32 @@ def mpiexec_binding(bind: str, nproc: int, cores: list[list[int]]) -> list[str]:
     return ["-bind-to", "user:" + ",".join(sets)]
 
 
+def node_cpus(affinity: int | None = None, environ=None) -> int:
+    """The CPUs a node's ranks share: Slurm's count, else the count the launcher saw, else this process's
+    own mask (``affinity`` CPUs when given)."""
+    environ = os.environ if environ is None else environ
+    own = affinity if affinity is not None else len(cpu_affinity())
+    return int(environ.get("SLURM_CPUS_ON_NODE") or environ.get(NODE_CPUS_VAR) or own)
+
+
 def cores_per_rank(local_size: int, affinity: int | None = None, environ=None) -> int:
     """Threads each rank should use so the ranks of a node do not fight over cores: the node's CPUs (Slurm's
     count, else the count the launcher saw, else this rank's own mask) shared among its ``local_size`` ranks,
     and never more than the CPUs this rank may run on (a bound rank: its own cores)."""
-    environ = os.environ if environ is None else environ
     own = affinity if affinity is not None else len(cpu_affinity())
-    total = int(environ.get("SLURM_CPUS_ON_NODE") or environ.get(NODE_CPUS_VAR) or own)
-    return max(1, min(own, total // max(1, local_size)))
+    return max(1, min(own, node_cpus(own, environ) // max(1, local_size)))
+
+
+#: MPICH settings for the ranks of a node with more ranks than CPUs: a rank waiting in MPI sleeps (usleep)
+#: after a few polls that made no progress, instead of spinning on a CPU another rank of the node needs.
+#: (gloo waits block on their own; DeepSpeed's shared-memory all-reduce spins, so it is off there: groups.py.)
+YIELDING_MPI = {"MPIR_CVAR_CH4_PROGRESS_THROTTLE": "1", "MPIR_CVAR_CH4_PROGRESS_THROTTLE_NO_PROGRESS_COUNT": "32"}
+
+
+def oversubscription_warning(ranks_on_node: int, cpus: int) -> str | None:
+    """One line for a node running more ranks than it has CPUs (pure), else None."""
+    if ranks_on_node <= cpus:
+        return None
+    return (f"{ranks_on_node} ranks on a node with {cpus} CPUs: they take turns on shared cores, so the job "
+            f"runs slower than with at most {cpus} ranks per node (waits in MPI yield the CPU and DeepSpeed's "
+            f"spinning shared-memory all-reduce is off)")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from mpi4py import MPI
 
 from seesaw_ds.backends import deepspeed as backend
-from seesaw_ds.distributed.env import DistEnv
+from seesaw_ds.distributed.env import DistEnv, node_cpus
 from seesaw_ds.distributed.layout import Layout
 
 
@@ -91,6 +91,8 @@ def build_topology(env: DistEnv, layouts: dict[str, Layout]) -> Topology:
     instance_comm = env.world.Split(color=instance_index, key=env.rank)
     node_of_rank = tuple(env.world.allgather(env.info.node_index))
     single_node_world = len(set(node_of_rank)) == 1
+    # DeepSpeed's shared-memory all-reduce spins while it waits: only where every rank has a CPU of its own
+    one_cpu_each = all(env.world.allgather(env.info.host_local_size <= node_cpus()))
 
     created: dict[tuple[int, ...], object] = {}
     twins: dict[tuple[int, ...], backend.HostGroup] = {}
@@ -113,5 +115,6 @@ def build_topology(env: DistEnv, layouts: dict[str, Layout]) -> Topology:
         topology.layouts[name] = LayoutGroups(
             layout=layout, dp_index=dp_index, pp_index=pp_index, tp_index=tp_index, tp_ranks=tp_ranks,
             pp_ranks=pp_ranks, tp_group=created.get(tp_ranks), tp_host_group=twins.get(tp_ranks),
-            shm_allreduce=single_node_world and len(tp_ranks) == env.world_size and env.world_size > 1)
+            shm_allreduce=single_node_world and one_cpu_each and len(tp_ranks) == env.world_size
+            and env.world_size > 1)
     return topology

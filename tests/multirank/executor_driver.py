@@ -6,7 +6,9 @@ rank 0 compares every step's logits (1e-4) and greedy tokens with single-process
 switches between two layouts ten times, new sequences after each switch, checking the same way.
 Prints one "OK ..." line per check on rank 0; any mismatch raises (mpiexec then fails).
 
-    mpiexec -n N python executor_driver.py MODEL_DIR [MODEL_DIR ...]
+    mpiexec -n N python executor_driver.py [LABEL=]MODEL_DIR [[LABEL=]MODEL_DIR ...]
+
+Each model's lines are labelled with LABEL, or the directory's name when none is given.
 """
 from __future__ import annotations
 
@@ -94,10 +96,16 @@ def check(label: str, got: dict[int, torch.Tensor], want: list[torch.Tensor]) ->
     print(f"OK {label} max|dlogit|={worst:.2e}", flush=True)
 
 
-def main(model_dirs: list[str]) -> None:
+def labelled(arg: str) -> tuple[str, str]:
+    """(label, model directory) of a LABEL=DIR or plain DIR argument (then the directory's name)."""
+    label, sep, model_dir = arg.partition("=")
+    return (label, model_dir) if sep else (os.path.basename(os.path.normpath(arg)), arg)
+
+
+def main(args: list[str]) -> None:
     world = MPI.COMM_WORLD
     size = world.Get_size()
-    for model_dir in model_dirs:
+    for family, model_dir in map(labelled, args):
         from transformers import AutoConfig
 
         num_layers = AutoConfig.from_pretrained(model_dir).num_hidden_layers
@@ -108,7 +116,6 @@ def main(model_dirs: list[str]) -> None:
             nodes = rt.topology.env.info.num_nodes
             shm = {name: groups.shm_allreduce for name, groups in rt.topology.layouts.items()}
             print(f"OK topology nodes={nodes} shm_allreduce={shm}", flush=True)
-        family = os.path.basename(os.path.normpath(model_dir))  # the case name
         hf = None
         if world.Get_rank() == 0:
             from transformers import AutoModelForCausalLM

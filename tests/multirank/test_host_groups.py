@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_command, run_mpi
+from helpers import run_command
 
 pytestmark = pytest.mark.dist
 HERE = Path(__file__).parent
@@ -49,13 +49,12 @@ def test_the_check_refuses_every_wrong_route():
     assert "PASSED right_routes [1.0, 1.0, 1.0, 1.0]" in proc.stdout
 
 
-def test_job_across_nodes_sends_kv_only_through_host_groups(tiny_models, tmp_path, monkeypatch):
+def test_job_across_nodes_sends_kv_only_through_host_groups(job_workload, across_nodes_job):
     """pp2 -> tp2 on two ranks posing as two nodes: KV pieces cross 'nodes' through the host group, the
-    pipeline's hidden states through the device group, and no tensor takes the other's route."""
-    input_path, expected = job.greedy_workload(tiny_models["llama"], tmp_path, (5, 23, 9, 30, 14, 3, 27, 11), seed=7)
-    monkeypatch.setenv("SEESAW_CHECK_HOST_TENSORS", "1")
-    proc, records, metrics = job.run_job(tiny_models["llama"], input_path, tmp_path, 2,
-                                         *job.layout_args("pp2", "tp2"), "launch.ranks_per_node=1")
+    pipeline's hidden states through the device group, and no tensor takes the other's route (the run
+    test_job.py checks across nodes too: tests/multirank/conftest.py)."""
+    _, _, expected = job_workload
+    proc, records, metrics = across_nodes_job
     job.check_outputs(records, expected)
     assert metrics["kv"]["remote_bytes"] > 0
     counts = _counts(proc.stderr + proc.stdout)
@@ -66,11 +65,10 @@ def test_job_across_nodes_sends_kv_only_through_host_groups(tiny_models, tmp_pat
     assert all(c[2] > 0 for c in counts.values()), "pipeline hidden states go through the device group"
 
 
-def test_executor_posing_as_two_nodes_under_the_check(tiny_models):
+def test_executor_posing_as_two_nodes_under_the_check(posed_two_nodes):
     """Every 2-rank layout and ten switches across 'nodes' with the check on: activations, TP all-reduces
-    and hidden states only ever through device groups."""
-    proc = run_mpi(2, [str(HERE / "executor_driver.py"), str(tiny_models["llama"])], timeout=300,
-                   env={"SEESAW_TEST_RANKS_PER_NODE": "1", "SEESAW_CHECK_HOST_TENSORS": "1"})
+    and hidden states only ever through device groups (the run test_executor.py checks too)."""
+    proc = posed_two_nodes
     assert "OK topology nodes=2" in proc.stdout
     assert sum(line.startswith("OK llama switch ") for line in proc.stdout.splitlines()) == 10
     counts = _counts(proc.stderr)

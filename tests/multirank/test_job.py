@@ -36,21 +36,36 @@ def greedy_workload(model_dir: Path, out_dir: Path, lengths, seed: int, low: int
     return path, expected
 
 
-@pytest.fixture(scope="session")
-def workload(tiny_models, tmp_path_factory):
-    """12 prompts of uneven length as token ids, and transformers' greedy continuation of each."""
-    path, expected = greedy_workload(tiny_models["llama"], tmp_path_factory.mktemp("job"),
-                                     (5, 23, 9, 30, 14, 3, 27, 11, 18, 7, 25, 16), seed=7)
-    return tiny_models["llama"], path, expected
+@pytest.fixture(scope="module")
+def workload(job_workload):
+    """12 prompts of uneven length as token ids, and transformers' greedy continuation of each
+    (tests/multirank/conftest.py)."""
+    return job_workload
 
 
-def run_job(model_dir: Path, input_path: Path, out_dir: Path, nproc: int, *overrides: str, timeout: float = 600):
+@pytest.fixture(scope="module")
+def two_rank_job(workload, tmp_path_factory):
+    """``two_rank_job(*overrides)``: the workload's 2-rank job with these overrides, run once per module
+    however many tests check it (the default pp2 -> tp2 job serves the layout pair and the huge-page check;
+    prefill_first with huge pages off serves the policy and the huge-page check)."""
+    model_dir, input_path, _ = workload
+    done = {}
+
+    def run(*overrides: str):
+        if overrides not in done:
+            done[overrides] = run_job(model_dir, input_path, tmp_path_factory.mktemp("job"), 2, *overrides)
+        return done[overrides]
+    return run
+
+
+def run_job(model_dir: Path, input_path: Path, out_dir: Path, nproc: int, *overrides: str, timeout: float = 600,
+            env: dict | None = None):
     output = out_dir / "out.jsonl"
     args = [sys.executable, RUN, f"model.path={model_dir}", f"io.input={input_path}", f"io.output={output}",
             f"launch.nproc={nproc}", f"sampling.max_tokens={MAX_TOKENS}", "sampling.temperature=0",
             "sampling.ignore_eos=true", "kv.host_tokens=80", "kv.device_tokens=64", "kv.block_size=4",
             "scheduler.max_prefill_tokens=48", f"+run_dir={out_dir}", *overrides]
-    proc = run_command(args, timeout=timeout, cwd=out_dir)
+    proc = run_command(args, timeout=timeout, cwd=out_dir, env=env)
     records = [json.loads(line) for line in output.read_text().splitlines()]
     metrics = json.loads((out_dir / "out.metrics.json").read_text())
     return proc, records, metrics
@@ -82,9 +97,9 @@ CASES_4 = [("pp4", "tp4"), ("pp4", "tp2.pp2"), ("tp2.pp2", "tp4"), ("dp2.pp2", "
 
 
 @pytest.mark.parametrize("prefill,decode", CASES_2)
-def test_layout_pairs_two_ranks(workload, tmp_path, prefill, decode):
-    model_dir, input_path, expected = workload
-    _, records, metrics = run_job(model_dir, input_path, tmp_path, 2, *layout_args(prefill, decode))
+def test_layout_pairs_two_ranks(workload, two_rank_job, prefill, decode):
+    _, _, expected = workload
+    _, records, metrics = two_rank_job(*layout_args(prefill, decode))
     check_outputs(records, expected)
     assert metrics["num_transitions"] >= 4, "a small staging area makes several prefill/decode cycles"
     assert metrics["scheduler"]["evictions"] > 0, "a small device tier makes sequences swap back out"
@@ -100,36 +115,50 @@ def test_layout_pairs_four_ranks(workload, tmp_path, prefill, decode):
     assert metrics["scheduler"]["evictions"] > 0
 
 
-def test_pp2_to_tp2_across_nodes(workload, tmp_path):
-    """Two ranks posing as two nodes: KV written on one 'node' reaches the other point-to-point."""
-    model_dir, input_path, expected = workload
-    _, records, metrics = run_job(model_dir, input_path, tmp_path, 2, *layout_args("pp2", "tp2"),
-                                  "launch.ranks_per_node=1")
+def test_pp2_to_tp2_across_nodes(workload, across_nodes_job):
+    """Two ranks posing as two nodes: KV written on one 'node' reaches the other point-to-point (the run
+    test_host_groups.py checks the routes of: tests/multirank/conftest.py)."""
+    _, _, expected = workload
+    _, records, metrics = across_nodes_job
     check_outputs(records, expected)
     assert metrics["kv"]["remote_bytes"] > 0, "pieces written on the other node must travel point-to-point"
 
 
+def test_compiled_job_under_a_layout_switch(workload, two_rank_job):
+    """model.compile=true (float32): the decoder layers under torch.compile through prefill pp2 -> decode tp2
+    (the row-parallel all-reduce inside the compiled layer), staging and evictions; transformers' tokens."""
+    _, _, expected = workload
+    _, records, metrics = two_rank_job(*layout_args("pp2", "tp2"), "model.compile=true")
+    check_outputs(records, expected)
+    assert metrics["compile_seconds"] > 0
+    assert metrics["num_transitions"] >= 4 and metrics["scheduler"]["evictions"] > 0
+
+
+#: The prefill_first job also has huge pages off (test_ranks_use_huge_pages_unless_turned_off reads it).
+POLICY_EXTRA = {"prefill_first": ("launch.hugepages=false",), "decode_first": ()}
+
+
 @pytest.mark.parametrize("policy", ["prefill_first", "decode_first"])
-def test_other_policies(workload, tmp_path, policy):
-    model_dir, input_path, expected = workload
-    _, records, metrics = run_job(model_dir, input_path, tmp_path, 2, *layout_args("pp2", "tp2"),
-                                  f"scheduler.policy={policy}")
+def test_other_policies(workload, two_rank_job, policy):
+    _, _, expected = workload
+    _, records, metrics = two_rank_job(*layout_args("pp2", "tp2"), f"scheduler.policy={policy}",
+                                       *POLICY_EXTRA[policy])
     check_outputs(records, expected)
 
 
-def test_ranks_use_huge_pages_unless_turned_off(workload, tmp_path):
+def test_ranks_use_huge_pages_unless_turned_off(workload, two_rank_job):
     """launch.hugepages (on by default) starts the ranks with glibc's transparent-huge-page tunable: rank 0
     holds memory on huge pages at the end of the job where the kernel allows THP, and none when the setting
-    is off and the kernel gives them only on request (madvise). Outputs are the same either way."""
+    is off and the kernel gives them only on request (madvise). Outputs are the same either way. (The jobs
+    are the default pp2 -> tp2 one and the prefill_first one, which has the setting off.)"""
     from seesaw_ds.distributed.env import transparent_hugepages_mode
 
-    model_dir, input_path, expected = workload
+    _, _, expected = workload
     metrics = {}
-    for setting in ("true", "false"):
-        out_dir = tmp_path / setting
-        out_dir.mkdir()
-        _, records, metrics[setting] = run_job(model_dir, input_path, out_dir, 2, *layout_args("pp2", "tp2"),
-                                               f"launch.hugepages={setting}")
+    runs = {"true": layout_args("pp2", "tp2"),
+            "false": [*layout_args("pp2", "tp2"), "scheduler.policy=prefill_first", *POLICY_EXTRA["prefill_first"]]}
+    for setting, overrides in runs.items():
+        _, records, metrics[setting] = two_rank_job(*overrides)
         check_outputs(records, expected)
     mode = transparent_hugepages_mode()
     if mode in ("always", "madvise"):

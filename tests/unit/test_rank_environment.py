@@ -71,3 +71,28 @@ def test_threads_per_rank_bound_and_unbound():
     assert cores_per_rank(2, affinity=8, environ={NODE_CPUS_VAR: "16"}) == 8, "bound to 8 of 16: 8 threads"
     assert cores_per_rank(4, affinity=64, environ={"SLURM_CPUS_ON_NODE": "32"}) == 8, "Slurm's count wins"
     assert cores_per_rank(4, affinity=2, environ={}) == 1, "never below one"
+
+
+# -- more ranks on a node than CPUs: warned about, and waits that yield ---------------------------------------------
+
+from seesaw_ds.distributed.env import YIELDING_MPI, node_cpus, oversubscription_warning  # noqa: E402
+
+
+def test_oversubscribed_node_is_one_warning_line():
+    assert oversubscription_warning(2, 2) is None and oversubscription_warning(1, 8) is None
+    line = oversubscription_warning(4, 2)
+    assert line.startswith("4 ranks on a node with 2 CPUs") and "\n" not in line
+
+
+def test_node_cpus_prefer_slurm_then_the_launcher():
+    assert node_cpus(2, {"SLURM_CPUS_ON_NODE": "32", NODE_CPUS_VAR: "16"}) == 32
+    assert node_cpus(2, {NODE_CPUS_VAR: "16"}) == 16
+    assert node_cpus(2, {}) == 2
+
+
+def test_oversubscribed_ranks_get_yielding_mpi_waits_unless_set():
+    env = rank_environment({"MPIR_CVAR_CH4_PROGRESS_THROTTLE_NO_PROGRESS_COUNT": "7"}, hugepages=False,
+                           oversubscribed=True)
+    assert env["MPIR_CVAR_CH4_PROGRESS_THROTTLE"] == "1"
+    assert env["MPIR_CVAR_CH4_PROGRESS_THROTTLE_NO_PROGRESS_COUNT"] == "7", "the user's own value is kept"
+    assert not set(YIELDING_MPI) & set(rank_environment({}, hugepages=False)), "not without oversubscription"
