@@ -122,7 +122,16 @@ def _experts_legacy(prefix: str, gate: str, up: str, down: str, router: tuple[st
 
 
 _QWEN_MOE_LEGACY = _experts_legacy(r"mlp", "gate_proj", "up_proj", "down_proj")
+_EXPERTS_PLAN = MappingProxyType({
+    "layers.*.mlp.experts.gate_up_proj": "packed_colwise",
+    "layers.*.mlp.experts.down_proj": "rowwise",
+    "layers.*.mlp.experts": EXPERTS_STYLE,
+})
+"""The fused experts' TP plan, as transformers 5.0-5.2x configs wrote it; newer releases dropped these entries
+from ``base_model_tp_plan`` (5.25 plans experts for expert parallelism only, ``base_model_ep_plan``), so the
+family table carries them for every MoE family."""
 _SHARED_EXPERT_PLAN = MappingProxyType({
+    **_EXPERTS_PLAN,
     "layers.*.mlp.shared_expert.gate_proj": "colwise",
     "layers.*.mlp.shared_expert.up_proj": "colwise",
     "layers.*.mlp.shared_expert.down_proj": "rowwise",
@@ -131,7 +140,7 @@ _SHARED_EXPERT_PLAN = MappingProxyType({
 FAMILIES: tuple[Family, ...] = (
     Family("Llama 2/3.x", ("llama",), features="GQA, llama3/linear/dynamic/yarn rope, tied or untied"),
     Family("Mistral", ("mistral",), features="sliding window"),
-    Family("Mixtral", ("mixtral",),
+    Family("Mixtral", ("mixtral",), plan=_EXPERTS_PLAN,
            legacy=_experts_legacy(r"block_sparse_moe", "w1", "w3", "w2",
                                   (r"block_sparse_moe\.gate\.weight", "mlp.gate.weight")),
            features="experts over TP (fused or per-expert checkpoints), sliding window"),
@@ -139,7 +148,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("Qwen2-MoE", ("qwen2_moe",), plan=_SHARED_EXPERT_PLAN, legacy=_QWEN_MOE_LEGACY,
            features="experts + shared expert over TP, dense layers (mlp_only_layers, sparse step)"),
     Family("Qwen3", ("qwen3",), features="per-head q/k norms, head_dim != hidden/heads"),
-    Family("Qwen3-MoE", ("qwen3_moe",), legacy=_QWEN_MOE_LEGACY, features="experts over TP, q/k norms"),
+    Family("Qwen3-MoE", ("qwen3_moe",), plan=_EXPERTS_PLAN, legacy=_QWEN_MOE_LEGACY, features="experts over TP, q/k norms"),
     Family("Gemma 2", ("gemma2",), embed_scale_sqrt_hidden=True, logit_softcap="final_logit_softcapping",
            handles=frozenset({"attn_logit_softcapping", "final_logit_softcapping"}),
            features="embedding scale, attention and final soft-cap, alternating sliding window"),
