@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "seesaw_ds"
 
 #: Bottom to top, as in docs/modules.md ("Layers"): a module may import its own layer and the ones below.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("seesaw_ds.faults", "seesaw_ds.cpu_features", "seesaw_ds.probes"),
+    ("seesaw_ds.faults", "seesaw_ds.cpu_features", "seesaw_ds.probes", "seesaw_ds.cache"),
     ("seesaw_ds.backends",),
     ("seesaw_ds.distributed",),
     ("seesaw_ds.config",),
