@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from seesaw_ds.cache import cache_root
 from seesaw_ds.cli.compose import compose_settings
 
 
@@ -14,7 +15,7 @@ DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 
 def cache_dir() -> Path:
     """Where built and fetched models live: $SEESAW_CACHE, else ~/.cache/seesaw_ds."""
-    return Path(os.environ.get("SEESAW_CACHE", Path.home() / ".cache" / "seesaw_ds"))
+    return cache_root()
 
 
 def default_input(settings) -> Path:

@@ -20,6 +20,7 @@ import platform
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from seesaw_ds.cache import cache_root
 from seesaw_ds.cpu_features import cpu_flags, cpu_model_name
 from seesaw_ds.sim.calibrate import Calibration, measure, rank_threads
 from seesaw_ds.sim.cost import ComputeProfile
@@ -32,7 +33,7 @@ FORMAT = 1
 
 def cache_dir() -> Path:
     """Where calibrations are kept: ``$SEESAW_CACHE/calibration``, else ``~/.cache/seesaw_ds/calibration``."""
-    return Path(os.environ.get("SEESAW_CACHE", Path.home() / ".cache" / "seesaw_ds")) / "calibration"
+    return cache_root() / "calibration"
 
 
 def _file_digest(path: Path) -> str:
