@@ -1,0 +1,52 @@
+"""The per-file time table of docs/testing.md, from a pytest log run with ``--durations=0``.
+
+    bash tests/run.sh --durations=0 > suite.log 2>&1
+    python tests/time_table.py suite.log            # prints the table (markdown)
+
+Each file's time is the sum of its tests' setup, call and teardown (module and session fixtures count
+where pytest charges them: to the first test that uses them). tests/run.sh runs the unit tests on two
+workers, so their files add up to more than that phase's wall time; the last line gives each phase's wall
+time (pytest's own "in N s") and their sum.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+DURATION = re.compile(r"^\s*([\d.]+)s (setup|call|teardown)\s+(tests/[^:\s]+)::")
+WALL = re.compile(r"^(?:=+ )?\d+ (?:passed|failed|skipped|errors?|deselected|xfailed|xpassed)\b.* in ([\d.]+)s")
+
+
+def table(log: str) -> str:
+    per_file: dict[str, float] = defaultdict(float)
+    tests: dict[str, set[str]] = defaultdict(set)
+    for line in log.splitlines():
+        match = DURATION.match(line)
+        if match:
+            seconds, _, path = match.groups()
+            per_file[path] += float(seconds)
+            tests[path].add(line.split("::", 1)[1].strip())
+    walls = [float(m.group(1)) for m in map(WALL.search, log.splitlines()) if m]
+    tiers: dict[str, float] = defaultdict(float)
+    rows = ["| file | tests timed | seconds |", "|---|---:|---:|"]
+    for path, seconds in sorted(per_file.items(), key=lambda item: -item[1]):
+        rows.append(f"| `{path}` | {len(tests[path])} | {seconds:.1f} |")
+        tiers[path.split("/")[1]] += seconds
+    rows.append("")
+    rows.append("| tier | seconds (sum of its tests) |")
+    rows.append("|---|---:|")
+    rows += [f"| {tier} | {seconds:.1f} |" for tier, seconds in sorted(tiers.items(), key=lambda item: -item[1])]
+    summaries = [line.strip("= ") for line in log.splitlines() if WALL.search(line)]
+    rows.append("")
+    if walls:
+        phases = " + ".join(f"{wall:.0f} s ({summary})" for wall, summary in zip(walls, summaries))
+        rows.append(f"Wall time of pytest: {sum(walls):.0f} s = {phases}.")
+    else:
+        rows.append("No pytest summary found.")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(table(Path(sys.argv[1]).read_text(errors="replace") if len(sys.argv) > 1 else sys.stdin.read()))
