@@ -100,9 +100,15 @@ class DecodeMeta:
         return self._padded
 
 
-def _prefill(layer: int, query, key, value, meta: PrefillMeta, scaling, window, softcap=None) -> torch.Tensor:
-    # query [1, Hq, T, D]; key/value [1, Hkv, T, D]
-    meta.sink(layer, key[0], value[0])
+def _prefill(layer: int, query, key, value, meta: PrefillMeta, scaling, window, softcap=None,
+             borrowed: bool = False) -> torch.Tensor:
+    # query [1, Hq, T, D]; key/value [1, Hkv, T, D]. ``borrowed``: key/value are a compiled graph's buffers,
+    # which it may reuse for later results once this call returns, while the sink may still be copying them
+    # on its thread (the staging area's asynchronous writes): the sink gets copies of its own.
+    if borrowed:
+        meta.sink(layer, key[0].clone(), value[0].clone())
+    else:
+        meta.sink(layer, key[0], value[0])
     if meta.contexts is not None:
         contexts = [read(layer) if read is not None else None for read in meta.contexts]
         return _prefill_reference(query, key, value, meta.cu_seqlens, scaling, window, softcap, contexts)
@@ -178,10 +184,12 @@ def _decode_reference(layer: int, query, meta: DecodeMeta, flat_keys, flat_value
     return torch.cat(outputs)
 
 
-def _attend(layer: int, query, key, value, meta, scaling: float, window: int | None, softcap: float | None):
-    """Attention of one layer over the batch ``meta`` describes: ``[N, T, Hq, D]``, as transformers expects."""
+def _attend(layer: int, query, key, value, meta, scaling: float, window: int | None, softcap: float | None,
+            borrowed: bool = False):
+    """Attention of one layer over the batch ``meta`` describes: ``[N, T, Hq, D]``, as transformers expects.
+    ``borrowed``: the inputs belong to a compiled graph (see :func:`_prefill`)."""
     if isinstance(meta, PrefillMeta):
-        out = _prefill(layer, query, key, value, meta, scaling, window, softcap)
+        out = _prefill(layer, query, key, value, meta, scaling, window, softcap, borrowed)
     else:
         out = _decode(layer, query, key, value, meta, scaling, window, softcap)
     return out.transpose(1, 2).contiguous()
@@ -232,7 +240,8 @@ def attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sc
     ``softcap`` are 0 when unset. The layer and the batch come from :func:`batch`. It also writes the new K/V
     into the batch's KV sink or cache (state outside the graph, which nothing in the graph reads)."""
     current = _current_batch()
-    return _attend(current.layer, query, key, value, current.meta, scaling, window or None, softcap or None)
+    return _attend(current.layer, query, key, value, current.meta, scaling, window or None, softcap or None,
+                   borrowed=True)
 
 
 @attention_op.register_fake
