@@ -30,7 +30,7 @@ def table(log: str) -> str:
             tests[path].add(line.split("::", 1)[1].strip())
     walls = [float(m.group(1)) for m in map(WALL.search, log.splitlines()) if m]
     tiers: dict[str, float] = defaultdict(float)
-    rows = ["| file | tests timed | seconds |", "|---|---:|---:|"]
+    rows = ["| file | tests that took 5 ms or more | seconds |", "|---|---:|---:|"]
     for path, seconds in sorted(per_file.items(), key=lambda item: -item[1]):
         rows.append(f"| `{path}` | {len(tests[path])} | {seconds:.1f} |")
         tiers[path.split("/")[1]] += seconds
