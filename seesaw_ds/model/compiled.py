@@ -9,7 +9,7 @@ that the graph keeps whole, so the graph does not break at attention.
 What is compiled is one decoder layer's call (:class:`CompiledLayers` wraps the stage's per-layer function):
 the layers of a stage have the same code and shapes, their weights are graph inputs, so one graph serves
 them all and compile time does not grow with depth (a whole 30-layer stage as one graph took ~7 minutes to
-compile on the 2-core machine; one layer's graph ~20-50 s cold, a few seconds from the disk cache). Sizes are
+compile on the 2-core machine; a stage's graphs of one layer 15-45 s cold, ~7 s from the disk cache). Sizes are
 dynamic (``dynamic=True``): one graph serves every decode batch size, one every packed prefill length; a
 size of 1 is specialised, so a stage makes at most three graphs (a decode batch of one, larger decode
 batches, prefill rows). Compiled artefacts go to inductor's on-disk cache under ``$SEESAW_CACHE``
