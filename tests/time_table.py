@@ -3,6 +3,9 @@
     bash tests/run.sh --durations=0 > suite.log 2>&1
     python tests/time_table.py suite.log            # prints the table (markdown)
 
+    SEESAW_TEST_LAUNCH_LOG=launches.tsv bash tests/run.sh --durations=0 > suite.log 2>&1
+    python tests/time_table.py suite.log launches.tsv   # the table with each file's launched commands
+
 Each file's time is the sum of its tests' setup, call and teardown (module and session fixtures count
 where pytest charges them: to the first test that uses them). tests/run.sh runs the unit tests on two
 workers, so their files add up to more than that phase's wall time; the last line gives each phase's wall
@@ -19,7 +22,20 @@ DURATION = re.compile(r"^\s*([\d.]+)s (setup|call|teardown)\s+(tests/[^:\s]+)::"
 WALL = re.compile(r"^(?:=+ )?\d+ (?:passed|failed|skipped|errors?|deselected|xfailed|xpassed)\b.* in ([\d.]+)s")
 
 
-def table(log: str) -> str:
+def launches(log: str) -> dict[str, tuple[int, float]]:
+    """test file -> (commands its tests ran, their seconds), from a SEESAW_TEST_LAUNCH_LOG file
+    (tests/helpers.py writes one line per command: seconds, test id, command)."""
+    counts: dict[str, list] = defaultdict(lambda: [0, 0.0])
+    for line in log.splitlines():
+        seconds, test, _ = line.split("\t", 2)
+        entry = counts[test.split("::", 1)[0]]
+        entry[0] += 1
+        entry[1] += float(seconds)
+    return {path: (count, seconds) for path, (count, seconds) in counts.items()}
+
+
+def table(log: str, launch_log: str | None = None) -> str:
+    launched = launches(launch_log) if launch_log is not None else None
     per_file: dict[str, float] = defaultdict(float)
     tests: dict[str, set[str]] = defaultdict(set)
     for line in log.splitlines():
@@ -31,8 +47,15 @@ def table(log: str) -> str:
     walls = [float(m.group(1)) for m in map(WALL.search, log.splitlines()) if m]
     tiers: dict[str, float] = defaultdict(float)
     rows = ["| file | tests that took 5 ms or more | seconds |", "|---|---:|---:|"]
+    if launched is not None:
+        rows = ["| file | tests that took 5 ms or more | seconds | commands launched | their seconds |",
+                "|---|---:|---:|---:|---:|"]
     for path, seconds in sorted(per_file.items(), key=lambda item: -item[1]):
-        rows.append(f"| `{path}` | {len(tests[path])} | {seconds:.1f} |")
+        row = f"| `{path}` | {len(tests[path])} | {seconds:.1f} |"
+        if launched is not None:
+            count, launch_seconds = launched.get(path, (0, 0.0))
+            row += f" {count} | {launch_seconds:.1f} |"
+        rows.append(row)
         tiers[path.split("/")[1]] += seconds
     rows.append("")
     rows.append("| tier | seconds (sum of its tests) |")
@@ -49,4 +72,5 @@ def table(log: str) -> str:
 
 
 if __name__ == "__main__":
-    print(table(Path(sys.argv[1]).read_text(errors="replace") if len(sys.argv) > 1 else sys.stdin.read()))
+    text = Path(sys.argv[1]).read_text(errors="replace") if len(sys.argv) > 1 else sys.stdin.read()
+    print(table(text, Path(sys.argv[2]).read_text() if len(sys.argv) > 2 else None))

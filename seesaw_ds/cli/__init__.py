@@ -7,7 +7,8 @@ rank's main are made of, one concern a module, each importing only what it uses 
   that need no rank (layouts against the model, sampling defaults, the job's files);
 - ``models``: the default model (SmolLM2, fetched into the cache once; the tiny model where it cannot be
   had) and the bundled input; ``auto``: ``parallel=auto`` planned before launch;
-- ``rank``: ``worker_main``, what every rank runs under mpiexec/srun;
+- ``rank``: ``worker_main``, what every rank runs under mpiexec/srun, and ``startup_over`` (the cyclic
+  collector, off while a process starts, on again);
 - ``signals``: SIGTERM/SIGUSR1/SIGUSR2 stop the job on a step boundary, and a warning signal requeues it;
 - ``answers``: the first answers of a job on the bundled input, printed; ``sweep``: a multirun's summary.
 
@@ -19,7 +20,7 @@ from seesaw_ds.cli.compose import (CONF_DIR, check_before_launch, check_io_paths
                                    complete_layout_overrides, compose_settings, run_dir_for)
 from seesaw_ds.cli.errors import EXIT_CONFIG, ConfigError, fail, one_line_error
 from seesaw_ds.cli.models import DATA_DIR, cache_dir, default_input, is_default_model, resolve_default_model
-from seesaw_ds.cli.rank import worker_main
+from seesaw_ds.cli.rank import startup_over, worker_main
 from seesaw_ds.cli.signals import EXIT_PREEMPTED, StopRequest, requeue_if_slurm
 from seesaw_ds.cli.sweep import summarize_sweep
 
@@ -27,4 +28,4 @@ __all__ = ["CONF_DIR", "DATA_DIR", "EXIT_CONFIG", "EXIT_PREEMPTED", "ConfigError
            "check_before_launch", "check_io_paths", "check_sampling", "complete_layout_overrides",
            "compose_settings", "default_input", "fail", "is_default_model", "one_line_error", "print_answers",
            "requeue_if_slurm", "resolve_default_model", "resolve_parallel_auto", "run_dir_for", "summarize_sweep",
-           "worker_main"]
+           "startup_over", "worker_main"]

@@ -3,6 +3,7 @@ rank (any error ends them all with one line), the default model and parallel=aut
 no launcher did, checks of the job's files, then start-up and the job."""
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -16,6 +17,15 @@ from seesaw_ds.cli.compose import check_io_paths, check_sampling, compose_settin
 from seesaw_ds.cli.errors import EXIT_CONFIG, ConfigError
 from seesaw_ds.cli.models import cache_dir, default_input, is_default_model, resolve_default_model
 from seesaw_ds.cli.signals import EXIT_PREEMPTED, StopRequest, requeue_if_slurm
+
+
+def startup_over() -> None:
+    """The end of a process's start-up (launch/run.py turns the cyclic collector off while it imports): one
+    collection, then what start-up made is frozen out of later collections, and the collector is on again."""
+    if not gc.isenabled():
+        gc.collect()
+        gc.freeze()
+        gc.enable()
 
 
 def _preflight(settings) -> str | None:
@@ -150,6 +160,7 @@ def _run(settings, run_dir: Path, agree, stop: StopRequest) -> int:
     except ValueError as start_error:
         error = str(start_error)
     agree(error)
+    startup_over()
     result = run_job(settings, runtime, run_dir, stop=stop)
     runtime.close()
     if result.preempted:

@@ -1,6 +1,7 @@
 """The command line as a user meets it: a bad configuration is one line on stderr naming the value (exit 2,
 no traceback, no rank started), and `launch/run.py -m` runs a sweep, each job its own multi-rank run, with a
-summary of all of them in the sweep directory."""
+summary of all of them in the sweep directory. The one-line refusals start the launcher alone (no rank: no `dist`
+mark), so tests/run.sh runs them beside the unit tests, in parallel."""
 from __future__ import annotations
 
 import csv
@@ -14,7 +15,6 @@ import pytest
 
 from helpers import REPO, run_command
 
-pytestmark = pytest.mark.dist
 RUN = str(REPO / "launch" / "run.py")
 PROMPTS = ["Hello there", "The quick brown fox", "Once upon a time in a land", "Seesaw inference is",
            "One two three four five six", "Why is the sky"]
@@ -118,6 +118,7 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
     assert "host_tokens: 80" in proc.stdout, proc.stdout
 
 
+@pytest.mark.dist
 def test_local_multirun_writes_a_summary_of_every_job(tiny_models, prompts_file, tmp_path):
     sweep = tmp_path / "sweep"
     layouts = ["tp2", "pp2", "seesaw_pp2_tp2"]
@@ -193,6 +194,7 @@ def test_unsupported_checkpoint_is_refused_before_any_weight_is_read(kind, expec
     assert elapsed < 60, f"refusal took {elapsed:.0f}s"
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("bind", ["cores", "none"])
 def test_ranks_are_bound_to_cores_of_their_own_by_default(bind, tiny_models, prompts_file, tmp_path):
     """launch.bind=cores (the default): mpiexec gives each rank its own cores, and each runs that many threads;
