@@ -24,6 +24,7 @@ import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -203,9 +204,12 @@ def sweep_job(cfg) -> int:
     (job_dir / "overrides.txt").write_text("".join(f"{o}\n" for o in task_overrides))
     rank_overrides, settings = resolve_default_model(rank_overrides, settings)
     rank_overrides, plan = auto_overrides(rank_overrides, settings)
+    launch = settings.launch
     if plan is not None:
         print(f"seesaw_ds: {plan.line()}; {write_plan(plan, job_dir, rank_overrides)}", flush=True)
-    code = launch_ranks(rank_overrides, job_dir, settings.launch)
+        if plan.launch_nproc is not None:  # fewer ranks than launch.nproc, each with more threads
+            launch = replace(launch, nproc=plan.launch_nproc)
+    code = launch_ranks(rank_overrides, job_dir, launch)
     if code != 0:
         raise RuntimeError(f"sweep job {hydra_cfg.job.num} ({' '.join(task_overrides)}) exited with {code}; "
                            f"its files: {job_dir}")

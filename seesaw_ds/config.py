@@ -63,7 +63,9 @@ class ParallelConfig:
     on the standard CPU benchmark (docs/benchmarks.md)."""
     auto: bool = False
     """Let the planner choose both layouts for this machine, model and input (``parallel=auto``; see
-    seesaw_ds/sim/auto.py): resolved once before the ranks start; explicit parallel.prefill/decode axes win."""
+    seesaw_ds/sim/auto.py): resolved once before the ranks start; explicit parallel.prefill/decode axes win.
+    On a CPU, launch.nproc is then the most ranks: the plan may start fewer, each with more of the cores'
+    threads (one rank x 2 threads rather than dp2 for a batch too small to keep two replicas busy)."""
     recalibrate: bool = False
     """parallel=auto: measure this machine again instead of planning with its calibration kept from an earlier
     start (``$SEESAW_CACHE/calibration/``, one per machine, job shape and engine code; seesaw_ds/sim/

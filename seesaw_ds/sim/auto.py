@@ -12,24 +12,30 @@ layouts:
 2. the model comes from its config.json, the workload from the first ``sample_lines`` requests of the
    input file (prompt lengths after tokenization, ``max_tokens`` after the sampling defaults);
 3. :class:`~seesaw_ds.sim.planner.Planner` simulates every layout pair of the job's ranks with the
-   engine's own scheduler, priced as today's executor runs (synchronous pipeline, DP in lockstep);
+   engine's own scheduler, priced as today's executor runs (synchronous pipeline, DP in lockstep). On a
+   CPU, when the launcher is yet to start the ranks, it also simulates *fewer ranks with more threads each*
+   (:func:`rank_counts`: 1 rank x 2 threads beside 2 ranks x 1 thread on two cores), each priced by its own
+   calibration (the engine timed with that many threads: the machine's thread scaling, measured once and
+   kept like the rest): a batch too small to keep every replica busy runs faster on one rank with all the
+   cores than on one replica of a dp2 whose other core idles;
 4. the best runnable candidate (a Seesaw pair or a static layout) becomes explicit overrides for the ranks
    (:meth:`AutoChoice.overrides`), with the ``scheduler.max_decode_seqs`` and ``kv.device_tokens`` the
-   prediction assumed. Layout axes, ``kv.device_tokens`` and ``scheduler.max_decode_seqs`` the user gave
-   win: the planner then only chooses among candidates that agree with them.
+   prediction assumed, and ``launch.nproc`` where it chose fewer ranks. Layout axes, ``kv.device_tokens``
+   and ``scheduler.max_decode_seqs`` the user gave win: the planner then only chooses among candidates that
+   agree with them.
 """
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass, field, replace
+from typing import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from seesaw_ds.distributed.layout import Layout, LayoutError, ModelDims
-from seesaw_ds.sim.calibrate import MEASURED_EFFICIENCY, Calibration, hardware_spec
+from seesaw_ds.sim.calibrate import MEASURED_EFFICIENCY, Calibration, hardware_spec, rank_threads
 from seesaw_ds.sim.planner import Candidate, Planner, PlanOptions
 from seesaw_ds.sim.workload import Workload
 
@@ -78,12 +84,20 @@ class AutoChoice:
     workload: dict = field(default_factory=dict)
     ranking: list[dict] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
+    launch_nproc: int | None = None
+    """Ranks to start instead of the job's ``launch.nproc`` (a plan of fewer ranks, each with more threads);
+    None: as many as the job gave."""
+    threads: int | None = None
+    """Threads each rank of the plan runs (CPU; None where the calibration does not say)."""
 
     def overrides(self, given: list[str]) -> list[str]:
         """Explicit Hydra overrides for the ranks: ``given`` without the auto switch, plus the chosen layouts
         and sizes (keys the user set in ``given`` are kept as the user wrote them)."""
         keys = {o.split("=", 1)[0].lstrip("+~") for o in given if "=" in o}
-        out = [o for o in given if o.split("=", 1)[0].lstrip("+~") not in ("parallel", "parallel.auto")]
+        replaced = ("parallel", "parallel.auto") + (("launch.nproc",) if self.launch_nproc is not None else ())
+        out = [o for o in given if o.split("=", 1)[0].lstrip("+~") not in replaced]
+        if self.launch_nproc is not None:
+            out.append(f"launch.nproc={self.launch_nproc}")
         for phase, layout in (("prefill", self.prefill), ("decode", self.decode)):
             if not any(k.startswith(f"parallel.{phase}") for k in keys):
                 out += [f"parallel.{phase}.{axis}={getattr(layout, axis)}" for axis in ("dp", "tp", "pp")]
@@ -97,6 +111,10 @@ class AutoChoice:
         """One line for the log: what was chosen and the predicted throughput."""
         what = (f"prefill {self.prefill} -> decode {self.decode}" if self.kind == "seesaw"
                 else f"static {self.prefill}")
+        if self.launch_nproc is not None:
+            ranks = self.launch_nproc
+            what += (f" on {ranks} rank{'s' if ranks > 1 else ''}"
+                     + (f" x {self.threads} threads" if self.threads else "") + " (fewer ranks, more threads each)")
         return (f"parallel=auto chose {what} (scheduler.max_decode_seqs={self.max_decode_seqs}, "
                 f"kv.device_tokens={self.device_tokens}): predicted {self.throughput:.0f} tokens/s "
                 f"({self.output_throughput:.0f} output tokens/s) on {self.hardware.get('name', '?')}, "
@@ -111,7 +129,7 @@ class AutoChoice:
                 "predicted_output_tokens_per_second": self.output_throughput,
                 "scheduler.max_decode_seqs": self.max_decode_seqs, "kv.device_tokens": self.device_tokens,
                 "hardware": self.hardware, "workload": self.workload, "ranking": self.ranking,
-                "timings_s": self.timings}
+                "timings_s": self.timings, "launch.nproc": self.launch_nproc, "threads_per_rank": self.threads}
 
 
 # -- pure parts ---------------------------------------------------------------------------------------------
@@ -129,6 +147,15 @@ def fixed_layouts(overrides: list[str]) -> dict[str, Layout | None]:
             except (TypeError, ValueError):
                 raise ValueError(f"parallel.{phase}.* overrides {axes} must be integers dp, tp, pp") from None
     return out
+
+
+def rank_counts(num_ranks: int) -> list[int]:
+    """The rank counts a CPU job of ``num_ranks`` ranks may run as (pure): ``num_ranks`` first, then each
+    smaller divisor of it, largest first -- fewer ranks over the same cores, each with ``cores // ranks``
+    threads (:func:`~seesaw_ds.sim.calibrate.rank_threads`, as the ranks set them at start-up)."""
+    if num_ranks < 1:
+        raise ValueError(f"launch.nproc={num_ranks} must be >= 1")
+    return [num_ranks] + [r for r in range(num_ranks - 1, 0, -1) if num_ranks % r == 0]
 
 
 def device_tokens_cap(workload: Workload, num_ranks: int, block_size: int) -> int:
@@ -163,35 +190,53 @@ def make_planner(facts: JobFacts, calibration: Calibration, dims: ModelDims, wor
 
 
 def choose(facts: JobFacts, calibration: Calibration, dims: ModelDims, workload: Workload,
-           usable: Callable[[Layout], bool] | None = None) -> AutoChoice:
-    """The best runnable candidate for the job (pure given the calibration): ValueError when none fits.
-    ``usable`` rejects layouts the model family cannot shard (e.g. intermediate sizes tp does not divide)."""
+           usable: Callable[[Layout], bool] | None = None, fewer: Sequence[Calibration] = ()) -> AutoChoice:
+    """The best runnable candidate for the job (pure given the calibrations): ValueError when none fits.
+    ``usable`` rejects layouts the model family cannot shard (e.g. intermediate sizes tp does not divide).
+    ``fewer``: calibrations of this machine for fewer ranks than ``facts.num_ranks`` (each with more threads,
+    :func:`rank_counts`); their layouts compete too, and a winner among them is started with its own
+    ``launch.nproc``."""
     began = time.perf_counter()
-    planner = make_planner(facts, calibration, dims, workload)
-    result = planner.run()
-    wanted = [c for c in result.candidates
+    options: list[tuple[Candidate, Planner, Calibration]] = []
+    infeasible: list[dict] = []
+    for each in fewer:
+        if each.ranks >= facts.num_ranks:
+            raise ValueError(f"choose: a calibration of {each.ranks} ranks is no fewer-ranks option of a "
+                             f"{facts.num_ranks}-rank job")
+    for ranks, each in ((facts.num_ranks, calibration), *((c.ranks, c) for c in fewer)):
+        planner = make_planner(replace(facts, num_ranks=ranks), each, dims, workload)
+        result = planner.run()
+        options += [(c, planner, each) for c in result.candidates]
+        infeasible += result.infeasible
+    options.sort(key=lambda option: -option[0].result.throughput)
+    wanted = [(c, planner, each) for c, planner, each in options
               if (facts.fixed_prefill is None or c.prefill == facts.fixed_prefill)
               and (facts.fixed_decode is None or c.decode == facts.fixed_decode)
               and (usable is None or (usable(c.prefill) and usable(c.decode)))]
     if not wanted:
-        why = "; ".join(f"{bad['layout']}: {bad['reason']}" for bad in result.infeasible[:3])
+        why = "; ".join(f"{bad['layout']}: {bad['reason']}" for bad in infeasible[:3])
         fixed = {k: str(v) for k, v in (("prefill", facts.fixed_prefill), ("decode", facts.fixed_decode)) if v}
         raise ValueError(f"parallel=auto found no layout of {facts.num_ranks} rank(s) that runs this model"
                          + (f" with the given {fixed}" if fixed else "") + (f" ({why})" if why else "")
                          + "; change launch.nproc or give parallel.prefill.*/parallel.decode.*")
-    best: Candidate = wanted[0]
+    best, planner, chosen = wanted[0]
     seqs_per_batch = planner.options.max_seqs
     max_decode_seqs = facts.max_decode_seqs or seqs_per_batch * best.decode.pp
     device_tokens = planner.pair_kv_tokens(best.prefill, best.decode)
+    threads = lambda each: rank_threads(each.cores, each.ranks) if each.device == "cpu" else None  # noqa: E731
     return AutoChoice(
         best.prefill, best.decode, best.kind, best.result.throughput, best.result.output_throughput,
-        max_decode_seqs, device_tokens, hardware={**calibration.to_json(), "name": planner.gpu.name},
+        max_decode_seqs, device_tokens, hardware={**chosen.to_json(), "name": planner.gpu.name},
         workload={"name": workload.name, "num_requests": workload.num_requests,
                   "prompt_tokens": workload.prompt_tokens, "output_tokens": workload.output_tokens,
                   "max_len": workload.max_len},
         ranking=[{"kind": c.kind, "prefill": str(c.prefill), "decode": str(c.decode),
-                  "predicted_tokens_per_second": c.result.throughput} for c in wanted],
-        timings={"plan": time.perf_counter() - began})
+                  "predicted_tokens_per_second": c.result.throughput,
+                  **({"ranks": each.ranks, "threads_per_rank": threads(each)} if fewer else {})}
+                 for c, _, each in wanted],
+        timings={"plan": time.perf_counter() - began},
+        launch_nproc=best.prefill.num_ranks if best.prefill.num_ranks != facts.num_ranks else None,
+        threads=threads(chosen))
 
 
 # -- reading the job ------------------------------------------------------------------------------------------
@@ -261,9 +306,11 @@ def workload_from_input(input_path: str | Path, model_path: str | Path, *, job_s
     return Workload(Path(input_path).stem, np.array(prompts, dtype=np.int64), np.array(outputs, dtype=np.int64))
 
 
-def plan_job(settings, overrides: list[str], *, sample_lines: int = 256) -> AutoChoice:
+def plan_job(settings, overrides: list[str], *, sample_lines: int = 256, fewer_ranks: bool = False) -> AutoChoice:
     """Calibrate this machine and choose the layouts of ``settings`` (a JobConfig whose model.path and
-    io.input are resolved); ValueError with one line when nothing can run."""
+    io.input are resolved); ValueError with one line when nothing can run. ``fewer_ranks``: the ranks are
+    yet to be started, so on a CPU the plan may start fewer of them, each with more threads
+    (:func:`rank_counts`; each count calibrated once per machine and kept)."""
     from dataclasses import asdict
 
     from seesaw_ds.sim.calibration_cache import cached_calibration
@@ -287,11 +334,22 @@ def plan_job(settings, overrides: list[str], *, sample_lines: int = 256) -> Auto
                                       if "scheduler.max_decode_seqs" in keys else None),
                      prefill_micro_batches=settings.parallel.prefill_micro_batches)
     calibrate_began = time.perf_counter()
-    calibration, calibration_file, cached = cached_calibration(
-        ranks=facts.num_ranks, dtype=job_dtype(settings.model.path, settings.model.dtype),
-        model_path=settings.model.path, refresh=settings.parallel.recalibrate)
-    choice = choose(facts, calibration, dims, workload, usable=family_usable(settings.model.path))
-    choice.hardware.update(calibration_file=str(calibration_file), calibration_cached=cached)
+    calibrate = lambda ranks: cached_calibration(  # noqa: E731
+        ranks=ranks, dtype=job_dtype(settings.model.path, settings.model.dtype), model_path=settings.model.path,
+        refresh=settings.parallel.recalibrate)
+    calibration, calibration_file, cached = calibrate(facts.num_ranks)
+    files = {calibration.ranks: (calibration_file, cached)}
+    fewer = []
+    if fewer_ranks and calibration.device == "cpu":
+        fixed_ranks = {layout.num_ranks for layout in (facts.fixed_prefill, facts.fixed_decode) if layout}
+        for ranks in rank_counts(facts.num_ranks)[1:]:
+            if fixed_ranks <= {ranks}:  # a layout the user gave must have this many ranks
+                other, other_file, other_cached = calibrate(ranks)
+                fewer.append(other)
+                files[ranks] = (other_file, other_cached)
+    choice = choose(facts, calibration, dims, workload, usable=family_usable(settings.model.path), fewer=fewer)
+    chosen_file, cached = files[choice.prefill.num_ranks]
+    choice.hardware.update(calibration_file=str(chosen_file), calibration_cached=cached)
     choice.timings.update(read_input=read_s, calibrate=time.perf_counter() - calibrate_began,
                           total=time.perf_counter() - began)
     return choice

@@ -2,11 +2,11 @@
 
 :func:`measure` is the one accelerator-neutral entry: on a CUDA machine it times the device (fp16/bf16
 matmul, device-to-device copy, pinned host-to-device copy, a copy between two devices when there are two);
-on CPU it times what one rank gets (a single-threaded matmul in the model's dtype, a single-threaded
-memcpy) and the rank interconnect (a TCP loopback ping-pong and stream between two processes: gloo's
-path for point-to-point sends; DeepSpeed's shared-memory all-reduce is no slower). Every figure is the best
-of a few short repetitions -- the machine's capability, not its momentary load -- and the whole
-measurement takes a few hundred milliseconds. Given the job's model, a CPU calibration also times the
+on CPU it times what one rank gets (a matmul in the model's dtype and a memcpy, with the threads one rank
+runs: ``cores // ranks``) and the rank interconnect (a TCP loopback ping-pong and stream between two
+processes: gloo's path for point-to-point sends; DeepSpeed's shared-memory all-reduce is no slower). Every
+figure is the best of a few short repetitions -- the machine's capability, not its momentary load -- and
+the whole measurement takes a few hundred milliseconds. Given the job's model, a CPU calibration also times the
 engine itself on the model's shapes in the job's dtype (:mod:`seesaw_ds.sim.profile`, a few seconds): the
 cost model then prices compute with what the engine reaches rather than with a roofline of the matmul rate.
 
@@ -147,12 +147,11 @@ def matmul_rate(dtype: str, shape: tuple[int, int, int] = MATMUL_SHAPE, threads:
 
 
 def _measure_cpu(ranks: int, dtype: str, memory_fraction: float) -> dict:
-    import torch
-
-    flops = matmul_rate(dtype)  # one thread: a rank's share (seesaw_ds gives each rank its own core(s))
-    memcpy = memcpy_bytes_per_second(16 << 20, threads=1)
-    latency, bandwidth = loopback_link()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = rank_threads(cores, ranks)  # a rank's share: seesaw_ds gives each rank its own core(s)
+    flops = matmul_rate(dtype, threads=threads)
+    memcpy = memcpy_bytes_per_second(16 << 20, threads=threads)
+    latency, bandwidth = loopback_link()
     return {"device": "cpu", "name": cpu_model_name() or "cpu", "matmul_flops": flops, "memory_bandwidth": memcpy,
             "host_bandwidth": memcpy, "link_bandwidth": bandwidth, "link_latency": latency,
             "memory_bytes": _available_host_bytes() * memory_fraction / max(1, ranks), "cores": cores,

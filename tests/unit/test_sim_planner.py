@@ -196,3 +196,80 @@ def test_a_calibrated_profile_prices_the_plan_and_ranks_by_what_the_engine_pays(
     # a decode step of one replica: its layers' fixed cost, per-sequence cost, the head
     decode_steps = ~planner.seesaw_trace(Layout(dp=2), Layout(dp=2)).prefill
     assert dp2.phase_s["decode"] >= decode_steps.sum() * (8 * 2e-3 + 5e-3)
+
+
+# -- fewer ranks, more threads each (a CPU job whose ranks are yet to start) ---------------------------------------
+SMOLLM2_DIMS = ModelDims(num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, hidden_size=576,
+                         intermediate_size=1536, vocab_size=49152)
+# The engine profile of SmolLM2-135M in bf16 on the 2-core AMD EPYC (AVX512_BF16, no AMX) with one thread (a rank
+# of two, as dp2 runs it; sim/profile.py's figures in a quiet-machine plan.json), and a two-thread one (the one
+# rank of a single-rank job) that streams weights faster: per-unit costs ~1.7x, fixed ones ~1.3x below.
+ONE_THREAD = dict(prefill_layer_s=1.21e-3, prefill_token_s=3.89e-5, prefill_pair_s=4.22e-8, prefill_seq_s=0.0,
+                  decode_layer_s=1.21e-3, decode_seq_s=3.52e-5, decode_kv_token_s=4.75e-8, head_s=2.85e-3,
+                  head_seq_s=2.82e-4, step_s=2.96e-4, step_token_s=1.03e-6, step_seq_s=2.43e-5, threads=1)
+TWO_THREADS = dict(prefill_layer_s=0.9e-3, prefill_token_s=2.2e-5, prefill_pair_s=2.6e-8, prefill_seq_s=0.0,
+                   decode_layer_s=0.85e-3, decode_seq_s=2.1e-5, decode_kv_token_s=4.75e-8, head_s=1.6e-3,
+                   head_seq_s=1.6e-4, step_s=2.96e-4, step_token_s=1.03e-6, step_seq_s=2.43e-5, threads=2)
+
+
+def thread_calibrations() -> tuple[Calibration, Calibration]:
+    """(2 ranks x 1 thread, 1 rank x 2 threads) of the 2-core machine."""
+    from seesaw_ds.sim.cost import ComputeProfile
+
+    return (cpu_calibration(ranks=2, profile=ComputeProfile(**ONE_THREAD)),
+            cpu_calibration(ranks=1, memory_bytes=8 * 2 ** 30, profile=ComputeProfile(**TWO_THREADS)))
+
+
+def chat_workload(num_requests: int, output_tokens: int) -> Workload:
+    """Prompt lengths like the benchmark's chat prompts (61-558 tokens), ``output_tokens`` each."""
+    import numpy as np
+
+    prompts = np.random.default_rng(0).integers(61, 559, num_requests) if num_requests > 1 else np.array([493])
+    return Workload("chat", prompts.astype(np.int64), np.full(num_requests, output_tokens, dtype=np.int64))
+
+
+def test_rank_counts_are_the_divisors_of_the_jobs_ranks():
+    from seesaw_ds.sim.auto import rank_counts
+
+    assert rank_counts(2) == [2, 1] and rank_counts(1) == [1]
+    assert rank_counts(4) == [4, 2, 1] and rank_counts(6) == [6, 3, 2, 1] and rank_counts(3) == [3, 1]
+    with pytest.raises(ValueError, match="launch.nproc=0"):
+        rank_counts(0)
+
+
+def test_one_sequence_runs_on_one_rank_with_both_cores():
+    two_ranks, one_rank = thread_calibrations()
+    facts = JobFacts(num_ranks=2, dtype_bytes=2)
+    workload = chat_workload(1, 256)  # the batch-1 preset: one replica of a dp2 would idle
+    alone = choose(facts, two_ranks, SMOLLM2_DIMS, workload)
+    assert alone.launch_nproc is None and alone.prefill.num_ranks == 2
+    choice = choose(facts, two_ranks, SMOLLM2_DIMS, workload, fewer=[one_rank])
+    assert choice.launch_nproc == 1 and choice.threads == 2
+    assert (choice.prefill, choice.decode) == (Layout(), Layout())
+    assert choice.throughput > 1.2 * alone.throughput
+    assert {(entry["ranks"], entry["threads_per_rank"]) for entry in choice.ranking} == {(2, 1), (1, 2)}
+    assert choice.hardware["ranks"] == 1 and choice.hardware["profile"]["threads"] == 2
+    overrides = choice.overrides(["parallel=auto", "launch.nproc=2", "model.path=/m"])
+    assert "launch.nproc=1" in overrides and "launch.nproc=2" not in overrides
+    assert "parallel.prefill.dp=1" in overrides and "parallel.decode.dp=1" in overrides
+    assert "on 1 rank x 2 threads" in choice.line()
+
+
+def test_a_full_batch_keeps_every_rank():
+    two_ranks, one_rank = thread_calibrations()
+    facts = JobFacts(num_ranks=2, dtype_bytes=2)
+    for workload in (chat_workload(128, 128), chat_workload(128, 1)):  # standard, prefill-only
+        choice = choose(facts, two_ranks, SMOLLM2_DIMS, workload, fewer=[one_rank])
+        assert choice.launch_nproc is None and choice.prefill.num_ranks == 2, choice.line()
+        assert "launch.nproc" not in " ".join(choice.overrides(["parallel=auto", "launch.nproc=2"])[1:])
+        single = [e for e in choice.ranking if e["ranks"] == 1]
+        assert len(single) == 1 and single[0]["predicted_tokens_per_second"] < choice.throughput
+
+
+def test_a_layout_the_user_gave_keeps_its_ranks():
+    two_ranks, one_rank = thread_calibrations()
+    facts = JobFacts(num_ranks=2, dtype_bytes=2, fixed_decode=Layout(dp=2))
+    choice = choose(facts, two_ranks, SMOLLM2_DIMS, chat_workload(1, 256), fewer=[one_rank])
+    assert choice.decode == Layout(dp=2) and choice.launch_nproc is None
+    with pytest.raises(ValueError, match="no fewer-ranks option"):
+        choose(JobFacts(num_ranks=2, dtype_bytes=2), two_ranks, SMOLLM2_DIMS, chat_workload(1, 8), fewer=[two_ranks])
