@@ -3,6 +3,7 @@ rank fails its test and never the suite."""
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -20,28 +21,34 @@ def run_command(command: list[str], *, timeout: float, env: dict | None = None, 
     """Run ``command``; fail with its output on timeout or (when ``check``) a non-zero exit."""
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     full_env.setdefault("SEESAW_CACHE", str(REPO / ".cache"))
-    started = time.monotonic()
+    started, cpu = time.monotonic(), _children_cpu()
     try:
         proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
     except subprocess.TimeoutExpired as error:
         out = (error.stdout or b"").decode() if isinstance(error.stdout, bytes) else (error.stdout or "")
         err = (error.stderr or b"").decode() if isinstance(error.stderr, bytes) else (error.stderr or "")
         pytest.fail(f"{' '.join(command)} timed out after {timeout}s\n{out[-3000:]}\n{err[-3000:]}")
-    _log_launch(command, time.monotonic() - started)
+    _log_launch(command, time.monotonic() - started, _children_cpu() - cpu)
     if check and proc.returncode != 0:
         pytest.fail(f"{' '.join(command)} exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\n"
                     f"STDERR:\n{proc.stderr[-6000:]}")
     return proc
 
 
-def _log_launch(command: list[str], seconds: float) -> None:
-    """With SEESAW_TEST_LAUNCH_LOG=FILE, one line per command a test ran: seconds, the test, the command
-    (what tests/time_table.py --launches counts: which tests start how many processes, for how long)."""
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of this process's waited-for children so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _log_launch(command: list[str], seconds: float, cpu_seconds: float) -> None:
+    """With SEESAW_TEST_LAUNCH_LOG=FILE, one line per command a test ran: wall seconds, the test, the command,
+    CPU seconds of it and everything it started (tests/time_table.py sums them per file)."""
     log = os.environ.get("SEESAW_TEST_LAUNCH_LOG")
     if log:
         test = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" ", 1)[0]
         with open(log, "a") as handle:
-            handle.write(f"{seconds:.1f}\t{test}\t{' '.join(map(str, command))[:300]}\n")
+            handle.write(f"{seconds:.1f}\t{test}\t{' '.join(map(str, command))[:300]}\t{cpu_seconds:.1f}\n")
 
 
 def run_mpi(nproc: int, args: list[str], *, timeout: float = 300, env: dict | None = None,

@@ -22,16 +22,17 @@ DURATION = re.compile(r"^\s*([\d.]+)s (setup|call|teardown)\s+(tests/[^:\s]+)::"
 WALL = re.compile(r"^(?:=+ )?\d+ (?:passed|failed|skipped|errors?|deselected|xfailed|xpassed)\b.* in ([\d.]+)s")
 
 
-def launches(log: str) -> dict[str, tuple[int, float]]:
-    """test file -> (commands its tests ran, their seconds), from a SEESAW_TEST_LAUNCH_LOG file
-    (tests/helpers.py writes one line per command: seconds, test id, command)."""
-    counts: dict[str, list] = defaultdict(lambda: [0, 0.0])
+def launches(log: str) -> dict[str, tuple[int, float, float]]:
+    """test file -> (commands its tests ran, their wall seconds, their CPU seconds), from a
+    SEESAW_TEST_LAUNCH_LOG file (tests/helpers.py writes a line per command: seconds, test id, command, CPU)."""
+    counts: dict[str, list] = defaultdict(lambda: [0, 0.0, 0.0])
     for line in log.splitlines():
-        seconds, test, _ = line.split("\t", 2)
+        seconds, test, _, cpu = line.split("\t")
         entry = counts[test.split("::", 1)[0]]
         entry[0] += 1
         entry[1] += float(seconds)
-    return {path: (count, seconds) for path, (count, seconds) in counts.items()}
+        entry[2] += float(cpu)
+    return {path: (count, seconds, cpu) for path, (count, seconds, cpu) in counts.items()}
 
 
 def table(log: str, launch_log: str | None = None) -> str:
@@ -48,13 +49,13 @@ def table(log: str, launch_log: str | None = None) -> str:
     tiers: dict[str, float] = defaultdict(float)
     rows = ["| file | tests that took 5 ms or more | seconds |", "|---|---:|---:|"]
     if launched is not None:
-        rows = ["| file | tests that took 5 ms or more | seconds | commands launched | their seconds |",
-                "|---|---:|---:|---:|---:|"]
+        rows = ["| file | tests that took 5 ms or more | seconds | commands launched | their seconds | their CPU seconds |",
+                "|---|---:|---:|---:|---:|---:|"]
     for path, seconds in sorted(per_file.items(), key=lambda item: -item[1]):
         row = f"| `{path}` | {len(tests[path])} | {seconds:.1f} |"
         if launched is not None:
-            count, launch_seconds = launched.get(path, (0, 0.0))
-            row += f" {count} | {launch_seconds:.1f} |"
+            count, launch_seconds, cpu = launched.get(path, (0, 0.0, 0.0))
+            row += f" {count} | {launch_seconds:.1f} | {cpu:.1f} |"
         rows.append(row)
         tiers[path.split("/")[1]] += seconds
     rows.append("")
