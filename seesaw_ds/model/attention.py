@@ -109,17 +109,18 @@ def _prefill(layer: int, query, key, value, meta: PrefillMeta, scaling, window, 
         meta.sink(layer, key[0].clone(), value[0].clone())
     else:
         meta.sink(layer, key[0], value[0])
+    contexts = None
     if meta.contexts is not None:
         contexts = [read(layer) if read is not None else None for read in meta.contexts]
-        return _prefill_reference(query, key, value, meta.cu_seqlens, scaling, window, softcap, contexts)
     if query.device.type != "cpu":
         out = device_attention.prefill(query[0], key[0], value[0], meta.cu_seqlens, scaling, window, softcap,
-                                       meta.device_cache)
+                                       meta.device_cache) if contexts is None else None
         if out is not None:
             return out[None]
     elif kernels.built():
-        return kernels.prefill_attention(query[0], key[0], value[0], meta.bounds, scaling, window, softcap)[None]
-    return _prefill_reference(query, key, value, meta.cu_seqlens, scaling, window, softcap)
+        return kernels.prefill_attention(query[0], key[0], value[0], meta.bounds, scaling, window, softcap,
+                                         contexts)[None]
+    return _prefill_reference(query, key, value, meta.cu_seqlens, scaling, window, softcap, contexts)
 
 
 def _decode(layer: int, query, key, value, meta: DecodeMeta, scaling, window, softcap=None) -> torch.Tensor:

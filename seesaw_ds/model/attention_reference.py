@@ -1,7 +1,7 @@
 """The reference attention paths: one SDPA (or eager, soft-capped) call per prompt of a packed row.
 
-Used where no one-call backend applies (a batch with prompts over a cached prefix, no compiler, windows or
-soft-caps on an accelerator) and by the tests and the accelerator backend as what the fast paths must equal.
+Used where no one-call backend applies (no compiler; on an accelerator, a batch with prompts over a cached
+prefix, windows or soft-caps) and by the tests and the accelerator backend as what the fast paths must equal.
 A module of its own so that both ``attention.py`` and ``device_attention.py`` import it (neither imports
 the other).
 """
@@ -33,9 +33,9 @@ def eager(query, key, value, mask: torch.Tensor | None, scaling: float, softcap:
 
 def prefill_reference(query, key, value, bounds: list[int], scaling, window, softcap=None,
                       contexts=None) -> torch.Tensor:
-    """One SDPA (or eager, soft-capped) call per prompt: the path without the extension, the path of a batch
-    with prompts over a cached prefix (``contexts[i]``: that prefix's ``(keys, values)``, or None), and the
-    tests' reference."""
+    """One SDPA (or eager, soft-capped) call per prompt: the path without the extension (and, on an
+    accelerator, of a batch with prompts over a cached prefix: ``contexts[i]``, that prefix's ``(keys,
+    values)``, or None), and the tests' reference."""
     outputs = []
     gqa = query.shape[1] != key.shape[1]
     for index, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):

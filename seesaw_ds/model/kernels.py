@@ -7,8 +7,11 @@ torch's JIT extension loader: the attention of a whole step in one call per laye
   kernels are CUDA-only, torch's SDPA wants one call per sequence and reads the cache head by head at under
   half of memory speed here, and FlexAttention on CPU needs a torch.compile of each new shape (measured:
   seconds per shape, and a decode batch changes shape every step).
-- ``prefill_attention``: the packed ragged prefill row, one call per layer; inside, torch's fused SDPA per
-  prompt (ATen, so it also runs on CUDA tensors), the eager formula where a soft-cap is set.
+- ``prefill_attention``: the packed ragged prefill row, one call per layer, prompts over a cached prefix
+  included; inside, per prompt, causal attention as float32 GEMMs over blocks of query rows
+  (:data:`PREFILL_BLOCK_ROWS`; ATen's fused SDPA took 1.6x the time here on SmolLM2 in bf16, and rounds the
+  weights to bf16), SDPA where a window binds, the eager formula where a soft-cap is set (ATen throughout, so
+  it also runs on CUDA tensors).
 
 One build per instruction set, chosen from ``/proc/cpuinfo``'s flags (:func:`isa`) and named after it, so that
 nodes with different CPUs sharing an environment do not load each other's build:
@@ -107,13 +110,25 @@ def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     return out.to(query.dtype)
 
 
+PREFILL_BLOCK_ROWS = 32
+"""Query rows per float32 GEMM of the prefill's causal attention without window or soft-cap (0: ATen's SDPA per
+prompt instead). See docs/benchmarks.md, "Issue 22 item 4"."""
+
+
 def prefill_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cu_seqlens: torch.Tensor,
-                      scale: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+                      scale: float, window: int | None = None, softcap: float | None = None,
+                      contexts: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None) -> torch.Tensor:
     """Causal attention within each prompt of a packed row: ``query`` [Hq, T, D], ``keys``/``values``
-    [Hkv, T, D], prompt i at ``cu_seqlens[i]:cu_seqlens[i+1]`` (int64, CPU). Returns [Hq, T, D]. Call only
-    when :func:`built`."""
+    [Hkv, T, D], prompt i at ``cu_seqlens[i]:cu_seqlens[i+1]`` (int64, CPU). ``contexts[i]``, when given and not
+    None, is a cached prefix's ``(keys, values)`` [Hkv, P, D] that prompt i's rows (its positions P on) also
+    attend. Returns [Hq, T, D]. Call only when :func:`built`."""
+    context_keys, context_values = [], []
+    if contexts is not None:
+        none = keys.new_empty((keys.shape[0], 0, keys.shape[2]))
+        context_keys = [c[0] if c is not None else none for c in contexts]
+        context_values = [c[1] if c is not None else none for c in contexts]
     return _module.prefill_attention(query, keys, values, cu_seqlens, float(scale), int(window or 0),
-                                     float(softcap or 0.0))
+                                     float(softcap or 0.0), context_keys, context_values, PREFILL_BLOCK_ROWS)
 
 
 class SpanRuns:

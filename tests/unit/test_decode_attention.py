@@ -139,15 +139,8 @@ def test_packed_prefill_one_call_matches_per_prompt_reference(dtype, heads, kv_h
     from seesaw_ds.model.attention import PrefillMeta, _prefill
     from seesaw_ds.model.attention_reference import prefill_reference as _prefill_reference
 
-    torch.manual_seed(heads + head_dim)
-    lengths = [1, 7, 8, 19, 3, 40]
-    total = sum(lengths)
-    bounds = [0]
-    for length in lengths:
-        bounds.append(bounds[-1] + length)
-    q = torch.randn(1, heads, total, head_dim).to(dtype)
-    k = torch.randn(1, kv_heads, total, head_dim).to(dtype)
-    v = torch.randn(1, kv_heads, total, head_dim).to(dtype)
+    bounds, q, k, v = _packed_row([1, 7, 8, 19, 3, 40], heads, kv_heads, head_dim, dtype)
+    total = bounds[-1]
     sunk = []
     meta = PrefillMeta(cu_seqlens=bounds, sink=lambda layer, keys, values: sunk.append((layer, keys.shape)))
     assert kernels.built()
@@ -155,8 +148,77 @@ def test_packed_prefill_one_call_matches_per_prompt_reference(dtype, heads, kv_h
     want = _prefill_reference(q, k, v, bounds, head_dim ** -0.5, window, softcap)
     assert sunk == [(2, (kv_heads, total, head_dim))]
     assert out.shape == want.shape and out.dtype == dtype
-    assert torch.equal(out, want) or torch.allclose(out.float(), want.float(), atol=1e-6), \
+    exact = lambda: _prefill_reference(q.double(), k.double(), v.double(), bounds, head_dim ** -0.5, window, softcap)
+    _assert_as_exact(out, want, exact, softcap)
+
+
+def _packed_row(lengths: list[int], heads: int, kv_heads: int, head_dim: int, dtype):
+    """A packed prefill row of prompts of ``lengths``: its bounds and random q, k, v [1, heads, T, head_dim]."""
+    torch.manual_seed(heads + head_dim)
+    bounds = [0]
+    for length in lengths:
+        bounds.append(bounds[-1] + length)
+    make = lambda n: torch.randn(1, n, bounds[-1], head_dim).to(dtype)  # noqa: E731
+    return bounds, make(heads), make(kv_heads), make(kv_heads)
+
+
+def _assert_as_exact(out: torch.Tensor, want: torch.Tensor, exact, softcap) -> None:
+    """``out`` equals the reference ``want`` (float32: up to float rounding); where the kernel computes in float32
+    GEMMs (causal rows without soft-cap, kernels.PREFILL_BLOCK_ROWS) and the dtype is narrower, it is at least
+    as close to the exact attention (``exact()``, float64) as the reference, or within the dtype's epsilon."""
+    if softcap is None and kernels.PREFILL_BLOCK_ROWS and out.dtype != torch.float32:
+        truth = exact()
+        error = (out.double() - truth).abs().max()
+        limit = max((want.double() - truth).abs().max(), torch.finfo(out.dtype).eps * truth.abs().max())
+        assert error <= limit, (error, limit)
+        return
+    assert torch.equal(out, want) or torch.allclose(out.float(), want.float(), atol=1e-5), \
         (out.float() - want.float()).abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,window,softcap,head_dim", [
+    (9, 3, None, None, 64), (8, 2, 6, None, 32), (4, 4, None, 20.0, 16), (8, 2, 5, 2.5, 32),
+])
+def test_packed_prefill_over_cached_prefixes_is_one_call_matching_the_reference(dtype, heads, kv_heads, window,
+                                                                                 softcap, head_dim):
+    """Prompts over a cached prefix (their rows from position P on, the prefix's K/V read per layer) go through
+    the same one call per layer as the others, beside prompts without one, and give the reference's rows."""
+    from seesaw_ds.model.attention import PrefillMeta, _prefill
+    from seesaw_ds.model.attention_reference import prefill_reference as _prefill_reference
+
+    lengths, done = [5, 7, 19, 3, 40], [12, 0, 30, 1, 0]
+    bounds, q, k, v = _packed_row(lengths, heads, kv_heads, head_dim, dtype)
+    area = torch.randn(2, kv_heads, 64, head_dim).to(dtype)  # prefixes as staged: views of a larger area
+    contexts = [(area[0, :, 2:2 + n], area[1, :, 2:2 + n]) if n else None for n in done]
+    reads = []
+
+    def reader(context):
+        def read(layer):
+            reads.append(layer)
+            return context
+        return read
+    meta = PrefillMeta(cu_seqlens=bounds, sink=lambda *args: None,
+                       contexts=[reader(c) if c is not None else None for c in contexts])
+    assert kernels.built()
+    calls = []
+    inner = kernels._module
+
+    class Counting:
+        def prefill_attention(self, *args):
+            calls.append(len(args[7]))  # one context (or an empty one) per prompt
+            return inner.prefill_attention(*args)
+    kernels._module = Counting()
+    try:
+        out = _prefill(4, q, k, v, meta, head_dim ** -0.5, window, softcap)
+    finally:
+        kernels._module = inner
+    want = _prefill_reference(q, k, v, bounds, head_dim ** -0.5, window, softcap, contexts)
+    assert calls == [len(lengths)] and reads == [4, 4, 4]
+    assert out.shape == want.shape and out.dtype == dtype
+    exact = lambda: _prefill_reference(q.double(), k.double(), v.double(), bounds, head_dim ** -0.5, window, softcap,
+                                       [(c[0].double(), c[1].double()) if c is not None else None for c in contexts])
+    _assert_as_exact(out, want, exact, softcap)
 
 
 @pytest.mark.parametrize("heads,kv_heads,window,head_dim", [(9, 3, None, 64), (8, 2, 7, 32), (4, 2, None, 12)])
