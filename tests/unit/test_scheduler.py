@@ -244,6 +244,19 @@ def test_decode_replicas_get_balanced_load():
     assert [len(g) for g in first_decode.decode] == [6, 6]
 
 
+def test_prefill_replicas_get_prompts_longest_first():
+    """A prefill step lasts as long as its most loaded replica: the step's prompts are placed longest first
+    (300, 100, 100, 300 in arrival order: 400 tokens on each replica, where arrival order gives 300 and 500),
+    each replica's prompts kept in arrival order."""
+    sched = make(staging=4096, device=4096, prefill_replicas=2, max_prefill_tokens=4096)
+    for seq_id, length in enumerate([300, 100, 100, 300]):
+        sched.add_request(seq_id, length, 4)
+    plan = sched.schedule()
+    assert plan.phase is Phase.PREFILL and sorted(s for group in plan.prefill for s in group) == [0, 1, 2, 3]
+    assert [sum([300, 100, 100, 300][s] for s in group) for group in plan.prefill] == [400, 400]
+    assert all(group == sorted(group) for group in plan.prefill)
+
+
 def test_max_decode_seqs_caps_each_replica():
     sched = make(staging=4096, device=4096, decode_replicas=2, max_decode_seqs=3)
     checker = run(sched, uniform(10, 16, 8))
