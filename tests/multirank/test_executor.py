@@ -17,6 +17,7 @@ pytestmark = pytest.mark.dist
 TINY_2 = ("llama", "mistral", "qwen2", "mistral_window")
 TINY_4 = ("llama", "qwen2")
 FAMILIES_4 = ("olmo2", "phi3", "mixtral", "gemma3")
+FAMILY_LAYOUTS_4 = "tp4,pp4,tp2pp2"
 
 
 def _ok_lines(stdout: str) -> list[str]:
@@ -42,8 +43,11 @@ def two_ranks(tiny_models, family_models):
 @pytest.fixture(scope="module")
 def four_ranks(tiny_models, family_models):
     """More ranks than a 2-core machine has cores: MPI waits yield there (helpers.run_mpi) and the engine
-    turns DeepSpeed's spinning shared-memory all-reduce off, saying so."""
-    return run_mpi(4, [DRIVER, *_args(tiny_models, family_models, TINY_4, FAMILIES_4)], timeout=1200)
+    turns DeepSpeed's spinning shared-memory all-reduce off, saying so. The family cases run the layouts
+    that put their own blocks under 4 ranks (tp4's replicated KV heads, tp2·pp2, pp4); replicas of a
+    2-rank layout (dp2·tp2, dp2·pp2) are the tiny models' check here, and every family's dp2 on 2 ranks."""
+    return run_mpi(4, [DRIVER, *_args(tiny_models, family_models, TINY_4, ()), f"--layouts={FAMILY_LAYOUTS_4}",
+                       *_args(tiny_models, family_models, (), FAMILIES_4)], timeout=1200)
 
 
 def test_single_rank_matches_transformers(one_rank):
@@ -115,5 +119,7 @@ def test_families_four_ranks_replicated_kv_heads(four_ranks):
     """tp4 over 2 KV heads replicates each KV head on two ranks: OLMo-2's k norm, Phi-3's fused k/v blocks
     and Mixtral's experts (intermediate split four ways) under it, plus tp2·pp2, pp4 where the layers allow
     (5-layer cases), and the switches."""
-    _assert_cases(four_ranks.stdout, ("olmo2", "gemma3"), ("tp4", "pp4", "tp2pp2", "dp2tp2", "dp2pp2"))
-    _assert_cases(four_ranks.stdout, ("phi3", "mixtral"), ("tp4", "tp2pp2", "dp2tp2", "dp2pp2"))  # 3 layers: no pp4
+    _assert_cases(four_ranks.stdout, ("olmo2", "gemma3"), ("tp4", "pp4", "tp2pp2"))
+    _assert_cases(four_ranks.stdout, ("phi3", "mixtral"), ("tp4", "tp2pp2"))  # 3 layers: no pp4
+    lines = _ok_lines(four_ranks.stdout)
+    assert not any(line.startswith(("OK family-olmo2 dp2", "OK family-phi3 dp2")) for line in lines), "--layouts"
