@@ -63,9 +63,14 @@ class ParallelConfig:
     on the standard CPU benchmark (docs/benchmarks.md)."""
     auto: bool = False
     """Let the planner choose both layouts for this machine, model and input (``parallel=auto``; see
-    seesaw_ds/sim/auto.py): resolved once before the ranks start; explicit parallel.prefill/decode axes win.
-    On a CPU, launch.nproc is then the most ranks: the plan may start fewer, each with more of the cores'
-    threads (one rank x 2 threads rather than dp2 for a batch too small to keep two replicas busy)."""
+    seesaw_ds/sim/auto.py): resolved once before the ranks start; explicit parallel.prefill/decode axes win."""
+    auto_fewer_ranks: bool = False
+    """parallel=auto on a CPU: launch.nproc is the most ranks, and the plan may start fewer, each with more of
+    the cores' threads (one rank x 2 threads rather than dp2 for a batch too small to keep two replicas busy),
+    each rank count priced by its own calibration. Off by default: on the 2-core AMD box (quiet machine,
+    batch-1 preset) one rank x 2 threads ran a decode step in 45.5 ms (median) against dp2's 37.0, while its
+    engine profile predicted ~36: the rank's 2-thread step has a cost the profile does not time yet
+    (docs/benchmarks.md, issue 22)."""
     recalibrate: bool = False
     """parallel=auto: measure this machine again instead of planning with its calibration kept from an earlier
     start (``$SEESAW_CACHE/calibration/``, one per machine, job shape and engine code; seesaw_ds/sim/

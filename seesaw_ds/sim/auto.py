@@ -13,7 +13,9 @@ layouts:
    input file (prompt lengths after tokenization, ``max_tokens`` after the sampling defaults);
 3. :class:`~seesaw_ds.sim.planner.Planner` simulates every layout pair of the job's ranks with the
    engine's own scheduler, priced as today's executor runs (synchronous pipeline, DP in lockstep). On a
-   CPU, when the launcher is yet to start the ranks, it also simulates *fewer ranks with more threads each*
+   CPU, with ``parallel.auto_fewer_ranks`` (off by default: the rank's 2-thread step measured slower than
+   its profile predicts) and the launcher yet to start the ranks, it also simulates *fewer ranks with more
+   threads each*
    (:func:`rank_counts`: 1 rank x 2 threads beside 2 ranks x 1 thread on two cores), each priced by its own
    calibration (the engine timed with that many threads: the machine's thread scaling, measured once and
    kept like the rest): a batch too small to keep every replica busy runs faster on one rank with all the
@@ -334,21 +336,25 @@ def plan_job(settings, overrides: list[str], *, sample_lines: int = 256, fewer_r
                                       if "scheduler.max_decode_seqs" in keys else None),
                      prefill_micro_batches=settings.parallel.prefill_micro_batches)
     calibrate_began = time.perf_counter()
-    calibrate = lambda ranks: cached_calibration(  # noqa: E731
-        ranks=ranks, dtype=job_dtype(settings.model.path, settings.model.dtype), model_path=settings.model.path,
-        refresh=settings.parallel.recalibrate)
-    calibration, calibration_file, cached = calibrate(facts.num_ranks)
-    files = {calibration.ranks: (calibration_file, cached)}
-    fewer = []
-    if fewer_ranks and calibration.device == "cpu":
+    dtype = job_dtype(settings.model.path, settings.model.dtype)
+
+    def calibrate(ranks: int, refresh: bool = settings.parallel.recalibrate):
+        return cached_calibration(ranks=ranks, dtype=dtype, model_path=settings.model.path, refresh=refresh)
+    found = {facts.num_ranks: calibrate(facts.num_ranks)}
+    if fewer_ranks and found[facts.num_ranks][0].device == "cpu":
         fixed_ranks = {layout.num_ranks for layout in (facts.fixed_prefill, facts.fixed_decode) if layout}
         for ranks in rank_counts(facts.num_ranks)[1:]:
             if fixed_ranks <= {ranks}:  # a layout the user gave must have this many ranks
-                other, other_file, other_cached = calibrate(ranks)
-                fewer.append(other)
-                files[ranks] = (other_file, other_cached)
+                found[ranks] = calibrate(ranks)
+        if len({kept for _, _, kept in found.values()}) > 1:
+            # Rank counts are compared through their calibrations: like with like, never figures kept from a
+            # quiet start against ones measured under load now. The kept ones are measured again.
+            found = {ranks: calibrate(ranks, refresh=True) if kept else (figures, path, kept)
+                     for ranks, (figures, path, kept) in found.items()}
+    calibration = found[facts.num_ranks][0]
+    fewer = [figures for ranks, (figures, _, _) in found.items() if ranks != facts.num_ranks]
     choice = choose(facts, calibration, dims, workload, usable=family_usable(settings.model.path), fewer=fewer)
-    chosen_file, cached = files[choice.prefill.num_ranks]
+    _, chosen_file, cached = found[choice.prefill.num_ranks]
     choice.hardware.update(calibration_file=str(chosen_file), calibration_cached=cached)
     choice.timings.update(read_input=read_s, calibrate=time.perf_counter() - calibrate_began,
                           total=time.perf_counter() - began)
