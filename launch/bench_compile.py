@@ -21,15 +21,16 @@ POINTS = (("decode", 1, 256), ("decode", 64, 256), ("decode", 256, 128), ("prefi
 """(phase, sequences, tokens: the prompt's for prefill, those cached for decode)."""
 
 
-def main() -> None:
+def smollm2_executor(parser: argparse.ArgumentParser):
+    """``--model`` and ``--repeats`` added to ``parser`` and parsed; one torch thread; a one-rank executor over
+    every layer of the model (default SmolLM2, fetched once) in bf16 with random weights. Returns ``(args,
+    executor, checkpoint)``. Shared with launch/bench_decode.py."""
     import torch
 
     from seesaw_ds.cache import cache_root
-    from seesaw_ds.model.executor import ForwardPlan, SeqWork
     from seesaw_ds.model.pretrained import ensure_smollm2
     from seesaw_ds.sim import profile
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="checkpoint directory (default: SmolLM2, fetched once)")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
@@ -37,6 +38,15 @@ def main() -> None:
     model = args.model or str(ensure_smollm2(cache_root()))
     profile.PROFILE_LAYERS = 1000  # every layer of the model
     executor, checkpoint = profile._executor(model, "bfloat16", device_tokens=200_000)
+    return args, executor, checkpoint
+
+
+def main() -> None:
+    import torch
+
+    from seesaw_ds.model.executor import ForwardPlan, SeqWork
+
+    args, executor, checkpoint = smollm2_executor(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     stage = executor.stages["decode"]
     stage.compile()
     compiled = stage.compiled

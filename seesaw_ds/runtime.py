@@ -84,5 +84,5 @@ def start(model_path: str, layouts: dict[str, Layout], *, device_tokens: int | N
                         block_size=block_size, staging=staging, prefill_micro_batches=prefill_micro_batches,
                         device_memory_fraction=device_memory_fraction,
                         device_tokens_cap=max_replica_tokens(max_len, max_decode_seqs), prepack=cpu_prepack,
-                        compile=compile)
+                        compile=compile, max_decode_seqs=max_decode_seqs, max_model_len=max_len)
     return Runtime(topology=topology, checkpoint=checkpoint, host=host, executor=executor, layouts=layouts)

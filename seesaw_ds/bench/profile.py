@@ -20,7 +20,7 @@ BUCKETS = (
     ("pp send/recv (pipeline waits)", ("recv (seesaw_ds/backends", "isend (seesaw_ds/backends")),
     ("kv gather (decode)", ("DeviceKVCache.gather",)),
     ("attention sdpa", ("_decode (", "_prefill (")),
-    ("kv writes / staging copies", ("write_tokens", "write_sequence", "write_heads", "prefill_sink", "swap_in",
+    ("kv writes / staging copies", ("write_slots", "write_sequence", "write_heads", "prefill_sink", "swap_in",
                                     "evict", "StagingArea", "HostKV", "SwapIn", "LayerReady", "DeviceCopies",
                                     "finish_writes", "_load (")),
     ("device cache allocation", ("DeviceKVCache.__init__",)),

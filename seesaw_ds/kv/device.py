@@ -19,10 +19,14 @@ class DeviceKVCache:
         self.layers = layers
         self.block_size = block_size
         shape = (len(layers), num_blocks, block_size, num_kv_heads, head_dim)
-        # Not zero-filled: a slot is read only after its token was written, and on a CPU an untouched page
-        # costs nothing (zero-filling a tier sized from memory took ~8% of a bf16 run, docs/benchmarks.md).
-        self.keys = torch.empty(shape, dtype=dtype, device=device)
-        self.values = torch.empty(shape, dtype=dtype, device=device)
+        # Not zero-filled on a CPU: its kernel reads a slot only after its token was written, and an untouched
+        # page costs nothing there (zero-filling a tier sized from memory took ~8% of a bf16 run,
+        # docs/benchmarks.md). Zeroed elsewhere: the accelerator's padded attention reads whole blocks, slots
+        # not yet written included, and masks them; a NaN left in reused device memory would survive the mask
+        # (0 * NaN) in the weighted sum of values.
+        make = torch.empty if torch.device(device).type == "cpu" else torch.zeros
+        self.keys = make(shape, dtype=dtype, device=device)
+        self.values = make(shape, dtype=dtype, device=device)
         self.allocator = BlockAllocator(num_blocks, block_size)
 
     @property
@@ -32,12 +36,12 @@ class DeviceKVCache:
     def _local(self, layer: int) -> int:
         return layer - self.layers.start
 
-    def write_tokens(self, layer: int, blocks: torch.Tensor, offsets: torch.Tensor, keys: torch.Tensor,
-                     values: torch.Tensor) -> None:
-        """Write one token per row: ``keys``/``values`` are ``[N, kv_heads, head_dim]``."""
-        local = self._local(layer)
-        self.keys[local, blocks, offsets] = keys.to(self.keys.dtype)
-        self.values[local, blocks, offsets] = values.to(self.values.dtype)
+    def write_slots(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write one token per row into cache slot ``slots[n]`` (block * block_size + offset): ``keys``/``values``
+        are ``[N, kv_heads, head_dim]``."""
+        flat_keys, flat_values = self.flat(layer)
+        flat_keys.index_copy_(0, slots, keys.to(flat_keys.dtype))
+        flat_values.index_copy_(0, slots, values.to(flat_values.dtype))
 
     def write_sequence(self, layer: int, seq_id: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write a run of tokens of one sequence: ``keys``/``values`` are ``[kv_heads, T, head_dim]``."""

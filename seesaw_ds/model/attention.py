@@ -9,15 +9,17 @@ which reads the per-batch metadata passed down as the ``seesaw`` keyword:
 - **decode**: one new token per sequence, batched as ``[N, heads, 1, head_dim]``; its K/V are written into
   the paged device-tier cache and attention reads each sequence's blocks.
 
-Each path is one call per layer into a backend: on a CPU, ``kernels.py`` (the decode kernel over block
-runs, and the packed prefill loop in C++); on an accelerator, ``device_attention.py`` (variable-length
-flash attention for the packed prefill). Where the CPU kernel does not apply (decode on an accelerator, or
-no compiler), decode gathers every sequence's KV into one padded batch once per layer and computes grouped
-scores with two batched matmuls (:func:`_decode_padded`: twice the KV traffic of a paged kernel, but no
-per-sequence launches and no per-shape set-up); the per-sequence SDPA path is kept as the tests'
-reference. Attention logit soft-capping (Gemma 2) is ``cap * tanh(scores / cap)`` before the mask and
-float32 softmax, as transformers' eager attention. Any other keyword argument a family's attention module
-passes, and that this function does not implement, is refused rather than ignored.
+Each path is one call per layer into a backend: on a CPU, ``kernels.py`` (the decode step over the block
+table: the new K/V written and attention, one C++ call; and the packed prefill loop in C++); on an
+accelerator, ``device_attention.py`` (variable-length flash attention for the packed prefill). Decode reads
+only tensors (:class:`DecodeMeta`: views of the executor's persistent step buffers) and one host-known int.
+Where the CPU kernel does not apply (decode on an accelerator, or no compiler), decode gathers each
+sequence's whole blocks through the block table into one batch padded to the step's longest sequence, once
+per layer, and computes grouped scores with two batched matmuls (:func:`_decode_padded`: twice the KV traffic
+of a paged kernel, but no per-sequence launches, no host sync and no per-shape set-up); the per-sequence SDPA
+path is kept as the tests' reference. Attention logit soft-capping (Gemma 2) is ``cap * tanh(scores / cap)``
+before the mask and float32 softmax, as transformers' eager attention. Any other keyword argument a family's
+attention module passes, and that this function does not implement, is refused rather than ignored.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from seesaw_ds.kv.blocks import blocks_for, leading_pieces, runs
 from seesaw_ds.model import device_attention, kernels
 from seesaw_ds.model.attention_reference import eager as _eager
 from seesaw_ds.model.attention_reference import prefill_reference as _prefill_reference
@@ -62,42 +65,47 @@ class PrefillMeta:
 
 @dataclass
 class DecodeMeta:
-    """Decode batch over the paged cache: per sequence its blocks, length after this token, write slot."""
+    """Decode batch over the paged cache, one new token per sequence: views of the executor's persistent step
+    buffers (:mod:`seesaw_ds.model.decode_step`), read as they are by every layer; nothing here is Python per
+    sequence, and nothing a layer does with it waits on the device."""
 
     cache: "object"                 # seesaw_ds.kv.device.DeviceKVCache
-    spans: list[list[tuple[int, int]]]  # per sequence: its KV (new token included) as runs of token slots
-    write_blocks: torch.Tensor      # [N] long
-    write_offsets: torch.Tensor     # [N] long
+    block_table: torch.Tensor       # [N, >= blocks] long: row n's first blocks_for(lengths[n]) entries are its blocks
+    lengths: torch.Tensor           # [N] long: each sequence's KV tokens, the new one included
+    write_slots: torch.Tensor       # [N] long: the new token's cache slot (block * block_size + offset)
+    max_length: int                 # the longest of ``lengths``, known on the host (the padded path's width)
     ready: Callable[[int], None] | None = None  # blocks until a layer's swapped-in KV has landed
-    runs: kernels.SpanRuns | None = None  # the spans flattened for the kernel (None: the reference path)
-    _padded: tuple[torch.Tensor, torch.Tensor] | None = None
+    reference: bool = False         # one SDPA call per sequence (the tests' reference) instead of the fast paths
 
     @classmethod
-    def over(cls, cache, spans: list[list[tuple[int, int]]], **fields) -> "DecodeMeta":
-        """The metadata for ``spans``, with the kernel's flattened runs (made once per step)."""
-        return cls(cache=cache, spans=spans, runs=kernels.SpanRuns(spans), **fields)
+    def of(cls, cache, step, ready: Callable[[int], None] | None = None) -> "DecodeMeta":
+        """The metadata of a filled :class:`~seesaw_ds.model.decode_step.DecodeStep`."""
+        return cls(cache=cache, block_table=step.block_table, lengths=step.lengths, write_slots=step.write_slots,
+                   max_length=step.max_length, ready=ready)
 
-    def padded(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every sequence's cache slots as one padded ``[N, L]`` index (padding: slot 0) and the ``[N, L]``
-        mask of real tokens; made on the first layer (a fixed number of tensor operations, whatever the
-        batch), reused by the others."""
-        if self._padded is None:
-            runs = self.runs if self.runs is not None else kernels.SpanRuns(self.spans)
-            runs_per_seq = runs.offsets.diff()
-            lengths = torch.zeros(len(runs_per_seq), dtype=torch.long).index_add_(
-                0, torch.repeat_interleave(torch.arange(len(runs_per_seq)), runs_per_seq), runs.count)
-            total = int(runs.count.sum())
-            run_of_token = torch.repeat_interleave(torch.arange(len(runs.count)), runs.count)
-            run_start = runs.count.cumsum(0) - runs.count          # each run's first token in the flat order
-            seq_start = lengths.cumsum(0) - lengths                # each sequence's first token likewise
-            seq_of_token = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-            token = torch.arange(total)
-            slots = torch.zeros(len(lengths), int(lengths.max()), dtype=torch.long)
-            within_run = token - run_start[run_of_token]
-            slots[seq_of_token, token - seq_start[seq_of_token]] = runs.first[run_of_token] + within_run
-            valid = torch.arange(slots.shape[1])[None, :] < lengths[:, None]
-            self._padded = slots.to(device), valid.to(device)
-        return self._padded
+    @classmethod
+    def over(cls, cache, spans: list[list[tuple[int, int]]], write_blocks: torch.Tensor, write_offsets: torch.Tensor,
+             **fields) -> "DecodeMeta":
+        """From each sequence's token spans as :meth:`DeviceKVCache.token_spans` gives them (whole blocks, the
+        last run cut short) and the new tokens' blocks and offsets: the tests' way in."""
+        size = cache.block_size
+        tables = [[block for first, count in pieces
+                   for block in range(first // size, (first + count - 1) // size + 1)] for pieces in spans]
+        block_table = torch.zeros(len(spans), max(map(len, tables)), dtype=torch.long)
+        for row, table in enumerate(tables):
+            block_table[row, :len(table)] = torch.tensor(table, dtype=torch.long)
+        lengths = [sum(count for _, count in pieces) for pieces in spans]
+        return cls(cache=cache, block_table=block_table, lengths=torch.tensor(lengths, dtype=torch.long),
+                   write_slots=write_blocks * size + write_offsets, max_length=max(lengths), **fields)
+
+    def spans(self) -> list[list[tuple[int, int]]]:
+        """Each sequence's KV as runs of consecutive token slots, read back on the host (the reference path)."""
+        size = self.cache.block_size
+        out = []
+        for row, length in zip(self.block_table.tolist(), self.lengths.tolist()):
+            block_runs = [(block * size, count * size) for block, count in runs(row[:blocks_for(length, size)])]
+            out.append([(start, take) for start, _, take in leading_pieces(block_runs, length)])
+        return out
 
 
 def _prefill(layer: int, query, key, value, meta: PrefillMeta, scaling, window, softcap=None,
@@ -128,27 +136,36 @@ def _decode(layer: int, query, key, value, meta: DecodeMeta, scaling, window, so
     cache = meta.cache
     if meta.ready is not None:
         meta.ready(layer)
-    cache.write_tokens(layer, meta.write_blocks, meta.write_offsets, key[:, :, 0], value[:, :, 0])
     flat_keys, flat_values = cache.flat(layer)
-    if meta.runs is not None and kernels.applies(flat_keys):
+    if not meta.reference and kernels.applies(flat_keys):  # the K/V write and attention in one call
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        out = kernels.decode_attention(query[:, :, 0], flat_keys, flat_values, meta.runs, scale, window, softcap)
+        out = kernels.paged_decode_attention(query[:, :, 0], key[:, :, 0], value[:, :, 0], flat_keys, flat_values,
+                                             meta.block_table, meta.lengths, meta.write_slots, cache.block_size,
+                                             scale, window, softcap)
         return out[:, :, None]
-    if meta.runs is not None:
-        return _decode_padded(query, meta, flat_keys, flat_values, scaling, window, softcap)
-    return _decode_reference(layer, query, meta, flat_keys, flat_values, scaling, window, softcap)
+    cache.write_slots(layer, meta.write_slots, key[:, :, 0], value[:, :, 0])
+    if meta.reference:
+        return _decode_reference(layer, query, meta, flat_keys, flat_values, scaling, window, softcap)
+    return _decode_padded(query, meta, flat_keys, flat_values, scaling, window, softcap)
 
 
 def _decode_padded(query, meta: DecodeMeta, flat_keys, flat_values, scaling, window, softcap=None):
-    """Every sequence's KV gathered into a padded batch, then grouped attention (:func:`_grouped`): query
-    [N, Hq, 1, D], the cache views [slots, Hkv, D]. Only the last ``window`` tokens of a sequence are kept
-    when set."""
-    slots, valid = meta.padded(query.device)
-    keys = flat_keys[slots].transpose(1, 2)      # [N, Hkv, L, D]
-    values = flat_values[slots].transpose(1, 2)
+    """Each sequence's blocks gathered whole from the block table into a padded batch as wide as the step's
+    longest sequence (a width known on the host: no device sync), then grouped attention (:func:`_grouped`):
+    query [N, Hq, 1, D], the cache views [slots, Hkv, D]. Only the last ``window`` tokens of a sequence are
+    kept when set. Entries of a row past its sequence's blocks are other valid block numbers (or 0): read,
+    then masked."""
+    size = meta.cache.block_size
+    width = -(-meta.max_length // size)
+    blocks = meta.block_table[:, :width]                                   # [N, W]
+    shape = (-1, size, *flat_keys.shape[1:])
+    keys = flat_keys.view(shape)[blocks].flatten(1, 2).transpose(1, 2)     # [N, Hkv, W * size, D]
+    values = flat_values.view(shape)[blocks].flatten(1, 2).transpose(1, 2)
+    token = torch.arange(width * size, device=query.device)[None, :]
+    lengths = meta.lengths[:, None]
+    valid = token < lengths
     if window:
-        lengths = valid.sum(dim=1, keepdim=True)
-        valid = valid & (torch.arange(valid.shape[1], device=valid.device)[None, :] >= lengths - window)
+        valid = valid & (token >= lengths - window)
     return _grouped(query, keys.to(query.dtype), values.to(query.dtype), valid, scaling, softcap)
 
 
@@ -173,7 +190,7 @@ def _decode_reference(layer: int, query, meta: DecodeMeta, flat_keys, flat_value
     does not apply, and the tests' reference."""
     gqa = query.shape[1] != flat_keys.shape[1]
     outputs = []
-    for one_query, spans in zip(query.split(1), meta.spans):
+    for one_query, spans in zip(query.split(1), meta.spans()):
         keys, values = meta.cache.sequence_kv(layer, spans, flat_keys, flat_values)  # one span: a view
         if window and keys.shape[1] > window:
             keys, values = keys[:, -window:], values[:, -window:]

@@ -21,6 +21,7 @@ from seesaw_ds.kv import sizing
 from seesaw_ds.kv.device import DeviceKVCache
 from seesaw_ds.model import compiled, device_attention, kernels
 from seesaw_ds.model.attention import DecodeMeta, PrefillMeta
+from seesaw_ds.model.decode_step import DecodeBuffers, table_width
 from seesaw_ds.model.families import ModelSpec
 from seesaw_ds.model.loader import HostWeights
 from seesaw_ds.model.stage import StageModel
@@ -84,7 +85,8 @@ class Executor:
     def __init__(self, topology: Topology, host: HostWeights, template, spec: ModelSpec, *,
                  device_tokens: int | None, block_size: int = 16, device: torch.device | None = None, staging=None,
                  prefill_micro_batches: int = 8, device_memory_fraction: float | None = None,
-                 device_tokens_cap: int | None = None, prepack: bool = True, compile: str | bool = False):
+                 device_tokens_cap: int | None = None, prepack: bool = True, compile: str | bool = False,
+                 max_decode_seqs: int | None = None, max_model_len: int | None = None):
         self.topology = topology
         self.dims = dims = spec.dims
         self.device = device or backend.device()
@@ -112,6 +114,11 @@ class Executor:
         self.device_tokens = device_tokens
         """Device-tier tokens per data-parallel replica (what the scheduler plans with)."""
         self.device_blocks = max(1, device_tokens // block_size)
+        self.max_decode_seqs = max_decode_seqs
+        """Rows of the decode step buffers (scheduler.max_decode_seqs; None: sized by the first step, grown)."""
+        self.max_model_len = max_model_len
+        """Tokens a sequence may reach (model.max_model_len): the width of the step buffers' block table."""
+        self._step_buffers: dict[int, DecodeBuffers] = {}  # per pipeline micro-batch: the decode step's inputs
         self.caches: dict[object, DeviceKVCache] = {}
         self.active: str | None = None
         self.switches: list[SwitchStats] = []
@@ -174,9 +181,9 @@ class Executor:
         batches = micro_batches(mine, pp * self.prefill_micro_batches if prefill and pp > 1 else pp, by_tokens=prefill)
         pending_sends, seq_ids, logits = [], [], []
         with torch.inference_mode():
-            for batch in batches:
+            for index, batch in enumerate(batches):
                 meta, token_ids, positions = (self._prefill_inputs(batch, cache, plan.sink) if prefill
-                                              else self._decode_inputs(batch, cache, ready))
+                                              else self._decode_inputs(batch, cache, ready, index))
                 if groups.is_first_stage:
                     hidden = stage.embed_tokens(token_ids)
                 else:
@@ -184,10 +191,14 @@ class Executor:
                                          device=self.device)
                     backend.recv(hidden, groups.prev_rank)
                 segments = meta.cu_seqlens if prefill else list(range(len(batch) + 1))
-                hidden = stage.run_layers(hidden, positions, meta, segments)
+                furthest = (max(s.start + len(s.tokens) for s in batch) if prefill else meta.max_length) - 1
+                hidden = stage.run_layers(hidden, positions, meta, segments, max_position=furthest)
                 if groups.is_last_stage:
-                    last = self._last_positions(batch, prefill)
-                    logits.append(stage.head(hidden.reshape(-1, hidden.shape[-1])[last]))
+                    if prefill:
+                        last = self._last_positions(batch)
+                        logits.append(stage.head(hidden.reshape(-1, hidden.shape[-1])[last]))
+                    else:  # [N, 1, hidden]: one position per sequence
+                        logits.append(stage.head(hidden[:, -1]))
                     if prefill and (prompt_logits is not None or stage.head_gathers):  # every TP rank joins the gather
                         self._prompt_logits(stage, hidden.reshape(-1, hidden.shape[-1]), batch,
                                             prompt_logits if prompt_logits is not None else {})
@@ -198,7 +209,9 @@ class Executor:
             handle.wait()
         if not groups.is_last_stage:
             return [], None
-        return seq_ids, (torch.cat(logits) if logits else None)
+        if len(logits) > 1:
+            return seq_ids, torch.cat(logits)
+        return seq_ids, (logits[0] if logits else None)  # one micro-batch: no copy (256 x 49152 floats: 50 MB)
 
     @staticmethod
     def _prompt_logits(stage, flat_hidden: torch.Tensor, batch: list[SeqWork], out: dict) -> None:
@@ -208,9 +221,8 @@ class Executor:
                 out[s.seq_id] = stage.head(flat_hidden[start:start + len(s.tokens) - 1])
             start += len(s.tokens)
 
-    def _last_positions(self, batch: list[SeqWork], prefill: bool) -> torch.Tensor:
-        if not prefill:
-            return torch.arange(len(batch), device=self.device)
+    def _last_positions(self, batch: list[SeqWork]) -> torch.Tensor:
+        """Each prefill sequence's last position in the packed row."""
         ends = torch.tensor([len(s.tokens) for s in batch]).cumsum(0) - 1
         return ends.to(self.device)
 
@@ -247,17 +259,24 @@ class Executor:
             return keys.to(self.device, non_blocking=True), values.to(self.device, non_blocking=True)
         return read
 
-    def _decode_inputs(self, batch: list[SeqWork], cache: DeviceKVCache, ready):
+    def _decode_inputs(self, batch: list[SeqWork], cache: DeviceKVCache, ready, micro_batch: int = 0):
+        """A decode micro-batch's inputs: written into the persistent step buffers (one copy to the device),
+        the metadata and the token ids and positions ``[N, 1]`` as views of them."""
+        ensure, tables = cache.allocator.ensure, cache.allocator.tables
         for s in batch:
-            cache.allocator.ensure(s.seq_id, s.start + 1)
-        starts = torch.tensor([s.start for s in batch], dtype=torch.long)
-        blocks = torch.tensor([cache.allocator.tables[s.seq_id][s.start // self.block_size] for s in batch],
-                              dtype=torch.long)
-        meta = DecodeMeta.over(cache, [cache.token_spans(s.seq_id, s.start + 1) for s in batch],
-                               write_blocks=blocks.to(self.device),
-                               write_offsets=(starts % self.block_size).to(self.device), ready=ready)
-        token_ids = torch.tensor([s.tokens[-1] for s in batch], dtype=torch.long, device=self.device)[:, None]
-        return meta, token_ids, starts.to(self.device)[:, None]
+            ensure(s.seq_id, s.start + 1)
+        step = self.step_buffers(micro_batch).fill([s.tokens[-1] for s in batch], [s.start for s in batch],
+                                                   [tables[s.seq_id] for s in batch])
+        return DecodeMeta.of(cache, step, ready), step.token_ids[:, None], step.positions[:, None]
+
+    def step_buffers(self, micro_batch: int = 0) -> DecodeBuffers:
+        """The persistent decode-step buffers of a pipeline micro-batch (allocated on first use, then kept)."""
+        if micro_batch not in self._step_buffers:
+            rows = self.max_decode_seqs or DecodeBuffers.MIN_ROWS
+            width = table_width(self.max_model_len, self.block_size, self.device_blocks) or DecodeBuffers.MIN_BLOCKS
+            self._step_buffers[micro_batch] = DecodeBuffers(self.device, self.block_size, rows, width,
+                                                            backend.Streams(self.device))
+        return self._step_buffers[micro_batch]
 
     def evict(self, staged_seqs, layout_name: str) -> None:
         """Swap running sequences of this rank's replica out of the device tier into the staging area."""

@@ -7,6 +7,9 @@ torch's JIT extension loader: the attention of a whole step in one call per laye
   kernels are CUDA-only, torch's SDPA wants one call per sequence and reads the cache head by head at under
   half of memory speed here, and FlexAttention on CPU needs a torch.compile of each new shape (measured:
   seconds per shape, and a decode batch changes shape every step).
+- ``paged_decode_attention``: the engine's decode entry, one call per layer: the new token's K/V written into
+  the cache, each sequence's block table (a row of the step's persistent buffer) merged into runs of adjacent
+  blocks, then ``decode_attention``'s loops; the query in its own dtype, so that nothing else runs around it.
 - ``prefill_attention``: the packed ragged prefill row, one call per layer, prompts over a cached prefix
   included; inside, per prompt, causal attention as float32 GEMMs over blocks of query rows
   (:data:`PREFILL_BLOCK_ROWS`; ATen's fused SDPA took 1.6x the time here on SmolLM2 in bf16, and rounds the
@@ -108,6 +111,19 @@ def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     out = _module.decode_attention(query.float().contiguous(), keys, values, runs.offsets, runs.first, runs.count,
                                    float(scale), int(window or 0), float(softcap or 0.0))
     return out.to(query.dtype)
+
+
+def paged_decode_attention(query: torch.Tensor, new_keys: torch.Tensor, new_values: torch.Tensor, keys: torch.Tensor,
+                           values: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor,
+                           write_slots: torch.Tensor, block_size: int, scale: float, window: int | None = None,
+                           softcap: float | None = None) -> torch.Tensor:
+    """One layer of a decode step in one call: ``new_keys``/``new_values`` [N, Hkv, D] written into the flat
+    cache ``keys``/``values`` [slots, Hkv, D] at ``write_slots``, then ``query`` [N, Hq, D] against each
+    sequence's first ``lengths[n]`` tokens in blocks ``block_table[n]`` (int64; rows and vectors may be longer
+    than N). Returns [N, Hq, D] in the query's dtype (float32 inside). Call only when :func:`applies`."""
+    return _module.paged_decode_attention(query, new_keys, new_values, keys, values, block_table, lengths,
+                                          write_slots, int(block_size), float(scale), int(window or 0),
+                                          float(softcap or 0.0))
 
 
 PREFILL_BLOCK_ROWS = 32

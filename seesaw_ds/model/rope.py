@@ -7,7 +7,12 @@ to the sequence length, kept as module state). Called once on a packed batch the
 sequence's output depend on the other sequences in it. :class:`SequenceRope` calls them once per
 sequence instead, from the module's original state, which is exactly what transformers computes when it
 generates that sequence alone (prefill with the prompt's length, then each decode step with the length so
-far). Other rope types take one call for the whole batch.
+far). Other rope types depend on the position alone: for them :class:`SequenceRope` computes ``(cos, sin)``
+once per position, into a table per layer type (with the module itself, over ``0 .. n-1``), and a step reads
+it by position: one indexing operation each for cos and sin instead of the module's matmul, concatenation,
+cos, sin, scaling and casts, the same values (the module computes each position independently). The table
+grows by doubling when a step reaches past it; the caller says how far a step reaches (``max_position``, known
+on the host) so that the lookup needs nothing from the device.
 """
 from __future__ import annotations
 
@@ -18,10 +23,31 @@ from torch import nn
 class SequenceRope(nn.Module):
     """``(cos, sin)`` for packed positions; per sequence when the rope type depends on the length."""
 
+    MIN_TABLE = 256
+    """Positions of a table when first made."""
+
     def __init__(self, rotary: nn.Module, per_sequence: bool):
         super().__init__()
         self.rotary = rotary
         self.per_sequence = per_sequence
+        # layer type -> ([P, dim] cos, sin, (dtype, device) of the hidden states they were made for)
+        self._tables: dict[str | None, tuple[torch.Tensor, torch.Tensor, tuple]] = {}
+
+    def table(self, hidden: torch.Tensor, positions: int, layer_type: str | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` of positions ``0 .. >= positions - 1`` as ``[P, dim]`` tensors, what the module returns
+        for ``hidden`` (its dtype: some families' modules keep float32) on ``hidden``'s device; made here, or
+        grown by doubling when too short (only for rope types that do not depend on the length)."""
+        made_for = (hidden.dtype, hidden.device)
+        have = self._tables.get(layer_type)
+        if have is not None and have[2] != made_for:
+            have = None  # another dtype or device: made anew, at the size needed
+        if have is not None and have[0].shape[0] >= positions:
+            return have[0], have[1]
+        size = max(self.MIN_TABLE, positions, 2 * have[0].shape[0] if have is not None else 0)
+        cos, sin = self._call(hidden, torch.arange(size, device=hidden.device)[None, :], layer_type)
+        self._tables[layer_type] = cos[0], sin[0], made_for
+        return cos[0], sin[0]
 
     def _reset(self, layer_type: str | None) -> None:
         """Undo a dynamic rope's growth (transformers keeps it as state), as for a freshly loaded model."""
@@ -40,11 +66,15 @@ class SequenceRope(nn.Module):
         return self.rotary(hidden, position_ids, layer_type)
 
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, segments: list[int],
-                layer_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                layer_type: str | None = None, max_position: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``position_ids`` is ``[1, T]`` (packed prefill, sequences bounded by ``segments``) or ``[N, 1]``
-        (decode, one row per sequence)."""
+        (decode, one row per sequence); ``max_position`` the largest of them, where the caller knows it (else
+        it is read from the tensor: a device sync on an accelerator)."""
         if not self.per_sequence:
-            return self._call(hidden, position_ids, layer_type)
+            if max_position is None:
+                max_position = int(position_ids.max())
+            cos, sin = self.table(hidden, max_position + 1, layer_type)
+            return cos[position_ids], sin[position_ids]
         pieces = []
         if position_ids.shape[0] == 1 and len(segments) > 1:
             rows = [position_ids[:, lo:hi] for lo, hi in zip(segments[:-1], segments[1:])]

@@ -247,15 +247,19 @@ class StageModel(nn.Module):
     def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.embed(token_ids)
 
-    def run_layers(self, hidden: torch.Tensor, position_ids: torch.Tensor, meta, segments: list[int]) -> torch.Tensor:
-        """This stage's decoder layers; ``segments`` bounds each sequence's positions in ``position_ids``;
-        ``meta`` is the batch's attention metadata. Rotary tables are computed here, eagerly (per sequence
-        where the rope type depends on the length); the layers run compiled when :meth:`compile` was called."""
+    def run_layers(self, hidden: torch.Tensor, position_ids: torch.Tensor, meta, segments: list[int],
+                   max_position: int | None = None) -> torch.Tensor:
+        """This stage's decoder layers; ``segments`` bounds each sequence's positions in ``position_ids``, the
+        largest of which is ``max_position`` when the caller knows it; ``meta`` is the batch's attention
+        metadata. Rotary embeddings are looked up here, eagerly, from position-indexed tables (computed per
+        sequence where the rope type depends on the length); the layers run compiled when :meth:`compile` was
+        called."""
         if self.layer_rope_types is None:
-            shared = self.rope(hidden, position_ids, segments)
+            shared = self.rope(hidden, position_ids, segments, max_position=max_position)
             embeddings = [shared] * len(self.layers)
         else:
-            by_type = {t: self.rope(hidden, position_ids, segments, t) for t in set(self.layer_rope_types)}
+            by_type = {t: self.rope(hidden, position_ids, segments, t, max_position=max_position)
+                       for t in set(self.layer_rope_types)}
             embeddings = [by_type[t] for t in self.layer_rope_types]
         run = self.compiled or _run_layer
         with attention.batch(meta) as current:

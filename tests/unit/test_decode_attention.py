@@ -82,7 +82,8 @@ def test_kernel_matches_sdpa(heads, kv_heads, window, head_dim):
     key, value = flat_keys[last][:, :, None], flat_values[last][:, :, None]
     fields = dict(write_blocks=blocks, write_offsets=offsets)
     fast = _decode(layer, query, key, value, DecodeMeta.over(cache, spans, **fields), None, window)
-    reference = _decode(layer, query, key, value, DecodeMeta(cache=cache, spans=spans, **fields), None, window)
+    reference = _decode(layer, query, key, value, DecodeMeta.over(cache, spans, reference=True, **fields), None,
+                        window)
     assert fast.shape == reference.shape == (len(lengths), heads, 1, head_dim)
     assert torch.allclose(fast, reference, atol=1e-5), (fast - reference).abs().max()
 
@@ -111,11 +112,12 @@ def test_kernel_reads_fragmented_block_tables(dtype, heads, kv_heads, window, so
                   write_offsets=torch.tensor([slot % 4 for slot in last]))
     layer = 3
     meta = DecodeMeta.over(cache, spans, **fields)
-    assert meta.runs is not None and kernels.applies(flat_keys)
+    assert kernels.applies(flat_keys)
     fast = _decode(layer, query, key, value, meta, head_dim ** -0.5, window, softcap)
     # reference in float32 over the same (rounded) cache values
     reference = _decode(layer, query.float(), key.float(), value.float(),
-                        DecodeMeta(cache=_as_float(cache), spans=spans, **fields), head_dim ** -0.5, window, softcap)
+                        DecodeMeta.over(_as_float(cache), spans, reference=True, **fields), head_dim ** -0.5, window,
+                        softcap)
     assert fast.dtype == dtype
     tolerance = 1e-5 if dtype == torch.float32 else 8e-3
     assert torch.allclose(fast.float(), reference, atol=tolerance, rtol=tolerance), \
@@ -234,7 +236,7 @@ def test_bfloat16_cache_matches_float32_attention(heads, kv_heads, window, head_
     key, value = flat_keys[last][:, :, None], flat_values[last][:, :, None]
     meta = DecodeMeta.over(cache, spans, write_blocks=torch.tensor([slot // 4 for slot in last]),
                            write_offsets=torch.tensor([slot % 4 for slot in last]))
-    assert meta.runs is not None and kernels.applies(flat_keys)
+    assert kernels.applies(flat_keys)
     fast = _decode(3, query, key, value, meta, head_dim ** -0.5, window)
     assert fast.dtype == torch.bfloat16
     for index, runs in enumerate(spans):

@@ -1,6 +1,7 @@
 """The decode path where the CPU kernel does not apply (an accelerator's tensors, or no compiler): every
 sequence's KV gathered into one padded batch and grouped attention (two batched matmuls) per layer, equal to
-the per-sequence reference for every dtype, GQA ratio, window and soft-cap, with fragmented block tables."""
+the per-sequence reference for every dtype, GQA ratio, window and soft-cap, with fragmented block tables; what
+the gather reads past a sequence's tokens is masked."""
 from __future__ import annotations
 
 
@@ -37,23 +38,26 @@ def test_padded_decode_equals_one_sdpa_per_sequence(dtype, heads, window, softca
     torch.testing.assert_close(padded, reference, atol=tolerance, rtol=tolerance)
 
 
-def test_padded_index_lists_every_sequences_slots_in_order():
-    """The vectorized padded index equals each sequence's runs written out one by one."""
-    generator = torch.Generator().manual_seed(3)
-    spans, next_free = [], 0
-    for _ in range(9):
-        runs = []
-        for _ in range(int(torch.randint(1, 5, (1,), generator=generator))):
-            count = int(torch.randint(1, 7, (1,), generator=generator))
-            next_free += int(torch.randint(0, 4, (1,), generator=generator))
-            runs.append((next_free, count))
-            next_free += count
-        spans.append(runs)
-    meta = DecodeMeta.over(None, spans, write_blocks=torch.zeros(9, dtype=torch.long),
-                           write_offsets=torch.zeros(9, dtype=torch.long))
-    slots, valid = meta.padded(torch.device("cpu"))
-    for row, runs in enumerate(spans):
-        want = [first + i for first, count in runs for i in range(count)]
-        assert valid[row].sum().item() == len(want)
-        assert slots[row, :len(want)].tolist() == want
-        assert not valid[row, len(want):].any()
+def test_padded_decode_reads_only_each_sequences_own_blocks():
+    """The block table's entries past a sequence's blocks (stale entries of the step buffers: other sequences'
+    blocks) are read by the gather but masked: what those blocks hold changes nothing."""
+    torch.manual_seed(2)
+    cache = DeviceKVCache(range(1), 40, 4, 2, 16, torch.float32, torch.device("cpu"))
+    cache.keys.normal_()
+    cache.values.normal_()
+    lengths = [2, 11, 5]
+    for seq, length in enumerate(lengths):
+        cache.allocator.ensure(seq, length)
+    spans = [cache.token_spans(seq, length) for seq, length in enumerate(lengths)]
+    meta = DecodeMeta.over(cache, spans, write_blocks=torch.zeros(3, dtype=torch.long),
+                           write_offsets=torch.zeros(3, dtype=torch.long))
+    query = torch.randn(3, 4, 1, 16)
+    keys, values = cache.flat(0)
+    want = _decode_reference(0, query, meta, keys, values, 0.25, None)
+    used = {block for table in cache.allocator.tables.values() for block in table}
+    spare = [block for block in range(40) if block not in used]
+    for row, length in enumerate(lengths):  # rows past their blocks point at other blocks, full of large values
+        meta.block_table[row, -(-length // 4):] = spare[row]
+        keys.view(40, 4, 2, 16)[spare[row]] = 1e4
+        values.view(40, 4, 2, 16)[spare[row]] = -1e4
+    torch.testing.assert_close(_decode_padded(query, meta, keys, values, 0.25, None), want, atol=1e-5, rtol=1e-5)

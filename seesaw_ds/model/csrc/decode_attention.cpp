@@ -9,7 +9,10 @@
 // soft-cap (cap * tanh(s / cap), Gemma 2), a max-subtracted softmax, then the weighted sum of values divided
 // by the softmax total. Sequences are spread over the intra-op threads (at::parallel_for; the extension is
 // built with OpenMP, without which that header-only loop runs serially), longest first, each thread taking
-// the next when done; the GIL is released for the call.
+// the next when done; the GIL is released for the call. paged_decode_attention is the engine's entry: it
+// takes the step's block table and lengths (views of the executor's persistent step buffers), writes the new
+// token's K/V into the cache, merges each sequence's adjacent blocks into runs and attends, all in one call per
+// layer (no Python per sequence, no tensor operations around it).
 //
 // Three implementations of the three loops, one chosen per call by the build and the head size:
 // - AVX-512 (built with -mavx512f/bw/vl/dq; head_dim a multiple of 16): sixteen float lanes.
@@ -48,6 +51,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <string>
@@ -712,13 +716,13 @@ void attend(const Shape& shape, const float* q, const T* k, const T* v, float* o
 
 }  // namespace
 
-// query [N, Hq, D] float32; keys/values [slots, Hkv, D] float32, bfloat16 or float16; sequence n's KV is the
-// runs offsets[n] .. offsets[n+1] of (run_first, run_count) (int64 slots), in token order. window > 0 keeps
-// only each sequence's last `window` tokens; softcap > 0 caps the scores. Query head h uses KV head
-// h / (Hq / Hkv). Returns [N, Hq, D] float32.
-torch::Tensor decode_attention(torch::Tensor query, torch::Tensor keys, torch::Tensor values,
-                               torch::Tensor offsets, torch::Tensor run_first, torch::Tensor run_count,
-                               double scale, int64_t window, double softcap) {
+namespace {
+
+// The checks and the dispatch shared by both entry points: query [N, Hq, D] float32 over keys/values
+// [slots, Hkv, D]; sequence n's KV is the runs off[n] .. off[n+1] of (first, count), in token order.
+torch::Tensor attend_runs(const torch::Tensor& query, const torch::Tensor& keys, const torch::Tensor& values,
+                          const int64_t* off, const int64_t* first, const int64_t* count, int64_t n_runs,
+                          double scale, int64_t window, double softcap) {
   const auto cache_type = keys.scalar_type();
   TORCH_CHECK(query.scalar_type() == torch::kFloat && values.scalar_type() == cache_type &&
               (cache_type == torch::kFloat || cache_type == torch::kBFloat16 || cache_type == torch::kHalf),
@@ -727,20 +731,12 @@ torch::Tensor decode_attention(torch::Tensor query, torch::Tensor keys, torch::T
               "decode_attention: CPU tensors only");
   TORCH_CHECK(query.is_contiguous() && keys.is_contiguous() && values.is_contiguous(),
               "decode_attention: contiguous tensors only");
-  for (const auto& t : {offsets, run_first, run_count})
-    TORCH_CHECK(t.scalar_type() == torch::kLong && t.is_contiguous() && t.dim() == 1,
-                "decode_attention: int64 offsets and runs");
   const int64_t n_seqs = query.size(0), n_q = query.size(1), dim = query.size(2), n_kv = keys.size(1);
   TORCH_CHECK(n_q % n_kv == 0 && keys.size(2) == dim && values.sizes() == keys.sizes(),
               "decode_attention: head shapes do not match");
-  TORCH_CHECK(offsets.size(0) == n_seqs + 1 && run_first.size(0) == run_count.size(0),
-              "decode_attention: offsets must have one entry per sequence plus one");
   // every run inside the cache, every sequence non-empty: checked here, before the threads start
   const int64_t slots = keys.size(0);
-  const int64_t* off = offsets.data_ptr<int64_t>();
-  const int64_t* first = run_first.data_ptr<int64_t>();
-  const int64_t* count = run_count.data_ptr<int64_t>();
-  TORCH_CHECK(off[0] == 0 && off[n_seqs] == run_first.size(0), "decode_attention: offsets do not cover the runs");
+  TORCH_CHECK(off[0] == 0 && off[n_seqs] == n_runs, "decode_attention: offsets do not cover the runs");
   std::vector<int64_t> skips(n_seqs), lengths(n_seqs);
   for (int64_t seq = 0; seq < n_seqs; ++seq) {
     TORCH_CHECK(off[seq] <= off[seq + 1], "decode_attention: offsets must not decrease");
@@ -769,6 +765,92 @@ torch::Tensor decode_attention(torch::Tensor query, torch::Tensor keys, torch::T
            out.data_ptr<float>(), off, first, count, skips.data(), lengths.data(), n_seqs, fscale, fcap);
   }
   return out;
+}
+
+// Row `seq`'s new key (or value) [Hkv, D], already in the cache's dtype, into cache slot `slot`.
+void write_rows(const torch::Tensor& rows, torch::Tensor& cache, const int64_t* write_slots, int64_t n_seqs) {
+  const int64_t row_bytes = cache.size(1) * cache.size(2) * cache.element_size(), slots = cache.size(0);
+  const char* from = static_cast<const char*>(rows.data_ptr());
+  char* to = static_cast<char*>(cache.data_ptr());
+  for (int64_t seq = 0; seq < n_seqs; ++seq) {
+    TORCH_CHECK(write_slots[seq] >= 0 && write_slots[seq] < slots,
+                "paged_decode_attention: write slot outside the cache");
+    std::memcpy(to + write_slots[seq] * row_bytes, from + seq * row_bytes, row_bytes);
+  }
+}
+
+}  // namespace
+
+// query [N, Hq, D] float32; keys/values [slots, Hkv, D] float32, bfloat16 or float16; sequence n's KV is the
+// runs offsets[n] .. offsets[n+1] of (run_first, run_count) (int64 slots), in token order. window > 0 keeps
+// only each sequence's last `window` tokens; softcap > 0 caps the scores. Query head h uses KV head
+// h / (Hq / Hkv). Returns [N, Hq, D] float32.
+torch::Tensor decode_attention(torch::Tensor query, torch::Tensor keys, torch::Tensor values,
+                               torch::Tensor offsets, torch::Tensor run_first, torch::Tensor run_count,
+                               double scale, int64_t window, double softcap) {
+  for (const auto& t : {offsets, run_first, run_count})
+    TORCH_CHECK(t.scalar_type() == torch::kLong && t.is_contiguous() && t.dim() == 1,
+                "decode_attention: int64 offsets and runs");
+  TORCH_CHECK(offsets.size(0) == query.size(0) + 1 && run_first.size(0) == run_count.size(0),
+              "decode_attention: offsets must have one entry per sequence plus one");
+  return attend_runs(query, keys, values, offsets.data_ptr<int64_t>(), run_first.data_ptr<int64_t>(),
+                     run_count.data_ptr<int64_t>(), run_first.size(0), scale, window, softcap);
+}
+
+// One layer of a decode step over the block table, in one call: the new token's key and value of each
+// sequence ([N, Hkv, D], any float dtype) written into the cache (keys/values [slots, Hkv, D], slot = block *
+// block_size + offset) at write_slots[n], then attention of query [N, Hq, D] (any float dtype; float32 inside)
+// over sequence n's first lengths[n] tokens, which lie in blocks block_table[n][0], [1], ... (int64 rows of
+// at least that many blocks; rows and the vectors may be longer than N: the step's views of fixed buffers).
+// Adjacent blocks are read as one run. window/softcap as decode_attention. Returns [N, Hq, D] in the query's
+// dtype.
+torch::Tensor paged_decode_attention(torch::Tensor query, torch::Tensor new_keys, torch::Tensor new_values,
+                                     torch::Tensor keys, torch::Tensor values, torch::Tensor block_table,
+                                     torch::Tensor lengths, torch::Tensor write_slots, int64_t block_size,
+                                     double scale, int64_t window, double softcap) {
+  const int64_t n_seqs = query.size(0);
+  TORCH_CHECK(block_table.scalar_type() == torch::kLong && block_table.dim() == 2 && block_table.stride(1) == 1 &&
+              block_table.size(0) >= n_seqs, "paged_decode_attention: an int64 [>= N, blocks] block table");
+  for (const auto& t : {lengths, write_slots})
+    TORCH_CHECK(t.scalar_type() == torch::kLong && t.dim() == 1 && t.stride(0) == 1 && t.size(0) >= n_seqs,
+                "paged_decode_attention: int64 lengths and write slots, one per sequence");
+  TORCH_CHECK(keys.dim() == 3 && keys.is_contiguous() && values.is_contiguous() && values.sizes() == keys.sizes() &&
+              block_size > 0 && keys.size(0) % block_size == 0,
+              "paged_decode_attention: contiguous [slots, Hkv, D] caches of whole blocks");
+  TORCH_CHECK(new_keys.dim() == 3 && new_keys.size(0) == n_seqs && new_keys.size(1) == keys.size(1) &&
+              new_keys.size(2) == keys.size(2) && new_values.sizes() == new_keys.sizes(),
+              "paged_decode_attention: new keys/values [N, Hkv, D]");
+  const auto fresh_keys = new_keys.to(keys.scalar_type()).contiguous();
+  const auto fresh_values = new_values.to(values.scalar_type()).contiguous();
+  const int64_t* slot = write_slots.data_ptr<int64_t>();
+  write_rows(fresh_keys, keys, slot, n_seqs);
+  write_rows(fresh_values, values, slot, n_seqs);
+  // each sequence's blocks as runs of adjacent slots
+  const int64_t num_blocks = keys.size(0) / block_size, row_stride = block_table.stride(0);
+  const int64_t max_blocks = block_table.size(1);
+  const int64_t* table = block_table.data_ptr<int64_t>();
+  const int64_t* length = lengths.data_ptr<int64_t>();
+  std::vector<int64_t> offsets(n_seqs + 1, 0), first, count;
+  for (int64_t seq = 0; seq < n_seqs; ++seq) {
+    TORCH_CHECK(length[seq] > 0 && length[seq] <= max_blocks * block_size,
+                "paged_decode_attention: a length outside the block table");
+    for (int64_t b = 0, done = 0; done < length[seq]; ++b) {
+      const int64_t block = table[seq * row_stride + b];
+      TORCH_CHECK(block >= 0 && block < num_blocks, "paged_decode_attention: a block outside the cache");
+      const int64_t take = std::min(block_size, length[seq] - done);
+      if (static_cast<int64_t>(first.size()) > offsets[seq] && first.back() + count.back() == block * block_size) {
+        count.back() += take;
+      } else {
+        first.push_back(block * block_size);
+        count.push_back(take);
+      }
+      done += take;
+    }
+    offsets[seq + 1] = static_cast<int64_t>(first.size());
+  }
+  const auto out = attend_runs(query.to(torch::kFloat).contiguous(), keys, values, offsets.data(), first.data(),
+                               count.data(), static_cast<int64_t>(first.size()), scale, window, softcap);
+  return out.to(query.scalar_type());
 }
 
 namespace {
@@ -925,6 +1007,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("path", &path_for, "the decode-attention path this build takes for a head size");
   m.def("decode_attention", &decode_attention,
         "seesaw_ds decode attention over one layer's paged cache (CPU; float32, bfloat16 or float16 cache)");
+  m.def("paged_decode_attention", &paged_decode_attention,
+        "seesaw_ds decode step of one layer over the block table: the new K/V written, then attention (CPU)");
   m.def("prefill_attention", &prefill_attention,
         "seesaw_ds packed ragged prefill attention, one call per layer (ATen SDPA per prompt), over cached "
         "prefixes too");

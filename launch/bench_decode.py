@@ -1,0 +1,132 @@
+"""Where a decode step's time goes, and what a whole step costs, on the default model's shapes.
+
+One rank's executor over SmolLM2's 30 layers (random weights in bf16, the engine's own code, prepacked linears
+as a job uses them), one thread, eager. Per point (sequences x cached tokens) it prints the best of
+``--repeats`` whole steps (``Executor.forward``) in this thread's CPU time (``time.thread_time``: other work on
+a shared machine inflates nothing), and with ``--profile`` the shares of a step by region (best
+of ``--repeats`` again), each call of a region timed in thread CPU time: the linears, the norms, the
+attention call (K/V write and kernel), the rest of the decoder layers (rotary apply, reshapes, activation,
+residual adds, their Python), rotary tables, the step's inputs, embedding, head. torch.profiler was tried
+first: its per-operator overhead made a 41 ms step 216 ms, which says nothing about the small regions.
+
+    OMP_NUM_THREADS=1 python launch/bench_decode.py [--model DIR] [--repeats 5] [--profile]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+
+import mpi4py
+
+mpi4py.rc.initialize = False  # this process is no MPI rank
+
+POINTS = ((1, 256), (64, 256), (256, 128))
+"""(sequences, tokens cached for each) of the timed decode steps."""
+
+
+def _region(module) -> str | None:
+    """The region a module's call counts to (None: its time stays with its caller)."""
+    name = type(module).__name__
+    if "RMSNorm" in name:
+        return "norms"
+    if getattr(module, "weight", None) is not None and module.weight.dim() == 2 \
+            and name not in ("ScaledEmbedding", "Embedding"):
+        return "linears"
+    if name.endswith("DecoderLayer"):
+        return "decoder layers (all)"
+    return None
+
+
+LABELS = ("linears", "norms", "attention call (KV write + kernel)", "rotary tables", "step inputs (host)",
+          "embedding", "head (norm, lm_head)", "decoder layers (all)")
+
+
+class Clock:
+    """Thread CPU seconds per region: each wrapped call adds its time (regions nest: a linear inside a layer
+    counts to both, and the report takes the inner ones out)."""
+
+    def __init__(self):
+        self.seconds = collections.Counter()
+
+    def wrap(self, owner, name: str, label: str) -> None:
+        original = getattr(owner, name)
+        seconds = self.seconds
+
+        def wrapper(*args, **kwargs):
+            began = time.thread_time()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                seconds[label] += time.thread_time() - began
+        setattr(owner, name, wrapper)
+
+
+def main() -> None:
+    import torch
+
+    from bench_compile import smollm2_executor  # launch/, this script's directory
+
+    from seesaw_ds.model import attention
+    from seesaw_ds.model.executor import ForwardPlan, SeqWork
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", action="store_true", help="also print each point's shares by region")
+    args, executor, checkpoint = smollm2_executor(parser)
+    stage = executor.stages["decode"]
+    generator = torch.Generator().manual_seed(0)
+
+    def step(seqs: int, length: int) -> float:
+        cache = executor.cache()
+        for seq_id in list(cache.allocator.tables):
+            cache.allocator.free(seq_id)
+        ids = torch.randint(0, checkpoint.config.vocab_size, (seqs,), generator=generator).tolist()
+        work = [SeqWork(i, 0, [ids[i]], start=length) for i in range(seqs)]
+        for w in work:
+            cache.allocator.ensure(w.seq_id, length + 1)
+        began = time.thread_time()
+        executor.forward(ForwardPlan("decode", work))
+        return time.thread_time() - began
+
+    for point in POINTS:
+        step(*point)  # warm up (the kernel's first call, allocations)
+    for seqs, length in POINTS:
+        best = min(step(seqs, length) for _ in range(args.repeats))
+        print(f"decode {seqs:4d} x {length:4d}: {best * 1e3:8.2f} ms per step (best of {args.repeats}, thread CPU "
+              f"time)", flush=True)
+    if not args.profile:
+        return
+    clock = Clock()
+    for module in stage.layers.modules():  # the head's norm and lm_head count to the head
+        label = _region(module)
+        if label is not None:
+            clock.wrap(module, "forward", label)
+    clock.wrap(attention, "_attend", "attention call (KV write + kernel)")
+    clock.wrap(stage.rope, "forward", "rotary tables")
+    clock.wrap(executor, "_decode_inputs", "step inputs (host)")
+    clock.wrap(stage, "embed_tokens", "embedding")
+    clock.wrap(stage, "head", "head (norm, lm_head)")
+    for seqs, length in POINTS:
+        step(seqs, length)
+        best = None
+        for _ in range(args.repeats):
+            clock.seconds.clear()
+            total = step(seqs, length)
+            if best is None or total < best[0]:
+                best = total, dict(clock.seconds)
+        total, parts = best
+        layers = parts.get("decoder layers (all)", 0.0)
+        inner = {k: parts.get(k, 0.0) for k in ("linears", "norms", "attention call (KV write + kernel)")}
+        rows = [(label, parts.get(label, 0.0)) for label in LABELS[:-1]]
+        rows.append(("layers: everything else (rotary apply, reshapes, activation, residuals, Python)",
+                     layers - sum(inner.values())))
+        rows.append(("forward outside these (micro-batches, logits, Python)", total - layers - sum(
+            parts.get(k, 0.0) for k in LABELS[3:7])))
+        print(f"decode {seqs:4d} x {length:4d}, split step {total * 1e3:.2f} ms (best of {args.repeats}, each call "
+              f"timed: the timers add a little):", flush=True)
+        for label, seconds in rows:
+            print(f"    {label:80s} {seconds * 1e3:8.2f} ms  {100 * seconds / total:5.1f}%")
+
+
+if __name__ == "__main__":
+    main()
