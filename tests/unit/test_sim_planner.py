@@ -201,15 +201,17 @@ def test_a_calibrated_profile_prices_the_plan_and_ranks_by_what_the_engine_pays(
 # -- fewer ranks, more threads each (a CPU job whose ranks are yet to start) ---------------------------------------
 SMOLLM2_DIMS = ModelDims(num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, hidden_size=576,
                          intermediate_size=1536, vocab_size=49152)
-# The engine profile of SmolLM2-135M in bf16 on the 2-core AMD EPYC (AVX512_BF16, no AMX) with one thread (a rank
-# of two, as dp2 runs it; sim/profile.py's figures in a quiet-machine plan.json), and a two-thread one (the one
-# rank of a single-rank job) that streams weights faster: per-unit costs ~1.7x, fixed ones ~1.3x below.
-ONE_THREAD = dict(prefill_layer_s=1.21e-3, prefill_token_s=3.89e-5, prefill_pair_s=4.22e-8, prefill_seq_s=0.0,
-                  decode_layer_s=1.21e-3, decode_seq_s=3.52e-5, decode_kv_token_s=4.75e-8, head_s=2.85e-3,
-                  head_seq_s=2.82e-4, step_s=2.96e-4, step_token_s=1.03e-6, step_seq_s=2.43e-5, threads=1)
-TWO_THREADS = dict(prefill_layer_s=0.9e-3, prefill_token_s=2.2e-5, prefill_pair_s=2.6e-8, prefill_seq_s=0.0,
-                   decode_layer_s=0.85e-3, decode_seq_s=2.1e-5, decode_kv_token_s=4.75e-8, head_s=1.6e-3,
-                   head_seq_s=1.6e-4, step_s=2.96e-4, step_token_s=1.03e-6, step_seq_s=2.43e-5, threads=2)
+# The engine profiles of SmolLM2-135M in bf16 on the 2-core AMD EPYC (AVX512_BF16, no AMX) that sim/profile.py
+# measured on a quiet machine (2026-12-06 06:21, one engine): one thread (a rank of two, as dp2 runs it) and two
+# threads (the one rank of a single-rank job). The real 2-thread rank ran the batch-1 preset slower than these
+# predict (docs/benchmarks.md), which is why parallel.auto_fewer_ranks is off by default; the tests check the
+# planner's choice given the figures.
+ONE_THREAD = dict(prefill_layer_s=1.16e-3, prefill_token_s=3.76e-5, prefill_pair_s=2.99e-8, prefill_seq_s=0.0,
+                  decode_layer_s=1.17e-3, decode_seq_s=3.51e-5, decode_kv_token_s=3.71e-8, head_s=2.73e-3,
+                  head_seq_s=2.91e-4, step_s=2.92e-4, step_token_s=9.9e-7, step_seq_s=1.83e-5, threads=1)
+TWO_THREADS = dict(prefill_layer_s=8.19e-4, prefill_token_s=2.2e-5, prefill_pair_s=2.04e-8, prefill_seq_s=3.13e-4,
+                   decode_layer_s=1.09e-3, decode_seq_s=2.49e-5, decode_kv_token_s=1.97e-8, head_s=1.61e-3,
+                   head_seq_s=1.58e-4, step_s=3.07e-4, step_token_s=9.48e-7, step_seq_s=1.47e-5, threads=2)
 
 
 def thread_calibrations() -> tuple[Calibration, Calibration]:
@@ -246,7 +248,7 @@ def test_one_sequence_runs_on_one_rank_with_both_cores():
     choice = choose(facts, two_ranks, SMOLLM2_DIMS, workload, fewer=[one_rank])
     assert choice.launch_nproc == 1 and choice.threads == 2
     assert (choice.prefill, choice.decode) == (Layout(), Layout())
-    assert choice.throughput > 1.2 * alone.throughput
+    assert choice.throughput > 1.1 * alone.throughput  # 78 against 68 tok/s in the quiet run's plan.json
     assert {(entry["ranks"], entry["threads_per_rank"]) for entry in choice.ranking} == {(2, 1), (1, 2)}
     assert choice.hardware["ranks"] == 1 and choice.hardware["profile"]["threads"] == 2
     overrides = choice.overrides(["parallel=auto", "launch.nproc=2", "model.path=/m"])
