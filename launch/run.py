@@ -15,8 +15,8 @@ import gc
 
 # Start-up (torch, transformers, DeepSpeed, the model) creates ~400,000 long-lived objects, and the cyclic
 # collector traverses them again and again while they are made: ~0.6 s of a 3.3 s import per process on the
-# 2-core AMD box. Off until start-up is over; seesaw_ds.cli.rank.startup_over() collects once, freezes what
-# start-up made (later collections skip it) and turns it back on.
+# 2-core AMD box. Off until start-up is over; seesaw_ds.cli.rank.startup_over() collects once and turns it
+# back on.
 gc.disable()
 
 import os  # noqa: E402

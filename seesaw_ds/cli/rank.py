@@ -21,10 +21,10 @@ from seesaw_ds.cli.signals import EXIT_PREEMPTED, StopRequest, requeue_if_slurm
 
 def startup_over() -> None:
     """The end of a process's start-up (launch/run.py turns the cyclic collector off while it imports): one
-    collection, then what start-up made is frozen out of later collections, and the collector is on again."""
+    collection, and the collector on again. (Not gc.freeze(): frozen objects outlive the interpreter's final
+    collection, and Triton's nanobind bindings then print hundreds of "leaked" lines at every rank's exit.)"""
     if not gc.isenabled():
         gc.collect()
-        gc.freeze()
         gc.enable()
 
 
