@@ -110,7 +110,6 @@ def main(argv: list[str]) -> int:
     from seesaw_ds.sim.auto import JobFacts, checkpoint_facts, device_tokens_cap, family_usable, job_dtype
     from seesaw_ds.sim.auto import make_planner
     from seesaw_ds.sim.calibrate import measure
-    from seesaw_ds.sim.workload import Workload
 
     out = Path(args.out) if args.out else REPO / "runs" / "validate_planner" / time.strftime("%Y-%m-%d_%H-%M-%S")
     out.mkdir(parents=True, exist_ok=True)
@@ -119,7 +118,7 @@ def main(argv: list[str]) -> int:
     dims, dtype_bytes, max_positions, vocab = checkpoint_facts(model_dir, dtype)
     bench_workload = build_workload(args, model_dir, max_positions, vocab)
     input_jsonl = bench_workload.write_jsonl(out / "input.jsonl")
-    workload = Workload("validation", np.array(bench_workload.prompt_lens), np.array(bench_workload.output_lens))
+    workload = bench_workload.lengths()
     usable = family_usable(model_dir)
 
     def runnable(layout: Layout) -> bool:

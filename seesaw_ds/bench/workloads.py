@@ -4,6 +4,9 @@ Every peer of a benchmark run gets the same :class:`Workload`: the prompts are t
 model's vocabulary (never its special tokens), so no tokenizer can make them differ, and every request
 generates exactly its ``output_len`` tokens (``ignore_eos``), so every peer does the same work.
 
+The lengths come from ``seesaw_ds/sim/workload.py``, the one home of synthetic request lengths (their
+distributions and seeding); this module puts token ids or real text of those lengths around them.
+
 Presets (the names of ``vllm bench throughput --dataset-name`` where one exists):
 
 - ``random``: input and output lengths uniform in ``[min, max]`` (the standard workload: inputs 20–500,
@@ -24,11 +27,16 @@ preset (conf/bench/workload/decode_only.yaml) keeps 16 tokens of each chat promp
 from __future__ import annotations
 
 import json
-import math
 import random
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterable
+
+import numpy as np
+
+from seesaw_ds.sim import workload as sim_workload
+from seesaw_ds.sim.workload import ARXIV_LIKE, SHAREGPT_LIKE, LengthDistribution, fitted_lengths, uniform_lengths
 
 PRESETS = ("random", "sharegpt_like", "arxiv_like", "chat", "shared_prefix", "jsonl")
 #: The chat preset's instructions, one drawn per prompt before its passage.
@@ -36,29 +44,6 @@ CHAT_INSTRUCTIONS = ("Summarize the following text in a few sentences.", "What i
                      "Rewrite this passage in simpler words.", "List the people and places this text mentions.",
                      "Write three questions a reader could answer from this text.",
                      "Continue this story for another paragraph.")
-
-
-@dataclass(frozen=True)
-class LengthDistribution:
-    """Log-normal lengths clipped to ``[minimum, maximum]``; ``sigma == 0`` gives the median every time."""
-
-    median: float
-    """Median length in tokens."""
-    sigma: float
-    """Standard deviation of log(length): 0.8 is a long tail, 0 a constant."""
-    minimum: int
-    """Shortest length allowed."""
-    maximum: int
-    """Longest length allowed."""
-
-    def draw(self, rng: random.Random) -> int:
-        value = self.median * math.exp(rng.gauss(0.0, self.sigma)) if self.sigma > 0 else self.median
-        return int(min(self.maximum, max(self.minimum, round(value))))
-
-
-#: The synthetic presets' length distributions (input, output); clipped further by the model context.
-SHAREGPT_LIKE = (LengthDistribution(180, 0.9, 4, 1024), LengthDistribution(200, 0.8, 4, 512))
-ARXIV_LIKE = (LengthDistribution(1200, 0.5, 256, 4096), LengthDistribution(180, 0.4, 32, 512))
 
 
 @dataclass
@@ -92,6 +77,11 @@ class Workload:
     @property
     def num_output_tokens(self) -> int:
         return sum(self.output_lens)
+
+    def lengths(self) -> sim_workload.Workload:
+        """The requests' token counts, as the planner and the simulator take them."""
+        return sim_workload.Workload(self.name, np.array(self.prompt_lens, dtype=np.int64),
+                                np.array(self.output_lens, dtype=np.int64))
 
     def summary(self) -> dict:
         """Counts and length ranges, for the report."""
@@ -152,9 +142,9 @@ def random_workload(num_prompts: int, *, input_len: tuple[int, int], output_len:
         raise ValueError(f"input_len max {input_len[1]} + output_len max {output_len[1]} exceed the model's "
                          f"{max_model_len} positions; lower one of them")
     rng = random.Random(seed)
-    lengths = [(rng.randint(*input_len), rng.randint(*output_len)) for _ in range(num_prompts)]
-    prompts = [_token_ids(rng, n, token_range) for n, _ in lengths]
-    return Workload("random", prompts, [m for _, m in lengths])
+    drawn = list(islice(uniform_lengths(rng, input_len, output_len), num_prompts))
+    prompts = [_token_ids(rng, n, token_range) for n, _ in drawn]
+    return Workload("random", prompts, [m for _, m in drawn])
 
 
 def distribution_workload(name: str, num_prompts: int, *, input_dist: LengthDistribution,
@@ -164,10 +154,7 @@ def distribution_workload(name: str, num_prompts: int, *, input_dist: LengthDist
     _check_common(num_prompts, token_range, max_model_len)
     rng = random.Random(seed)
     prompts, outputs = [], []
-    for _ in range(num_prompts):
-        prompt_len, output_len = input_dist.draw(rng), output_dist.draw(rng)
-        output_len = min(output_len, max_model_len - 1)
-        prompt_len = max(1, min(prompt_len, max_model_len - output_len))
+    for prompt_len, output_len in islice(fitted_lengths(rng, input_dist, output_dist, max_model_len), num_prompts):
         prompts.append(_token_ids(rng, prompt_len, token_range))
         outputs.append(output_len)
     return Workload(name, prompts, outputs)
@@ -204,38 +191,6 @@ def jsonl_workload(path: Path, *, num_prompts: int | None, default_output_len: i
     return Workload(path.stem, prompts, outputs)
 
 
-def chat_workload(num_prompts: int, *, input_len: tuple[int, int], output_len: tuple[int, int],
-                  apply_chat_template: Callable[[list[dict]], list[int]], corpus: str, max_model_len: int,
-                  seed: int = 0) -> Workload:
-    """Chat prompts of real text: an instruction and a corpus passage (cycling through the corpus from a drawn
-    sentence) in the model's chat template, of a templated length uniform in ``input_len`` (the passage is
-    grown a sentence at a time and the last sentence trimmed word by word to land on it)."""
-    if num_prompts < 1:
-        raise ValueError(f"num_prompts={num_prompts} must be >= 1")
-    if input_len[1] + output_len[1] > max_model_len:
-        raise ValueError(f"input_len max {input_len[1]} + output_len max {output_len[1]} exceed the model's "
-                         f"{max_model_len} positions; lower one of them")
-    sentences = [part.strip() + "." for part in corpus.replace("\n", " ").split(".") if part.strip()]
-    if not sentences:
-        raise ValueError("the chat workload's corpus has no sentences")
-    rng = random.Random(seed)
-    prompts, outputs = [], []
-    for _ in range(num_prompts):
-        target, out_len = rng.randint(*input_len), rng.randint(*output_len)
-        instruction, start = rng.choice(CHAT_INSTRUCTIONS), rng.randrange(len(sentences))
-        render = lambda words: apply_chat_template([{"role": "user", "content": f"{instruction}\n\n{' '.join(words)}"}])
-        words: list[str] = []
-        index = start
-        while len(render(words)) < target:
-            words.extend(sentences[index % len(sentences)].split())
-            index += 1
-        while len(words) > 1 and len(render(words[:-1])) >= target:
-            words.pop()
-        prompts.append(render(words))
-        outputs.append(out_len)
-    return Workload("chat", prompts, outputs)
-
-
 def _sentences(corpus: str) -> list[str]:
     sentences = [part.strip() + "." for part in corpus.replace("\n", " ").split(".") if part.strip()]
     if not sentences:
@@ -256,6 +211,29 @@ def _grow(render: Callable[[list[str]], int], sentences: list[str], start: int, 
     return words
 
 
+def chat_workload(num_prompts: int, *, input_len: tuple[int, int], output_len: tuple[int, int],
+                  apply_chat_template: Callable[[list[dict]], list[int]], corpus: str, max_model_len: int,
+                  seed: int = 0) -> Workload:
+    """Chat prompts of real text: an instruction and a corpus passage (cycling through the corpus from a drawn
+    sentence) in the model's chat template, of a templated length uniform in ``input_len`` (the passage is
+    grown a sentence at a time and the last sentence trimmed word by word to land on it)."""
+    if num_prompts < 1:
+        raise ValueError(f"num_prompts={num_prompts} must be >= 1")
+    if input_len[1] + output_len[1] > max_model_len:
+        raise ValueError(f"input_len max {input_len[1]} + output_len max {output_len[1]} exceed the model's "
+                         f"{max_model_len} positions; lower one of them")
+    sentences = _sentences(corpus)
+    rng = random.Random(seed)
+    prompts, outputs = [], []
+    for target, out_len in islice(uniform_lengths(rng, input_len, output_len), num_prompts):
+        instruction, start = rng.choice(CHAT_INSTRUCTIONS), rng.randrange(len(sentences))
+        render = lambda words: apply_chat_template([{"role": "user", "content": f"{instruction}\n\n{' '.join(words)}"}])
+        words = _grow(lambda words: len(render(words)), sentences, start, target)
+        prompts.append(render(words))
+        outputs.append(out_len)
+    return Workload("chat", prompts, outputs)
+
+
 def shared_prefix_workload(num_prompts: int, *, prefix_len: int, input_len: tuple[int, int],
                            output_len: tuple[int, int], apply_chat_template: Callable[[list[dict]], list[int]],
                            corpus: str, max_model_len: int, seed: int = 0) -> Workload:
@@ -274,8 +252,7 @@ def shared_prefix_workload(num_prompts: int, *, prefix_len: int, input_len: tupl
     base = len(apply_chat_template([system]))
     rng = random.Random(seed)
     prompts, outputs = [], []
-    for _ in range(num_prompts):
-        target, out_len = rng.randint(*input_len), rng.randint(*output_len)
+    for target, out_len in islice(uniform_lengths(rng, input_len, output_len), num_prompts):
         render = lambda words: apply_chat_template([system, {"role": "user", "content": " ".join(words)}])
         words = _grow(lambda words: len(render(words)) - base, sentences, rng.randrange(len(sentences)), target)
         prompts.append(render(words))

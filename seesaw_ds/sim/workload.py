@@ -1,19 +1,103 @@
-"""Workloads for the simulator: per-request prompt and output token counts.
+"""Synthetic request lengths, the one home of them, and the planner's workloads (token counts per request).
 
-Two synthetic, seeded length distributions stand in for the paper's datasets (the token counts are all a
-throughput simulation needs), and a user's JSONL gives real counts. The synthetic ones follow the
-artifact's filtering (`benchmark/dataload.py`): ShareGPT keeps prompts of >= 100 tokens and outputs of
->= 20 with prompt + output <= 4096, inputs and outputs of comparable length; arXiv summarization keeps
-articles (prompts) and abstracts (outputs) with prompt + output <= 4096, so prompts of a few thousand
-tokens and outputs of ~200-300. Their parameters are our assumptions (the paper prints no statistics).
+Every synthetic workload of the project draws its lengths here, from a seed: the planner's and the simulator's
+(:class:`Workload`: token counts are all a throughput simulation needs) and the benchmark's
+(``seesaw_ds/bench/workloads.py`` puts token ids or real text around the lengths drawn here). A user's JSONL
+gives real counts (:func:`from_jsonl`).
+
+Two ways to draw, each kept exactly as its users have had it (the planner's plans and the benchmark's runs of a
+seed do not move; tests/unit/test_workload_pins.py pins them):
+
+- the planner's :func:`lognormal_pairs`: numpy, vectorised, pairs outside the bounds rejected. Its ShareGPT
+  and arXiv shapes (:data:`SHAREGPT`, :data:`ARXIV`) follow the Seesaw artifact's filtering
+  (`benchmark/dataload.py`): ShareGPT keeps prompts of >= 100 tokens and outputs of >= 20 with prompt +
+  output <= 4096, inputs and outputs of comparable length; arXiv summarization keeps articles (prompts) and
+  abstracts (outputs) with prompt + output <= 4096, so prompts of a few thousand tokens and outputs of
+  ~200-300. Their parameters are our assumptions (the paper prints no statistics);
+- the benchmark's :func:`fitted_lengths` and :func:`uniform_lengths`: Python's ``random``, one request at a
+  time (the benchmark draws each prompt's token ids from the same generator in between), lengths clipped
+  into their bounds and the prompt cut to fit the model. Its ShareGPT- and arXiv-like shapes
+  (:data:`SHAREGPT_LIKE`, :data:`ARXIV_LIKE`) are scaled to a small model's context.
 """
 from __future__ import annotations
 
 import json
+import math
+import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class LengthDistribution:
+    """Log-normal lengths within ``[minimum, maximum]``; ``sigma == 0`` gives the median every time."""
+
+    median: float
+    """Median length in tokens."""
+    sigma: float
+    """Standard deviation of log(length): 0.8 is a long tail, 0 a constant."""
+    minimum: int
+    """Shortest length allowed."""
+    maximum: int
+    """Longest length allowed."""
+
+    def draw(self, rng: random.Random) -> int:
+        """One length, clipped into the bounds."""
+        value = self.median * math.exp(rng.gauss(0.0, self.sigma)) if self.sigma > 0 else self.median
+        return int(min(self.maximum, max(self.minimum, round(value))))
+
+    def sample(self, rng: np.random.Generator, count: int) -> np.ndarray:
+        """``count`` lengths rounded to integers, not yet held to the bounds (:func:`lognormal_pairs` rejects)."""
+        return np.rint(rng.lognormal(np.log(self.median), self.sigma, count)).astype(np.int64)
+
+    def holds(self, lengths: np.ndarray) -> np.ndarray:
+        """Which of ``lengths`` lie within the bounds."""
+        return (lengths >= self.minimum) & (lengths <= self.maximum)
+
+
+#: The planner's synthetic shapes (prompt, output), the pairs also held to prompt + output <= max_total.
+SHAREGPT = (LengthDistribution(300, 1.0, 100, 4096), LengthDistribution(250, 0.9, 20, 4096))
+ARXIV = (LengthDistribution(3000, 0.4, 100, 4096), LengthDistribution(250, 0.3, 20, 4096))
+#: The benchmark's synthetic shapes (input, output); clipped further by the model's context.
+SHAREGPT_LIKE = (LengthDistribution(180, 0.9, 4, 1024), LengthDistribution(200, 0.8, 4, 512))
+ARXIV_LIKE = (LengthDistribution(1200, 0.5, 256, 4096), LengthDistribution(180, 0.4, 32, 512))
+
+
+def lognormal_pairs(rng: np.random.Generator, count: int, prompt: LengthDistribution, output: LengthDistribution,
+                    max_total: int) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` (prompt, output) pairs from independent log-normals, drawn in batches of ``4 * count`` and
+    rejected unless both lie within their bounds and prompt + output <= ``max_total``."""
+    prompts: list[np.ndarray] = []
+    outputs: list[np.ndarray] = []
+    have = 0
+    while have < count:
+        p, o = prompt.sample(rng, 4 * count), output.sample(rng, 4 * count)
+        keep = prompt.holds(p) & output.holds(o) & (p + o <= max_total)
+        prompts.append(p[keep])
+        outputs.append(o[keep])
+        have += int(keep.sum())
+    return np.concatenate(prompts)[:count], np.concatenate(outputs)[:count]
+
+
+def fitted_lengths(rng: random.Random, prompt: LengthDistribution, output: LengthDistribution,
+                   max_total: int) -> Iterator[tuple[int, int]]:
+    """Endless (prompt, output) lengths, one clipped draw of each per request; the output capped at
+    ``max_total - 1`` and the prompt cut so the pair fits ``max_total`` (at least one token). Lazy: a caller
+    may draw from ``rng`` between requests."""
+    while True:
+        prompt_len, output_len = prompt.draw(rng), output.draw(rng)
+        output_len = min(output_len, max_total - 1)
+        yield max(1, min(prompt_len, max_total - output_len)), output_len
+
+
+def uniform_lengths(rng: random.Random, prompt: tuple[int, int],
+                    output: tuple[int, int]) -> Iterator[tuple[int, int]]:
+    """Endless (prompt, output) lengths, each uniform in its inclusive range. Lazy, as :func:`fitted_lengths`."""
+    while True:
+        yield rng.randint(*prompt), rng.randint(*output)
 
 
 @dataclass(frozen=True)
@@ -59,39 +143,18 @@ class Workload:
                          self.output_lens[i::parts].copy()) for i in range(min(parts, self.num_requests))]
 
 
-def _lognormal_pairs(rng: np.random.Generator, count: int, *, prompt_median: float, prompt_sigma: float,
-                     output_median: float, output_sigma: float, min_prompt: int, min_output: int,
-                     max_total: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rejection-sample (prompt, output) pairs from independent log-normals until ``count`` pass the filter."""
-    prompts: list[np.ndarray] = []
-    outputs: list[np.ndarray] = []
-    have = 0
-    while have < count:
-        p = np.rint(rng.lognormal(np.log(prompt_median), prompt_sigma, 4 * count)).astype(np.int64)
-        o = np.rint(rng.lognormal(np.log(output_median), output_sigma, 4 * count)).astype(np.int64)
-        keep = (p >= min_prompt) & (o >= min_output) & (p + o <= max_total)
-        prompts.append(p[keep])
-        outputs.append(o[keep])
-        have += int(keep.sum())
-    return np.concatenate(prompts)[:count], np.concatenate(outputs)[:count]
-
-
 def sharegpt(num_requests: int = 2000, seed: int = 0, max_total: int = 4096) -> Workload:
-    """ShareGPT-like chat: prompts median 300 tokens (log-normal, sigma 1.0, >= 100), outputs median 250
-    (sigma 0.9, >= 20), prompt + output <= max_total."""
-    rng = np.random.default_rng(seed)
-    p, o = _lognormal_pairs(rng, num_requests, prompt_median=300, prompt_sigma=1.0, output_median=250,
-                            output_sigma=0.9, min_prompt=100, min_output=20, max_total=max_total)
+    """ShareGPT-like chat (:data:`SHAREGPT`): prompts median 300 tokens (log-normal, sigma 1.0, >= 100),
+    outputs median 250 (sigma 0.9, >= 20), prompt + output <= max_total."""
+    p, o = lognormal_pairs(np.random.default_rng(seed), num_requests, *SHAREGPT, max_total=max_total)
     return Workload("sharegpt", p, o)
 
 
 def arxiv(num_requests: int = 500, seed: int = 0, max_total: int = 4096) -> Workload:
-    """arXiv-summarization-like: articles median 3000 tokens (log-normal, sigma 0.4) and abstracts median
-    250 (sigma 0.3, >= 20), pairs with prompt + output <= max_total kept (the filter leaves mostly
-    1,500-3,800-token prompts)."""
-    rng = np.random.default_rng(seed)
-    p, o = _lognormal_pairs(rng, num_requests, prompt_median=3000, prompt_sigma=0.4, output_median=250,
-                            output_sigma=0.3, min_prompt=100, min_output=20, max_total=max_total)
+    """arXiv-summarization-like (:data:`ARXIV`): articles median 3000 tokens (log-normal, sigma 0.4) and
+    abstracts median 250 (sigma 0.3, >= 20), pairs with prompt + output <= max_total kept (the filter leaves
+    mostly 1,500-3,800-token prompts)."""
+    p, o = lognormal_pairs(np.random.default_rng(seed), num_requests, *ARXIV, max_total=max_total)
     return Workload("arxiv", p, o)
 
 

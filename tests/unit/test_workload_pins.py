@@ -85,3 +85,13 @@ def test_planner_workloads_are_the_pinned_ones(name):
 def test_benchmark_workloads_are_the_pinned_ones(name):
     make, pinned = BENCH_PINS[name]
     assert bench_pin(make()) == pinned
+
+
+def test_a_benchmark_workload_gives_the_planner_its_token_counts():
+    """launch/validate_planner.py plans for the requests it runs: the same counts, request by request."""
+    workload = BENCH_PINS["sharegpt_like"][0]()
+    counts = workload.lengths()
+    assert isinstance(counts, sim.Workload) and counts.name == "sharegpt_like"
+    assert counts.prompt_lens.tolist() == [len(p) for p in workload.prompts]
+    assert counts.output_lens.tolist() == workload.output_lens
+    assert counts.prompt_tokens == workload.num_prompt_tokens and counts.output_tokens == workload.num_output_tokens
