@@ -23,6 +23,8 @@ import hashlib
 from array import array
 from dataclasses import dataclass, field
 
+from seesaw_ds.kv.blocks import blocks_for
+
 
 def block_digests(token_ids, block: int, limit: int) -> list[bytes]:
     """Chained digests of the first ``limit`` full blocks of ``token_ids`` (digest i covers blocks 0..i)."""
@@ -50,7 +52,7 @@ class PrefixIndex:
         if block < 1 or min_tokens < 1:
             raise ValueError(f"prefix block={block} and min_tokens={min_tokens} must be >= 1")
         self.block = block
-        self.min_blocks = -(-min_tokens // block)
+        self.min_blocks = blocks_for(min_tokens, block)
         self._holders: dict[bytes, set[int]] = {}     # digest -> waiting requests whose prompt has that prefix
         self._chains: dict[int, list[bytes]] = {}     # waiting request -> its digests
         self._known: dict[bytes, _Known] = {}

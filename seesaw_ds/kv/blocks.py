@@ -29,7 +29,7 @@ import heapq
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
-    """Blocks needed to hold ``num_tokens`` tokens."""
+    """Blocks needed to hold ``num_tokens`` tokens (elementwise on a numpy array or tensor of counts)."""
     return -(-num_tokens // block_size)
 
 

@@ -24,6 +24,7 @@ import psutil
 import torch
 
 from seesaw_ds.distributed.layout import ModelDims, kv_head_range, layer_range
+from seesaw_ds.kv.blocks import blocks_for
 
 #: kv.device_memory_fraction when unset, by device type.
 DEFAULT_DEVICE_FRACTION = {"cuda": 0.9, "cpu": 0.3}
@@ -168,7 +169,7 @@ def tier_tokens(budget_bytes: int, bytes_per_token: int, block_size: int, cap_to
     """Tokens a budget holds, at most ``cap_tokens`` (rounded up to whole blocks), in whole blocks."""
     tokens = budget_bytes // max(1, bytes_per_token)
     if cap_tokens is not None:
-        tokens = min(tokens, -(-cap_tokens // block_size) * block_size)
+        tokens = min(tokens, blocks_for(cap_tokens, block_size) * block_size)
     return tokens // block_size * block_size
 
 

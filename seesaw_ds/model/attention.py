@@ -156,7 +156,7 @@ def _decode_padded(query, meta: DecodeMeta, flat_keys, flat_values, scaling, win
     kept when set. Entries of a row past its sequence's blocks are other valid block numbers (or 0): read,
     then masked."""
     size = meta.cache.block_size
-    width = -(-meta.max_length // size)
+    width = blocks_for(meta.max_length, size)
     blocks = meta.block_table[:, :width]                                   # [N, W]
     shape = (-1, size, *flat_keys.shape[1:])
     keys = flat_keys.view(shape)[blocks].flatten(1, 2).transpose(1, 2)     # [N, Hkv, W * size, D]

@@ -88,7 +88,7 @@ class DecodeBuffers:
         ``tables[n]`` (which hold at least ``positions[n] + 1`` tokens); returns the step's views."""
         n = len(token_ids)
         lengths = np.asarray(positions, dtype=np.int64) + 1
-        needed = (lengths + self.block_size - 1) // self.block_size
+        needed = blocks_for(lengths, self.block_size)
         widest = int(needed.max())
         self._fit(n, widest)
         self._wait_for_copy()

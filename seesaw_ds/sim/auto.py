@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from seesaw_ds.distributed.layout import Layout, LayoutError, ModelDims
+from seesaw_ds.kv.blocks import blocks_for
 from seesaw_ds.sim.calibrate import MEASURED_EFFICIENCY, Calibration, hardware_spec, rank_threads
 from seesaw_ds.sim.planner import Candidate, Planner, PlanOptions
 from seesaw_ds.sim.workload import Workload
@@ -165,7 +166,7 @@ def device_tokens_cap(workload: Workload, num_ranks: int, block_size: int) -> in
     at once (the sampled requests, or the batch limit), each at its longest, in whole blocks."""
     seqs = min(workload.num_requests, MAX_SEQS_PER_MICRO_BATCH * num_ranks)
     tokens = seqs * workload.max_len
-    return -(-tokens // block_size) * block_size
+    return blocks_for(tokens, block_size) * block_size
 
 
 def plan_options(facts: JobFacts, calibration: Calibration, workload: Workload) -> PlanOptions:

@@ -26,6 +26,7 @@ import numpy as np
 
 from seesaw_ds.config import SchedulerConfig
 from seesaw_ds.distributed.layout import Layout, LayoutError, ModelDims, validate_layout
+from seesaw_ds.kv.blocks import blocks_for
 from seesaw_ds.sim.chunked import time_chunked, trace_chunked
 from seesaw_ds.sim.cost import GIB, ComputeProfile, CostModel, Efficiency, GpuSpec
 from seesaw_ds.sim.simulator import SimResult, Trace, time_trace, trace_seesaw
@@ -248,7 +249,7 @@ class Planner:
         """Most sequences a device tier can ever hold at once: the shortest prompts, one block more each.
         A larger scheduler cap cannot bind, so such caps share a trace."""
         bs = self.options.block_size
-        blocks = np.sort(-(-(self.sample.prompt_lens + 1) // bs))
+        blocks = np.sort(blocks_for(self.sample.prompt_lens + 1, bs))
         return int(np.searchsorted(np.cumsum(blocks), device_tokens // bs, side="right")) + 1
 
     def simulate_pair(self, prefill: Layout, decode: Layout) -> Candidate | None:
