@@ -204,16 +204,6 @@ SEESAW_INLINE float hmax(__m256 v) {
   return _mm_cvtss_f32(x);
 }
 
-// eight cache values as float32 lanes
-SEESAW_INLINE __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-SEESAW_INLINE __m256 load8(const c10::BFloat16* p) {
-  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-SEESAW_INLINE __m256 load8(const c10::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-
 // lane i = the sum of the lanes of a[i], i < 8
 SEESAW_INLINE __m256 sum_each(const __m256* a) {
   const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
@@ -228,63 +218,40 @@ SEESAW_INLINE __m128 sum_each4(const __m256* a) {
   return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
 }
 
-// e^x for x <= 0 (softmax numerators): x = n ln2 + r, |r| <= ln2 / 2; e^r by a degree-7 polynomial
-// (Cephes' expf coefficients), 2^n through the exponent bits. Below -87 the result is 0 or denormal.
-inline __m256 exp_nonpositive(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r);
-  p = _mm256_add_ps(p, _mm256_set1_ps(1.0f));
-  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-}
-
-float softmax_numerators_avx2(float* row, int64_t length) {
-  __m256 vpeak = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  int64_t i = 0;
-  for (; i + 8 <= length; i += 8) vpeak = _mm256_max_ps(vpeak, _mm256_loadu_ps(row + i));
-  float peak = hmax(vpeak);
-  for (; i < length; ++i) peak = std::max(peak, row[i]);
-  const __m256 shift = _mm256_set1_ps(peak);
-  __m256 vtotal = _mm256_setzero_ps();
-  for (i = 0; i + 8 <= length; i += 8) {
-    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(row + i), shift));
-    _mm256_storeu_ps(row + i, e);
-    vtotal = _mm256_add_ps(vtotal, e);
-  }
-  float total = hsum(vtotal);
-  for (; i < length; ++i) {
-    row[i] = std::exp(row[i] - peak);
-    total += row[i];
-  }
-  return total;
-}
-
 // The two vector paths share their loops (below), written over one of these: the vector, its lanes, how many
 // key rows a sub-group of S query heads dots at once (S * rows(S) accumulators: 8 or 12 of AVX2's 16
-// registers, 16 or 24 of AVX-512's 32), how many accumulators the value sum keeps, and the horizontal sums.
+// registers, 16 or 24 of AVX-512's 32), how many accumulators the value sum keeps, the loads that widen a
+// cache's dtype to float32 lanes, the arithmetic of exp_nonpositive, and the horizontal sums.
 struct Avx2 {
   using Vec = __m256;
   static constexpr int kLanes = 8;
   static constexpr int64_t kBlock = 8;   // key rows per block
   static constexpr int kValueAccumulators = 12;
   static constexpr int rows(int s) { return s == 1 ? 8 : s == 4 ? 2 : 4; }
-  template <typename T>
-  static SEESAW_INLINE Vec load(const T* p) { return load8(p); }
+  // eight cache values as float32 lanes
+  static SEESAW_INLINE Vec load(const float* p) { return _mm256_loadu_ps(p); }
+  static SEESAW_INLINE Vec load(const c10::BFloat16* p) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+  }
+  static SEESAW_INLINE Vec load(const c10::Half* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
   static SEESAW_INLINE Vec loadf(const float* p) { return _mm256_loadu_ps(p); }
   static SEESAW_INLINE void storef(float* p, Vec v) { _mm256_storeu_ps(p, v); }
   static SEESAW_INLINE Vec set1(float x) { return _mm256_set1_ps(x); }
   static SEESAW_INLINE Vec zero() { return _mm256_setzero_ps(); }
   static SEESAW_INLINE Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+  static SEESAW_INLINE Vec fnma(Vec a, Vec b, Vec c) { return _mm256_fnmadd_ps(a, b, c); }  // c - a * b
+  static SEESAW_INLINE Vec mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+  static SEESAW_INLINE Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+  static SEESAW_INLINE Vec max(Vec a, Vec b) { return _mm256_max_ps(a, b); }
+  static SEESAW_INLINE Vec round(Vec x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  // p * 2^n for whole n in [-126, 0], through the exponent bits
+  static SEESAW_INLINE Vec times_pow2(Vec p, Vec n) {
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(
+                                _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23)));
+  }
 
   // scale * the sums of dots[s * R + j] to out[s * ld + j], j < n
   template <int S, int R>
@@ -301,16 +268,6 @@ struct Avx2 {
 
 #ifdef SEESAW_AVX512
 // ------------------------------------------------------------------------------------------- AVX-512
-// sixteen cache values as float32 lanes
-SEESAW_INLINE __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-SEESAW_INLINE __m512 load16(const c10::BFloat16* p) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-SEESAW_INLINE __m512 load16(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-
 // The horizontal sums of many accumulators at once, as a tree of pairwise folds (each fold halves the lanes
 // per accumulator and packs two accumulators' partial sums into one register):
 // [a.lo256 + a.hi256 | b.lo256 + b.hi256]
@@ -353,43 +310,6 @@ SEESAW_INLINE __m256 sum8(const __m512* dots) {
   return _mm512_castps512_ps256(_mm512_permutexvar_ps(order, w));
 }
 
-// e^x for x <= 0, the polynomial of exp_nonpositive over sixteen lanes (2^n by scalef: the same product)
-inline __m512 exp_nonpositive16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
-  p = _mm512_add_ps(p, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
-
-float softmax_numerators_avx512(float* row, int64_t length) {
-  const int64_t whole = length - length % 16;
-  const __mmask16 tail = static_cast<__mmask16>((1u << (length - whole)) - 1);
-  __m512 vpeak = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  for (int64_t i = 0; i < whole; i += 16) vpeak = _mm512_max_ps(vpeak, _mm512_loadu_ps(row + i));
-  vpeak = _mm512_max_ps(vpeak, _mm512_mask_loadu_ps(vpeak, tail, row + whole));
-  const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(vpeak));
-  __m512 vtotal = _mm512_setzero_ps();
-  for (int64_t i = 0; i < whole; i += 16) {
-    const __m512 e = exp_nonpositive16(_mm512_sub_ps(_mm512_loadu_ps(row + i), shift));
-    _mm512_storeu_ps(row + i, e);
-    vtotal = _mm512_add_ps(vtotal, e);
-  }
-  const __m512 e = exp_nonpositive16(_mm512_sub_ps(_mm512_mask_loadu_ps(shift, tail, row + whole), shift));
-  _mm512_mask_storeu_ps(row + whole, tail, e);
-  vtotal = _mm512_mask_add_ps(vtotal, tail, vtotal, e);
-  return _mm512_reduce_add_ps(vtotal);
-}
-
 // Measured (bf16 SmolLM2 shapes, KV from memory): 8 or 16 key rows per block alike, 32 slower (1.35x: the
 // prefetches of a block come in one burst); value blocks of 8-32 rows alike, 64 slower.
 struct Avx512 {
@@ -398,13 +318,29 @@ struct Avx512 {
   static constexpr int64_t kBlock = 16;  // key rows per block
   static constexpr int kValueAccumulators = 24;
   static constexpr int rows(int s) { return s == 1 ? 16 : s == 4 ? 4 : 8; }
-  template <typename T>
-  static SEESAW_INLINE Vec load(const T* p) { return load16(p); }
+  // sixteen cache values as float32 lanes
+  static SEESAW_INLINE Vec load(const float* p) { return _mm512_loadu_ps(p); }
+  static SEESAW_INLINE Vec load(const c10::BFloat16* p) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+  }
+  static SEESAW_INLINE Vec load(const c10::Half* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
   static SEESAW_INLINE Vec loadf(const float* p) { return _mm512_loadu_ps(p); }
   static SEESAW_INLINE void storef(float* p, Vec v) { _mm512_storeu_ps(p, v); }
   static SEESAW_INLINE Vec set1(float x) { return _mm512_set1_ps(x); }
   static SEESAW_INLINE Vec zero() { return _mm512_setzero_ps(); }
   static SEESAW_INLINE Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+  static SEESAW_INLINE Vec fnma(Vec a, Vec b, Vec c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a * b
+  static SEESAW_INLINE Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+  static SEESAW_INLINE Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+  static SEESAW_INLINE Vec max(Vec a, Vec b) { return _mm512_max_ps(a, b); }
+  static SEESAW_INLINE Vec round(Vec x) {
+    return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  // p * 2^n (scalef: the same product as AVX2's exponent bits for whole n in [-126, 0])
+  static SEESAW_INLINE Vec times_pow2(Vec p, Vec n) { return _mm512_scalef_ps(p, n); }
 
   // scale * the sums of dots[s * R + j] to out[s * ld + j], j < n (masked stores)
   template <int S, int R>
@@ -434,6 +370,70 @@ struct Avx512 {
 
 #ifdef SEESAW_AVX2
 // --------------------------------------------------------------------- the vector loops (AVX2, AVX-512)
+// e^x for x <= 0 (softmax numerators), over an ISA's lanes: x = n ln2 + r, |r| <= ln2 / 2; e^r by a degree-7
+// polynomial (Cephes' expf coefficients), times 2^n. Below -87 the result is 0 or denormal.
+template <typename Isa>
+inline typename Isa::Vec exp_nonpositive(typename Isa::Vec x) {
+  using Vec = typename Isa::Vec;
+  x = Isa::max(x, Isa::set1(-87.0f));
+  const Vec n = Isa::round(Isa::mul(x, Isa::set1(1.44269504088896341f)));
+  Vec r = Isa::fnma(n, Isa::set1(0.693359375f), x);
+  r = Isa::fnma(n, Isa::set1(-2.12194440e-4f), r);
+  Vec p = Isa::set1(1.9875691500e-4f);
+  p = Isa::fma(p, r, Isa::set1(1.3981999507e-3f));
+  p = Isa::fma(p, r, Isa::set1(8.3334519073e-3f));
+  p = Isa::fma(p, r, Isa::set1(4.1665795894e-2f));
+  p = Isa::fma(p, r, Isa::set1(1.6666665459e-1f));
+  p = Isa::fma(p, r, Isa::set1(5.0000001201e-1f));
+  p = Isa::fma(p, Isa::mul(r, r), r);
+  p = Isa::add(p, Isa::set1(1.0f));
+  return Isa::times_pow2(p, n);
+}
+
+// exp(row - max(row)) in place, returns the sum (as softmax_numerators_plain): AVX2 with a scalar tail
+float softmax_numerators_avx2(float* row, int64_t length) {
+  __m256 vpeak = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + 8 <= length; i += 8) vpeak = _mm256_max_ps(vpeak, _mm256_loadu_ps(row + i));
+  float peak = hmax(vpeak);
+  for (; i < length; ++i) peak = std::max(peak, row[i]);
+  const __m256 shift = _mm256_set1_ps(peak);
+  __m256 vtotal = _mm256_setzero_ps();
+  for (i = 0; i + 8 <= length; i += 8) {
+    const __m256 e = exp_nonpositive<Avx2>(_mm256_sub_ps(_mm256_loadu_ps(row + i), shift));
+    _mm256_storeu_ps(row + i, e);
+    vtotal = _mm256_add_ps(vtotal, e);
+  }
+  float total = hsum(vtotal);
+  for (; i < length; ++i) {
+    row[i] = std::exp(row[i] - peak);
+    total += row[i];
+  }
+  return total;
+}
+
+#ifdef SEESAW_AVX512
+// AVX-512, the tail under a mask
+float softmax_numerators_avx512(float* row, int64_t length) {
+  const int64_t whole = length - length % 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (length - whole)) - 1);
+  __m512 vpeak = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t i = 0; i < whole; i += 16) vpeak = _mm512_max_ps(vpeak, _mm512_loadu_ps(row + i));
+  vpeak = _mm512_max_ps(vpeak, _mm512_mask_loadu_ps(vpeak, tail, row + whole));
+  const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(vpeak));
+  __m512 vtotal = _mm512_setzero_ps();
+  for (int64_t i = 0; i < whole; i += 16) {
+    const __m512 e = exp_nonpositive<Avx512>(_mm512_sub_ps(_mm512_loadu_ps(row + i), shift));
+    _mm512_storeu_ps(row + i, e);
+    vtotal = _mm512_add_ps(vtotal, e);
+  }
+  const __m512 e = exp_nonpositive<Avx512>(_mm512_sub_ps(_mm512_mask_loadu_ps(shift, tail, row + whole), shift));
+  _mm512_mask_storeu_ps(row + whole, tail, e);
+  vtotal = _mm512_mask_add_ps(vtotal, tail, vtotal, e);
+  return _mm512_reduce_add_ps(vtotal);
+}
+#endif
+
 // Under GQA the query heads that share a KV head are computed together, a sub-group of up to four at a time:
 // each key and value row is read and widened once for all of them instead of once per query head.
 
