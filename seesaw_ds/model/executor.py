@@ -96,13 +96,14 @@ class Executor:
         self.prefill_micro_batches = prefill_micro_batches
         self.staging = staging
         self.stages: dict[str, StageModel] = {}
+        self.compiled = compiled.resolve(compile, self.device, self.dtype)
+        """Whether the stages' decoder layers run under torch.compile (model.compile)."""
         by_layout: dict[object, StageModel] = {}
         for name, groups in topology.layouts.items():
             if groups.layout not in by_layout:
-                by_layout[groups.layout] = StageModel(template, host, spec, groups, self.device, prepack=prepack)
+                by_layout[groups.layout] = StageModel(template, host, spec, groups, self.device, prepack=prepack,
+                                                      fuse_siblings=not self.compiled)
             self.stages[name] = by_layout[groups.layout]
-        self.compiled = compiled.resolve(compile, self.device, self.dtype)
-        """Whether the stages' decoder layers run under torch.compile (model.compile)."""
         if self.compiled:
             for stage in by_layout.values():
                 stage.compile()

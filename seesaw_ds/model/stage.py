@@ -47,7 +47,7 @@ class StageModel(nn.Module):
     """This rank's modules under one layout: embedding (first stage), layers, norm and head (last stage)."""
 
     def __init__(self, template: nn.Module, host: HostWeights, spec: ModelSpec, groups: LayoutGroups,
-                 device: torch.device, *, prepack: bool = False):
+                 device: torch.device, *, prepack: bool = False, fuse_siblings: bool = False):
         super().__init__()
         self.spec = spec
         self.host = host
@@ -86,8 +86,9 @@ class StageModel(nn.Module):
         self._check_materialized()
         # bf16 on a CPU (model.cpu_prepack): oneDNN-prepacked weight copies beside the views. Built before the
         # device tier is sized, which on a CPU reads the memory still available, so their bytes are counted.
+        # An eager stage (``fuse_siblings``) packs q/k/v and gate/up as one GEMM each.
         if prepack and backend.can_pack_cpu_linears(device, host.dtype):
-            backend.pack_cpu_linears(self)
+            backend.pack_cpu_linears(self, fuse_siblings=fuse_siblings)
 
     # ------------------------------------------------------------------ binding host views
     def _bind(self, module: nn.Module, param: str, tensor: torch.Tensor) -> None:

@@ -34,7 +34,7 @@ def test_a_bad_mode_names_the_value():
         resolve("sometimes", CPU, torch.bfloat16, cpu_flags=set())
 
 
-def _executor(checkpoint_dir, dtype: str, compile_mode: bool):
+def _executor(checkpoint_dir, dtype: str, compile_mode: bool, prepack: bool = True):
     """A one-rank executor over a real checkpoint (node-shared weights over MPI.COMM_SELF)."""
     from mpi4py import MPI
 
@@ -52,7 +52,7 @@ def _executor(checkpoint_dir, dtype: str, compile_mode: bool):
                              is_last_stage=True, prev_rank=None, next_rank=None)
     topology = SimpleNamespace(layouts={"prefill": groups, "decode": groups}, instance_rank=0)
     executor = Executor(topology, host, template, checkpoint.spec, device_tokens=4096, device=CPU,
-                        compile=compile_mode)
+                        compile=compile_mode, prepack=prepack)
     executor.activate("decode")
     return executor
 
