@@ -1,12 +1,15 @@
 """Fixtures shared by every test tier: tiny models built once per session."""
 from __future__ import annotations
 
+import json
 import os
+import random
+import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import REPO
+from helpers import PREEMPTED_JOB, PREEMPTED_REQUESTS, REPO, answers, run_command
 
 # Jobs the tests launch run eager (model.compile's default reads this): compiling would add tens of seconds
 # to every launch; the compiled path has its own tests (tests/unit/test_compiled.py, a compiled job in
@@ -62,3 +65,29 @@ def family_models(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("family_models")
     return {case: make_family_checkpoint(case, root / case) for case in CASES}
+
+
+@pytest.fixture(scope="session")
+def preempted_input(tmp_path_factory) -> Path:
+    """The input of the job the fault and requeue tests interrupt (helpers.PREEMPTED_JOB): requests of varied
+    prompt and output lengths, so that answers trickle out over the run."""
+    rng = random.Random(5)
+    path = tmp_path_factory.mktemp("preempted") / "input.jsonl"
+    path.write_text("".join(
+        json.dumps({"custom_id": f"f{i}", "prompt_token_ids": [rng.randint(3, 500) for _ in range(rng.randint(4, 30))],
+                    "max_tokens": rng.randint(4, 40)}) + "\n" for i in range(PREEMPTED_REQUESTS)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def preempted_reference(tiny_models, preempted_input, tmp_path_factory) -> dict[str, list[int]]:
+    """custom_id -> tokens of that job run uninterrupted on two local ranks (launch/run.py; `bash slurm/run.sh`
+    outside Slurm runs the same command): what tests/multirank/test_faults.py's resumed jobs and
+    tests/slurm/test_requeue.py's requeued ones must end with."""
+    out = tmp_path_factory.mktemp("preempted_reference") / "out.jsonl"
+    run_command([sys.executable, str(REPO / "launch" / "run.py"), f"model.path={tiny_models['llama']}",
+                 f"io.input={preempted_input}", f"io.output={out}", "launch.nproc=2", *PREEMPTED_JOB,
+                 f"+run_dir={out.parent}"], timeout=600)
+    result = answers(out)
+    assert len(result) == PREEMPTED_REQUESTS
+    return result

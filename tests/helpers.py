@@ -14,6 +14,13 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 MPIEXEC = str(BIN / "mpiexec") if (BIN / "mpiexec").exists() else "mpiexec"
+#: The job tests/multirank/test_faults.py stops and kills and tests/slurm/test_requeue.py requeues (its input
+#: and uninterrupted answers: the preempted_input and preempted_reference fixtures of tests/conftest.py):
+#: both layouts and the sampling fixed, so that a local run and a Slurm job are the same job.
+PREEMPTED_JOB = ["parallel=seesaw_pp2_tp2", "sampling.temperature=0", "sampling.ignore_eos=true",
+                 "kv.host_tokens=200", "kv.device_tokens=256", "kv.block_size=4", "scheduler.max_prefill_tokens=64",
+                 "io.progress_interval_s=1"]
+PREEMPTED_REQUESTS = 40
 
 
 def run_command(command: list[str], *, timeout: float, env: dict | None = None, cwd: Path | None = None,

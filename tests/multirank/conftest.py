@@ -40,3 +40,34 @@ def across_nodes_job(job_workload, tmp_path_factory):
     model_dir, path, _ = job_workload
     return run_job(model_dir, path, tmp_path_factory.mktemp("across_nodes"), 2, *layout_args("pp2", "tp2"),
                    "launch.ranks_per_node=1", env={"SEESAW_CHECK_HOST_TENSORS": "1"})
+
+
+#: The layouts of the feature jobs (test_logprobs_penalties.py checks single, pp2 -> tp2 and tp2 -> pp2;
+#: test_samples.py single, tp2 and pp2 -> tp2): name -> (ranks, (prefill, decode)).
+FEATURE_LAYOUTS = {"single": (1, ("tp1", "tp1")), "pp2-tp2": (2, ("pp2", "tp2")), "tp2-pp2": (2, ("tp2", "pp2")),
+                   "tp2": (2, ("tp2", "tp2"))}
+
+
+@pytest.fixture(scope="session")
+def feature_jobs(tiny_models, tmp_path_factory):
+    """One whole job per layout of FEATURE_LAYOUTS over the requests of test_logprobs_penalties.py and
+    test_samples.py together (one input file; every module reads its own requests' records and the jobs'
+    metrics), in run_job's small staging area and device tier. Returns ``(lines, jobs)``: lines
+    {"logprobs" | "samples": {custom_id: input line}}, jobs {layout: ({custom_id: record}, metrics)}."""
+    import json
+
+    from multirank.test_job import layout_args, run_job
+    from multirank.test_logprobs_penalties import logprob_lines
+    from multirank.test_samples import sample_lines
+
+    model_dir = tiny_models["llama"]
+    lines = {"logprobs": logprob_lines(model_dir), "samples": sample_lines()}
+    every = [line for own in lines.values() for line in own]
+    assert len({line["custom_id"] for line in every}) == len(every), "custom_ids must not repeat across modules"
+    path = tmp_path_factory.mktemp("features") / "input.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in every))
+    jobs = {}
+    for name, (nproc, layouts) in FEATURE_LAYOUTS.items():
+        _, records, metrics = run_job(model_dir, path, tmp_path_factory.mktemp(name), nproc, *layout_args(*layouts))
+        jobs[name] = ({record["custom_id"]: record for record in records}, metrics)
+    return {kind: {line["custom_id"]: line for line in own} for kind, own in lines.items()}, jobs

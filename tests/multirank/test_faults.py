@@ -17,38 +17,28 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, answers, run_command
+from helpers import PREEMPTED_JOB, PREEMPTED_REQUESTS as NUM_REQUESTS, REPO, answers, run_command
 
 pytestmark = pytest.mark.dist
 RUN = str(REPO / "launch" / "run.py")
-NUM_REQUESTS = 40
-
-
-@pytest.fixture(scope="module")
-def fault_input(tmp_path_factory) -> Path:
-    """Requests of varied prompt and output lengths, so answers trickle out over the run."""
-    rng = random.Random(5)
-    path = tmp_path_factory.mktemp("faults") / "input.jsonl"
-    path.write_text("".join(
-        json.dumps({"custom_id": f"f{i}", "prompt_token_ids": [rng.randint(3, 500) for _ in range(rng.randint(4, 30))],
-                    "max_tokens": rng.randint(4, 40)}) + "\n" for i in range(NUM_REQUESTS)))
-    return path
 
 
 def job_args(model_dir: Path, input_path: Path, output: Path) -> list[str]:
     return [sys.executable, RUN, f"model.path={model_dir}", f"io.input={input_path}", f"io.output={output}",
-            "launch.nproc=2", "parallel=seesaw_pp2_tp2", "sampling.temperature=0", "sampling.ignore_eos=true",
-            "kv.host_tokens=200", "kv.device_tokens=256", "kv.block_size=4", "scheduler.max_prefill_tokens=64",
-            "io.progress_interval_s=1", f"+run_dir={output.parent}"]
+            "launch.nproc=2", *PREEMPTED_JOB, f"+run_dir={output.parent}"]
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_models, fault_input, tmp_path_factory) -> dict[str, list[int]]:
-    out = tmp_path_factory.mktemp("reference") / "out.jsonl"
-    run_command(job_args(tiny_models["llama"], fault_input, out), timeout=600)
-    result = answers(out)
-    assert len(result) == NUM_REQUESTS
-    return result
+def fault_input(preempted_input) -> Path:
+    """Requests of varied prompt and output lengths, so answers trickle out over the run (tests/conftest.py;
+    tests/slurm/test_requeue.py requeues the same job)."""
+    return preempted_input
+
+
+@pytest.fixture(scope="module")
+def reference(preempted_reference) -> dict[str, list[int]]:
+    """The job's answers uninterrupted (tests/conftest.py)."""
+    return preempted_reference
 
 
 def start_and_wait_for_lines(args: list[str], output: Path, min_lines: int, timeout: float = 240):

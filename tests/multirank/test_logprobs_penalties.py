@@ -2,20 +2,19 @@
 under tp2 -> pp2 (prompt logprobs from a vocabulary-parallel lm_head; a device tier small enough to evict
 and a staging area that forces several layout switches), the
 tokens are the same, the logprobs are transformers' fp32 log_softmax within 1e-4, and greedy rows with a
-repetition penalty, a logit bias or bad words give transformers' tokens with the same logits processor."""
+repetition penalty, a logit bias or bad words give transformers' tokens with the same logits processor.
+The jobs are the feature jobs of tests/multirank/conftest.py, one per layout, whose input holds
+test_samples.py's requests too."""
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from multirank.test_job import MAX_TOKENS, layout_args, run_job
+from multirank.test_job import MAX_TOKENS
 
 pytestmark = pytest.mark.dist
 TOLERANCE = 1e-4
-LAYOUTS = {"single": (1, ("tp1", "tp1")), "pp2-tp2": (2, ("pp2", "tp2")), "tp2-pp2": (2, ("tp2", "pp2"))}
+LAYOUTS = ("single", "pp2-tp2", "tp2-pp2")  # of the feature jobs (tests/multirank/conftest.py)
 
 
 def _prompts(count: int, seed: int) -> list[list[int]]:
@@ -24,16 +23,15 @@ def _prompts(count: int, seed: int) -> list[list[int]]:
     return [torch.randint(3, 500, (n,), generator=generator).tolist() for n in lengths]
 
 
-@pytest.fixture(scope="module")
-def workload(tiny_models, tmp_path_factory):
-    """Input lines mixing logprobs, prompt_logprobs and every penalty/filter, in all three line kinds."""
+def logprob_lines(model_dir) -> list[dict]:
+    """Input lines mixing logprobs, prompt_logprobs and every penalty/filter, in all three line kinds (they
+    run in the feature jobs of tests/multirank/conftest.py, beside test_samples.py's lines)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model_dir = tiny_models["llama"]
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     from seesaw_ds.engine.penalties import bad_words_token_ids
 
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     prompts = _prompts(40, seed=21)
     with torch.no_grad():
         first = [int(model(torch.tensor([p])).logits[0, -1].argmax()) for p in prompts]
@@ -59,20 +57,31 @@ def workload(tiny_models, tmp_path_factory):
         {"custom_id": "cmpl", "method": "POST", "url": "/v1/completions",
          "body": {"prompt": prompts[10], "logprobs": 2, "presence_penalty": 0.5, "prompt_logprobs": 1}},
     ]
-    path = tmp_path_factory.mktemp("logprobs") / "input.jsonl"
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return model_dir, path, {line["custom_id"]: line for line in lines}, model, tokenizer
+    return lines
 
 
 @pytest.fixture(scope="module")
-def outputs(workload, tmp_path_factory):
-    model_dir, path, _, _, _ = workload
+def workload(tiny_models, feature_jobs):
+    """This module's input lines {custom_id: line}, and transformers' fp32 model and tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = tiny_models["llama"]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    lines, _ = feature_jobs
+    return model_dir, lines["logprobs"], model, AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="module")
+def outputs(feature_jobs):
+    """{layout: {custom_id: record}} of this module's requests in the feature jobs (tests/multirank/conftest.py:
+    one job per layout over this module's and test_samples.py's requests)."""
+    lines, jobs = feature_jobs
     results = {}
-    for name, (nproc, layouts) in LAYOUTS.items():
-        _, records, metrics = run_job(model_dir, path, tmp_path_factory.mktemp(name), nproc, *layout_args(*layouts))
+    for name in LAYOUTS:
+        records, metrics = jobs[name]
         assert metrics["scheduler"]["evictions"] > 0, "sequences must be evicted and swapped back in"
         assert metrics["num_transitions"] >= 3, "the small staging area makes prefill and decode alternate"
-        results[name] = {record["custom_id"]: record for record in records}
+        results[name] = {custom_id: record for custom_id, record in records.items() if custom_id in lines["logprobs"]}
     return results
 
 
@@ -119,7 +128,7 @@ def _same_tokens(single: dict, other: dict) -> None:
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_logprobs_are_transformers_fp32(outputs, workload, layout):
-    _, _, lines, model, _ = workload
+    _, lines, model, _ = workload
     worst = 0.0
     for custom_id, record in outputs[layout].items():
         line = lines[custom_id]
@@ -141,7 +150,7 @@ def test_logprobs_are_transformers_fp32(outputs, workload, layout):
 
 
 def test_openai_logprob_shapes_match_transformers(outputs, workload):
-    _, _, lines, model, tokenizer = workload
+    _, lines, model, tokenizer = workload
     for layout in LAYOUTS:
         completion = outputs[layout]["cmpl"]["response"]["body"]["choices"][0]
         logprobs = completion["logprobs"]
@@ -175,7 +184,7 @@ def test_greedy_penalties_give_transformers_tokens(outputs, workload):
 
     from seesaw_ds.engine.penalties import bad_words_token_ids
 
-    _, _, lines, model, tokenizer = workload
+    _, lines, model, tokenizer = workload
     record = outputs["single"]
     rep = _greedy_with(model, lines["rep"]["prompt_token_ids"], RepetitionPenaltyLogitsProcessor(1.6))
     assert record["rep"]["token_ids"] == rep
@@ -197,7 +206,7 @@ def test_frequency_and_presence_penalties_follow_vllms_formula(outputs, workload
     logit -= 1.5 * count_in_output + 0.5 * (count_in_output > 0)."""
     from transformers import LogitsProcessor, RepetitionPenaltyLogitsProcessor
 
-    _, _, lines, model, _ = workload
+    _, lines, model, _ = workload
     prompt = lines["freq"]["prompt_token_ids"]
 
     class OutputPenalty(LogitsProcessor):

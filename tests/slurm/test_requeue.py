@@ -6,41 +6,28 @@ after their step (exit 75), the second start finds the same run directory and re
 the job ends with every custom_id exactly once and the tokens of an uninterrupted local run."""
 from __future__ import annotations
 
-import json
-import random
 import re
 import time
-from pathlib import Path
 
 import pytest
 
-from helpers import REPO, answers, run_sh_standalone
+from helpers import PREEMPTED_JOB, REPO, answers
 
 pytestmark = pytest.mark.slurm
 RUN_SH = REPO / "slurm" / "run.sh"
-NUM_REQUESTS = 40
-# Both layouts and the sampling fixed here, so that the sbatch job and the local run are the same job.
-JOB = ["parallel=seesaw_pp2_tp2", "sampling.temperature=0", "sampling.ignore_eos=true", "kv.host_tokens=200",
-       "kv.device_tokens=256", "kv.block_size=4", "scheduler.max_prefill_tokens=64", "io.progress_interval_s=1"]
 
 
 @pytest.fixture(scope="module")
-def workload(tiny_models, tmp_path_factory) -> list[str]:
-    """40 requests of varied lengths (so that the job is still running when it is requeued)."""
-    rng = random.Random(5)
-    path = tmp_path_factory.mktemp("requeue") / "input.jsonl"
-    path.write_text("".join(
-        json.dumps({"custom_id": f"f{i}", "prompt_token_ids": [rng.randint(3, 500) for _ in range(rng.randint(4, 30))],
-                    "max_tokens": rng.randint(4, 40)}) + "\n" for i in range(NUM_REQUESTS)))
-    return [f"model.path={tiny_models['llama']}", f"io.input={path}", *JOB]
+def workload(tiny_models, preempted_input) -> list[str]:
+    """40 requests of varied lengths (so that the job is still running when it is requeued), in the job
+    tests/multirank/test_faults.py interrupts too (helpers.PREEMPTED_JOB, tests/conftest.py)."""
+    return [f"model.path={tiny_models['llama']}", f"io.input={preempted_input}", *PREEMPTED_JOB]
 
 
 @pytest.fixture(scope="module")
-def local_reference(workload, tmp_path_factory) -> dict[str, list[int]]:
-    """The same job uninterrupted and standalone: `bash slurm/run.sh ...` (mpiexec, 2 ranks on this host)."""
-    result = answers(run_sh_standalone([*workload, "launch.nproc=2"], tmp_path_factory.mktemp("requeue_local")))
-    assert len(result) == NUM_REQUESTS
-    return result
+def local_reference(preempted_reference) -> dict[str, list[int]]:
+    """The same job uninterrupted and standalone on two ranks of this host (tests/conftest.py)."""
+    return preempted_reference
 
 
 def test_scontrol_requeue_of_running_job_resumes(slurm_cluster, workload, local_reference, tmp_path):
