@@ -2,10 +2,13 @@
 
 1. **The whole job in bf16** on the tiny model: ``cli.worker_main`` as a rank runs it (prefill into the host
    staging area, swap-in, decode, evictions back to staging, several phase switches); every request's tokens
-   against transformers' greedy ``generate`` on the same GPU in bf16.
+   judged against the same model in float32 on the same device (``Reference``): each token the float32
+   model's top on that request's own path, or a near-tie within 2 x ``LOGITS_TOLERANCE`` of it.
+   transformers' bf16 ``generate`` is judged alike and reported beside it (what bf16 itself scores).
 2. **The executor step by step** on the same model: prefill into staging (device -> pinned -> staging on the
    side stream), swap-in layer by layer with events, decode, eviction and a second swap-in, and a forced
-   layout re-activation (the weights leave the device and come back) between decode steps; tokens again.
+   layout re-activation (the weights leave the device and come back) between decode steps; tokens judged
+   again, and every step's logits within ``LOGITS_TOLERANCE`` of the float32 model's.
 3. **Bandwidth** on a Llama-3-8B-shaped model with random bf16 weights (fewer layers), built on the GPU:
    pinned host-to-device and HBM bandwidth measured; a re-shard's bytes and seconds against the first; KV
    swap-out and swap-in through staging; decode throughput against the HBM roofline.
@@ -58,45 +61,97 @@ def _prompts(lengths, seed: int, low: int = 3, high: int = 500) -> list[list[int
     return [torch.randint(low, high, (n,), generator=generator).tolist() for n in lengths]
 
 
-def _reference(model_dir: Path, prompts, steps: int, device) -> list[list[int]]:
-    """transformers' greedy continuation of each prompt alone, in bf16 on ``device``."""
-    import torch
-    from transformers import AutoModelForCausalLM
+LOGITS_TOLERANCE = 2.0
+"""How far a bf16 engine's logits may be from the float32 model's, on the tiny model (logits of std ~12,
+seesaw_ds/model/tiny.py): bf16 computations of it measured within 0.92-1.12 of float32 at worst, RMS 0.15 (16
+prompts x 12 greedy steps x 1,000 logits, the check's own prompts; transformers' bf16 0.99, seesaw_ds's with either
+CPU prefill attention 0.92 / 1.12; `launch/prefill_agreement.py --model tiny`, AMD EPYC). A greedy token may
+then differ from the float32 top only where the two are within 2 x this (a near-tie)."""
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
-    out = []
+
+def _greedy(model, prompts, steps: int, device) -> tuple[list[list[int]], list]:
+    """``model``'s greedy continuation of each prompt alone, and its logits at every step (float32, on the CPU)."""
+    import torch
+
+    paths, logits = [], []
     with torch.no_grad():
         for prompt in prompts:
             ids = torch.tensor([prompt], device=device)
-            generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps,
-                                       min_new_tokens=steps, do_sample=False, pad_token_id=0)
-            out.append(generated[0, len(prompt):].tolist())
-    del model
-    return out
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, min_new_tokens=steps,
+                                 do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+            paths.append(out.sequences[0, len(prompt):].tolist())
+            logits.append(torch.cat(out.logits).float().cpu())
+    return paths, logits
 
 
-def _agreement(got: list[list[int]], want: list[list[int]]) -> dict:
-    """Tokens that agree up to each request's first divergence (after one, greedy paths drift apart)."""
-    agreed, total, exact, first_ok, diverged = 0, 0, 0, 0, []
-    for index, (a, b) in enumerate(zip(got, want)):
-        prefix = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        agreed += prefix
-        total += len(b)
-        exact += a == b
-        first_ok += bool(a) and bool(b) and a[0] == b[0]
-        if a != b:
-            diverged.append((index, prefix))
-    return {"requests": len(want), "exact_requests": exact, "first_token_ok": first_ok, "agreed_tokens": agreed,
-            "tokens": total, "diverged": diverged[:5],
-            "ok": first_ok == len(want) and agreed >= 0.9 * total}
+def _prefix_agreement(got: list[list[int]], want: list[list[int]]) -> tuple[int, int, int]:
+    """(tokens that agree up to each request's first difference, tokens, requests token-exact)."""
+    agreed = sum(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                 for a, b in zip(got, want))
+    return agreed, sum(map(len, want)), sum(a == b for a, b in zip(got, want))
 
 
-def _line(agreement: dict) -> str:
-    text = (f"{agreement['exact_requests']}/{agreement['requests']} requests token-exact, "
-            f"{agreement['agreed_tokens']}/{agreement['tokens']} tokens agree before any divergence")
-    if agreement["diverged"]:
-        text += f" (first divergences, request:step: {', '.join(f'{r}:{s}' for r, s in agreement['diverged'])})"
-    return text
+class Reference:
+    """transformers on the same device: the model in float32, what every bf16 engine is judged against (its
+    greedy paths, and its logits along an engine's own path), and in bf16 (judged the same way: what a bf16
+    computation of the same model scores)."""
+
+    def __init__(self, model_dir: Path, prompts, steps: int, device):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 (torch's default; TF32 is not)
+        torch.backends.cudnn.allow_tf32 = False
+        self.prompts, self.device = prompts, device
+        load = lambda dtype: AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()  # noqa: E731
+        bf16 = load(torch.bfloat16)
+        self.bf16_paths, bf16_logits = _greedy(bf16, prompts, steps, device)
+        del bf16
+        self.model = load(torch.float32)
+        self.paths, _ = _greedy(self.model, prompts, steps, device)
+        self.transformers_bf16 = self.judge(self.bf16_paths, bf16_logits)
+
+    def forced(self, paths) -> list:
+        """The float32 model's logits at every step of each path (teacher forcing: the path is its input)."""
+        import torch
+
+        out = []
+        with torch.no_grad():
+            for prompt, path in zip(self.prompts, paths):
+                ids = torch.tensor([prompt + path[:-1]], device=self.device)
+                out.append(self.model(ids).logits[0, len(prompt) - 1:].float().cpu())
+        return out
+
+    def judge(self, paths, logits=None) -> dict:
+        """Every token of ``paths`` against the float32 model's logits on that same path: its top, or a near-tie
+        (within 2 x LOGITS_TOLERANCE of the top: two logits each off by the tolerance can swap); ``logits`` (per
+        request [steps, vocab]), when given, within LOGITS_TOLERANCE of float32's at every step. Also the tokens
+        before each request's first difference from the float32 greedy path and from transformers' bf16 one
+        (figures only: after a near-tie, greedy paths drift apart)."""
+        import torch
+
+        forced = self.forced(paths)
+        off_top, worst, error = 0, 0.0, None
+        for path, fp32 in zip(paths, forced):
+            margin = fp32.max(-1).values - fp32.gather(-1, torch.tensor(path)[:, None])[:, 0]
+            off_top += int((margin > 0).sum())
+            worst = max(worst, float(margin.max()))
+        if logits is not None:
+            error = max(float((own.float() - fp32).abs().max()) for own, fp32 in zip(logits, forced))
+        return {"requests": len(paths), "steps": sum(map(len, paths)), "off_top": off_top, "worst_margin": worst,
+                "max_logits_error": error, "fp32_prefix": _prefix_agreement(paths, self.paths),
+                "bf16_prefix": _prefix_agreement(paths, self.bf16_paths),
+                "ok": worst <= 2 * LOGITS_TOLERANCE and (error is None or error <= LOGITS_TOLERANCE)}
+
+
+def _line(judged: dict) -> str:
+    agreed, total, exact = judged["fp32_prefix"]
+    text = (f"{judged['steps'] - judged['off_top']}/{judged['steps']} tokens the float32 model's top on their own "
+            f"path, the others within {judged['worst_margin']:.3f} of it")
+    if judged["max_logits_error"] is not None:
+        text += f", logits within {judged['max_logits_error']:.3f} of float32's"
+    return (text + f"; {agreed}/{total} tokens ({exact}/{judged['requests']} requests) as float32 greedy before a "
+            f"first difference, {judged['bf16_prefix'][0]}/{total} as transformers' bf16")
 
 
 # --------------------------------------------------------------------------------------------- part 1
@@ -112,7 +167,7 @@ def whole_job(work: Path, device) -> dict:
     input_path.write_text("".join(json.dumps({"custom_id": f"req-{i}", "prompt_token_ids": p}) + "\n"
                                   for i, p in enumerate(prompts)))
     began = time.perf_counter()
-    want = _reference(model_dir, prompts, MAX_TOKENS, device)
+    reference = Reference(model_dir, prompts, MAX_TOKENS, device)
     reference_s = time.perf_counter() - began
     output = work / "job" / "out.jsonl"
     notes = []
@@ -135,7 +190,8 @@ def whole_job(work: Path, device) -> dict:
     records = {json.loads(line)["custom_id"]: json.loads(line) for line in output.read_text().splitlines()}
     got = [records[f"req-{i}"]["token_ids"] for i in range(len(prompts))]
     metrics = json.loads(output.with_suffix(".metrics.json").read_text())
-    return {"agreement": _agreement(got, want), "job_s": job_s, "reference_s": reference_s, "notes": notes,
+    return {"agreement": reference.judge(got), "transformers_bf16": reference.transformers_bf16, "job_s": job_s,
+            "reference_s": reference_s, "notes": notes,
             "transitions": metrics["num_transitions"], "evictions": metrics["scheduler"]["evictions"],
             "kv": metrics["kv"], "output_tokens_per_second": metrics["output_tokens_per_second"]}
 
@@ -153,9 +209,10 @@ def _start(model_dir: Path, staging_tokens: int, device_tokens: int, block_size:
 
 
 class Sequences:
-    """Sequences driven through the executor by hand, as the leader would."""
+    """Sequences driven through the executor by hand, as the leader would (``keep_logits``: each step's
+    logits kept per sequence, float32 on the CPU, in ``logits``)."""
 
-    def __init__(self, runtime, prompts, max_new: int):
+    def __init__(self, runtime, prompts, max_new: int, keep_logits: bool = False):
         from seesaw_ds.kv.staging import ExtentAllocator
 
         self.rt = runtime
@@ -163,6 +220,7 @@ class Sequences:
         self.max_new = max_new
         self.extents = ExtentAllocator(runtime.executor.staging.capacity)
         self.tokens: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+        self.logits: dict[int, list] | None = {i: [] for i in range(len(prompts))} if keep_logits else None
         self.staged = {}
         self._swapping: list = []  # staged copies being read by a swap-in: their extents are freed after it
 
@@ -188,8 +246,14 @@ class Sequences:
             works.append(SeqWork(seq, 0, self.prompts[seq], 0, staging_extents=self.staged[seq].extents))
         ids, logits = executor.forward(ForwardPlan("prefill", works, sink="staging"))
         executor.staging.finish_writes()
+        self._take(ids, logits)
+
+    def _take(self, ids, logits) -> None:
         for seq, token in zip(ids, logits.argmax(-1).tolist()):
             self.tokens[seq].append(token)
+        if self.logits is not None:
+            for seq, row in zip(ids, logits.float().cpu()):
+                self.logits[seq].append(row)
 
     def swap_in(self, seqs):
         executor = self.rt.executor
@@ -212,8 +276,7 @@ class Sequences:
         ids, logits = executor.forward(ForwardPlan("decode", works), ready=swap.wait if swap else None)
         if swap is not None:
             self.finish(swap)
-        for seq, token in zip(ids, logits.argmax(-1).tolist()):
-            self.tokens[seq].append(token)
+        self._take(ids, logits)
 
     def evict(self, seqs) -> None:
         for seq in seqs:
@@ -222,11 +285,13 @@ class Sequences:
 
 
 def executor_steps(work: Path, device) -> dict:
+    import torch
+
     model_dir = work / "tiny"
     prompts = _prompts(STEP_PROMPT_LENGTHS, seed=11)
-    want = _reference(model_dir, prompts, MAX_TOKENS, device)
+    reference = Reference(model_dir, prompts, MAX_TOKENS, device)
     rt = _start(model_dir, staging_tokens=256, device_tokens=256, block_size=4)
-    seqs = Sequences(rt, prompts, MAX_TOKENS)
+    seqs = Sequences(rt, prompts, MAX_TOKENS, keep_logits=True)
     everyone = list(range(len(prompts)))
     seqs.prefill_to_staging(everyone)
     swap = seqs.swap_in(everyone)
@@ -246,7 +311,9 @@ def executor_steps(work: Path, device) -> dict:
     while len(seqs.tokens[0]) < MAX_TOKENS:
         seqs.decode(everyone)
     stats = rt.executor.staging.stats
-    result = {"agreement": _agreement([seqs.tokens[i] for i in everyone], want), "reactivation_bytes": moved,
+    result = {"agreement": reference.judge([seqs.tokens[i] for i in everyone],
+                                           [torch.stack(seqs.logits[i]) for i in everyone]),
+              "transformers_bf16": reference.transformers_bf16, "reactivation_bytes": moved,
               "reactivation_s": reactivation_s, "swap_in_bytes": stats.swap_in_bytes,
               "swap_out_bytes": stats.swap_out_bytes}
     rt.executor.staging.close()
@@ -378,7 +445,8 @@ def _job_lines(job: dict) -> list[str]:
     return [f"- tiny Llama (5 layers), {len(JOB_PROMPT_LENGTHS)} requests x {MAX_TOKENS} greedy tokens, "
             f"`kv.host_tokens=80 kv.device_tokens=64`: {job['transitions']} phase switches, {job['evictions']} "
             f"evictions, swap-out {kv['swap_out_bytes']} B, swap-in {kv['swap_in_bytes']} B; job {job['job_s']:.1f} s",
-            f"- against transformers `generate` (bf16, same device): {_line(job['agreement'])} — **{verdict}**",
+            f"- against transformers in float32 (same device): {_line(job['agreement'])} — **{verdict}**",
+            f"- transformers `generate` in bf16, judged alike: {_line(job['transformers_bf16'])}",
             *(f"- note: {note}" for note in job["notes"])]
 
 
@@ -387,7 +455,8 @@ def _steps_lines(steps: dict) -> list[str]:
     return [f"- prefill -> staging -> swap-in (overlapping the first decode step) -> decode -> weights off the device "
             f"and back ({steps['reactivation_bytes']} B in {steps['reactivation_s'] * 1e3:.1f} ms) -> decode -> "
             f"evict two sequences -> swap them in again -> decode",
-            f"- against transformers: {_line(steps['agreement'])} — **{verdict}**"]
+            f"- against transformers in float32: {_line(steps['agreement'])} — **{verdict}**",
+            f"- transformers `generate` in bf16, judged alike: {_line(steps['transformers_bf16'])}"]
 
 
 def _bandwidth_lines(band: dict, h2d_bytes: int) -> list[str]:

@@ -1,7 +1,8 @@
 """The GPU check script (tests/gpu/run.sh) on a machine without CUDA: one line, exit 0; and its CPU rehearsal
 (SEESAW_GPU_CHECK_ON_CPU=1 with the single-rank MPI stand-in the GPU machines need): every step it runs on a
 GPU — the whole job in bf16, staging, swap-in, eviction, a forced re-activation, the bandwidth part — runs
-here at tiny sizes and writes its report, tokens agreeing with transformers."""
+here at tiny sizes and writes its report, tokens and logits judged against the same model in float32
+(tests/gpu/test_check_criterion.py: the criterion itself, and that it fails a wrong token or logits)."""
 from __future__ import annotations
 
 import pytest
