@@ -16,6 +16,7 @@ own path (teacher forcing), so that every step is judged, not only those before 
     .venv/bin/python launch/prefill_agreement.py --model tiny      # the GPU check's tiny model and prompts
     .venv/bin/python launch/prefill_agreement.py --model smollm2   # SmolLM2-135M-Instruct, chat prompts
     .venv/bin/python launch/prefill_agreement.py --model smollm2 --workload runs/<bench>/workload.json
+    .venv/bin/python launch/prefill_agreement.py --model operator  # the prefill kernel alone, against float64
 
 One rank in-process (the single-rank MPI stand-in of tests/gpu where mpi4py lacks MPI), eager, one thread
 unless OMP_NUM_THREADS says otherwise.
@@ -164,9 +165,38 @@ def judge(name: str, paths, logits, reference, forced) -> dict:
             "first_step_rms_err": math.sqrt(float((torch.cat(firsts).double() ** 2).mean()))}
 
 
+def operator_level() -> None:
+    """The prefill kernel alone (SDPA, rows=0, and the float32 GEMMs) in bf16 against float64 attention over
+    the same bf16 inputs: SmolLM2's heads (9 query, 3 KV, size 64), prompts of 3-558 tokens, random q/k/v."""
+    import torch
+
+    from seesaw_ds.model import kernels
+    from seesaw_ds.model.attention_reference import prefill_reference
+
+    assert kernels.built()
+    torch.manual_seed(0)
+    bounds = [0]
+    for length in (61, 130, 257, 400, 558, 17, 3):
+        bounds.append(bounds[-1] + length)
+    q, k, v = (torch.randn(heads, bounds[-1], 64).bfloat16() for heads in (9, 3, 3))
+    exact = prefill_reference(q[None].double(), k[None].double(), v[None].double(), bounds, 64 ** -0.5, None,
+                              None)[0]
+    rows = kernels.PREFILL_BLOCK_ROWS
+    for name, value in (("SDPA (rows=0)", 0), ("float32 GEMMs (rows=32)", 32), ("float64 rounded to bf16", None)):
+        if value is None:
+            out = exact.bfloat16()
+        else:
+            kernels.PREFILL_BLOCK_ROWS = value
+            out = kernels.prefill_attention(q, k, v, torch.tensor(bounds), 64 ** -0.5)
+        error = out.double() - exact
+        print(f"operator, {name}: max error {error.abs().max():.3e}, RMS {error.pow(2).mean().sqrt():.3e}")
+    kernels.PREFILL_BLOCK_ROWS = rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("tiny", "smollm2"), default="tiny")
+    parser.add_argument("--model", choices=("tiny", "smollm2", "operator"), default="tiny",
+                        help="operator: the prefill kernel alone against float64")
     parser.add_argument("--rows", type=int, default=32, help="PREFILL_BLOCK_ROWS of the float32-GEMM path")
     parser.add_argument("--prompts", type=int, default=6, help="smollm2: chat prompts")
     parser.add_argument("--steps", type=int, default=32, help="smollm2: greedy tokens per prompt")
@@ -178,6 +208,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import torch
 
+    if args.model == "operator":
+        operator_level()
+        return 0
     import single_rank_mpi
 
     single_rank_mpi.install()
