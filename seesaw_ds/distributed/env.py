@@ -168,12 +168,26 @@ def export_extension_dir() -> None:
     clone, a second project) writes the same op with other include paths, and each job that follows
     rebuilds it (30-90 s of start-up here). An explicit TORCH_EXTENSIONS_DIR wins.
 
+    The builds run with this environment's ``ninja`` first on PATH: torch runs whichever ``ninja`` PATH finds,
+    and two versions (the venv's pip wheel, 1.13 here, and the system's 1.11) each rebuild what the other
+    built, so a process started as ``.venv/bin/python`` without the venv on PATH and one started with it
+    rebuilt the shared-memory all-reduce and the attention kernel at every switch (80-160 s each on 2 cores).
+
     Also makes a build lock left by a killed builder a one-line warning instead of a hang
     (seesaw_ds/distributed/jit_lock.py)."""
     from seesaw_ds.distributed import jit_lock
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    os.environ["PATH"] = path_with_env_ninja(os.environ.get("PATH", ""), os.path.join(sys.prefix, "bin"))
     jit_lock.install()
+
+
+def path_with_env_ninja(path: str, bin_dir: str) -> str:
+    """``path`` with ``bin_dir`` first when that directory holds a ``ninja`` (pure but for the one file check)."""
+    if not os.path.exists(os.path.join(bin_dir, "ninja")):
+        return path
+    rest = [entry for entry in path.split(os.pathsep) if entry and entry != bin_dir]
+    return os.pathsep.join([bin_dir, *rest])
 
 
 #: glibc (>= 2.35) tunable that makes malloc madvise its large mappings for transparent huge pages.

@@ -1,5 +1,6 @@
 """The environment launch/run.py gives the ranks it starts (pure): OpenMP threads and glibc's huge-page
-malloc tunable, without overriding what the user set; each rank bound to cores of its own (launch.bind)."""
+malloc tunable, without overriding what the user set; each rank bound to cores of its own (launch.bind); JIT
+extension builds with the environment's own ninja."""
 from __future__ import annotations
 
 import pytest
@@ -96,3 +97,17 @@ def test_oversubscribed_ranks_get_yielding_mpi_waits_unless_set():
     assert env["MPIR_CVAR_CH4_PROGRESS_THROTTLE"] == "1"
     assert env["MPIR_CVAR_CH4_PROGRESS_THROTTLE_NO_PROGRESS_COUNT"] == "7", "the user's own value is kept"
     assert not set(YIELDING_MPI) & set(rank_environment({}, hugepages=False)), "not without oversubscription"
+
+
+def test_extension_builds_use_the_environments_ninja(tmp_path):
+    """torch builds with whichever ninja PATH finds; two versions rebuild each other's output, so the
+    environment's own comes first (once), and a directory without one changes nothing."""
+    from seesaw_ds.distributed.env import path_with_env_ninja
+
+    venv_bin = tmp_path / "bin"
+    venv_bin.mkdir()
+    assert path_with_env_ninja("/usr/bin:/bin", str(venv_bin)) == "/usr/bin:/bin"
+    (venv_bin / "ninja").write_text("")
+    assert path_with_env_ninja("/usr/bin:/bin", str(venv_bin)) == f"{venv_bin}:/usr/bin:/bin"
+    assert path_with_env_ninja(f"/usr/bin:{venv_bin}:/bin", str(venv_bin)) == f"{venv_bin}:/usr/bin:/bin"
+    assert path_with_env_ninja("", str(venv_bin)) == str(venv_bin)
