@@ -10,6 +10,9 @@ residual adds, their Python), rotary tables, the step's inputs, embedding, head.
 first: its per-operator overhead made a 41 ms step 216 ms, which says nothing about the small regions.
 
     OMP_NUM_THREADS=1 python launch/bench_decode.py [--model DIR] [--repeats 5] [--profile]
+
+``--threads N`` (N > 1) runs the steps on N torch threads and times them in wall time instead (only a quiet
+machine gives a figure then): what one rank with N cores would take, without a job around it.
 """
 from __future__ import annotations
 
@@ -72,7 +75,10 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", action="store_true", help="also print each point's shares by region")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads; above 1 the steps are timed in wall time")
     args, executor, checkpoint = smollm2_executor(parser)
+    torch.set_num_threads(args.threads)
+    clock, kind = (time.thread_time, "thread CPU time") if args.threads == 1 else (time.perf_counter, "wall time")
     stage = executor.stages["decode"]
     generator = torch.Generator().manual_seed(0)
 
@@ -84,17 +90,17 @@ def main() -> None:
         work = [SeqWork(i, 0, [ids[i]], start=length) for i in range(seqs)]
         for w in work:
             cache.allocator.ensure(w.seq_id, length + 1)
-        began = time.thread_time()
+        began = clock()
         executor.forward(ForwardPlan("decode", work))
-        return time.thread_time() - began
+        return clock() - began
 
     for point in POINTS:
         step(*point)  # warm up (the kernel's first call, allocations)
     for seqs, length in POINTS:
         best = min(step(seqs, length) for _ in range(args.repeats))
-        print(f"decode {seqs:4d} x {length:4d}: {best * 1e3:8.2f} ms per step (best of {args.repeats}, thread CPU "
-              f"time)", flush=True)
-    if not args.profile:
+        print(f"decode {seqs:4d} x {length:4d}: {best * 1e3:8.2f} ms per step (best of {args.repeats}, {kind}, "
+              f"{args.threads} thread{'s' if args.threads > 1 else ''})", flush=True)
+    if not args.profile or args.threads > 1:  # the regions' clocks are the thread's own
         return
     clock = Clock()
     for module in stage.layers.modules():  # the head's norm and lm_head count to the head
