@@ -37,6 +37,25 @@ from seesaw_ds.kv.sizing import node_shared_available_bytes
 from seesaw_ds.kv.transfer import DeviceCopies, LayerReady
 
 
+def one_openmp_thread() -> None:
+    """Make the calling thread run torch's CPU operators on itself alone, leaving the other threads' setting.
+
+    The copy thread's copies are memory-bound, and a thread of its own already overlaps them with the
+    forward. Left alone, its first parallel operator takes torch's process-wide thread count (at::parallel_for
+    initialises each new thread from it) and makes an OpenMP team of its own; libgomp then manages more threads
+    than there are CPUs and cuts every team's spin-wait short, so the forward's own worker sleeps between
+    operators: a rank with 2 cores ran its decode steps in 41 ms against 26-28 ms for the bare forward
+    (docs/benchmarks.md). ``torch.get_num_threads()`` does this thread's lazy initialisation first, then
+    OpenMP's per-thread setting is lowered to 1 (``torch.set_num_threads`` would change every thread's)."""
+    torch.get_num_threads()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libgomp.so.1").omp_set_num_threads(1)  # torch's own libgomp, already loaded under that name
+    except (OSError, AttributeError):  # another OpenMP runtime, or none: nothing shared to spin
+        pass
+
+
 class StagingCapacityError(ValueError):
     """The staging area cannot fit in host memory; the message names the sizes and the fix."""
 
@@ -187,7 +206,7 @@ class HostKV:
         self.dtype = dtype
         self.capacity = kv.shape[3]
         self.copies = copies
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seesaw-kv")
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seesaw-kv", initializer=one_openmp_thread)
         self._pending: list[Future] = []
         self.stats = TransferStats()
         self._lock = threading.Lock()
