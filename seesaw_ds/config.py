@@ -64,13 +64,13 @@ class ParallelConfig:
     auto: bool = False
     """Let the planner choose both layouts for this machine, model and input (``parallel=auto``; see
     seesaw_ds/sim/auto.py): resolved once before the ranks start; explicit parallel.prefill/decode axes win."""
-    auto_fewer_ranks: bool = False
+    auto_fewer_ranks: bool = True
     """parallel=auto on a CPU: launch.nproc is the most ranks, and the plan may start fewer, each with more of
     the cores' threads (one rank x 2 threads rather than dp2 for a batch too small to keep two replicas busy),
-    each rank count priced by its own calibration. Off by default: on the 2-core AMD box (quiet machine,
-    batch-1 preset) one rank x 2 threads ran a decode step in 45.5 ms (median) against dp2's 37.0, while its
-    engine profile predicted ~36: the rank's 2-thread step has a cost the profile does not time yet
-    (docs/benchmarks.md, issue 22)."""
+    each rank count priced by its own calibration. On the 2-core AMD box (quiet machine) it picks one rank x 2
+    threads for the batch-1 preset (decode step 27-28 ms against dp2's 34; predicted 81 against 86 measured
+    tokens/s) and keeps dp2 for decode_only and standard (docs/benchmarks.md, issue 22); false = always
+    launch.nproc ranks."""
     recalibrate: bool = False
     """parallel=auto: measure this machine again instead of planning with its calibration kept from an earlier
     start (``$SEESAW_CACHE/calibration/``, one per machine, job shape and engine code; seesaw_ds/sim/

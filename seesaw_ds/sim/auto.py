@@ -13,8 +13,7 @@ layouts:
    input file (prompt lengths after tokenization, ``max_tokens`` after the sampling defaults);
 3. :class:`~seesaw_ds.sim.planner.Planner` simulates every layout pair of the job's ranks with the
    engine's own scheduler, priced as today's executor runs (synchronous pipeline, DP in lockstep). On a
-   CPU, with ``parallel.auto_fewer_ranks`` (off by default: the rank's 2-thread step measured slower than
-   its profile predicts) and the launcher yet to start the ranks, it also simulates *fewer ranks with more
+   CPU, with ``parallel.auto_fewer_ranks`` (on by default) and the launcher yet to start the ranks, it also simulates *fewer ranks with more
    threads each*
    (:func:`rank_counts`: 1 rank x 2 threads beside 2 ranks x 1 thread on two cores), each priced by its own
    calibration (the engine timed with that many threads: the machine's thread scaling, measured once and

@@ -203,9 +203,7 @@ SMOLLM2_DIMS = ModelDims(num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64
                          intermediate_size=1536, vocab_size=49152)
 # The engine profiles of SmolLM2-135M in bf16 on the 2-core AMD EPYC (AVX512_BF16, no AMX) that sim/profile.py
 # measured on a quiet machine (2026-12-06 06:21, one engine): one thread (a rank of two, as dp2 runs it) and two
-# threads (the one rank of a single-rank job). The real 2-thread rank ran the batch-1 preset slower than these
-# predict (docs/benchmarks.md), which is why parallel.auto_fewer_ranks is off by default; the tests check the
-# planner's choice given the figures.
+# threads (the one rank of a single-rank job); the tests check the planner's choice given the figures.
 ONE_THREAD = dict(prefill_layer_s=1.16e-3, prefill_token_s=3.76e-5, prefill_pair_s=2.99e-8, prefill_seq_s=0.0,
                   decode_layer_s=1.17e-3, decode_seq_s=3.51e-5, decode_kv_token_s=3.71e-8, head_s=2.73e-3,
                   head_seq_s=2.91e-4, step_s=2.92e-4, step_token_s=9.9e-7, step_seq_s=1.83e-5, threads=1)
