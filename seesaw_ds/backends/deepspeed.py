@@ -78,7 +78,8 @@ except (AttributeError, RuntimeError):  # a torch without oneDNN: can_pack_cpu_l
     _LINEAR = None
 
 
-def _packed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """``x @ W.T`` over a oneDNN-prepacked ``W``: the one spelling of the call, eager and in the operator."""
     return _LINEAR(x, packed, None, "none", [], "")
 
 
@@ -86,7 +87,7 @@ def _packed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> 
 def packed_linear_op(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
     """``x @ W.T`` over a oneDNN-prepacked ``W`` as one opaque operator: under ``torch.compile`` inductor
     lowers ``mkldnn._linear_pointwise`` only for weights it froze itself, so the compiled graph calls this."""
-    return _packed_linear(x, packed, out_features)
+    return _packed_linear(x, packed)
 
 
 @packed_linear_op.register_fake
@@ -113,7 +114,7 @@ class SiblingGroup:
     def output(self, index: int, x: torch.Tensor) -> torch.Tensor:
         outputs = self._outputs
         if x is not self._input or outputs[index] is None:
-            outputs = self._outputs = list(_LINEAR(x, self.packed, None, "none", [], "").split(self.sizes, -1))
+            outputs = self._outputs = list(_packed_linear(x, self.packed).split(self.sizes, -1))
             self._input = x
         out, outputs[index] = outputs[index], None
         if all(each is None for each in outputs):  # every member served: hold no activations between calls
@@ -130,7 +131,7 @@ def _packed_matmul(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return packed_linear_op(x, module.seesaw_packed, module.weight.shape[0])
     if group is not None:
         return group.output(module.seesaw_index, x)
-    return _LINEAR(x, module.seesaw_packed, None, "none", [], "")
+    return _packed_linear(x, module.seesaw_packed)
 
 
 class PackedLinearLayer(ds_layers.LinearLayer):
