@@ -62,10 +62,10 @@ def run_mpi(nproc: int, args: list[str], *, timeout: float = 300, env: dict | No
             check: bool = True) -> subprocess.CompletedProcess:
     """``mpiexec -n nproc python ARGS``; with more ranks than CPUs, MPICH's waits yield (as launch/run.py
     has them do)."""
-    from seesaw_ds.distributed.env import YIELDING_MPI, cpu_affinity
+    from seesaw_ds.distributed.env import CROWDED_NODE_ENV, cpu_affinity
 
     if nproc > len(cpu_affinity()):
-        env = {**YIELDING_MPI, **(env or {})}
+        env = {**CROWDED_NODE_ENV, **(env or {})}
     return run_command([MPIEXEC, "-n", str(nproc), sys.executable, *args], timeout=timeout, env=env, check=check)
 
 

@@ -46,6 +46,8 @@ def worker_main(argv: list[str]) -> int:
     """What every rank runs under mpiexec/srun."""
     from mpi4py import MPI
 
+    from seesaw_ds.distributed.waits import settle
+
     world = MPI.COMM_WORLD
     rank = world.Get_rank()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
@@ -54,6 +56,7 @@ def worker_main(argv: list[str]) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     def agree(error: str | None) -> None:
+        settle(world)  # rank 0 may be reading files meanwhile
         errors = [e for e in world.allgather(error) if e]
         if errors:
             if rank == 0:

@@ -18,6 +18,7 @@ from pathlib import Path
 from mpi4py import MPI
 
 from seesaw_ds.distributed import rendezvous
+from seesaw_ds.distributed.waits import CROWDED_VAR, settle
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ def _node_comm(world: MPI.Comm, ranks_per_node: int | None) -> MPI.Comm:
 def discover(ranks_per_node: int | None = None) -> DistEnv:
     """Find this rank's place in the job from MPI (collective over MPI.COMM_WORLD)."""
     world = MPI.COMM_WORLD
+    settle(world)  # ranks finish importing at different times
     node = _node_comm(world, ranks_per_node)
     host = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
     host_local_rank, host_local_size = host.Get_rank(), host.Get_size()
@@ -197,8 +199,8 @@ HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
 def rank_environment(base: dict[str, str], *, hugepages: bool, oversubscribed: bool = False) -> dict[str, str]:
     """The environment the ranks start with (pure): one OpenMP thread unless told otherwise, with
     ``hugepages`` glibc's huge-page tunable added to ``GLIBC_TUNABLES`` (kept when the user set it either way),
-    and when ``oversubscribed`` (more ranks than CPUs) MPICH's waits made to yield (`YIELDING_MPI`, each kept
-    when the user set it).
+    and when ``oversubscribed`` (more ranks than CPUs) the waits made to give the CPU away (`CROWDED_NODE_ENV`,
+    each kept when the user set it).
 
     The KV cache, activations and weight buffers are large tensors read front to back; on 4 KiB pages every
     few KV rows is a TLB miss and a restart of the hardware prefetcher. glibc reads the tunable only at
@@ -211,7 +213,7 @@ def rank_environment(base: dict[str, str], *, hugepages: bool, oversubscribed: b
     if hugepages and "glibc.malloc.hugetlb" not in tunables:
         env["GLIBC_TUNABLES"] = f"{tunables}:{HUGEPAGE_TUNABLE}" if tunables else HUGEPAGE_TUNABLE
     if oversubscribed:
-        for name, value in YIELDING_MPI.items():
+        for name, value in CROWDED_NODE_ENV.items():
             env.setdefault(name, value)
     return env
 
@@ -317,10 +319,12 @@ def cores_per_rank(local_size: int, affinity: int | None = None, environ=None) -
     return max(1, min(own, node_cpus(own, environ) // max(1, local_size)))
 
 
-#: MPICH settings for the ranks of a node with more ranks than CPUs: a rank waiting in MPI sleeps (usleep)
-#: after a few polls that made no progress, instead of spinning on a CPU another rank of the node needs.
-#: (gloo waits block on their own; DeepSpeed's shared-memory all-reduce spins, so it is off there: groups.py.)
-YIELDING_MPI = {"MPIR_CVAR_CH4_PROGRESS_THROTTLE": "1", "MPIR_CVAR_CH4_PROGRESS_THROTTLE_NO_PROGRESS_COUNT": "32"}
+#: The environment of every rank of a job with more ranks on a node than it has CPUs: MPICH's waits call
+#: sched_yield after a few polls that made no progress, and the long waits sleep (seesaw_ds/distributed/waits.py:
+#: sched_yield alone leaves the waiting rank runnable). gloo waits block on their own; DeepSpeed's
+#: shared-memory all-reduce spins, so it is off there (groups.py).
+CROWDED_NODE_ENV = {"MPIR_CVAR_CH4_PROGRESS_THROTTLE": "1", "MPIR_CVAR_CH4_PROGRESS_THROTTLE_NO_PROGRESS_COUNT": "32",
+                    CROWDED_VAR: "1"}
 
 
 def oversubscription_warning(ranks_on_node: int, cpus: int) -> str | None:
@@ -328,5 +332,5 @@ def oversubscription_warning(ranks_on_node: int, cpus: int) -> str | None:
     if ranks_on_node <= cpus:
         return None
     return (f"{ranks_on_node} ranks on a node with {cpus} CPUs: they take turns on shared cores, so the job "
-            f"runs slower than with at most {cpus} ranks per node (waits in MPI yield the CPU and DeepSpeed's "
-            f"spinning shared-memory all-reduce is off)")
+            f"runs slower than with at most {cpus} ranks per node (waits in MPI sleep instead of polling, and "
+            f"DeepSpeed's spinning shared-memory all-reduce is off)")

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from seesaw_ds.distributed.waits import settle
+
 ALIGN = 256
 log = logging.getLogger("seesaw_ds")
 
@@ -81,6 +83,7 @@ class NodeSharedBuffer:
     def __init__(self, node_comm: MPI.Comm, nbytes: int, *, pin: bool = False, first_touch: bool | None = None):
         self.nbytes = int(nbytes)
         owned = self.nbytes if node_comm.Get_rank() == 0 else 0
+        settle(node_comm)
         self._win = MPI.Win.Allocate_shared(max(owned, 1) if node_comm.Get_rank() == 0 else 0, 1,
                                             comm=node_comm)
         buf, _ = self._win.Shared_query(0)

@@ -19,6 +19,7 @@ from mpi4py import MPI
 
 from seesaw_ds.config import JobConfig, layout_of
 from seesaw_ds.distributed.env import anon_hugepage_bytes, cpu_affinity
+from seesaw_ds.distributed.waits import settle
 from seesaw_ds.engine import requests as request_io
 from seesaw_ds.engine.grammar import Grammars
 from seesaw_ds.engine.leader import Finished, Leader
@@ -165,6 +166,7 @@ def run_job(settings: JobConfig, runtime, run_dir: Path, *, tokenizer=None, stop
     import torch
 
     # Where each rank runs (launch.bind) and its threads: the metrics' "ranks", to check a binding by.
+    settle(world)
     rank_cpus = world.allgather({"cpus": cpu_affinity(), "threads": torch.get_num_threads()})
     worker = Worker(executor)
     paths = JobPaths(settings, run_dir)
@@ -226,6 +228,7 @@ def run_job(settings: JobConfig, runtime, run_dir: Path, *, tokenizer=None, stop
                 message = leader.next_message(rejected)
         else:
             message = None
+        settle(comm)  # on a crowded node: sleep, not spin, until the leader has the step's plan
         message = comm.bcast(message, root=0)
         if message.phase == "stop":
             preempted = message.preempted
@@ -234,6 +237,7 @@ def run_job(settings: JobConfig, runtime, run_dir: Path, *, tokenizer=None, stop
             break
         began = time.perf_counter()
         result = worker.run_step(message)
+        settle(comm)
         results = comm.gather(result, root=0)
         if leader is not None:
             finished = leader.absorb(message, results, time.perf_counter() - began)
@@ -255,6 +259,7 @@ def run_job(settings: JobConfig, runtime, run_dir: Path, *, tokenizer=None, stop
             _plot_timeline(leader, paths.timeline)
             print(_progress_line(leader, coordinator, total, "done"), flush=True)
             coordinator.close()
+    settle(world)  # global rank 0 writes the metrics and the timeline meanwhile
     preempted = any(world.allgather(preempted))
     return JobResult(metrics, preempted)
 

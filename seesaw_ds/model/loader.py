@@ -22,6 +22,7 @@ from safetensors import safe_open
 
 from seesaw_ds.distributed.hostmem import NodeSharedBuffer, align
 from seesaw_ds.distributed.layout import ModelDims
+from seesaw_ds.distributed.waits import settle
 from seesaw_ds.model.families import ModelSpec, legacy_target, model_dims, model_spec
 from seesaw_ds.model.shards import TensorRole, host_shape
 
@@ -246,6 +247,7 @@ class HostWeights:
         self._views = {name: self._buffer.view(offset, shape, dtype) for name, (offset, shape) in offsets.items()}
         if node_comm.Get_rank() == 0:
             self._fill(checkpoint, plan)
+        settle(node_comm)  # the node's rank 0 reads the weights meanwhile
         node_comm.Barrier()
         if "lm_head.weight" not in self._views:
             self._views["lm_head.weight"] = self._views["model.embed_tokens.weight"]

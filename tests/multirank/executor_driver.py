@@ -25,6 +25,7 @@ from mpi4py import MPI
 
 from seesaw_ds import runtime as runtime_mod
 from seesaw_ds.distributed.layout import Layout
+from seesaw_ds.distributed.waits import settle
 from seesaw_ds.model.executor import ForwardPlan, SeqWork
 
 DECODE_STEPS = {1: 16, 2: 16, 4: 8}
@@ -79,6 +80,7 @@ def run_greedy(rt, name: str, prompts: list[list[int]], steps: int, first_id: in
         seq_ids, logits = executor.forward(plan)
         local = {} if logits is None or executor.groups.tp_index != 0 else dict(zip(seq_ids, logits))
         merged = {}
+        settle(comm)  # rank 0 may be computing transformers' reference meanwhile (crowded: sleep, not spin)
         for part in comm.allgather(local):
             merged.update(part)
         for seq in ids:

@@ -76,7 +76,7 @@ def test_threads_per_rank_bound_and_unbound():
 
 # -- more ranks on a node than CPUs: warned about, and waits that yield ---------------------------------------------
 
-from seesaw_ds.distributed.env import YIELDING_MPI, node_cpus, oversubscription_warning  # noqa: E402
+from seesaw_ds.distributed.env import CROWDED_NODE_ENV, node_cpus, oversubscription_warning  # noqa: E402
 
 
 def test_oversubscribed_node_is_one_warning_line():
@@ -96,7 +96,7 @@ def test_oversubscribed_ranks_get_yielding_mpi_waits_unless_set():
                            oversubscribed=True)
     assert env["MPIR_CVAR_CH4_PROGRESS_THROTTLE"] == "1"
     assert env["MPIR_CVAR_CH4_PROGRESS_THROTTLE_NO_PROGRESS_COUNT"] == "7", "the user's own value is kept"
-    assert not set(YIELDING_MPI) & set(rank_environment({}, hugepages=False)), "not without oversubscription"
+    assert not set(CROWDED_NODE_ENV) & set(rank_environment({}, hugepages=False)), "not without oversubscription"
 
 
 def test_extension_builds_use_the_environments_ninja(tmp_path):
