@@ -29,7 +29,9 @@ for arg in "$@"; do case "$arg" in --basetemp*) streams=1 ;; esac; done
 logs="$(mktemp -d)"
 beside_pid=""
 trap '[ -n "$beside_pid" ] && kill "$beside_pid" 2>/dev/null; rm -rf "$logs"' EXIT
-verdict() { grep -E '^=+ .* in [0-9.]+s' "$1" | tail -n1; }
+# pytest's last line, "N passed, ... in S s" (framed by "=" unless -q; "no tests ran" for exit 5), or nothing
+last_line='^(=+ )?([0-9]+ (passed|failed|skipped|errors?|deselected|xfailed|xpassed)|no tests ran)\b.* in [0-9.]+s'
+verdict() { grep -E "$last_line" "$1" | tail -n1 || true; }
 set +e
 python -m pytest -q -rs -n 2 -m "not dist and not slurm and not gpu" "$@" tests/unit tests/gpu tests/multirank \
   2>&1 | tee "$logs/unit"
