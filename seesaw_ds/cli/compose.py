@@ -59,9 +59,7 @@ def run_dir_for(settings) -> Path:
 def check_before_launch(settings) -> None:
     """What can be checked before any rank starts: the model directory and the layouts against it
     (ValueError naming the value and the fix)."""
-    from seesaw_ds.config import layout_of
-    from seesaw_ds.model.loader import open_checkpoint
-    from seesaw_ds.model.template import check_weights, validate_model_layouts
+    from seesaw_ds.cli.passed_checks import check_digest, passed_before, remember_pass
 
     check_sampling(settings)
     if settings.kv.prefix_min_tokens < 1 or (settings.kv.prefix_cache_tokens or 0) < 0:
@@ -72,11 +70,20 @@ def check_before_launch(settings) -> None:
         raise ValueError(f"parallel.prefill_micro_batches={settings.parallel.prefill_micro_batches} must be >= 1 "
                          "(micro-batches per pipeline stage in a prefill step; 8 is the default)")
     if settings.model.path is not None:
-        checkpoint = open_checkpoint(settings.model.path, trust_remote_code=settings.model.trust_remote_code)
-        layouts = {"prefill": layout_of(settings.parallel.prefill), "decode": layout_of(settings.parallel.decode)}
-        if not settings.parallel.auto:  # parallel=auto: the planner picks (and checks) them before launch
-            validate_model_layouts(checkpoint, layouts, settings.launch.nproc)
-        check_weights(checkpoint)
+        # Checks that passed for the same model files, layouts and code are not run again (passed_checks.py).
+        digest = check_digest(settings) if Path(settings.model.path).expanduser().is_dir() else None
+        if digest is None or not passed_before(digest):
+            from seesaw_ds.config import layout_of
+            from seesaw_ds.model.loader import open_checkpoint
+            from seesaw_ds.model.template import check_weights, validate_model_layouts
+
+            checkpoint = open_checkpoint(settings.model.path, trust_remote_code=settings.model.trust_remote_code)
+            layouts = {"prefill": layout_of(settings.parallel.prefill), "decode": layout_of(settings.parallel.decode)}
+            if not settings.parallel.auto:  # parallel=auto: the planner picks (and checks) them before launch
+                validate_model_layouts(checkpoint, layouts, settings.launch.nproc)
+            check_weights(checkpoint)
+            if digest is not None:
+                remember_pass(digest)
     check_io_paths(settings)
 
 
@@ -100,7 +107,7 @@ def check_sampling(settings, model_defaults: dict | None = None) -> None:
     """The job-wide sampling defaults (and the model's) must be valid on their own (RequestError)."""
     from dataclasses import asdict
 
-    from seesaw_ds.engine.sampling import resolve_sampling
+    from seesaw_ds.engine.params import resolve_sampling
 
     job = {key: value for key, value in asdict(settings.sampling).items() if value is not None and key != "seed"}
     resolve_sampling(model_defaults or {}, job, {})
