@@ -60,8 +60,8 @@ def _log_launch(command: list[str], seconds: float, cpu_seconds: float) -> None:
 
 def run_mpi(nproc: int, args: list[str], *, timeout: float = 300, env: dict | None = None,
             check: bool = True) -> subprocess.CompletedProcess:
-    """``mpiexec -n nproc python ARGS``; with more ranks than CPUs, MPICH's waits yield (as launch/run.py
-    has them do)."""
+    """``mpiexec -n nproc python ARGS``; with more ranks than CPUs, the ranks get the environment of ranks that
+    share cores (`env.CROWDED_NODE_ENV`: their waits sleep), as launch/run.py gives them."""
     from seesaw_ds.distributed.env import CROWDED_NODE_ENV, cpu_affinity
 
     if nproc > len(cpu_affinity()):

@@ -43,10 +43,11 @@ if [ "$streams" = 1 ]; then
   beside_status=5
   : > "$logs/beside"
 else
-  # A setting already in the environment is kept.
-  export SEESAW_CROWDED="${SEESAW_CROWDED:-1}"
-  export MPIR_CVAR_CH4_PROGRESS_THROTTLE="${MPIR_CVAR_CH4_PROGRESS_THROTTLE:-1}"
-  export MPIR_CVAR_CH4_PROGRESS_THROTTLE_NO_PROGRESS_COUNT="${MPIR_CVAR_CH4_PROGRESS_THROTTLE_NO_PROGRESS_COUNT:-32}"
+  # The launcher's environment for ranks that share cores (env.CROWDED_NODE_ENV); a setting already set is kept.
+  while IFS='=' read -r name value; do
+    [ -n "${!name:-}" ] || export "$name=$value"
+  done < <(python -c 'from seesaw_ds.distributed.env import CROWDED_NODE_ENV as e
+print("\n".join(f"{k}={v}" for k, v in e.items()))')
   python -m pytest -q -rs -m "$marks" --basetemp="$logs/tmp_beside" "$@" tests/slurm "${BESIDE[@]}" \
     > "$logs/beside" 2>&1 &
   beside_pid=$!
