@@ -382,7 +382,8 @@ def _plot_timeline(leader: Leader, path: Path) -> None:
 
 def make_staging_factory(settings: JobConfig):
     """Build the staging area at start-up, sized by kv.host_tokens or from free memory (decided by the
-    instance leader, so every rank agrees; a size that cannot fit is a StagingCapacityError on all ranks)."""
+    instance leader, so every rank agrees; a size that cannot fit is a StagingCapacityError on all ranks),
+    with the slots of a first prefill step (scheduler.max_prefill_tokens) touched."""
     def factory(topology, dims, dtype):
         instance_size = len(topology.instance_ranks)
         my_node = topology.env.info.node_index
@@ -398,7 +399,7 @@ def make_staging_factory(settings: JobConfig):
         answer = topology.instance_comm.bcast(answer, root=0)
         if isinstance(answer, str):
             raise StagingCapacityError(answer)
-        return StagingArea(topology, dims, dtype, answer)
+        return StagingArea(topology, dims, dtype, answer, warm_tokens=settings.scheduler.max_prefill_tokens)
     return factory
 
 

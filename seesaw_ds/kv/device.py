@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from seesaw_ds.kv.blocks import BlockAllocator, leading_pieces, runs
+from seesaw_ds.kv.sizing import warm_units
 
 
 class DeviceKVCache:
@@ -19,14 +20,23 @@ class DeviceKVCache:
         self.layers = layers
         self.block_size = block_size
         shape = (len(layers), num_blocks, block_size, num_kv_heads, head_dim)
-        # Not zero-filled on a CPU: its kernel reads a slot only after its token was written, and an untouched
-        # page costs nothing there (zero-filling a tier sized from memory took ~8% of a bf16 run,
-        # docs/benchmarks.md). Zeroed elsewhere: the accelerator's padded attention reads whole blocks, slots
-        # not yet written included, and masks them; a NaN left in reused device memory would survive the mask
-        # (0 * NaN) in the weighted sum of values.
-        make = torch.empty if torch.device(device).type == "cpu" else torch.zeros
+        # Zeroed off a CPU: the accelerator's padded attention reads whole blocks, slots not yet written
+        # included, and masks them; a NaN left in reused device memory would survive the mask (0 * NaN) in
+        # the weighted sum of values. On a CPU the kernel reads a slot only after its token was written, so
+        # only the first blocks are touched (zeroed), up to sizing.WARM_BYTES: the allocator hands out the
+        # lowest blocks first, and a page first written during the run (a swap-in, a decode step's new
+        # token) is faulted in beside the forward (decode_only: swap-ins waited 0.6-1.1 s on an untouched
+        # tier, 0 on a touched one). The rest stays untouched: zero-filling a whole tier sized from memory
+        # took ~8% of a bf16 run (docs/benchmarks.md).
+        cpu = torch.device(device).type == "cpu"
+        make = torch.empty if cpu else torch.zeros
         self.keys = make(shape, dtype=dtype, device=device)
         self.values = make(shape, dtype=dtype, device=device)
+        if cpu:
+            block_bytes = 2 * self.keys[:, :1].numel() * self.keys.element_size()
+            warm = warm_units(num_blocks, num_blocks, block_bytes)
+            self.keys[:, :warm].zero_()
+            self.values[:, :warm].zero_()
         self.allocator = BlockAllocator(num_blocks, block_size)
 
     @property

@@ -26,6 +26,18 @@ import torch
 from seesaw_ds.distributed.layout import ModelDims, kv_head_range, layer_range
 from seesaw_ds.kv.blocks import blocks_for
 
+WARM_BYTES = 1 << 30
+"""The most of each KV tier a CPU rank touches at start-up (the staging area's first slots, the device tier's
+first blocks): pages first written during a run are faulted in beside the forward, where on a rank whose
+threads fill its cores each costs ~100x what it costs at start-up (docs/benchmarks.md, first touch)."""
+
+
+def warm_units(wanted: int, capacity: int, unit_bytes: int, limit: int = WARM_BYTES) -> int:
+    """How many leading units (token slots, blocks) of a tier to touch at start-up: ``wanted``, at most the
+    tier's ``capacity`` and at most ``limit`` bytes of ``unit_bytes`` each (pure)."""
+    return max(0, min(wanted, capacity, limit // max(unit_bytes, 1)))
+
+
 #: kv.device_memory_fraction when unset, by device type.
 DEFAULT_DEVICE_FRACTION = {"cuda": 0.9, "cpu": 0.3}
 #: cgroup v1 writes a page-rounded 2^63 for "no limit"; anything this large is none.

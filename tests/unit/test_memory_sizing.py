@@ -174,3 +174,62 @@ def test_first_touched_buffer_is_whole_and_usable():
         assert float(buffer.view(4096, (16,), hostmem.torch.float32).sum()) == 24.0
     finally:
         buffer.free()
+
+
+def _resident_pages(tensor) -> list[bool]:
+    """Which pages of ``tensor``'s bytes are backed (mincore(2))."""
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    start = tensor.data_ptr() // page * page
+    count = -(-(tensor.data_ptr() + tensor.numel() * tensor.element_size() - start) // page)
+    vec = (ctypes.c_ubyte * count)()
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(count * page), vec) == 0, ctypes.get_errno()
+    return [bool(v & 1) for v in vec]
+
+
+def test_staging_start_touches_the_first_steps_slots_of_every_row_only():
+    import mmap
+
+    import numpy as np
+    import torch
+
+    from seesaw_ds.kv.staging import first_touch_slots
+
+    layers, heads, slots, dim = 4, 2, 8192, 64  # a row: 8192 bf16 slots of 64 = 1 MiB
+    fresh = mmap.mmap(-1, layers * 2 * heads * slots * dim * 2)  # shared memory no one touched, as a window's
+    area = torch.from_numpy(np.frombuffer(fresh, dtype=np.uint8))
+    kv = area.view(torch.bfloat16).view(layers, 2, heads, slots, dim)
+    assert not any(_resident_pages(area))
+    first_touch_slots(kv, 100, rank=0, size=2)  # the first of two node ranks: layers 0-1
+    for layer in range(layers):
+        for row in kv[layer].reshape(2 * heads, slots, dim):
+            pages = _resident_pages(row)
+            assert pages[0] == (layer < 2) and not any(pages[4:]), (layer, pages[:5])  # 100 slots: 12.5 KiB
+    first_touch_slots(kv, 100, rank=1, size=2)
+    assert all(_resident_pages(row)[0] for row in kv.reshape(-1, slots, dim))
+    assert float(kv.float().abs().sum()) == 0.0
+    del kv, area
+    assert sizing.warm_units(4096, 100_000, 23_040) == 4096
+    assert sizing.warm_units(4096, 1_000, 23_040) == 1_000                 # at most the tier
+    assert sizing.warm_units(4096, 100_000, 1 << 20, limit=1 << 30) == 1024  # at most the byte limit
+    assert sizing.warm_units(0, 100, 10) == 0
+
+
+def test_cpu_device_tier_touches_its_first_blocks_up_to_the_byte_limit(monkeypatch):
+    import torch
+
+    from seesaw_ds.kv import device
+
+    block = 2 * 2 * 16 * 3 * 64 * 2  # bytes of a block: 2 layers x (K + V) x 16 slots x 3 heads x 64 x bf16
+    monkeypatch.setattr(device, "warm_units", lambda wanted, capacity, unit: sizing.warm_units(
+        wanted, capacity, unit, limit=4 * block))
+    cache = device.DeviceKVCache(range(2), 4096, 16, 3, 64, torch.bfloat16, torch.device("cpu"))
+    for tensor in (cache.keys, cache.values):
+        for layer in tensor:  # 24 MiB a layer
+            pages = _resident_pages(layer)
+            # blocks 0-3 of a layer: 24 KiB; the rest untouched (past 4 MiB: a huge page may back the first 2)
+            assert all(pages[1:6]) and not any(pages[1024:-1]), (sum(pages), pages[:10])
+            assert float(layer[:4].float().abs().sum()) == 0.0
