@@ -136,6 +136,12 @@ class KVConfig:
     block). 32 reuses a chat template's system preamble (SmolLM2's is 33-38 tokens): on the bench's 128 chat
     prompts 3,712 prompt tokens saved instead of 672 at 64, prefill_only 26.4-26.9 s against 27.4-28.0 s
     (quiet AMD EPYC, three interleaved pairs, docs/benchmarks.md)."""
+    prefix_window_tokens: int = 65536
+    """Prompt tokens read ahead of the prefill (at least scheduler.max_prefill_tokens) while prefix_sharing is
+    on: requests that share a prefix find each other only while both wait, and a pair of chat prompts sharing
+    a long conversation can lie far apart in the input (the bench's 128 prompts: up to ~35,000 tokens;
+    prefill_only reused 5,840 prompt tokens at 65,536 against 4,256 at 4,096, and 3,712 before a longer shared
+    prefix replaced a waiting request's shorter key; vLLM's prefix caching reuses 6,832, docs/benchmarks.md)."""
     prefix_cache_tokens: Optional[int] = None
     """Staging tokens the computed prefixes may keep (least recently used dropped first); None = a quarter
     of the staging area."""

@@ -62,6 +62,9 @@ def check_before_launch(settings) -> None:
     from seesaw_ds.cli.passed_checks import check_digest, passed_before, remember_pass
 
     check_sampling(settings)
+    if settings.kv.prefix_window_tokens < 1:
+        raise ValueError(f"kv.prefix_window_tokens={settings.kv.prefix_window_tokens} must be >= 1 (prompt tokens "
+                         "read ahead, at least scheduler.max_prefill_tokens are)")
     if settings.kv.prefix_min_tokens < 1 or (settings.kv.prefix_cache_tokens or 0) < 0:
         raise ValueError(f"kv.prefix_min_tokens={settings.kv.prefix_min_tokens} must be >= 1 and "
                          f"kv.prefix_cache_tokens={settings.kv.prefix_cache_tokens} >= 0 (or null: a quarter of "

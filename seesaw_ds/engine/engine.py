@@ -208,13 +208,15 @@ def run_job(settings: JobConfig, runtime, run_dir: Path, *, tokenizer=None, stop
             block_size=settings.kv.block_size, num_prefill_replicas=layouts["prefill"].dp,
             num_decode_replicas=layouts["decode"].dp, prefix_cache_tokens=prefix_cache)
         # One prefill step's worth of waiting prompts is all the scheduler can use per step (the leader refills
-        # before every step), so the input is read that far ahead only: memory follows the work in flight,
+        # before every step), so the input is read that far ahead only, or kv.prefix_window_tokens ahead where
+        # prompts sharing a prefix are to find each other: memory follows the work in flight and that window,
         # not the input's size (a staging area sized from host memory holds millions of tokens).
         eos_ids = eos_token_ids(tokenizer, generation)
         # Structured output: grammars over the model's whole vocabulary (the logits' width), ended by eos.
         grammars = Grammars(tokenizer, runtime.checkpoint.dims.vocab_size, eos_ids)
         leader = Leader(scheduler, capacity, tokenizer, eos_ids, source,
-                        refill_tokens=settings.scheduler.max_prefill_tokens, grammars=grammars, prefixes=prefixes)
+                        refill_tokens=read_ahead_tokens(settings, prefixes is not None), grammars=grammars,
+                        prefixes=prefixes)
     comm = topology.instance_comm
     last_progress = time.perf_counter()
     while True:
@@ -277,6 +279,13 @@ def prefix_index(settings: JobConfig, topology, dims) -> PrefixIndex | None:
                     "cached prefix cannot be read back where it is needed; every prompt is computed whole", layout)
         return None
     return PrefixIndex(settings.kv.block_size, settings.kv.prefix_min_tokens)
+
+
+def read_ahead_tokens(settings: JobConfig, sharing: bool) -> int:
+    """Prompt tokens the leader keeps read ahead of the prefill: a prefill step's, or the prefix window when
+    prefixes are shared (pure)."""
+    steps = settings.scheduler.max_prefill_tokens
+    return max(steps, settings.kv.prefix_window_tokens) if sharing else steps
 
 
 def _deliver(coordinator: Coordinator | None, world: MPI.Comm, finished: list[Finished], rejected: list) -> None:

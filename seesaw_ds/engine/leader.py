@@ -214,8 +214,8 @@ class Leader:
         self._waiting_tokens += len(request.prompt_token_ids)
         if self.prefixes is not None and self._may_share_prefix(request):
             for prompt_id, key, length in self.prefixes.admit(first_id, request.prompt_token_ids):
-                self.scheduler.assign_prefix(prompt_id, key, length)
-                self._waiting_tokens -= length  # the read-ahead counts the tokens to compute
+                previous = self.scheduler.assign_prefix(prompt_id, key, length)
+                self._waiting_tokens -= length - previous  # the read-ahead counts the tokens to compute
 
     @staticmethod
     def _may_share_prefix(request: Request) -> bool:

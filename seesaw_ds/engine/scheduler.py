@@ -227,15 +227,18 @@ class Scheduler:
         if prefix is not None:
             self.assign_prefix(seq_id, *prefix)
 
-    def assign_prefix(self, seq_id: int, key: object, length: int) -> None:
-        """A waiting prompt's first `length` tokens are the shared prefix `key` (found after it was added)."""
+    def assign_prefix(self, seq_id: int, key: object, length: int) -> int:
+        """A waiting prompt's first `length` tokens are the shared prefix `key` (found after it was added, or
+        replacing a shorter one); returns the length of the prefix it had before (0: none)."""
         seq = self._seqs[seq_id]
         if seq.where is not _Where.WAITING or not seq.num_samples:
             raise ValueError(f"seq_id {seq_id} is not a waiting prompt; only those take a prefix")
         if not 0 < length < seq.prompt_len:
             raise ValueError(f"seq_id {seq_id}: prefix length {length} must leave 1..{seq.prompt_len - 1} "
                              "prompt tokens to compute")
+        previous = seq.prefix_len
         seq.prefix_key, seq.prefix_len = key, length
+        return previous
 
     def schedule(self) -> StepPlan | None:
         """Commit and return the next step, or None when every added request has finished."""

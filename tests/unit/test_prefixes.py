@@ -63,3 +63,36 @@ def test_a_digest_collision_never_shares_a_prefix(monkeypatch):
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="min_tokens=0"):
         PrefixIndex(block=4, min_tokens=0)
+
+
+CONVERSATION = list(range(500, 540))  # 40 more tokens two requests share beyond the system preamble
+
+
+def test_a_waiting_request_takes_a_prefix_twice_as_long_as_its_key():
+    index = PrefixIndex(block=4, min_tokens=8)
+    index.admit(0, SYSTEM + CONVERSATION + [1])
+    (_, short, _), _ = index.admit(1, SYSTEM + [7] * 9)  # the preamble: 0 and 1 share 40 tokens
+    assigned = index.admit(2, SYSTEM + CONVERSATION + [2])  # 80 shared with 0: worth more than the preamble
+    assert [(rid, length) for rid, _, length in assigned] == [(2, 80), (0, 80)]
+    long = assigned[0][1]
+    assert index.key_of(0) == index.key_of(2) == long != short and index.key_of(1) == short
+    assert index.prefix_of(0) == (long, 80) and index.num_keys == 2
+    assert index.admit(3, SYSTEM + CONVERSATION + [3]) == [(3, long, 80)]  # now a known key
+    index.leave(1)  # the preamble's last holder left: its key is forgotten
+    assert index.num_keys == 1
+
+
+def test_a_prefix_under_twice_the_known_key_keeps_the_known_key():
+    index = PrefixIndex(block=4, min_tokens=8)
+    index.admit(0, SYSTEM + CONVERSATION + [1])
+    (_, short, _), _ = index.admit(1, SYSTEM + [7] * 9)
+    assert index.admit(2, SYSTEM + CONVERSATION[:36] + [2]) == [(2, short, 40)]  # 76 < 2 x 40 shared with 0
+    assert index.key_of(0) == short and index.num_keys == 1
+
+
+def test_a_holder_with_a_long_key_is_not_moved_to_a_shorter_one():
+    index = PrefixIndex(block=4, min_tokens=8)
+    index.admit(0, SYSTEM + CONVERSATION + [1])
+    (_, long, _), _ = index.admit(1, SYSTEM + CONVERSATION + [2])  # 80 shared
+    assigned = index.admit(2, SYSTEM + [7] * 9)  # 40 shared with both, who hold 80: the known key is not its
+    assert assigned == [] and index.key_of(0) == index.key_of(1) == long and index.num_keys == 1

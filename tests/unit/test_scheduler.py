@@ -430,6 +430,12 @@ def test_prefix_assignment_is_checked():
     sched.add_request(0, 10, 2)
     with pytest.raises(ValueError, match="leave 1..9"):
         sched.assign_prefix(0, "k", 10)
+    assert sched.assign_prefix(0, "k", 4) == 0
+    assert sched.assign_prefix(0, "longer", 8) == 4  # a longer prefix found later replaces it
+    plan = sched.schedule()
+    sched.complete(plan, [])
+    with pytest.raises(ValueError, match="not a waiting prompt"):
+        sched.assign_prefix(0, "k", 4)
 
 
 @pytest.mark.parametrize("policy", ["seesaw", "prefill_first"])
