@@ -15,6 +15,10 @@ torch's JIT extension loader: the attention of a whole step in one call per laye
   (:data:`PREFILL_BLOCK_ROWS`; ATen's fused SDPA took 1.6x the time here on SmolLM2 in bf16, and rounds the
   weights to bf16), SDPA where a window binds, the eager formula where a soft-cap is set (ATen throughout, so
   it also runs on CUDA tensors).
+- ``rms_norm``: transformers' Llama RMS norm (float32 mean square, scaled row rounded to the input's dtype, times
+  the weight) in one pass a row instead of seven ATen operators over the whole tensor: on SmolLM2's 576
+  features in bf16 with 2 threads, 18.3 us a one-row call eager, 3.9 ms at 4,096 rows (the norms are 61 calls a
+  step).
 
 One build per instruction set, chosen from ``/proc/cpuinfo``'s flags (:func:`isa`) and named after it, so that
 nodes with different CPUs sharing an environment do not load each other's build:
@@ -149,6 +153,12 @@ def prefill_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Ten
         context_values = [c[1] if c is not None else none for c in contexts]
     return _module.prefill_attention(query, keys, values, cu_seqlens, float(scale), int(window or 0),
                                      float(softcap or 0.0), context_keys, context_values, PREFILL_BLOCK_ROWS)
+
+
+def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Llama RMS norm of ``hidden`` [..., n] with ``weight`` [n] (one dtype, CPU) in one pass a row.
+    Call only when :func:`built`."""
+    return _module.rms_norm(hidden, weight, float(eps))
 
 
 class SpanRuns:

@@ -12,6 +12,8 @@ shard, holding views of the node-shared host copy (no weight bytes copied):
   (the same routing loop as transformers' eager experts), output all-reduced.
 - :class:`ShardedRMSNorm`: an RMS norm over features split over TP (OLMo-2's q/k norms span all heads):
   the sum of squares is all-reduced, then each rank normalises its own features.
+- :func:`fuse_rms_norms`: not a shard's stand-in, a faster forward for the norms whose code is transformers'
+  Llama recipe (found by their source), on a CPU: the kernel's one pass a row (``kernels.rms_norm``).
 - :class:`VocabParallelHead`: ``lm_head`` split by vocabulary rows over TP; the logits are gathered on the
   TP group's first rank, the one that samples (the others would only have thrown whole logits away).
 """
@@ -130,3 +132,53 @@ class VocabParallelHead(nn.Module):
         if parts is None:
             return local
         return torch.cat(parts, dim=-1)[..., :self.vocab]
+
+
+_LLAMA_NORM_SOURCE: str | None = None
+_FUSED: dict[type, type | None] = {}
+
+
+def _is_llama_norm(cls: type) -> bool:
+    """Whether ``cls.forward`` is transformers' LlamaRMSNorm.forward, to the character (Mistral's, Qwen2's,
+    Qwen3's, Mixtral's, Granite's, Phi-3's ... are copies of it; Gemma's, OLMo-2's differ and are left)."""
+    import inspect
+    import textwrap
+
+    global _LLAMA_NORM_SOURCE
+    if _LLAMA_NORM_SOURCE is None:
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+        _LLAMA_NORM_SOURCE = textwrap.dedent(inspect.getsource(LlamaRMSNorm.forward))
+    try:
+        return textwrap.dedent(inspect.getsource(cls.forward)) == _LLAMA_NORM_SOURCE
+    except (OSError, TypeError):
+        return False
+
+
+def _fused_forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    from seesaw_ds.model import kernels
+
+    if (hidden.device.type == "cpu" and hidden.dtype == self.weight.dtype and not torch.compiler.is_compiling()
+            and kernels.built()):
+        return kernels.rms_norm(hidden, self.weight, self.variance_epsilon)
+    return super(type(self), self).forward(hidden)  # transformers' own code (a compiled graph fuses it itself)
+
+
+def fuse_rms_norms(root: nn.Module) -> int:
+    """Give every module under ``root`` whose class is a Llama-recipe RMS norm the kernel's forward (a
+    subclass of its class, so that isinstance and its attributes stay); returns how many. Elsewhere than on a
+    CPU in the weights' dtype, and while compiling, the forward is the class's own."""
+    count = 0
+    for module in root.modules():
+        cls = type(module)
+        if cls not in _FUSED:
+            fused = None
+            if cls.__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon") and _is_llama_norm(cls):
+                fused = type(f"Fused{cls.__name__}", (cls,), {"forward": _fused_forward})
+            _FUSED[cls] = fused
+            if fused is not None:
+                _FUSED[fused] = None  # already fused
+        if _FUSED[cls] is not None:
+            module.__class__ = _FUSED[cls]
+            count += 1
+    return count

@@ -27,7 +27,7 @@ from seesaw_ds.model.compiled import CompiledLayers
 from seesaw_ds.model.families import ModelNotSupported, ModelSpec
 from seesaw_ds.model.loader import HostWeights
 from seesaw_ds.model.modules import (ScaledEmbedding, ShardedExperts, ShardedRMSNorm, SplitColumnLinear,
-                                     VocabParallelHead)
+                                     VocabParallelHead, fuse_rms_norms)
 from seesaw_ds.model.rope import SequenceRope
 from seesaw_ds.model.shards import ShardKind, shard_dim, shard_ranges
 
@@ -89,6 +89,8 @@ class StageModel(nn.Module):
         # An eager stage (``fuse_siblings``) packs q/k/v and gate/up as one GEMM each.
         if prepack and backend.can_pack_cpu_linears(device, host.dtype):
             backend.pack_cpu_linears(self, fuse_siblings=fuse_siblings)
+        if torch.device(device).type == "cpu":
+            fuse_rms_norms(self)  # transformers' Llama-recipe norms in one kernel call each
 
     # ------------------------------------------------------------------ binding host views
     def _bind(self, module: nn.Module, param: str, tensor: torch.Tensor) -> None:

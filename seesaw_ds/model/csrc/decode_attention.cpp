@@ -1002,6 +1002,86 @@ std::string path_for(int64_t head_dim) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// RMS norm, transformers' Llama recipe in one pass a row: the row in float32, its mean square, x * rsqrt(mean
+// square + eps) rounded to the input's dtype, times the weight (in the input's dtype, as `weight * h.to(dtype)`
+// computes it). Only the order of the sum of squares differs from ATen's reduction (16 partial sums here):
+// the same to float32 rounding. Rows are spread over the intra-op threads in chunks of >= 16 Ki elements, so a
+// decode step's few rows run on the calling thread.
+template <typename T>
+static inline T round_to(float x) { return static_cast<T>(x); }
+
+// c10's round-to-nearest-even without its branch, so that the row loops vectorize
+template <>
+inline c10::BFloat16 round_to<c10::BFloat16>(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  return c10::BFloat16(static_cast<uint16_t>(x != x ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+}
+
+template <typename T>
+void rms_norm_rows(const T* x, const T* weight, T* out, int64_t rows, int64_t n, float eps) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* row = x + r * n;
+      T* dst = out + r * n;
+      float partial[16] = {0.f};
+      int64_t i = 0;
+      for (; i + 16 <= n; i += 16) {
+        for (int j = 0; j < 16; ++j) {
+          const float v = to_float(row[i + j]);
+          partial[j] += v * v;
+        }
+      }
+      float sum = 0.f;
+      for (int width = 8; width >= 1; width /= 2) {
+        for (int j = 0; j < width; ++j) partial[j] += partial[j + width];
+      }
+      sum = partial[0];
+      for (; i < n; ++i) {
+        const float v = to_float(row[i]);
+        sum += v * v;
+      }
+      const float inv = 1.f / std::sqrt(sum / static_cast<float>(n) + eps);
+      for (int64_t k = 0; k < n; ++k) {
+        const T scaled = round_to<T>(to_float(row[k]) * inv);
+        dst[k] = round_to<T>(to_float(weight[k]) * to_float(scaled));
+      }
+    }
+  });
+}
+
+// rms_norm(x [..., n] contiguous, weight [n], eps) -> a new tensor like x; x and weight of one dtype
+torch::Tensor seesaw_rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  RECORD_FUNCTION("seesaw::rms_norm", std::vector<c10::IValue>({x}));  // one kernel in torch.profiler's counts
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "rms_norm: CPU tensors only");
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "rms_norm: x and weight of one dtype");
+  TORCH_CHECK(weight.dim() == 1 && x.size(-1) == weight.size(0), "rms_norm: weight [n] for x [..., n]");
+  x = x.contiguous();
+  weight = weight.contiguous();
+  auto out = torch::empty_like(x);
+  const int64_t n = weight.size(0);
+  const int64_t rows = n ? x.numel() / n : 0;
+  const float e = static_cast<float>(eps);
+  switch (x.scalar_type()) {
+    case torch::kBFloat16:
+      rms_norm_rows(x.data_ptr<c10::BFloat16>(), weight.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(),
+                    rows, n, e);
+      break;
+    case torch::kHalf:
+      rms_norm_rows(x.data_ptr<c10::Half>(), weight.data_ptr<c10::Half>(), out.data_ptr<c10::Half>(), rows, n, e);
+      break;
+    case torch::kFloat:
+      rms_norm_rows(x.data_ptr<float>(), weight.data_ptr<float>(), out.data_ptr<float>(), rows, n, e);
+      break;
+    default:
+      TORCH_CHECK(false, "rms_norm: float32, bfloat16 or float16 only");
+  }
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", &isa, "the widest decode-attention path compiled into this build");
   m.def("path", &path_for, "the decode-attention path this build takes for a head size");
@@ -1009,6 +1089,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "seesaw_ds decode attention over one layer's paged cache (CPU; float32, bfloat16 or float16 cache)");
   m.def("paged_decode_attention", &paged_decode_attention,
         "seesaw_ds decode step of one layer over the block table: the new K/V written, then attention (CPU)");
+  m.def("rms_norm", &seesaw_rms_norm, "transformers' Llama RMS norm in one pass a row (CPU)");
   m.def("prefill_attention", &prefill_attention,
         "seesaw_ds packed ragged prefill attention, one call per layer (ATen SDPA per prompt), over cached "
         "prefixes too");
