@@ -1035,11 +1035,10 @@ void rms_norm_rows(const T* x, const T* weight, T* out, int64_t rows, int64_t n,
           partial[j] += v * v;
         }
       }
-      float sum = 0.f;
       for (int width = 8; width >= 1; width /= 2) {
         for (int j = 0; j < width; ++j) partial[j] += partial[j + width];
       }
-      sum = partial[0];
+      float sum = partial[0];
       for (; i < n; ++i) {
         const float v = to_float(row[i]);
         sum += v * v;
