@@ -102,24 +102,24 @@ def main() -> None:
               f"{args.threads} thread{'s' if args.threads > 1 else ''})", flush=True)
     if not args.profile or args.threads > 1:  # the regions' clocks are the thread's own
         return
-    clock = Clock()
+    regions = Clock()  # step() keeps timing whole steps with `clock`
     for module in stage.layers.modules():  # the head's norm and lm_head count to the head
         label = _region(module)
         if label is not None:
-            clock.wrap(module, "forward", label)
-    clock.wrap(attention, "_attend", "attention call (KV write + kernel)")
-    clock.wrap(stage.rope, "forward", "rotary tables")
-    clock.wrap(executor, "_decode_inputs", "step inputs (host)")
-    clock.wrap(stage, "embed_tokens", "embedding")
-    clock.wrap(stage, "head", "head (norm, lm_head)")
+            regions.wrap(module, "forward", label)
+    regions.wrap(attention, "_attend", "attention call (KV write + kernel)")
+    regions.wrap(stage.rope, "forward", "rotary tables")
+    regions.wrap(executor, "_decode_inputs", "step inputs (host)")
+    regions.wrap(stage, "embed_tokens", "embedding")
+    regions.wrap(stage, "head", "head (norm, lm_head)")
     for seqs, length in POINTS:
         step(seqs, length)
         best = None
         for _ in range(args.repeats):
-            clock.seconds.clear()
+            regions.seconds.clear()
             total = step(seqs, length)
             if best is None or total < best[0]:
-                best = total, dict(clock.seconds)
+                best = total, dict(regions.seconds)
         total, parts = best
         layers = parts.get("decoder layers (all)", 0.0)
         inner = {k: parts.get(k, 0.0) for k in ("linears", "norms", "attention call (KV write + kernel)")}

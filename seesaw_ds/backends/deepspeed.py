@@ -105,16 +105,22 @@ class SiblingGroup:
     pass and the per-call cost is paid once (a one-row decode step of SmolLM2's 30 layers 38.4 -> 34.2 ms with the
     lean call below, ``launch/bench_decode.py``, docs/benchmarks.md)."""
 
-    def __init__(self, packed: torch.Tensor, sizes: list[int]):
+    def __init__(self, packed: torch.Tensor, weights: list[torch.Tensor], few_rows=None):
         self.packed = packed
-        self.sizes = sizes
+        self.weights = weights
+        """The members' own weights (views of the host copy), which the few-row kernel reads."""
+        self.sizes = [weight.shape[0] for weight in weights]
+        self.few_rows = few_rows if all(weight.stride(-1) == 1 for weight in weights) else None
+        """``(kernel, most rows)`` (:func:`pack_cpu_linears`) or None."""
         self._input: torch.Tensor | None = None
         self._outputs: list[torch.Tensor | None] = []
 
     def output(self, index: int, x: torch.Tensor) -> torch.Tensor:
         outputs = self._outputs
         if x is not self._input or outputs[index] is None:
-            outputs = self._outputs = list(_packed_linear(x, self.packed).split(self.sizes, -1))
+            kernel = _few_row_kernel(self.few_rows, x)
+            whole = _packed_linear(x, self.packed) if kernel is None else kernel(x, self.weights)
+            outputs = self._outputs = list(whole.split(self.sizes, -1))
             self._input = x
         out, outputs[index] = outputs[index], None
         if all(each is None for each in outputs):  # every member served: hold no activations between calls
@@ -122,16 +128,28 @@ class SiblingGroup:
         return out
 
 
+def _few_row_kernel(few_rows, x: torch.Tensor):
+    """The few-row kernel of ``few_rows`` (``(kernel, most rows)`` or None) where it takes ``x``, else None."""
+    if few_rows is None or x.dtype != torch.bfloat16 or x.numel() > few_rows[1] * x.shape[-1]:
+        return None
+    return few_rows[0]
+
+
 def _packed_matmul(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    group = module.seesaw_group
+    group, packed = module.seesaw_group, module.seesaw_packed
     if torch.compiler.is_compiling():
         if group is not None:  # a fused stage compiled after all (stages that compile are built unfused)
             whole = packed_linear_op(x, group.packed, sum(group.sizes))
             return whole.split(group.sizes, -1)[module.seesaw_index]
-        return packed_linear_op(x, module.seesaw_packed, module.weight.shape[0])
+        if packed is None:  # model.cpu_prepack=false: the views
+            return nn.functional.linear(x, module.weight)
+        return packed_linear_op(x, packed, module.weight.shape[0])
     if group is not None:
         return group.output(module.seesaw_index, x)
-    return _packed_linear(x, module.seesaw_packed)
+    kernel = _few_row_kernel(module.seesaw_few_rows, x)
+    if kernel is not None:
+        return kernel(x, [module.weight])
+    return nn.functional.linear(x, module.weight) if packed is None else _packed_linear(x, packed)
 
 
 class PackedLinearLayer(ds_layers.LinearLayer):
@@ -183,21 +201,29 @@ def _packable(module: nn.Module) -> type | None:
 
 
 def _pack(module: nn.Module, packed_class: type, packed: torch.Tensor | None, group: SiblingGroup | None = None,
-          index: int = 0) -> int:
+          index: int = 0, few_rows=None) -> int:
     module.seesaw_packed, module.seesaw_group, module.seesaw_index = packed, group, index
+    # the few-row kernel reads the weight row by row: a row-parallel shard, which lies transposed, stays with oneDNN
+    module.seesaw_few_rows = few_rows if module.weight.stride(-1) == 1 else None
     module.__class__ = packed_class
-    return module.weight.numel() * module.weight.element_size()
+    return 0 if packed is None and group is None else module.weight.numel() * module.weight.element_size()
 
 
-def pack_cpu_linears(root: nn.Module, rows_hint: int = 64, *, fuse_siblings: bool = False) -> int:
+def pack_cpu_linears(root: nn.Module, rows_hint: int = 64, *, fuse_siblings: bool = False, prepack: bool = True,
+                     few_rows=None) -> int:
     """Give every linear under ``root`` a oneDNN-prepacked copy of its weight (laid out for about
     ``rows_hint`` input rows) and the forward that uses it; returns the bytes the copies take. The module's
     own weight stays the view of the host copy. With ``fuse_siblings`` the :data:`SIBLINGS` of a module share
     one packed copy of their weights concatenated (:class:`SiblingGroup`; the same bytes, eager forwards only:
-    the group's bookkeeping is Python state a compiled graph would not replay). Call only when
-    :func:`can_pack_cpu_linears`."""
+    the group's bookkeeping is Python state a compiled graph would not replay).
+
+    ``few_rows``, ``(kernel, most rows)``: eager inputs of at most that many rows go to ``kernel(x, weights)``
+    (``x @ concat(weights).T`` over the weights' own row-major layout: the project's few-row kernel, measured
+    faster than oneDNN at decode batches of one or two; backends/ imports nothing of the project, so the caller
+    hands it over). With ``prepack`` false no copy is made: the linears run over their views (``F.linear``)
+    except for the inputs ``few_rows`` takes. Call only when :func:`can_pack_cpu_linears`."""
     packed_bytes = 0
-    for parent in list(root.modules()) if fuse_siblings else []:
+    for parent in list(root.modules()) if fuse_siblings and prepack else []:
         for names in SIBLINGS:
             members = [getattr(parent, name, None) for name in names]
             classes = [_packable(member) if isinstance(member, nn.Module) else None for member in members]
@@ -205,12 +231,14 @@ def pack_cpu_linears(root: nn.Module, rows_hint: int = 64, *, fuse_siblings: boo
                 continue
             weights = [member.weight.detach() for member in members]
             group = SiblingGroup(torch.ops.mkldnn._reorder_linear_weight(torch.cat(weights).contiguous(), rows_hint),
-                                 [weight.shape[0] for weight in weights])
+                                 weights, few_rows)
             for index, (member, packed_class) in enumerate(zip(members, classes)):
                 packed_bytes += _pack(member, packed_class, None, group, index)
     for module in list(root.modules()):
         packed_class = _packable(module)
         if packed_class is not None:
-            packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach().contiguous(), rows_hint)
-            packed_bytes += _pack(module, packed_class, packed)
+            packed = None
+            if prepack:
+                packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach().contiguous(), rows_hint)
+            packed_bytes += _pack(module, packed_class, packed, few_rows=few_rows)
     return packed_bytes

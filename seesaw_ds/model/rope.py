@@ -13,11 +13,23 @@ it by position: one indexing operation each for cos and sin instead of the modul
 cos, sin, scaling and casts, the same values (the module computes each position independently). The table
 grows by doubling when a step reaches past it; the caller says how far a step reaches (``max_position``, known
 on the host) so that the lookup needs nothing from the device.
+
+Applying the embedding is the layers' own code: transformers' attention calls its module's
+``apply_rotary_pos_emb``. :func:`fuse_rotary_apply` gives the modules whose function is Llama's (to the
+character) one that runs the extension's single call on a CPU (:func:`seesaw_ds.model.kernels.rotary`: the same
+bits as its twelve operators) and the original everywhere else.
 """
 from __future__ import annotations
 
+import functools
+import inspect
+import sys
+import textwrap
+
 import torch
 from torch import nn
+
+from seesaw_ds.model import kernels
 
 
 class SequenceRope(nn.Module):
@@ -86,3 +98,61 @@ class SequenceRope(nn.Module):
         self._reset(layer_type)
         dim = 1 if position_ids.shape[0] == 1 else 0
         return torch.cat([cos for cos, _ in pieces], dim=dim), torch.cat([sin for _, sin in pieces], dim=dim)
+
+
+_LLAMA_SOURCES: tuple[str, str] | None = None
+
+
+def _source(function) -> str | None:
+    try:
+        return textwrap.dedent(inspect.getsource(function))
+    except (OSError, TypeError):
+        return None
+
+
+def _is_llama_rotary(module) -> bool:
+    """Whether ``module``'s ``apply_rotary_pos_emb`` and ``rotate_half`` are transformers' Llama code to the
+    character (Mistral's, Qwen2's, Qwen3's, Mixtral's, Granite's ... are copies; others differ and are left)."""
+    global _LLAMA_SOURCES
+    if _LLAMA_SOURCES is None:
+        from transformers.models.llama import modeling_llama as llama
+
+        apply = getattr(llama.apply_rotary_pos_emb, "seesaw_original", llama.apply_rotary_pos_emb)
+        _LLAMA_SOURCES = (_source(apply), _source(llama.rotate_half))
+    apply, rotate_half = getattr(module, "apply_rotary_pos_emb", None), getattr(module, "rotate_half", None)
+    return apply is not None and rotate_half is not None and \
+        (_source(apply), _source(rotate_half)) == _LLAMA_SOURCES
+
+
+def _fused(original):
+    @functools.wraps(original)
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        if unsqueeze_dim == 1 and q.device.type == "cpu" and q.dim() == 4 and cos.dim() == 3 \
+                and q.dtype == k.dtype == cos.dtype == sin.dtype and not torch.compiler.is_compiling():
+            return kernels.rotary(q, k, cos, sin)
+        return original(q, k, cos, sin, unsqueeze_dim)  # a compiled graph fuses the original itself
+
+    apply_rotary_pos_emb.seesaw_original = original
+    return apply_rotary_pos_emb
+
+
+def fuse_rotary_apply(root: nn.Module) -> int:
+    """Give each transformers module that defines a class under ``root`` and whose ``apply_rotary_pos_emb`` is
+    Llama's a function that calls :func:`~seesaw_ds.model.kernels.rotary` for CPU tensors of one dtype outside
+    ``torch.compile``, and the original otherwise (a module attribute, read by the attention's forward at each
+    call: the forward itself, and its decorators, stay transformers'). Idempotent; returns how many modules'
+    function is the fused one. Nothing is changed where the extension is not built."""
+    if not kernels.built():
+        return 0
+    count = 0
+    for name in sorted({type(module).__module__ for module in root.modules()}):
+        module = sys.modules.get(name)
+        apply = getattr(module, "apply_rotary_pos_emb", None)
+        if apply is None:
+            continue
+        if not hasattr(apply, "seesaw_original"):
+            if not _is_llama_rotary(module):
+                continue
+            module.apply_rotary_pos_emb = _fused(apply)
+        count += 1
+    return count

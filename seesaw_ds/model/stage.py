@@ -22,13 +22,13 @@ from torch import nn
 from seesaw_ds.backends import deepspeed as backend
 from seesaw_ds.distributed.groups import LayoutGroups
 from seesaw_ds.distributed.layout import layer_range
-from seesaw_ds.model import attention
+from seesaw_ds.model import attention, kernels
 from seesaw_ds.model.compiled import CompiledLayers
 from seesaw_ds.model.families import ModelNotSupported, ModelSpec
 from seesaw_ds.model.loader import HostWeights
 from seesaw_ds.model.modules import (ScaledEmbedding, ShardedExperts, ShardedRMSNorm, SplitColumnLinear,
                                      VocabParallelHead, fuse_rms_norms)
-from seesaw_ds.model.rope import SequenceRope
+from seesaw_ds.model.rope import SequenceRope, fuse_rotary_apply
 from seesaw_ds.model.shards import ShardKind, shard_dim, shard_ranges
 
 
@@ -86,11 +86,15 @@ class StageModel(nn.Module):
         self._check_materialized()
         # bf16 on a CPU (model.cpu_prepack): oneDNN-prepacked weight copies beside the views. Built before the
         # device tier is sized, which on a CPU reads the memory still available, so their bytes are counted.
-        # An eager stage (``fuse_siblings``) packs q/k/v and gate/up as one GEMM each.
-        if prepack and backend.can_pack_cpu_linears(device, host.dtype):
-            backend.pack_cpu_linears(self, fuse_siblings=fuse_siblings)
+        # An eager stage (``fuse_siblings``) packs q/k/v and gate/up as one GEMM each. Inputs of one or two rows
+        # (decode at batch 1-2) stream the views through the extension's few-row kernel where that is faster,
+        # packed or not.
+        few_rows = kernels.few_row_linear() if backend.can_pack_cpu_linears(device, host.dtype) else None
+        if backend.can_pack_cpu_linears(device, host.dtype) and (prepack or few_rows is not None):
+            backend.pack_cpu_linears(self, fuse_siblings=fuse_siblings, prepack=prepack, few_rows=few_rows)
         if torch.device(device).type == "cpu":
             fuse_rms_norms(self)  # transformers' Llama-recipe norms in one kernel call each
+            fuse_rotary_apply(self)  # and their rotary embedding's apply
 
     # ------------------------------------------------------------------ binding host views
     def _bind(self, module: nn.Module, param: str, tensor: torch.Tensor) -> None:

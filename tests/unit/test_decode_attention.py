@@ -28,8 +28,9 @@ def test_build_is_the_widest_this_cpu_runs():
     module = kernels.load()
     name = kernels.isa()
     assert module.__name__ == f"seesaw_decode_attention_{name}"
-    assert module.isa() == {"base": "portable"}.get(name, name)
-    widest = {"avx512": "avx512", "avx2": "avx2", "base": "portable"}[name]
+    widest = {"avx512bf16": "avx512", "avx512": "avx512", "avx2": "avx2", "base": "portable"}[name]
+    assert module.isa() == widest
+    assert module.linear_rows_loop() == ("avx512_bf16" if name == "avx512bf16" else "portable")
     assert module.path(64) == module.path(128) == module.path(16) == widest
     assert module.path(40) == module.path(72) == ("portable" if name == "base" else "avx2")
     assert module.path(12) == "portable"
@@ -37,13 +38,15 @@ def test_build_is_the_widest_this_cpu_runs():
 
 def test_isa_from_cpu_flags():
     avx2 = {"avx2", "fma", "f16c"}
-    assert kernels.isa(avx2 | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"}) == "avx512"
+    assert kernels.isa(avx2 | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"}) == "avx512bf16"
+    assert kernels.isa(avx2 | {"avx512f", "avx512bw", "avx512vl", "avx512dq"}) == "avx512"
     assert kernels.isa(avx2 | {"avx512f", "avx512bw"}) == "avx2"  # no VL/DQ: not the AVX-512 build
     assert kernels.isa(avx2) == "avx2"
     assert kernels.isa({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2"}) == "base"  # no FMA/F16C
     assert kernels.isa(set()) == "base"
     assert "-mavx512f" in kernels.compile_flags("avx512") and "-mavx2" in kernels.compile_flags("avx512")
     assert not any("avx512" in flag for flag in kernels.compile_flags("avx2"))
+    assert "-mavx512bf16" in kernels.compile_flags("avx512bf16") and "-mavx512bf16" not in kernels.compile_flags("avx512")
 
 
 def filled_cache(lengths: list[int], kv_heads: int, reserve: bool, head_dim: int = 32,

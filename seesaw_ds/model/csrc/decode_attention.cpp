@@ -55,6 +55,7 @@
 #include <limits>
 #include <numeric>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -1081,6 +1082,13 @@ torch::Tensor seesaw_rms_norm(torch::Tensor x, torch::Tensor weight, double eps)
   return out;
 }
 
+// the other sources built into this module: linear_rows.cpp
+torch::Tensor linear_rows(torch::Tensor x, std::vector<torch::Tensor> weights, bool portable);
+int64_t linear_rows_max_rows();
+std::string linear_rows_loop();
+// rotary.cpp
+std::tuple<torch::Tensor, torch::Tensor> rotary(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", &isa, "the widest decode-attention path compiled into this build");
   m.def("path", &path_for, "the decode-attention path this build takes for a head size");
@@ -1089,6 +1097,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
         "seesaw_ds decode step of one layer over the block table: the new K/V written, then attention (CPU)");
   m.def("rms_norm", &seesaw_rms_norm, "transformers' Llama RMS norm in one pass a row (CPU)");
+  m.def("linear_rows", &linear_rows, "bfloat16 linears over a few input rows, each weight row streamed (CPU)",
+        pybind11::arg("x"), pybind11::arg("weights"), pybind11::arg("portable") = false);
+  m.def("linear_rows_max_rows", &linear_rows_max_rows, "the most input rows linear_rows takes");
+  m.def("rotary", &rotary, "transformers' Llama apply_rotary_pos_emb for q and k in one call (CPU)");
+  m.def("linear_rows_loop", &linear_rows_loop, "linear_rows's fast loop in this build: avx512_bf16 or portable");
   m.def("prefill_attention", &prefill_attention,
         "seesaw_ds packed ragged prefill attention, one call per layer (ATen SDPA per prompt), over cached "
         "prefixes too");
