@@ -134,28 +134,31 @@ class VocabParallelHead(nn.Module):
         return torch.cat(parts, dim=-1)[..., :self.vocab]
 
 
-_LLAMA_NORM_SOURCE: str | None = None
-_FUSED: dict[type, type | None] = {}
+_LLAMA_SOURCES: dict[str, str | None] = {}
+_FUSED: dict[tuple[type, str], type | None] = {}
 
 
-def _is_llama_norm(cls: type) -> bool:
-    """Whether ``cls.forward`` is transformers' LlamaRMSNorm.forward, to the character (Mistral's, Qwen2's,
-    Qwen3's, Mixtral's, Granite's, Phi-3's ... are copies of it; Gemma's, OLMo-2's differ and are left)."""
+def _source(function) -> str | None:
     import inspect
     import textwrap
 
-    global _LLAMA_NORM_SOURCE
-    if _LLAMA_NORM_SOURCE is None:
-        from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-        _LLAMA_NORM_SOURCE = textwrap.dedent(inspect.getsource(LlamaRMSNorm.forward))
     try:
-        return textwrap.dedent(inspect.getsource(cls.forward)) == _LLAMA_NORM_SOURCE
+        return textwrap.dedent(inspect.getsource(function))
     except (OSError, TypeError):
-        return False
+        return None
 
 
-def _fused_forward(self, hidden: torch.Tensor) -> torch.Tensor:
+def _is_llama_forward(cls: type, llama_name: str) -> bool:
+    """Whether ``cls.forward`` is that of transformers' Llama class ``llama_name``, to the character (Mistral's,
+    Qwen2's, Qwen3's, Mixtral's, Granite's, Phi-3's ... copy Llama's norm and MLP; others differ and are left)."""
+    if llama_name not in _LLAMA_SOURCES:
+        from transformers.models.llama import modeling_llama
+
+        _LLAMA_SOURCES[llama_name] = _source(getattr(modeling_llama, llama_name).forward)
+    return _LLAMA_SOURCES[llama_name] is not None and _source(cls.forward) == _LLAMA_SOURCES[llama_name]
+
+
+def _fused_norm_forward(self, hidden: torch.Tensor) -> torch.Tensor:
     from seesaw_ds.model import kernels
 
     if (hidden.device.type == "cpu" and hidden.dtype == self.weight.dtype and not torch.compiler.is_compiling()
@@ -164,21 +167,62 @@ def _fused_forward(self, hidden: torch.Tensor) -> torch.Tensor:
     return super(type(self), self).forward(hidden)  # transformers' own code (a compiled graph fuses it itself)
 
 
-def fuse_rms_norms(root: nn.Module) -> int:
-    """Give every module under ``root`` whose class is a Llama-recipe RMS norm the kernel's forward (a
-    subclass of its class, so that isinstance and its attributes stay); returns how many. Elsewhere than on a
-    CPU in the weights' dtype, and while compiling, the forward is the class's own."""
+def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    from seesaw_ds.model import kernels
+
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    if gate.device.type == "cpu" and gate.dtype == up.dtype and not torch.compiler.is_compiling() \
+            and kernels.built():
+        return self.down_proj(kernels.silu_mul(gate, up))
+    return self.down_proj(self.act_fn(gate) * up)  # transformers' expression (a compiled graph fuses it itself)
+
+
+def _is_silu(module: nn.Module) -> bool:
+    from transformers.activations import SiLUActivation
+
+    return type(getattr(module, "act_fn", None)) in (SiLUActivation, nn.SiLU)
+
+
+_KINDS = {
+    "norm": ("LlamaRMSNorm", lambda module: type(module).__name__.endswith("RMSNorm")
+             and hasattr(module, "variance_epsilon"), _fused_norm_forward),
+    "mlp": ("LlamaMLP", lambda module: all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj"))
+            and _is_silu(module), _fused_mlp_forward),
+}
+"""What :func:`_fuse` replaces: kind -> (the Llama class whose forward a class must have, what else a module
+must be, the forward that replaces it)."""
+
+
+def _fuse(root: nn.Module, kind: str) -> int:
+    """Give every module under ``root`` of ``kind`` (:data:`_KINDS`) the kernel's forward: a subclass of its
+    class, so that isinstance and its attributes stay. Returns how many modules have it."""
+    llama_name, applies, forward = _KINDS[kind]
     count = 0
     for module in root.modules():
+        if not applies(module):  # the module's own attributes (e.g. its activation): asked of each
+            continue
         cls = type(module)
-        if cls not in _FUSED:
+        if (cls, kind) not in _FUSED:  # the class's code: asked once
             fused = None
-            if cls.__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon") and _is_llama_norm(cls):
-                fused = type(f"Fused{cls.__name__}", (cls,), {"forward": _fused_forward})
-            _FUSED[cls] = fused
-            if fused is not None:
-                _FUSED[fused] = None  # already fused
-        if _FUSED[cls] is not None:
-            module.__class__ = _FUSED[cls]
+            if _is_llama_forward(cls, llama_name):
+                fused = type(f"Fused{cls.__name__}", (cls,), {"forward": forward})
+                _FUSED[(fused, kind)] = fused  # already fused
+            _FUSED[(cls, kind)] = fused
+        if _FUSED[(cls, kind)] is not None:
+            module.__class__ = _FUSED[(cls, kind)]
             count += 1
     return count
+
+
+def fuse_rms_norms(root: nn.Module) -> int:
+    """Give every module under ``root`` whose class is a Llama-recipe RMS norm the kernel's one pass a row
+    (:func:`seesaw_ds.model.kernels.rms_norm`); returns how many. Elsewhere than on a CPU in the weights'
+    dtype, and while compiling, the forward is the class's own."""
+    return _fuse(root, "norm")
+
+
+def fuse_gated_mlps(root: nn.Module) -> int:
+    """Give every module under ``root`` whose class is a Llama-recipe MLP with SiLU the kernel's
+    ``silu(gate) * up`` in one pass (:func:`seesaw_ds.model.kernels.silu_mul`); returns how many. Elsewhere
+    than on a CPU, and while compiling, the middle is transformers' expression."""
+    return _fuse(root, "mlp")

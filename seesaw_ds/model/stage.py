@@ -27,7 +27,7 @@ from seesaw_ds.model.compiled import CompiledLayers
 from seesaw_ds.model.families import ModelNotSupported, ModelSpec
 from seesaw_ds.model.loader import HostWeights
 from seesaw_ds.model.modules import (ScaledEmbedding, ShardedExperts, ShardedRMSNorm, SplitColumnLinear,
-                                     VocabParallelHead, fuse_rms_norms)
+                                     VocabParallelHead, fuse_gated_mlps, fuse_rms_norms)
 from seesaw_ds.model.rope import SequenceRope, fuse_rotary_apply
 from seesaw_ds.model.shards import ShardKind, shard_dim, shard_ranges
 
@@ -94,6 +94,7 @@ class StageModel(nn.Module):
             backend.pack_cpu_linears(self, fuse_siblings=fuse_siblings, prepack=prepack, few_rows=few_rows)
         if torch.device(device).type == "cpu":
             fuse_rms_norms(self)  # transformers' Llama-recipe norms in one kernel call each
+            fuse_gated_mlps(self)  # their MLPs' silu(gate) * up
             fuse_rotary_apply(self)  # and their rotary embedding's apply
 
     # ------------------------------------------------------------------ binding host views

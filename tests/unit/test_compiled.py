@@ -157,15 +157,16 @@ def kernels_per_layer(executor) -> tuple[float, collections.Counter]:
 
 
 def test_a_compiled_decoder_layer_runs_at_most_15_kernels(family_models, one_torch_thread, monkeypatch):
-    """bf16 (prepacked linears, as users run it): eager 16 kernels per layer (41 before the RMSNorms and then
-    the rotary apply became one kernel call each: casts, residuals, activation remain), compiled at most 15:
-    seven linears, attention, and the fused loops between."""
+    """bf16 (prepacked linears, as users run it): eager 15 kernels per layer (41 before the RMSNorms, the rotary
+    apply and the MLP's silu * up became one kernel call each: linears, casts, residuals, splits remain),
+    compiled at most 15: seven linears, attention, and the fused loops between."""
     import torch._inductor.config as inductor_config
 
     monkeypatch.setattr(inductor_config.cpp, "enable_kernel_profile", True)  # fused kernels show in the profile
     eager, eager_names = kernels_per_layer(_executor(family_models["llama3"], "bfloat16", False))
     compiled, compiled_names = kernels_per_layer(_executor(family_models["llama3"], "bfloat16", True))
-    assert eager >= 14 and eager_names["seesaw::rms_norm"] > 0 and eager_names["seesaw::rotary"] > 0, eager_names
+    assert eager >= 13 and eager_names["seesaw::rms_norm"] > 0 and eager_names["seesaw::rotary"] > 0 \
+        and eager_names["seesaw::silu_mul"] > 0, eager_names
     assert compiled_names["seesaw::attention"] > 0 and "seesaw::attention" not in eager_names
     assert any("cpp_fused" in name for name in compiled_names), compiled_names  # it really ran compiled
     assert compiled <= 15, compiled_names
