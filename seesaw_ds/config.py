@@ -28,7 +28,9 @@ class ModelConfig:
     cpu_prepack: bool = True
     """bfloat16 on a CPU: run the linears on oneDNN-prepacked copies of this rank's weights, one per layout
     (bit-identical results, faster calls; memory: each layout's shard of the weights once more beside the
-    node-shared copy). false: the weights stay views of the node-shared copy."""
+    node-shared copy). false: the weights stay views of the node-shared copy. Either way, on a CPU with
+    AVX512_BF16 inputs of one or two rows (decode at batch 1-2) stream the views through the extension's
+    few-row kernel, which needs no copy."""
     compile: str = "${oc.env:SEESAW_MODEL_COMPILE,auto}"
     """torch.compile (inductor) of the decoder layers: true, false, or auto (bf16/fp16 on an accelerator or
     a CPU with AMX, where it measured faster; eager elsewhere). The default is $SEESAW_MODEL_COMPILE where set
