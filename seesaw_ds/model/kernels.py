@@ -31,6 +31,9 @@ what else no library does fast enough on a CPU.
 One build per instruction set, chosen from ``/proc/cpuinfo``'s flags (:func:`isa`) and named after it, so that
 nodes with different CPUs sharing an environment do not load each other's build:
 
+- ``seesaw_decode_attention_avx512bf16``: the AVX-512 build below, with ``-mavx512bf16`` for
+  :func:`linear_rows`'s VDPBF16PS loop (the CPUs with AVX512_BF16: Zen 4, Sapphire Rapids and later; both CI
+  machines). Only this build's loop is handed to the stage (:func:`few_row_linear`).
 - ``seesaw_decode_attention_avx512`` (avx512f/bw/vl/dq with avx2/fma/f16c): 16-lane loops for head sizes that
   are multiples of 16; its AVX2 loops for other multiples of 8, plain loops for the rest. Decode attention is
   a quarter or more of a bf16 SmolLM2 step; on the EPYC (Zen 4) guest it runs in 0.44x the time of the AVX2
@@ -172,6 +175,13 @@ def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     """transformers' Llama RMS norm of ``hidden`` [..., n] with ``weight`` [n] (one dtype, CPU) in one pass a row.
     Call only when :func:`built`."""
     return _module.rms_norm(hidden, weight, float(eps))
+
+
+def silu_mul_applies(gate: torch.Tensor) -> bool:
+    """Whether :func:`silu_mul` is the faster way for ``gate`` here: bf16 on a CPU with an AVX-512 build (its
+    lanes run the whole pass; float32, float16 and other builds take a scalar loop, slower than ATen's)."""
+    return gate.dtype == torch.bfloat16 and gate.device.type == "cpu" and load() is not None \
+        and _module.__name__.startswith("seesaw_decode_attention_avx512")
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

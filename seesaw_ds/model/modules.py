@@ -171,8 +171,7 @@ def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     from seesaw_ds.model import kernels
 
     gate, up = self.gate_proj(x), self.up_proj(x)
-    if gate.device.type == "cpu" and gate.dtype == up.dtype and not torch.compiler.is_compiling() \
-            and kernels.built():
+    if gate.dtype == up.dtype and not torch.compiler.is_compiling() and kernels.silu_mul_applies(gate):
         return self.down_proj(kernels.silu_mul(gate, up))
     return self.down_proj(self.act_fn(gate) * up)  # transformers' expression (a compiled graph fuses it itself)
 
@@ -223,6 +222,7 @@ def fuse_rms_norms(root: nn.Module) -> int:
 
 def fuse_gated_mlps(root: nn.Module) -> int:
     """Give every module under ``root`` whose class is a Llama-recipe MLP with SiLU the kernel's
-    ``silu(gate) * up`` in one pass (:func:`seesaw_ds.model.kernels.silu_mul`); returns how many. Elsewhere
-    than on a CPU, and while compiling, the middle is transformers' expression."""
+    ``silu(gate) * up`` in one pass (:func:`seesaw_ds.model.kernels.silu_mul`) where it is the faster
+    (:func:`~seesaw_ds.model.kernels.silu_mul_applies`: bf16 on an AVX-512 CPU); returns how many. Elsewhere,
+    and while compiling, the middle is transformers' expression."""
     return _fuse(root, "mlp")

@@ -39,6 +39,13 @@ def test_extremes_and_refusals():
         kernels.silu_mul(x, up.float())
 
 
+def test_it_applies_where_its_lanes_run():
+    avx512 = kernels.isa().startswith("avx512")
+    assert kernels.silu_mul_applies(torch.zeros(2, 8).bfloat16()) == avx512
+    assert not kernels.silu_mul_applies(torch.zeros(2, 8))  # float32: the scalar loop, ATen's is faster
+    assert not kernels.silu_mul_applies(torch.zeros(2, 8).half())
+
+
 def _mlp(model_type: str, dtype: torch.dtype, **extra):
     from transformers import AutoConfig, AutoModelForCausalLM
 
