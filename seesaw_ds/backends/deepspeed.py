@@ -130,8 +130,8 @@ class SiblingGroup:
 
 def _few_row_kernel(few_rows, x: torch.Tensor):
     """The few-row kernel of ``few_rows`` (``(kernel, most rows)`` or None) where it takes ``x``, else None."""
-    if few_rows is None or x.dtype != torch.bfloat16 or x.numel() > few_rows[1] * x.shape[-1]:
-        return None
+    if few_rows is None or x.dtype != torch.bfloat16 or not 0 < x.numel() <= few_rows[1] * x.shape[-1]:
+        return None  # (an empty input, e.g. an expert no token chose, stays with oneDNN)
     return few_rows[0]
 
 

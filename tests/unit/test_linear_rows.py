@@ -117,3 +117,5 @@ def test_the_linears_take_it_at_one_or_two_rows_only(prepack, rows):
             assert ((got.double() - exact).abs() <= exact.abs() * 2.0 ** -8 + magnitude * 2.0 ** -8).all(), name
     # q/k/v and gate/up: one call each where grouped, one a member otherwise; o_proj (transposed) never
     assert spy.calls == ([] if rows > 2 else [rows] * (2 if prepack else 5))
+    empty = layer.q_proj(torch.randn(0, 576).bfloat16())  # no rows: oneDNN (the kernel takes 1 to 4)
+    assert empty.shape == (0, 576) and spy.calls == ([] if rows > 2 else [rows] * (2 if prepack else 5))
