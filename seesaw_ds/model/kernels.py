@@ -1,5 +1,5 @@
-"""The engine's one hand-written extension (``csrc/decode_attention.cpp`` and ``csrc/linear_rows.cpp``), built
-once per environment by torch's JIT extension loader: the attention of a whole step in one call per layer, and
+"""The engine's one hand-written extension (``csrc/decode_attention.cpp``, ``linear_rows.cpp``, ``rotary.cpp``),
+built once per environment by torch's JIT extension loader: the attention of a whole step in one call per layer, and
 what else no library does fast enough on a CPU.
 
 - ``decode_attention``: CPU decode attention over the paged, token-major device-tier cache, each sequence's
@@ -114,7 +114,8 @@ def load():
     name = isa()  # one build per instruction set: nodes may differ
     export_extension_dir()
     try:
-        _module = jit_load(f"seesaw_decode_attention_{name}", [str(path) for path in _SOURCES], extra_cflags=compile_flags(name),
+        _module = jit_load(f"seesaw_decode_attention_{name}", [str(path) for path in _SOURCES],
+                           extra_cflags=compile_flags(name),
                            extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # no compiler, no headers: SDPA still works
         _failed = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
@@ -213,7 +214,7 @@ def linear_rows(x: torch.Tensor, weights: list[torch.Tensor], portable: bool = F
 def few_row_linear():
     """``(linear, LINEAR_ROWS)`` where streaming the weights measured faster than oneDNN at a few rows (the
     ``avx512bf16`` build), else None: what the backend's prepacked linears are given
-    (:func:`seesaw_ds.backends.deepspeed.use_few_row_linear`). ``linear(x, weights)`` is the extension's own
+    (:func:`seesaw_ds.backends.deepspeed.pack_cpu_linears`' ``few_rows``). ``linear(x, weights)`` is the extension's own
     call: nothing in Python around it (a step makes ~120 such calls)."""
     if load() is None or _module.linear_rows_loop() != "avx512_bf16":
         return None

@@ -138,7 +138,9 @@ _LLAMA_SOURCES: dict[str, str | None] = {}
 _FUSED: dict[tuple[type, str], type | None] = {}
 
 
-def _source(function) -> str | None:
+def source_text(function) -> str | None:
+    """``function``'s source, dedented (None where it has none to read): how the fusions here and in rope.py
+    recognise transformers' Llama code in other families' copies."""
     import inspect
     import textwrap
 
@@ -154,8 +156,8 @@ def _is_llama_forward(cls: type, llama_name: str) -> bool:
     if llama_name not in _LLAMA_SOURCES:
         from transformers.models.llama import modeling_llama
 
-        _LLAMA_SOURCES[llama_name] = _source(getattr(modeling_llama, llama_name).forward)
-    return _LLAMA_SOURCES[llama_name] is not None and _source(cls.forward) == _LLAMA_SOURCES[llama_name]
+        _LLAMA_SOURCES[llama_name] = source_text(getattr(modeling_llama, llama_name).forward)
+    return _LLAMA_SOURCES[llama_name] is not None and source_text(cls.forward) == _LLAMA_SOURCES[llama_name]
 
 
 def _fused_norm_forward(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -22,14 +22,13 @@ bits as its twelve operators) and the original everywhere else.
 from __future__ import annotations
 
 import functools
-import inspect
 import sys
-import textwrap
 
 import torch
 from torch import nn
 
 from seesaw_ds.model import kernels
+from seesaw_ds.model.modules import source_text
 
 
 class SequenceRope(nn.Module):
@@ -103,13 +102,6 @@ class SequenceRope(nn.Module):
 _LLAMA_SOURCES: tuple[str, str] | None = None
 
 
-def _source(function) -> str | None:
-    try:
-        return textwrap.dedent(inspect.getsource(function))
-    except (OSError, TypeError):
-        return None
-
-
 def _is_llama_rotary(module) -> bool:
     """Whether ``module``'s ``apply_rotary_pos_emb`` and ``rotate_half`` are transformers' Llama code to the
     character (Mistral's, Qwen2's, Qwen3's, Mixtral's, Granite's ... are copies; others differ and are left)."""
@@ -118,10 +110,10 @@ def _is_llama_rotary(module) -> bool:
         from transformers.models.llama import modeling_llama as llama
 
         apply = getattr(llama.apply_rotary_pos_emb, "seesaw_original", llama.apply_rotary_pos_emb)
-        _LLAMA_SOURCES = (_source(apply), _source(llama.rotate_half))
+        _LLAMA_SOURCES = (source_text(apply), source_text(llama.rotate_half))
     apply, rotate_half = getattr(module, "apply_rotary_pos_emb", None), getattr(module, "rotate_half", None)
     return apply is not None and rotate_half is not None and \
-        (_source(apply), _source(rotate_half)) == _LLAMA_SOURCES
+        (source_text(apply), source_text(rotate_half)) == _LLAMA_SOURCES
 
 
 def _fused(original):

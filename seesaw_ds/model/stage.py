@@ -89,8 +89,9 @@ class StageModel(nn.Module):
         # An eager stage (``fuse_siblings``) packs q/k/v and gate/up as one GEMM each. Inputs of one or two rows
         # (decode at batch 1-2) stream the views through the extension's few-row kernel where that is faster,
         # packed or not.
-        few_rows = kernels.few_row_linear() if backend.can_pack_cpu_linears(device, host.dtype) else None
-        if backend.can_pack_cpu_linears(device, host.dtype) and (prepack or few_rows is not None):
+        packable = backend.can_pack_cpu_linears(device, host.dtype)
+        few_rows = kernels.few_row_linear() if packable else None
+        if packable and (prepack or few_rows is not None):
             backend.pack_cpu_linears(self, fuse_siblings=fuse_siblings, prepack=prepack, few_rows=few_rows)
         if torch.device(device).type == "cpu":
             fuse_rms_norms(self)  # transformers' Llama-recipe norms in one kernel call each

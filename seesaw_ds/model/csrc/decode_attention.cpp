@@ -1174,7 +1174,6 @@ torch::Tensor seesaw_silu_mul(torch::Tensor gate, torch::Tensor up) {
 
 // the other sources built into this module: linear_rows.cpp
 torch::Tensor linear_rows(torch::Tensor x, std::vector<torch::Tensor> weights, bool portable);
-int64_t linear_rows_max_rows();
 std::string linear_rows_loop();
 // rotary.cpp
 std::tuple<torch::Tensor, torch::Tensor> rotary(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin);
@@ -1189,7 +1188,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &seesaw_rms_norm, "transformers' Llama RMS norm in one pass a row (CPU)");
   m.def("linear_rows", &linear_rows, "bfloat16 linears over a few input rows, each weight row streamed (CPU)",
         pybind11::arg("x"), pybind11::arg("weights"), pybind11::arg("portable") = false);
-  m.def("linear_rows_max_rows", &linear_rows_max_rows, "the most input rows linear_rows takes");
   m.def("silu_mul", &seesaw_silu_mul, "silu(gate) * up in one pass (CPU)");
   m.def("rotary", &rotary, "transformers' Llama apply_rotary_pos_emb for q and k in one call (CPU)");
   m.def("linear_rows_loop", &linear_rows_loop, "linear_rows's fast loop in this build: avx512_bf16 or portable");

@@ -147,8 +147,6 @@ void run(const uint16_t* x, int64_t ldx, int64_t K, const std::vector<Piece>& pi
 
 }  // namespace
 
-int64_t linear_rows_max_rows() { return kMaxRows; }
-
 std::string linear_rows_loop() {
 #ifdef SEESAW_BF16_DOT
   return "avx512_bf16";
