@@ -1,15 +1,17 @@
 """Micro-benchmark of the decode-attention kernel (seesaw_ds/model/csrc/decode_attention.cpp): the build this
 machine's engine uses against a baseline build, on SmolLM2-135M decode shapes by default.
 
-    python launch/bench_attention.py --baseline-rev HEAD~1     against the AVX2 build of a git revision's source
-    python launch/bench_attention.py                           against this checkout's source built for AVX2
+    python launch/bench_attention.py --baseline-rev HEAD~1     against the AVX2 build of a git revision's sources
+    python launch/bench_attention.py                           against this checkout's sources built for AVX2
     python launch/bench_attention.py --baseline-source old.cpp against the AVX2 build of another file
+    python launch/bench_attention.py --baseline-rev HEAD~1 --baseline-isa avx512bf16   a change, same build flags
     python launch/bench_attention.py --dtype fp32 --heads 32 --kv-heads 8 --head-dim 128 --layers 2
 
 Defaults: 64 sequences of 100-700 tokens (uniform), 9 query and 3 KV heads of 64, bf16 cache, one run of
 slots per sequence (--fragment N: runs of N slots scattered over the cache), 1 and 2 threads. "new" is
 ``kernels.load()`` (the build the engine picks from /proc/cpuinfo, e.g. ``..._avx512``); "old" is the baseline
-source compiled with the AVX2 build's flags (``kernels.compile_flags("avx2")``: no AVX-512 path). Each
+sources compiled with the AVX2 build's flags (``kernels.compile_flags("avx2")``: no AVX-512 path), or with
+``--baseline-isa``'s. Each
 repetition times one call per layer over ``--layers`` separate caches (so that, as in the engine, the KV comes
 from memory rather than from the last call's cache lines), the two builds interleaved (old, new, new, old, ...),
 the process on glibc's huge-page malloc tunable as the engine's ranks are (``--no-hugepages``: not). Printed:
@@ -41,15 +43,15 @@ from seesaw_ds.model import kernels  # noqa: E402
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def baseline(source: Path):
-    """``source`` built with the AVX2 build's flags (``kernels.compile_flags("avx2")``, OpenMP included) under
-    a build name of its own per source text, so that builds of different sources do not replace each other."""
+def baseline(sources: list[Path], isa: str):
+    """``sources`` built with build ``isa``'s flags (``kernels.compile_flags``, OpenMP included) under a build
+    name of its own per source text, so that builds of different sources do not replace each other."""
     from torch.utils.cpp_extension import load as jit_load
 
     export_extension_dir()
-    digest = hashlib.sha1(source.read_bytes()).hexdigest()[:10]
-    return jit_load(f"seesaw_decode_attention_bench_avx2_{digest}", [str(source)],
-                    extra_cflags=kernels.compile_flags("avx2"), extra_ldflags=["-fopenmp"], verbose=False)
+    digest = hashlib.sha1(b"".join(source.read_bytes() for source in sources)).hexdigest()[:10]
+    return jit_load(f"seesaw_decode_attention_bench_{isa}_{digest}", [str(source) for source in sources],
+                    extra_cflags=kernels.compile_flags(isa), extra_ldflags=["-fopenmp"], verbose=False)
 
 
 def workload(args):
@@ -92,16 +94,22 @@ def time_step(module, query, layers, runs, scale) -> tuple[float, float]:
     return (time.perf_counter() - wall) / len(layers), (time.process_time() - cpu) / len(layers)
 
 
-def baseline_source(args) -> Path:
-    """The baseline's C++ source: ``--baseline-rev``'s version of the kernel (from git), else ``--baseline-source``."""
+def baseline_sources(args) -> list[Path]:
+    """The baseline's C++ sources: ``--baseline-rev``'s versions of the extension's files (from git; those the
+    revision has), else ``--baseline-source`` (one file), else this checkout's."""
     if not args.baseline_rev:
-        return args.baseline_source
-    relative = kernels._SOURCE.relative_to(REPO).as_posix()
-    text = subprocess.run(["git", "-C", str(REPO), "show", f"{args.baseline_rev}:{relative}"], check=True,
-                          capture_output=True, text=True).stdout
-    path = Path(tempfile.gettempdir()) / f"decode_attention_{hashlib.sha1(text.encode()).hexdigest()[:10]}.cpp"
-    path.write_text(text)
-    return path
+        return [args.baseline_source] if args.baseline_source else list(kernels._SOURCES)
+    folder = Path(tempfile.mkdtemp(prefix="bench_attention_"))
+    paths = []
+    for source in kernels._SOURCES:
+        shown = subprocess.run(["git", "-C", str(REPO), "show", f"{args.baseline_rev}:{source.relative_to(REPO).as_posix()}"],
+                               capture_output=True, text=True)
+        if shown.returncode == 0:
+            paths.append(folder / source.name)
+            paths[-1].write_text(shown.stdout)
+    if not paths:
+        sys.exit(f"bench_attention: {args.baseline_rev} has none of the extension's sources")
+    return paths
 
 
 def main() -> None:
@@ -119,8 +127,10 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2", help="comma-separated intra-op thread counts")
     parser.add_argument("--reps", type=int, default=15, help="repetitions per build (median reported)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--baseline-source", type=Path, default=kernels._SOURCE,
-                        help="the C++ source of the baseline build (default: this checkout's)")
+    parser.add_argument("--baseline-source", type=Path,
+                        help="one C++ source of the baseline build (default: this checkout's sources)")
+    parser.add_argument("--baseline-isa", choices=sorted(kernels.ISA_FLAGS), default="avx2",
+                        help="the build flags of the baseline (default: avx2, no AVX-512 path)")
     parser.add_argument("--baseline-rev", help="take the baseline source from this git revision (e.g. HEAD~1)")
     parser.add_argument("--no-hugepages", action="store_true",
                         help="keep malloc on 4 KiB pages (default: glibc's huge-page tunable, as the ranks run)")
@@ -133,8 +143,8 @@ def main() -> None:
     new = kernels.load()
     if new is None:
         sys.exit("bench_attention: the kernel could not be built here")
-    source = baseline_source(args)
-    old = baseline(source)
+    sources = baseline_sources(args)
+    old = baseline(sources, args.baseline_isa)
     query, layers, runs, lengths = workload(args)
     scale = args.head_dim ** -0.5
     keys, values = layers[0]
@@ -142,7 +152,7 @@ def main() -> None:
     got = new.decode_attention(query, keys, values, runs.offsets, runs.first, runs.count, scale, 0, 0.0)
     cache_mib = sum(k.numel() * k.element_size() * 2 for k, _ in layers) / 2 ** 20
     print(f"new: {new.__name__} (path {new.path(args.head_dim)}); old: {old.__name__} from "
-          f"{args.baseline_rev + ':' if args.baseline_rev else ''}{source}")
+          f"{args.baseline_rev + ':' if args.baseline_rev else ''}{', '.join(source.name for source in sources)}")
     print(f"{args.seqs} sequences, {sum(lengths)} tokens (mean {sum(lengths) / len(lengths):.0f}), heads "
           f"{args.heads}/{args.kv_heads}, head_dim {args.head_dim}, {args.dtype} cache, {args.layers} layers "
           f"({cache_mib:.0f} MiB of KV, {anon_hugepage_bytes() / 2 ** 20:.0f} MiB of the process on huge pages), "
