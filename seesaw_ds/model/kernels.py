@@ -14,7 +14,9 @@ what else no library does fast enough on a CPU.
 - ``prefill_attention``: the packed ragged prefill row, one call per layer, prompts over a cached prefix
   included; inside, per prompt, causal attention as float32 GEMMs over blocks of query rows
   (:data:`PREFILL_BLOCK_ROWS`; ATen's fused SDPA took 1.6x the time here on SmolLM2 in bf16, and rounds the
-  weights to bf16), SDPA where a window binds, the eager formula where a soft-cap is set (ATen throughout, so
+  weights to bf16); in the AVX512_BF16 build a bf16 prompt's scores are VDPBF16PS sums of exact products
+  (float32 lanes, tiles of 32 keys by 8 rows, head sizes of whole 32-element pairs) and its softmax one pass a
+  row over the keys the row sees, at twice the float32 GEMM's rate; SDPA where a window binds, the eager formula where a soft-cap is set (ATen throughout, so
   it also runs on CUDA tensors).
 - ``rms_norm``: transformers' Llama RMS norm (float32 mean square, scaled row rounded to the input's dtype, times
   the weight) in one pass a row instead of seven ATen operators over the whole tensor: on SmolLM2's 576
@@ -32,8 +34,8 @@ One build per instruction set, chosen from ``/proc/cpuinfo``'s flags (:func:`isa
 nodes with different CPUs sharing an environment do not load each other's build:
 
 - ``seesaw_decode_attention_avx512bf16``: the AVX-512 build below, with ``-mavx512bf16`` for
-  :func:`linear_rows`'s VDPBF16PS loop (the CPUs with AVX512_BF16: Zen 4, Sapphire Rapids and later; both CI
-  machines). Only this build's loop is handed to the stage (:func:`few_row_linear`).
+  :func:`linear_rows`'s VDPBF16PS loop and the bf16 prefill's scores (the CPUs with AVX512_BF16: Zen 4, Sapphire
+  Rapids and later; both CI machines). Only this build's loop is handed to the stage (:func:`few_row_linear`).
 - ``seesaw_decode_attention_avx512`` (avx512f/bw/vl/dq with avx2/fma/f16c): 16-lane loops for head sizes that
   are multiples of 16; its AVX2 loops for other multiples of 8, plain loops for the rest. Decode attention is
   a quarter or more of a bf16 SmolLM2 step; on the EPYC (Zen 4) guest it runs in 0.44x the time of the AVX2

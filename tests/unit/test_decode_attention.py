@@ -31,6 +31,7 @@ def test_build_is_the_widest_this_cpu_runs():
     widest = {"avx512bf16": "avx512", "avx512": "avx512", "avx2": "avx2", "base": "portable"}[name]
     assert module.isa() == widest
     assert module.linear_rows_loop() == ("avx512_bf16" if name == "avx512bf16" else "portable")
+    assert module.prefill_scores_loop() == ("avx512_bf16" if name == "avx512bf16" else "float32_gemm")
     assert module.path(64) == module.path(128) == module.path(16) == widest
     assert module.path(40) == module.path(72) == ("portable" if name == "base" else "avx2")
     assert module.path(12) == "portable"
@@ -179,6 +180,42 @@ def _assert_as_exact(out: torch.Tensor, want: torch.Tensor, exact, softcap) -> N
         return
     assert torch.equal(out, want) or torch.allclose(out.float(), want.float(), atol=1e-5), \
         (out.float() - want.float()).abs().max()
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 128), (8, 2, 32)])
+@pytest.mark.parametrize("with_prefix", [False, True])
+def test_bfloat16_prefill_scores_as_exact_as_float32_gemms(heads, kv_heads, head_dim, with_prefix):
+    """bfloat16 prompts, head sizes of whole 32-element pairs: on the AVX512_BF16 build the scores are VDPBF16PS
+    sums of exact products (tiles of 32 keys, 8 query rows at a time, blocks of kernels.PREFILL_BLOCK_ROWS rows),
+    the softmax over each row's own keys. Lengths around the tiles and blocks, q and k strided as the engine's
+    projections give them ([T, H, D] transposed), over cached prefixes too: the bf16 output is as close to
+    float64 attention as the float32 GEMM path's (the same inputs widened) and as SDPA's, within bf16's
+    epsilon."""
+    from seesaw_ds.model.attention_reference import prefill_reference
+
+    lengths = [1, 7, 8, 9, 31, 32, 33, 64, 65, 100, 257]
+    done = [0, 3, 0, 40, 0, 1, 0, 32, 0, 0, 70] if with_prefix else [0] * len(lengths)
+    torch.manual_seed(heads + head_dim)
+    bounds = torch.tensor([0] + lengths).cumsum(0)
+    total = int(bounds[-1])
+    make = lambda n: torch.randn(total, n, head_dim).to(torch.bfloat16).transpose(0, 1)  # noqa: E731
+    q, k, v = make(heads), make(kv_heads), make(kv_heads)
+    assert q.stride(1) == heads * head_dim
+    area = torch.randn(2, kv_heads, 80, head_dim).to(torch.bfloat16)
+    contexts = [(area[0, :, 5:5 + n], area[1, :, 5:5 + n]) if n else None for n in done]
+    scale = head_dim ** -0.5
+    got = kernels.prefill_attention(q, k, v, bounds, scale, contexts=contexts)
+    widened = kernels.prefill_attention(q.float(), k.float(), v.float(), bounds, scale,
+                                        contexts=[(c[0].float(), c[1].float()) if c else None for c in contexts])
+    sdpa = prefill_reference(q[None], k[None], v[None], bounds.tolist(), scale, None, None, contexts)[0]
+    exact = prefill_reference(q[None].double(), k[None].double(), v[None].double(), bounds.tolist(), scale, None,
+                              None, [(c[0].double(), c[1].double()) if c else None for c in contexts])[0]
+    assert got.dtype == torch.bfloat16 and got.shape == q.shape
+    error = (got.double() - exact).abs().max()
+    # the float32 path's output rounded to bf16, and SDPA's: the errors a bf16 result of either has
+    limit = max((widened.to(torch.bfloat16).double() - exact).abs().max(), (sdpa.double() - exact).abs().max())
+    assert error <= limit, (error, limit)
+    assert (got.float() - widened).abs().max() <= torch.finfo(torch.bfloat16).eps * exact.abs().max()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

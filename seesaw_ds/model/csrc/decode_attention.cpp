@@ -44,7 +44,10 @@
 // soft-cap. The loop over prompts runs here rather than in Python: one call per layer and step. Measured on
 // the EPYC guest (launch/profile_prefill.py, SmolLM2 bf16, one rank's prefill steps of the bench's prompts,
 // one thread): ATen's bf16 SDPA per prompt was ~26% of a prefill step; causal_blocked with 32-row blocks cut
-// the step's time by 13-17% (blocks of 16/48/64 rows: less).
+// the step's time by 13-17% (blocks of 16/48/64 rows: less). In the AVX512_BF16 build a bfloat16 prompt's
+// scores skip the float32 copies and GEMM: VDPBF16PS over K packed in pairs, tiles of 32 keys by 8 query rows,
+// and the softmax of each row over its own keys in one pass (causal_blocked_bf16; the weighted sum stays a
+// float32 GEMM): attention 1.51 -> 0.96 s of a 7.6 s one-thread profile of the bench's prompts.
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -64,6 +67,9 @@
 #define SEESAW_AVX2 1
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
 #define SEESAW_AVX512 1
+#if defined(__AVX512BF16__)
+#define SEESAW_DPBF16 1
+#endif
 #endif
 #endif
 
@@ -889,8 +895,17 @@ torch::Tensor eager_softcap(const torch::Tensor& q, torch::Tensor k, torch::Tens
 // (a cached prefix's K/V first). A block of rows multiplies only the keys its last row sees (about half of the
 // L x L scores, as a causal kernel skips), the query heads of a KV head as one matrix; scores, softmax and the
 // weighted sum all in float32 (ATen's fused SDPA rounds the weights to bfloat16 before the sum).
+#ifdef SEESAW_DPBF16
+void causal_blocked_bf16(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale,
+                         int64_t done, int64_t block_rows, torch::Tensor out);
+bool takes_bf16(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v);
+#endif
+
 void causal_blocked(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale,
                     int64_t done, int64_t block_rows, torch::Tensor out) {
+#ifdef SEESAW_DPBF16
+  if (takes_bf16(q, k, v)) return causal_blocked_bf16(q, k, v, scale, done, block_rows, out);
+#endif
   const int64_t n_q = q.size(0), n_kv = k.size(0), groups = n_q / n_kv, length = q.size(1), dim = q.size(2);
   const int64_t n_keys = k.size(1);
   const auto fp32 = q.options().dtype(at::kFloat);
@@ -914,6 +929,132 @@ void causal_blocked(const torch::Tensor& q, const torch::Tensor& k, const torch:
     out.slice(1, r0, r1).copy_(result.view({n_q, rows, dim}));
   }
 }
+
+#ifdef SEESAW_DPBF16
+// The scores of causal_blocked for bfloat16 queries and keys through VDPBF16PS (the AVX512_BF16 build): each
+// product of two bfloat16 is exact in float32 and summed in float32 lanes, as in the float32 GEMM, at twice
+// its rate, and without the float32 copies of q and k. Measured in docs/benchmarks.md.
+
+constexpr int64_t kKeyTile = 32;  // keys per tile: two vectors of 16 float32 scores per query row
+
+// One KV head's keys [n, D] (row stride ld, D even) as pairs of bfloat16 (one 32-bit word, VDPBF16PS's
+// operand): out[p * n_pad + j] = (k[j][2p], k[j][2p + 1]), zero for n <= j < n_pad.
+void pack_key_pairs(const c10::BFloat16* k, int64_t ld, int64_t n, int64_t dim, int64_t n_pad, uint32_t* out) {
+  const int64_t pairs = dim / 2;
+  for (int64_t j = 0; j < n; ++j) {
+    uint32_t row[256];  // dim <= 512 (checked by the caller)
+    std::memcpy(row, k + j * ld, dim * sizeof(c10::BFloat16));
+    for (int64_t p = 0; p < pairs; ++p) out[p * n_pad + j] = row[p];
+  }
+  for (int64_t p = 0; p < pairs; ++p) std::fill(out + p * n_pad + n, out + (p + 1) * n_pad, 0u);
+}
+
+// out[r * ld + c] = scale * (query row r) . (key j0 + c) for r < NR, c < 32: q[r] a row of D bfloat16 (D/2
+// pairs), kp the packed keys from column j0 (pair p at kp + p * n_pad)
+template <int NR>
+void score_tile(const c10::BFloat16* const* q, const uint32_t* kp, int64_t n_pad, int64_t pairs, float scale,
+                float* out, int64_t ld) {
+  __m512 acc[NR][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(kp + p * n_pad);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(kp + p * n_pad + 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, q[r] + 2 * p, sizeof pair);
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
+    }
+  }
+  const __m512 vscale = _mm512_set1_ps(scale);
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r) {
+    _mm512_storeu_ps(out + r * ld, _mm512_mul_ps(acc[r][0], vscale));
+    _mm512_storeu_ps(out + r * ld + 16, _mm512_mul_ps(acc[r][1], vscale));
+  }
+}
+
+void score_tiles(int rows, const c10::BFloat16* const* q, const uint32_t* kp, int64_t n_pad, int64_t pairs,
+                 float scale, float* out, int64_t ld) {
+  switch (rows) {
+    case 1: return score_tile<1>(q, kp, n_pad, pairs, scale, out, ld);
+    case 2: return score_tile<2>(q, kp, n_pad, pairs, scale, out, ld);
+    case 3: return score_tile<3>(q, kp, n_pad, pairs, scale, out, ld);
+    case 4: return score_tile<4>(q, kp, n_pad, pairs, scale, out, ld);
+    case 5: return score_tile<5>(q, kp, n_pad, pairs, scale, out, ld);
+    case 6: return score_tile<6>(q, kp, n_pad, pairs, scale, out, ld);
+    case 7: return score_tile<7>(q, kp, n_pad, pairs, scale, out, ld);
+    default: return score_tile<8>(q, kp, n_pad, pairs, scale, out, ld);
+  }
+}
+
+// causal_blocked with bfloat16 q, k, v (head_dim a multiple of 32, rows contiguous): per block of query rows,
+// each query head's scores over the keys its rows see (tiles of 32 keys, 8 rows at a time), the softmax of each
+// row over its own keys in float32 (the keys it does not see weigh exactly 0, as the masked -inf do), then the
+// weighted sum as before (a float32 GEMM over the values widened once). The query heads are spread over the
+// intra-op threads.
+void causal_blocked_bf16(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale,
+                         int64_t done, int64_t block_rows, torch::Tensor out) {
+  const int64_t n_q = q.size(0), n_kv = k.size(0), groups = n_q / n_kv, length = q.size(1), dim = q.size(2);
+  const int64_t n_keys = k.size(1), pairs = dim / 2;
+  const int64_t n_pad = (n_keys + kKeyTile - 1) / kKeyTile * kKeyTile;
+  const auto fp32 = q.options().dtype(at::kFloat);
+  auto packed = at::empty({n_kv, pairs * n_pad}, q.options().dtype(at::kInt));
+  uint32_t* kp = reinterpret_cast<uint32_t*>(packed.data_ptr<int32_t>());
+  const auto* k_data = k.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, n_kv, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t h = begin; h < end; ++h)
+      pack_key_pairs(k_data + h * k.stride(0), k.stride(1), n_keys, dim, n_pad, kp + h * pairs * n_pad);
+  });
+  auto vf = at::empty({n_kv, n_keys, dim}, fp32);
+  vf.copy_(v);
+  const int64_t most_rows = std::min(block_rows, length);
+  auto weights = at::empty({n_kv, groups * most_rows, n_pad}, fp32);
+  float* w = weights.data_ptr<float>();
+  const auto* q_data = q.data_ptr<c10::BFloat16>();
+  const float fscale = static_cast<float>(scale);
+  for (int64_t r0 = 0; r0 < length; r0 += block_rows) {
+    const int64_t r1 = std::min(length, r0 + block_rows), rows = r1 - r0, seen = done + r1;
+    const int64_t tiles = (seen + kKeyTile - 1) / kKeyTile;
+    at::parallel_for(0, n_q, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t h = begin; h < end; ++h) {
+        const int64_t kv = h / groups, g = h % groups;
+        float* head = w + (kv * groups * rows + g * rows) * n_pad;  // [Hkv, G * rows, n_pad] as the GEMM reads it
+        const uint32_t* keys = kp + kv * pairs * n_pad;
+        for (int64_t t = 0; t < tiles; ++t) {  // a tile of keys stays in L1 for all of the head's rows
+          for (int64_t i0 = 0; i0 < rows; i0 += 8) {
+            const int nr = static_cast<int>(std::min<int64_t>(8, rows - i0));
+            const c10::BFloat16* rows_q[8];
+            for (int r = 0; r < nr; ++r) rows_q[r] = q_data + h * q.stride(0) + (r0 + i0 + r) * q.stride(1);
+            score_tiles(nr, rows_q, keys + t * kKeyTile, n_pad, pairs, fscale, head + i0 * n_pad + t * kKeyTile,
+                        n_pad);
+          }
+        }
+        for (int64_t i = 0; i < rows; ++i) {  // row i (position done + r0 + i) sees keys 0 .. done + r0 + i
+          float* row = head + i * n_pad;
+          const int64_t valid = done + r0 + i + 1;
+          const float inverse = 1.f / softmax_numerators_avx512(row, valid);
+          for (int64_t j = 0; j < valid; ++j) row[j] *= inverse;
+          std::fill(row + valid, row + seen, 0.f);
+        }
+      }
+    });
+    auto block = weights.view(-1).narrow(0, 0, n_kv * groups * rows * n_pad).view({n_kv, groups * rows, n_pad})
+                     .narrow(2, 0, seen);
+    auto result = at::bmm(block, vf.slice(1, 0, seen));  // [Hkv, G * rows, D]
+    out.slice(1, r0, r1).copy_(result.view({n_q, rows, dim}));
+  }
+}
+
+// whether causal_blocked_bf16 takes these tensors
+bool takes_bf16(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+  return q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16 &&
+         q.device().is_cpu() && q.size(2) % 32 == 0 && q.size(2) <= 512 && q.stride(2) == 1 && k.stride(2) == 1;
+}
+#endif
 
 }  // namespace
 
@@ -981,6 +1122,15 @@ torch::Tensor prefill_attention(torch::Tensor query, torch::Tensor keys, torch::
     out.slice(1, lo, hi).copy_(result);
   }
   return out;
+}
+
+// how this build computes the scores of a bfloat16 prompt's causal attention (head sizes of whole 32-element pairs)
+std::string prefill_scores_loop() {
+#ifdef SEESAW_DPBF16
+  return "avx512_bf16";
+#else
+  return "float32_gemm";
+#endif
 }
 
 // the widest decode path this build has: avx512 (head_dim % 16 == 0; avx2 for other multiples of 8), avx2, or
@@ -1191,6 +1341,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &seesaw_silu_mul, "silu(gate) * up in one pass (CPU)");
   m.def("rotary", &rotary, "transformers' Llama apply_rotary_pos_emb for q and k in one call (CPU)");
   m.def("linear_rows_loop", &linear_rows_loop, "linear_rows's fast loop in this build: avx512_bf16 or portable");
+  m.def("prefill_scores_loop", &prefill_scores_loop,
+        "how this build computes a bfloat16 prompt's attention scores: avx512_bf16 (VDPBF16PS) or float32_gemm");
   m.def("prefill_attention", &prefill_attention,
         "seesaw_ds packed ragged prefill attention, one call per layer (ATen SDPA per prompt), over cached "
         "prefixes too");
