@@ -28,6 +28,7 @@ from seesaw_ds.engine.outputs import JsonlAppender, format_error, format_result,
 from seesaw_ds.engine.sampling import eos_token_ids
 from seesaw_ds.engine.scheduler import Scheduler
 from seesaw_ds.engine.worker import StepMessage, Worker
+from seesaw_ds.kv.plan import prefix_homes
 from seesaw_ds.kv.staging import StagingArea, StagingCapacityError, staging_capacity
 from seesaw_ds.model.loader import read_generation_defaults
 from seesaw_ds.probes import memcpy_bytes_per_second
@@ -206,7 +207,9 @@ def run_job(settings: JobConfig, runtime, run_dir: Path, *, tokenizer=None, stop
             settings.scheduler,
             staging_tokens=capacity, device_tokens=executor.device_tokens,
             block_size=settings.kv.block_size, num_prefill_replicas=layouts["prefill"].dp,
-            num_decode_replicas=layouts["decode"].dp, prefix_cache_tokens=prefix_cache)
+            num_decode_replicas=layouts["decode"].dp, prefix_cache_tokens=prefix_cache,
+            prefix_homes=prefix_homes(topology.layouts["prefill"].layout, runtime.checkpoint.dims,
+                                      lambda rank: topology.node_of_rank[topology.instance_to_global(rank)]))
         # One prefill step's worth of waiting prompts is all the scheduler can use per step (the leader refills
         # before every step), so the input is read that far ahead only, or kv.prefix_window_tokens ahead where
         # prompts sharing a prefix are to find each other: memory follows the work in flight and that window,

@@ -12,11 +12,12 @@ its KV is staged once in extents that all n reference (`ExtentAllocator(refs=n)`
 drops one reference), every sample draws with its own seed (`sample_seed`) and keeps its own stop checker,
 grammar matcher and logprobs; the request is answered when its last sample finishes.
 
-Shared prefixes (`engine/prefixes.py` finds them, the scheduler decides which are computed and kept): a
-prompt that computes a prefix the scheduler keeps stages that prefix in extents of their own, which the
-prefill replica's prefix cache also references; a prompt reusing it runs only its suffix, with the cached
-extents as its attention context (`SeqWork.context_extents`), and its staged KV is those extents followed by
-its own. Extents are reference-counted, so a prefix lives while the cache or any staged sequence holds it.
+Shared prefixes (`engine/prefixes.py` finds them, the scheduler decides which are computed and kept): a prompt that
+computes a prefix the scheduler keeps stages that prefix in extents of their own, which the prefix cache of the
+prefill replica's home (the replicas that read each other's staging) also references; a prompt reusing it runs only
+its suffix, with the cached extents as its attention context (`SeqWork.context_extents`), and its staged KV is those
+extents followed by its own. Extents are reference-counted, so a prefix lives while the cache or any staged sequence
+holds it.
 """
 from __future__ import annotations
 
@@ -163,7 +164,7 @@ class Leader:
                  prefixes: PrefixIndex | None = None):
         self.scheduler = scheduler
         self.prefixes = prefixes
-        self._prefix_extents: dict[tuple[bytes, int], list[tuple[int, int]]] = {}  # cached (key, replica)
+        self._prefix_extents: dict[tuple[bytes, int], list[tuple[int, int]]] = {}  # cached (key, home)
         self.grammars = grammars
         self.extents = ExtentAllocator(staging_tokens)
         self.tokenizer = tokenizer
@@ -246,9 +247,10 @@ class Leader:
                       plan: StepPlan) -> SeqWork:
         """A prompt's prefill work and staging extents: whole, whole with its prefix kept by the replica's
         prefix cache (`plan.retain`), or its suffix only over the cached prefix (`plan.cached`)."""
+        home = self.scheduler.prefix_home(replica)  # the replicas of one home share their cached prefixes
         if seq_id in plan.cached:
             key, length = prefix
-            cached = self._prefix_extents[(key, replica)]
+            cached = self._prefix_extents[(key, home)]
             self.extents.share(cached, refs=n)
             own = self.extents.allocate(len(prompt) - length, refs=n)
             return SeqWork(seq_id, replica, list(prompt[length:]), length, staging_extents=own,
@@ -256,7 +258,7 @@ class Leader:
         if seq_id in plan.retain:
             key, length = prefix
             kept = self.extents.allocate(length, refs=n + 1)  # the prefix cache holds one reference
-            self._prefix_extents[(key, replica)] = kept
+            self._prefix_extents[(key, home)] = kept
             self.prefixes.cached(key)
             return SeqWork(seq_id, replica, list(prompt), 0,
                            staging_extents=kept + self.extents.allocate(len(prompt) - length, refs=n))
@@ -277,8 +279,8 @@ class Leader:
 
     def _prefill_message(self, plan: StepPlan) -> StepMessage:
         works, register, bitmasks, samples = [], {}, {}, {}
-        for key, replica in plan.dropped:  # first: the scheduler counted their room for this step's prompts
-            self.extents.free(self._prefix_extents.pop((key, replica)))
+        for key, home in plan.dropped:  # first: the scheduler counted their room for this step's prompts
+            self.extents.free(self._prefix_extents.pop((key, home)))
             self.prefixes.release(key)
         for replica, seq_ids in enumerate(plan.prefill):
             for seq_id in seq_ids:  # a request's samples come together, sample 0 first

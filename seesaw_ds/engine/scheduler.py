@@ -14,14 +14,16 @@ toward `max_prefill_tokens`) and then live on their own; the staging area counts
 separate requests. Running sequences that no longer fit are evicted LIFO back to
 staging (never recomputed, never dropped).
 
-Shared prefixes (`add_request(..., prefix=(key, length))`, keys from `engine/prefixes.py`): the first prompt
-with a key that a prefill replica has not computed computes it and the replica's *prefix cache* keeps that
-prefix (its `length` tokens, counted in `staging_used`, least recently used dropped beyond
-`prefix_cache_tokens`); a later prompt with the key runs on a replica that keeps it and computes only its
-suffix (`StepPlan.cached`), and counts only the suffix toward `max_prefill_tokens`. Prompts whose key is being
-computed on their replica in the same step wait for the next one. Every sequence still counts its whole
-prompt in staging (its own copy could be needed again once the cache drops the prefix), so the invariant
-below is untouched; when nothing is in flight and no prompt fits, the cache is emptied first.
+Shared prefixes (`add_request(..., prefix=(key, length))`, keys from `engine/prefixes.py`): the first prompt with a
+key that a prefill replica has not computed computes it and the replica's *prefix cache* keeps that prefix (its
+`length` tokens, counted in `staging_used`, least recently used dropped beyond `prefix_cache_tokens`); a later
+prompt with the key runs on a replica that keeps it and computes only its suffix (`StepPlan.cached`), and counts
+only the suffix toward `max_prefill_tokens`. Prompts whose key is being computed on their replica in the same step
+wait for the next one. Replicas that read each other's staged KV from their nodes' staging areas (`prefix_homes`,
+from kv/plan.py: on one node, all of them) keep one cache between them, keyed by their *home*: a prefix one of them
+computed is reused by all. Every sequence still counts its whole prompt in staging (its own copy could be needed
+again once the cache drops the prefix), so the invariant below is untouched; when nothing is in flight and no prompt
+fits, the cache is emptied first.
 
 Deadlock freedom rests on one invariant, kept by every move (the *staging invariant*):
 ``staging_used + sum over replicas of drain_need(replica) <= staging_tokens``, where drain_need is the
@@ -72,12 +74,12 @@ class StepPlan:
     decode: list[list[int]]
     """Per decode replica: running sequences (swapped-in ones included) that decode one token this step."""
     cached: dict[int, int] = field(default_factory=dict)
-    """Prefill: prompts (first sample's id) whose first `n` tokens their replica's prefix cache holds; only
-    the rest is computed."""
+    """Prefill: prompts (first sample's id) whose first `n` tokens their replica's prefix cache holds (the
+    cache of the replica's home, :meth:`Scheduler.prefix_home`); only the rest is computed."""
     retain: list[int] = field(default_factory=list)
     """Prefill: prompts whose prefix (their key's length) their replica's prefix cache keeps after this step."""
     dropped: list[tuple[object, int]] = field(default_factory=list)
-    """(key, prefill replica) prefixes the cache dropped in this step (before its prompts ran)."""
+    """(key, home) prefixes the cache dropped in this step (before its prompts ran)."""
 
     def ran(self) -> set[int]:
         """Sequence ids that produced a token this step."""
@@ -129,7 +131,8 @@ class Scheduler:
     """Phase-aware scheduler over a host staging area and `num_decode_replicas` paged device tiers."""
 
     def __init__(self, config: SchedulerConfig, *, staging_tokens: int, device_tokens: int, block_size: int,
-                 num_prefill_replicas: int = 1, num_decode_replicas: int = 1, prefix_cache_tokens: int = 0) -> None:
+                 num_prefill_replicas: int = 1, num_decode_replicas: int = 1, prefix_cache_tokens: int = 0,
+                 prefix_homes: list[int] | None = None) -> None:
         if block_size < 1 or device_tokens < block_size or staging_tokens < 1:
             raise ValueError(f"need block_size >= 1, device_tokens >= block_size and staging_tokens >= 1; got "
                              f"block_size={block_size}, device_tokens={device_tokens}, staging_tokens={staging_tokens}"
@@ -142,6 +145,10 @@ class Scheduler:
         self.block_size = block_size
         self.blocks_per_replica = device_tokens // block_size
         self.num_prefill_replicas = num_prefill_replicas
+        self._homes = list(range(num_prefill_replicas)) if prefix_homes is None else list(prefix_homes)
+        if len(self._homes) != num_prefill_replicas or any(not 0 <= h <= r for r, h in enumerate(self._homes)):
+            raise ValueError(f"prefix_homes={prefix_homes}: one home per prefill replica, each a replica at or "
+                             f"before it (kv/plan.py prefix_homes)")
         self.num_decode_replicas = num_decode_replicas
         self.max_growth_reserve_tokens = min(num_decode_replicas * self.blocks_per_replica * block_size,
                                              staging_tokens // 2)
@@ -177,6 +184,10 @@ class Scheduler:
     def prefix_cache_used_tokens(self) -> int:
         """Staging tokens the prefix cache keeps (part of `staging_used_tokens`)."""
         return self._prefix_used
+
+    def prefix_home(self, replica: int) -> int:
+        """The prefill replica whose prefix cache ``replica`` shares (itself, or an earlier one)."""
+        return self._homes[replica]
 
     def device_used_blocks(self, replica: int) -> int:
         """Device blocks held by the running sequences of one decode replica."""
@@ -305,7 +316,7 @@ class Scheduler:
             return None
         prefill: list[list[int]] = [[] for _ in range(self.num_prefill_replicas)]
         cached, retain = {}, []
-        used = {(self._seqs[seq_id].prefix_key, r) for seq_id, r, hit, _ in batch if hit}
+        used = {(self._seqs[seq_id].prefix_key, self._homes[r]) for seq_id, r, hit, _ in batch if hit}
         for entry in used:
             self._prefixes.move_to_end(entry)  # most recently used: dropped last, never in this step
         for seq_id, r, hit, keep in batch:
@@ -320,8 +331,8 @@ class Scheduler:
                        and next(iter(self._prefixes)) not in used):
                     dropped.append(self._drop_prefix())
                 if self._prefix_used + first.prefix_len <= self.prefix_cache_tokens:
-                    used.add((first.prefix_key, r))  # nor is one kept in this step
-                    self._prefixes[(first.prefix_key, r)] = first.prefix_len
+                    used.add((first.prefix_key, self._homes[r]))  # nor is one kept in this step
+                    self._prefixes[(first.prefix_key, self._homes[r])] = first.prefix_len
                     self._prefix_used += first.prefix_len
                     self._staging_used += first.prefix_len
                     self._stats["prefixes_computed"] += 1
@@ -340,7 +351,7 @@ class Scheduler:
         return 0 < length <= min(self.prefix_cache_tokens, self.staging_tokens // 4)
 
     def _drop_prefix(self) -> tuple[object, int]:
-        """Drop the least recently used prefix of the cache; returns its (key, replica)."""
+        """Drop the least recently used prefix of the cache; returns its (key, home)."""
         entry, length = self._prefixes.popitem(last=False)
         self._prefix_used -= length
         self._staging_used -= length
@@ -361,13 +372,13 @@ class Scheduler:
                     return []
         batch: list[tuple[int, int, bool, bool]] = []
         loads = [0] * self.num_prefill_replicas
-        computing: set[tuple[object, int]] = set()  # prefixes computed (and cached) in this step
+        computing: set[tuple[object, int]] = set()  # (key, home) of the prefixes computed (and cached) in this step
         tokens = staged = 0  # prompt tokens computed; KV tokens staged (each sample's counted)
         for seq_id in self._waiting:
             seq = self._seqs[seq_id]
             r, hit, keep = self._place_prefill(seq, loads)
-            if (seq.prefix_key, r) in computing:
-                continue  # its prefix is computed on its replica in this step: reuse it in the next one
+            if (seq.prefix_key, self._homes[r]) in computing:
+                continue  # its prefix is computed for its replica's home in this step: reuse it in the next one
             cost = seq.prompt_len - seq.prefix_len if hit else seq.prompt_len
             if batch and tokens + cost > self.config.max_prefill_tokens:
                 break
@@ -380,7 +391,7 @@ class Scheduler:
                     for _ in range(seq.num_samples)):
                 break
             if keep:
-                computing.add((seq.prefix_key, r))
+                computing.add((seq.prefix_key, self._homes[r]))
             batch.append((seq_id, r, hit, bool(keep)))
             loads[r] += cost
             tokens += cost
@@ -410,12 +421,13 @@ class Scheduler:
 
     def _place_prefill(self, seq: _Seq, loads: list[int]) -> tuple[int, bool, int]:
         """A prompt's prefill replica, whether its prefix is cached there, and the staging tokens the prefix
-        cache takes if this prompt computes its prefix: the least loaded replica that caches the prefix when
-        that one is no busier than the least loaded replica plus the prefix's cost, else the least loaded."""
+        cache takes if this prompt computes its prefix: the least loaded replica that caches the prefix (its
+        home does) when that one is no busier than the least loaded replica plus the prefix's cost, else the
+        least loaded."""
         least = loads.index(min(loads))
         if seq.prefix_key is None:
             return least, False, 0
-        holders = [r for r in range(len(loads)) if (seq.prefix_key, r) in self._prefixes]
+        holders = [r for r in range(len(loads)) if (seq.prefix_key, self._homes[r]) in self._prefixes]
         if holders:
             best = min(holders, key=lambda r: loads[r])
             if loads[best] <= loads[least] + seq.prefix_len:

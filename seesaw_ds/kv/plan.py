@@ -87,6 +87,17 @@ def reads_own_writes(layout: Layout, dims: ModelDims, node_of) -> bool:
                for piece in plan_kv_reshard(layout, replica, layout, replica, dims))
 
 
+def prefix_homes(layout: Layout, dims: ModelDims, node_of) -> list[int]:
+    """For each replica of ``layout``, the first replica whose written KV it reads from its node's staging area
+    wherever it needs it, and whose ranks read its own alike (every (layer, head) piece held on the same node
+    by both): replicas with one home share the prefixes either of them caches (on one node, all of them).
+    ``node_of(instance_rank)`` is the rank's node; pure."""
+    def local(a: int, b: int) -> bool:
+        return all(node_of(piece.src_rank) == node_of(piece.dst_rank)
+                   for piece in plan_kv_reshard(layout, a, layout, b, dims))
+    return [next(h for h in range(r + 1) if h == r or (local(h, r) and local(r, h))) for r in range(layout.dp)]
+
+
 def pieces_for(pieces: list[KVPiece], *, src_rank: int | None = None,
                dst_rank: int | None = None) -> list[KVPiece]:
     """The pieces written by ``src_rank`` and/or read by ``dst_rank`` (``None`` matches any), in order."""

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from seesaw_ds.distributed.layout import Layout, LayoutError, ModelDims, validate_layout
-from seesaw_ds.kv.plan import KVPiece, kv_reads, kv_writes, pieces_for, plan_kv_reshard, reads_own_writes
+from seesaw_ds.kv.plan import (KVPiece, kv_reads, kv_writes, pieces_for, plan_kv_reshard, prefix_homes,
+                               reads_own_writes)
 
 NUM_TOKENS = 3
 HEAD_DIM = 2
@@ -193,3 +194,18 @@ def test_a_replica_reads_its_own_staged_kv_only_where_its_writers_share_its_node
     assert reads_own_writes(Layout(pp=2, tp=2), model, lambda rank: rank // 2)  # a stage per node
     # tp4 over 2 KV heads: ranks 1 and 3 read heads written by ranks 0 and 2; rank 1 sits on another node
     assert not reads_own_writes(Layout(tp=4), model, lambda rank: rank % 2)
+
+
+def test_replicas_share_a_prefix_home_where_they_read_each_others_staged_kv():
+    """Prefill replicas whose ranks hold every (layer, head) piece on the same node as each other's read what
+    the other wrote from their node's staging area: one home, one prefix cache between them."""
+    model = dims(4, 8, 2)
+    assert prefix_homes(Layout(dp=2), model, lambda rank: 0) == [0, 0]  # one node
+    assert prefix_homes(Layout(dp=4, tp=2), model, lambda rank: 0) == [0, 0, 0, 0]
+    assert prefix_homes(Layout(dp=2), model, lambda rank: rank) == [0, 1]  # a replica per node
+    assert prefix_homes(Layout(dp=4), model, lambda rank: rank // 2) == [0, 0, 2, 2]  # two replicas per node
+    # dp2 x pp2 over two nodes, stage 0 of both replicas on node 0: replica 1's stages sit where replica 0's do
+    assert prefix_homes(Layout(dp=2, pp=2), model, lambda rank: rank % 2) == [0, 0]
+    # ... and each replica on a node of its own: apart
+    assert prefix_homes(Layout(dp=2, pp=2), model, lambda rank: rank // 2) == [0, 1]
+    assert prefix_homes(Layout(), model, lambda rank: 0) == [0]

@@ -134,9 +134,10 @@ def run(sched: Scheduler, requests: list[Request], *, late: list[Request] = (), 
 
 
 def make(policy: str = "seesaw", *, staging: int, device: int, block: int = 16, prefill_replicas: int = 1,
-         decode_replicas: int = 1, **config) -> Scheduler:
+         decode_replicas: int = 1, prefix_homes: list[int] | None = None, **config) -> Scheduler:
     return Scheduler(SchedulerConfig(policy=policy, **config), staging_tokens=staging, device_tokens=device,
-                     block_size=block, num_prefill_replicas=prefill_replicas, num_decode_replicas=decode_replicas)
+                     block_size=block, num_prefill_replicas=prefill_replicas, num_decode_replicas=decode_replicas,
+                     prefix_homes=prefix_homes)
 
 
 def uniform(n: int, prompt_len: int, max_new: int, finish=lambda i: None) -> list[Request]:
@@ -339,7 +340,8 @@ def test_random_workloads_always_finish_within_capacity(policy):
 # -- shared prefixes ----------------------------------------------------------------------------------------------
 @dataclass
 class PrefixModel:
-    """What the prefix cache holds, replayed from the plans: hits only where a prefix is cached."""
+    """What the prefix cache holds, replayed from the plans: hits only where a prefix is cached (for the
+    replica's home) in an earlier step."""
 
     sched: Scheduler
     prefix: dict[int, tuple[str, int]]
@@ -352,14 +354,15 @@ class PrefixModel:
         for r, group in enumerate(plan.prefill):
             for s in group:
                 if s in plan.cached:
-                    assert (self.prefix[s][0], r) in self.cache, (s, r)
+                    assert (self.prefix[s][0], self.sched.prefix_home(r)) in self.cache, (s, r)
                     assert plan.cached[s] == self.prefix[s][1]
         for r, group in enumerate(plan.prefill):
             for s in group:
                 if s in plan.retain:
-                    assert s not in plan.cached and (self.prefix[s][0], r) not in self.cache
-                    self.cache.add((self.prefix[s][0], r))
-                    self.computed.append((self.prefix[s][0], r))
+                    entry = (self.prefix[s][0], self.sched.prefix_home(r))
+                    assert s not in plan.cached and entry not in self.cache
+                    self.cache.add(entry)
+                    self.computed.append(entry)
         assert self.sched.prefix_cache_used_tokens == sum(
             next(length for s, (k, length) in self.prefix.items() if k == key) for key, _ in self.cache)
 
@@ -393,6 +396,24 @@ def test_shared_prefix_is_computed_once_per_replica_and_reused():
     assert stats["prefix_hits"] == 38 and stats["prefix_tokens_saved"] == 3800
     # the two computing prompts fill a step; the hits count their 10 suffix tokens toward max_prefill_tokens
     assert stats["prefill_steps"] <= 3
+
+
+def test_replicas_of_one_home_compute_a_shared_prefix_once():
+    """Prefill replicas that read each other's staged KV (one node: kv/plan.py prefix_homes) share one prefix
+    cache: the prefix is computed once, every other prompt reuses it on either replica."""
+    requests = uniform(40, 110, 8)
+    prefix = {q.seq_id: ("system", 100) for q in requests}
+    sched = make(staging=20000, device=4096, prefill_replicas=2, max_prefill_tokens=512, prefix_homes=[0, 0])
+    sched.prefix_cache_tokens = 1000
+    model = run_with_prefixes(sched, requests, prefix)
+    assert model.computed == [("system", 0)]
+    stats = sched.stats()
+    assert stats["prefix_hits"] == 39 and stats["prefix_tokens_saved"] == 3900
+    assert [sched.prefix_home(r) for r in range(2)] == [0, 0]
+    with pytest.raises(ValueError, match="prefix_homes=\\[1, 1\\]"):
+        make(staging=100, device=64, prefill_replicas=2, prefix_homes=[1, 1])  # a home after its replica
+    with pytest.raises(ValueError, match="one home per prefill replica"):
+        make(staging=100, device=64, prefill_replicas=2, prefix_homes=[0])
 
 
 def test_prompts_sharing_a_prefix_wait_while_it_is_computed_and_the_cache_drops_lru():
@@ -445,9 +466,11 @@ def test_random_workloads_with_prefixes_finish_within_capacity(policy):
         block = rng.choice([1, 2, 4])
         device = block * rng.randint(4, 16)
         staging = rng.randint(20, 160)
-        sched = make(policy, staging=staging, device=device, block=block, prefill_replicas=rng.randint(1, 3),
+        replicas = rng.randint(1, 3)
+        homes = rng.choice([None, [0] * replicas, [0, 0, 2][:replicas]])  # own, one node, two nodes
+        sched = make(policy, staging=staging, device=device, block=block, prefill_replicas=replicas,
                      decode_replicas=rng.randint(1, 2), max_prefill_tokens=rng.randint(4, 60),
-                     max_decode_seqs=rng.randint(1, 6))
+                     max_decode_seqs=rng.randint(1, 6), prefix_homes=homes)
         sched.prefix_cache_tokens = rng.randint(0, staging // 2)
         limit = min(staging, (device // block) * block)
         lengths = {key: rng.randint(1, max(1, limit // 2)) for key in "abc"}
