@@ -245,6 +245,16 @@ def test_decode_replicas_get_balanced_load():
     assert [len(g) for g in first_decode.decode] == [6, 6]
 
 
+def test_decode_replicas_get_even_batches_whatever_the_lengths():
+    """The replicas decode in lockstep, so a step lasts as long as the one with the most rows: staged sequences
+    of uneven lengths are spread by count (one 600-token prompt and seven of 20 tokens: 4 + 4, where placing
+    by free blocks alone gives the long one a replica to itself and 1 + 7)."""
+    sched = make(staging=8192, device=4096, block=16, decode_replicas=2, max_prefill_tokens=8192)
+    checker = run(sched, [Request(i, length, 4, 4) for i, length in enumerate([600] + [20] * 7)])
+    first_decode = next(p for p in checker.plans if p.phase is Phase.DECODE)
+    assert [len(g) for g in first_decode.decode] == [4, 4]
+
+
 def test_prefill_replicas_get_prompts_longest_first():
     """A prefill step lasts as long as its most loaded replica: the step's prompts are placed longest first
     (300, 100, 100, 300 in arrival order: 400 tokens on each replica, where arrival order gives 300 and 500),
