@@ -26,7 +26,7 @@ from seesaw_ds.engine.leader import Finished, Leader
 from seesaw_ds.engine.prefixes import PrefixIndex
 from seesaw_ds.engine.outputs import JsonlAppender, format_error, format_result, scan_answered, scan_error_lines
 from seesaw_ds.engine.sampling import eos_token_ids
-from seesaw_ds.engine.scheduler import Scheduler
+from seesaw_ds.engine.scheduler import Scheduler, prefill_pair_cost
 from seesaw_ds.engine.worker import StepMessage, Worker
 from seesaw_ds.kv.plan import prefix_homes
 from seesaw_ds.kv.staging import StagingArea, StagingCapacityError, staging_capacity
@@ -209,7 +209,8 @@ def run_job(settings: JobConfig, runtime, run_dir: Path, *, tokenizer=None, stop
             block_size=settings.kv.block_size, num_prefill_replicas=layouts["prefill"].dp,
             num_decode_replicas=layouts["decode"].dp, prefix_cache_tokens=prefix_cache,
             prefix_homes=prefix_homes(topology.layouts["prefill"].layout, runtime.checkpoint.dims,
-                                      lambda rank: topology.node_of_rank[topology.instance_to_global(rank)]))
+                                      lambda rank: topology.node_of_rank[topology.instance_to_global(rank)]),
+            prefill_pair_cost=_pair_cost(runtime.checkpoint.dims, executor.device.type == "cpu"))
         # One prefill step's worth of waiting prompts is all the scheduler can use per step (the leader refills
         # before every step), so the input is read that far ahead only, or kv.prefix_window_tokens ahead where
         # prompts sharing a prefix are to find each other: memory follows the work in flight and that window,
@@ -267,6 +268,13 @@ def run_job(settings: JobConfig, runtime, run_dir: Path, *, tokenizer=None, stop
     settle(world)  # global rank 0 writes the metrics and the timeline meanwhile
     preempted = any(world.allgather(preempted))
     return JobResult(metrics, preempted)
+
+
+def _pair_cost(dims, cpu: bool) -> float:
+    """The scheduler's weight of a prefill attention pair (:func:`~seesaw_ds.engine.scheduler.prefill_pair_cost`)
+    for this model's dimensions."""
+    return prefill_pair_cost(dims.num_heads, dims.head_dim, dims.hidden_size, dims.num_kv_heads,
+                             dims.intermediate_size, cpu=cpu)
 
 
 def prefix_index(settings: JobConfig, topology, dims) -> PrefixIndex | None:

@@ -115,6 +115,22 @@ class _Seq:
         return self.prompt_len + self.max_new_tokens - 1
 
 
+CPU_ATTENTION_SLOWDOWN = 2.3
+"""How many times a linear layer's time per FLOP a CPU rank's prefill attention takes (measured: the calibration
+profile on the AMD EPYC, SmolLM2 in bf16, puts a (query, key) pair at 1/1320 of a prompt token's layer work,
+where the FLOPs say 1/3072)."""
+
+
+def prefill_pair_cost(num_heads: int, head_dim: int, hidden_size: int, num_kv_heads: int, intermediate_size: int,
+                      *, cpu: bool) -> float:
+    """A (query, key) pair of prefill attention (QK^T and PV: 4 * heads * head_dim FLOP a layer) in prompt
+    tokens' linear work (2 FLOP a weight of q, k, v, o and a gated MLP), times :data:`CPU_ATTENTION_SLOWDOWN`
+    on a CPU (pure): the weight of attention in the prefill replicas' loads."""
+    weights = (hidden_size * (num_heads + 2 * num_kv_heads) * head_dim + num_heads * head_dim * hidden_size
+               + 3 * hidden_size * intermediate_size)
+    return 4 * num_heads * head_dim / (2 * weights) * (CPU_ATTENTION_SLOWDOWN if cpu else 1.0)
+
+
 def _pick_replica(free: list[int], counts: list[int], need: int, headroom: int, max_seqs: int,
                   allowed: list[bool]) -> int | None:
     """Replica with the fewest running sequences (then the most free blocks) that can take `need` blocks, keeping
@@ -135,7 +151,7 @@ class Scheduler:
 
     def __init__(self, config: SchedulerConfig, *, staging_tokens: int, device_tokens: int, block_size: int,
                  num_prefill_replicas: int = 1, num_decode_replicas: int = 1, prefix_cache_tokens: int = 0,
-                 prefix_homes: list[int] | None = None) -> None:
+                 prefix_homes: list[int] | None = None, prefill_pair_cost: float = 0.0) -> None:
         if block_size < 1 or device_tokens < block_size or staging_tokens < 1:
             raise ValueError(f"need block_size >= 1, device_tokens >= block_size and staging_tokens >= 1; got "
                              f"block_size={block_size}, device_tokens={device_tokens}, staging_tokens={staging_tokens}"
@@ -148,6 +164,9 @@ class Scheduler:
         self.block_size = block_size
         self.blocks_per_replica = device_tokens // block_size
         self.num_prefill_replicas = num_prefill_replicas
+        self.prefill_pair_cost = prefill_pair_cost
+        """A (query, key) pair of prefill attention in prompt tokens' linear work (:func:`prefill_pair_cost`):
+        what the prefill replicas' loads weigh attention by, so that a step's replicas finish together."""
         self._homes = list(range(num_prefill_replicas)) if prefix_homes is None else list(prefix_homes)
         if len(self._homes) != num_prefill_replicas or any(not 0 <= h <= r for r, h in enumerate(self._homes)):
             raise ValueError(f"prefix_homes={prefix_homes}: one home per prefill replica, each a replica at or "
@@ -374,7 +393,7 @@ class Scheduler:
                 if not self._fit(free, counts, blocks_for(self._seqs[seq_id].num_kv + 1, self.block_size)):
                     return []
         batch: list[tuple[int, int, bool, bool]] = []
-        loads = [0] * self.num_prefill_replicas
+        loads = [0.0] * self.num_prefill_replicas  # prefill work placed on each replica (`_work`)
         computing: set[tuple[object, int]] = set()  # (key, home) of the prefixes computed (and cached) in this step
         tokens = staged = 0  # prompt tokens computed; KV tokens staged (each sample's counted)
         for seq_id in self._waiting:
@@ -396,33 +415,46 @@ class Scheduler:
             if keep:
                 computing.add((seq.prefix_key, self._homes[r]))
             batch.append((seq_id, r, hit, bool(keep)))
-            loads[r] += cost
+            loads[r] += self._work(seq, hit)
             tokens += cost
             staged += seq.prompt_len * seq.num_samples + keep
         return self._balanced(batch)
 
     def _balanced(self, batch: list[tuple[int, int, bool, bool]]) -> list[tuple[int, int, bool, bool]]:
-        """``batch`` with its prompts that share no prefix placed again, longest first, each on the replica
-        least loaded after the prompts placed by their prefix (the batch's order kept). A step lasts as long
-        as its most loaded replica; placing prompts in arrival order leaves up to a prompt's length between
-        the replicas (3.9% of the bench's prefill-only run at max_prefill_tokens=4096 under dp2), longest
-        first about half of that."""
-        loads = [0] * self.num_prefill_replicas
-        free = []
-        for index, (seq_id, r, hit, _) in enumerate(batch):
-            seq = self._seqs[seq_id]
-            if seq.prefix_key is None:
-                free.append(index)
-            else:
-                loads[r] += seq.prompt_len - seq.prefix_len if hit else seq.prompt_len
+        """``batch`` placed again, most work first, each prompt on the least loaded replica it may run on (the
+        batch's order kept within a replica): a prompt with a prefix key on a replica of the same home (its
+        cached prefix, or the one it computes for the cache, is that home's), any other anywhere. A step
+        lasts as long as its most loaded replica; placing prompts in arrival order leaves up to a prompt's
+        length between the replicas (3.9% of the bench's prefill-only run at max_prefill_tokens=4096 under
+        dp2), most work first about half of that. Loads are prefill work (`_work`): tokens, and attention's
+        (query, key) pairs weighed by `prefill_pair_cost` (long prompts and suffixes over a cached prefix
+        attend to more keys a token). The bench's chat prompts all share the chat template's opening, so all
+        have keys: placed in arrival order only, a standard run's replicas were 4-30% apart a step."""
+        loads = [0.0] * self.num_prefill_replicas
+        work = [self._work(self._seqs[seq_id], hit) for seq_id, _, hit, _ in batch]
         placed = list(batch)
-        for index in sorted(free, key=lambda i: -self._seqs[batch[i][0]].prompt_len):
-            r = loads.index(min(loads))
-            loads[r] += self._seqs[batch[index][0]].prompt_len
-            placed[index] = (batch[index][0], r, False, False)
+        for index in sorted(range(len(batch)), key=lambda i: -work[i]):
+            seq_id, r, hit, keep = batch[index]
+            seq = self._seqs[seq_id]
+            allowed = [q for q in range(self.num_prefill_replicas)
+                       if seq.prefix_key is None or self._homes[q] == self._homes[r]]
+            target = min(allowed, key=lambda q: (loads[q], q))
+            loads[target] += work[index]
+            placed[index] = (seq_id, target, hit, keep) if seq.prefix_key is not None else (seq_id, target, False,
+                                                                                           False)
         return placed
 
-    def _place_prefill(self, seq: _Seq, loads: list[int]) -> tuple[int, bool, int]:
+    def _prefill_work(self, tokens: int, context: int) -> float:
+        """A prompt's prefill work in prompt tokens' linear work: ``tokens`` computed over ``context`` cached
+        ones, each attending to the context and, causally, to the tokens before it."""
+        return tokens + self.prefill_pair_cost * (tokens * context + tokens * (tokens + 1) / 2)
+
+    def _work(self, seq: _Seq, hit: bool) -> float:
+        """The prefill work of ``seq``: its suffix over its cached prefix on a hit, else its whole prompt."""
+        return self._prefill_work(seq.prompt_len - seq.prefix_len, seq.prefix_len) if hit \
+            else self._prefill_work(seq.prompt_len, 0)
+
+    def _place_prefill(self, seq: _Seq, loads: list[float]) -> tuple[int, bool, int]:
         """A prompt's prefill replica, whether its prefix is cached there, and the staging tokens the prefix
         cache takes if this prompt computes its prefix: the least loaded replica that caches the prefix (its
         home does) when that one is no busier than the least loaded replica plus the prefix's cost, else the
@@ -433,7 +465,7 @@ class Scheduler:
         holders = [r for r in range(len(loads)) if (seq.prefix_key, self._homes[r]) in self._prefixes]
         if holders:
             best = min(holders, key=lambda r: loads[r])
-            if loads[best] <= loads[least] + seq.prefix_len:
+            if loads[best] <= loads[least] + self._prefill_work(seq.prefix_len, 0):
                 return best, True, 0
         return least, False, seq.prefix_len if self._cacheable(seq.prefix_len) else 0
 

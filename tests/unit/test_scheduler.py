@@ -268,6 +268,43 @@ def test_prefill_replicas_get_prompts_longest_first():
     assert all(group == sorted(group) for group in plan.prefill)
 
 
+def test_prefill_replicas_are_balanced_by_work_with_attention():
+    """A prompt's prefill work grows with its length squared (attention's pairs): with the pairs weighed
+    (prefill_pair_cost), 400 tokens alone on one replica and 200 + 200 + 10 + 10 on the other (480 against 460
+    units of work at 1/1000 a pair), where balancing tokens alone gives 410 and 410 (490 against 451)."""
+    lengths = [400, 200, 200, 10, 10]
+    for cost, want in ((0.0, [[0, 3], [1, 2, 4]]), (1e-3, [[0], [1, 2, 3, 4]])):
+        sched = make(staging=4096, device=4096, prefill_replicas=2, max_prefill_tokens=4096)
+        sched.prefill_pair_cost = cost
+        for seq_id, length in enumerate(lengths):
+            sched.add_request(seq_id, length, 4)
+        assert sched.schedule().prefill == want, cost
+
+
+def test_prompts_with_prefix_keys_are_balanced_within_their_home():
+    """Prompts with prefix keys (the bench's chat prompts all share the template's opening) are placed again,
+    most work first, on the replicas of their home: 300, 100, 100, 300 tokens, each computing a prefix the
+    cache keeps, run as 400 + 400 on two replicas of one home; with a home each they stay where arrival order
+    put them (300 + 500), since the prefix each computes belongs to its replica's cache."""
+    for homes, want in (([0, 0], [400, 400]), (None, [300, 500])):
+        sched = make(staging=4096, device=4096, prefill_replicas=2, max_prefill_tokens=4096, prefix_homes=homes)
+        sched.prefix_cache_tokens = 1000
+        for seq_id, length in enumerate([300, 100, 100, 300]):
+            sched.add_request(seq_id, length, 4, prefix=(f"key{seq_id}", 32))
+        plan = sched.schedule()
+        assert sorted(plan.retain) == [0, 1, 2, 3]
+        assert [sum([300, 100, 100, 300][s] for s in group) for group in plan.prefill] == want, homes
+
+
+def test_prefill_pair_cost_from_the_model_dimensions():
+    """SmolLM2-135M: a pair is 1/3072 of a prompt token's FLOPs; a CPU rank weighs it 2.3 times that."""
+    from seesaw_ds.engine.scheduler import CPU_ATTENTION_SLOWDOWN, prefill_pair_cost
+
+    flops = prefill_pair_cost(9, 64, 576, 3, 1536, cpu=False)
+    assert flops == pytest.approx(1 / 3072)
+    assert prefill_pair_cost(9, 64, 576, 3, 1536, cpu=True) == pytest.approx(CPU_ATTENTION_SLOWDOWN / 3072)
+
+
 def test_max_decode_seqs_caps_each_replica():
     sched = make(staging=4096, device=4096, decode_replicas=2, max_decode_seqs=3)
     checker = run(sched, uniform(10, 16, 8))
