@@ -129,7 +129,8 @@ class KVConfig:
     block_size: int = 16
     """Tokens per device-tier block."""
     prefix_sharing: bool = True
-    """Compute a prompt prefix that several requests share once per prefill replica, keep its KV once in the
+    """Compute a prompt prefix that several requests share once (for the prefill replicas of a node: they read
+    one staging area; kv/plan.py prefix_homes), keep its KV once in the
     staging area and reuse it for the others (seesaw_ds/engine/prefixes.py, docs/sampling.md); false = every
     prompt is computed whole. Requests asking for prompt_logprobs or penalties that read the prompt are always
     computed whole."""
