@@ -30,12 +30,15 @@ def bf16_message(bf16_flops: float, fp32_flops: float) -> str:
             f"(twice the memory for weights and KV)")
 
 
-def bf16_warning(dtype: str, flags: Iterable[str] | None = None,
+_CPUINFO = object()  # bf16_warning's default: this CPU's flags (None stands for a CPU without x86 flags)
+
+
+def bf16_warning(dtype: str, flags: Iterable[str] | None | object = _CPUINFO,
                  rate: Callable[[str], float] | None = None) -> str | None:
     """The warning for a ``dtype`` job on this CPU (None when there is nothing to say). ``flags`` default
-    to /proc/cpuinfo's; ``rate(dtype)`` (FLOP/s) defaults to the planner's calibration matmul, and runs
-    only when the warning is due (two short timings, ~0.1 s)."""
-    flags = cpu_flags() if flags is None else flags
+    to /proc/cpuinfo's (None: unknown, no x86 flags); ``rate(dtype)`` (FLOP/s) defaults to the planner's
+    calibration matmul, and runs only when the warning is due (two short timings, ~0.1 s)."""
+    flags = cpu_flags() if flags is _CPUINFO else flags
     if not lacks_native_bf16(dtype, flags):
         return None
     if rate is None:

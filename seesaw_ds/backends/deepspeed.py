@@ -182,9 +182,10 @@ _PACKED = ((PackedLinearLayer, ds_layers.LinearLayer), (PackedLinearAllreduce, d
 
 
 def can_pack_cpu_linears(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether :func:`pack_cpu_linears` applies: bfloat16 weights computed on a CPU with oneDNN."""
+    """Whether :func:`pack_cpu_linears` applies: bfloat16 weights computed on a CPU whose oneDNN has a bf16
+    path (AVX-512 BW/VL/DQ or AVX-NE-CONVERT: on an AVX2-only CPU oneDNN refuses to reorder a bf16 weight)."""
     return device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available() \
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))

@@ -16,6 +16,7 @@ import torch
 
 from seesaw_ds.engine.params import SamplingParams
 from seesaw_ds.engine.penalties import TokenHistory, apply_penalties_and_filters, needs_processing
+from seesaw_ds.model import kernels
 
 _MASK64 = (1 << 64) - 1
 #: Candidate counts tried when looking for the top-p nucleus before falling back to the whole vocabulary.
@@ -190,6 +191,11 @@ def sample_next_tokens(logits: torch.Tensor, params: Sequence[SamplingParams], s
     if not len(params) == len(seeds) == len(steps) == num_rows or (banned is not None and len(banned) != num_rows):
         raise ValueError(f"sample_next_tokens: {num_rows} logit rows but {len(params)} params, {len(seeds)} "
                          f"seeds, {len(steps)} steps, {None if banned is None else len(banned)} banned lists")
+    if logits.dtype != torch.float32:  # the model's dtype (Executor.forward's argmax_only): for argmax rows
+        if all(p.greedy and not needs_processing(p) for p in params) and not any(banned or ()) \
+                and not any(mask is not None for mask in token_bitmasks or ()):
+            return kernels.argmax(logits)
+        logits = logits.float()
     processed = _apply_bans(apply_token_bitmasks(logits, token_bitmasks), banned)
     if any(needs_processing(p) for p in params):
         processed = apply_penalties_and_filters(processed.clone() if processed is logits else processed, params,

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from seesaw_ds.engine.logprobs import TokenLogprobs, token_logprobs
-from seesaw_ds.engine.penalties import TokenHistory, needs_history
+from seesaw_ds.engine.penalties import TokenHistory, needs_history, needs_processing
 from seesaw_ds.engine.sampling import SamplingParams, sample_next_tokens
 from seesaw_ds.faults import fault_point
 from seesaw_ds.kv.staging import StagedSeq
@@ -97,7 +97,7 @@ class Worker:
             swap = executor.staging.swap_in(message.swap_in, "decode", executor.cache("decode"))
         prompt_logits = {} if executor.groups.tp_index == 0 else None
         seq_ids, logits = executor.forward(message.forward, ready=swap.wait if swap else None,
-                                           prompt_logits=prompt_logits) \
+                                           prompt_logits=prompt_logits, argmax_only=self._argmax_only(message)) \
             if message.forward and message.forward.seqs else ([], None)
         if swap is not None:
             swap.finish()
@@ -115,6 +115,18 @@ class Worker:
         result.compute_seconds = time.perf_counter() - began
         result.compile_seconds = executor.compile_seconds - compiling
         return result
+
+    def _argmax_only(self, message: StepMessage) -> bool:
+        """Whether this step's tokens are each row's argmax and nothing else reads the logits: every sequence
+        greedy, without logprobs, penalties, bans or a grammar (then the logits stay in the model's dtype)."""
+        if message.banned or message.token_bitmasks or not message.forward:
+            return False
+        for work in message.forward.seqs:
+            info = self.sampling.get(work.seq_id)
+            if info is None or not info.params.greedy or info.params.logprobs is not None \
+                    or needs_processing(info.params):
+                return False
+        return True
 
     def _record_history(self, message: StepMessage) -> None:
         """Prefill: start the history with the prompt; decode: append the token fed (the last one sampled)."""

@@ -161,9 +161,10 @@ class Executor:
         return self.caches[groups.layout]
 
     # ---------------------------------------------------------------- forward
-    def forward(self, plan: ForwardPlan, ready=None, prompt_logits: dict | None = None
+    def forward(self, plan: ForwardPlan, ready=None, prompt_logits: dict | None = None, argmax_only: bool = False
                 ) -> tuple[list[int], torch.Tensor | None]:
-        """Run ``plan`` on this rank; the last stage returns (seq ids, last-position logits [N, vocab]).
+        """Run ``plan`` on this rank; the last stage returns (seq ids, last-position logits [N, vocab]), in float32,
+        or with ``argmax_only`` in the model's dtype (the caller takes only each row's argmax: no float32 copy).
 
         ``prompt_logits``, when given, receives on the last stage ``{seq id: logits [len - 1, vocab]}`` at every
         prompt position but the last, for the prefill sequences whose ``SeqWork.prompt_logits`` is set.
@@ -197,9 +198,9 @@ class Executor:
                 if groups.is_last_stage:
                     if prefill:
                         last = self._last_positions(batch)
-                        logits.append(stage.head(hidden.reshape(-1, hidden.shape[-1])[last]))
+                        logits.append(stage.head(hidden.reshape(-1, hidden.shape[-1])[last], not argmax_only))
                     else:  # [N, 1, hidden]: one position per sequence
-                        logits.append(stage.head(hidden[:, -1]))
+                        logits.append(stage.head(hidden[:, -1], not argmax_only))
                     if prefill and (prompt_logits is not None or stage.head_gathers):  # every TP rank joins the gather
                         self._prompt_logits(stage, hidden.reshape(-1, hidden.shape[-1]), batch,
                                             prompt_logits if prompt_logits is not None else {})

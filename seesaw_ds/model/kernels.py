@@ -26,6 +26,7 @@ what else no library does fast enough on a CPU.
   written and read again; ATen's SiLU spends ~0.6 ns an element on its exponential here).
 - ``rotary``: transformers' Llama ``apply_rotary_pos_emb`` for a layer's query and key in one call instead of
   twelve ATen operators, the same bits (each product and the sum rounded as the operators round).
+- ``argmax``: a greedy step's tokens from its bf16 logits in one pass (no float32 copy of [N, vocab] first).
 - ``linear_rows``: a bf16 linear over one or two input rows (decode at batch 1-2), each weight row read front to
   back (a module's q/k/v or gate/up in one call): oneDNN's prepacked GEMM reads the weights from memory at
   11-17 GB/s here, this loop at 17-28 GB/s (SmolLM2's layers: 12.3 -> 7.5 ms a step's linears on two threads).
@@ -191,6 +192,16 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` (one dtype and shape, CPU, rows contiguous) in one pass, each step rounded as ATen's two
     operators round; the sigmoid's exponential within a few float32 ulps of ATen's. Call only when :func:`built`."""
     return _module.silu_mul(gate, up)
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's first index of its largest value (int64 [N]), as ``logits.float().argmax(1)`` gives it: on a CPU
+    in bf16 one pass of the extension over the bf16 rows (ATen's bf16 argmax is a scalar loop, 3x its float32
+    one), else ATen's."""
+    if logits.device.type == "cpu" and logits.dtype == torch.bfloat16 and logits.dim() == 2 and logits.shape[1] \
+            and logits.stride(1) == 1 and built():
+        return _module.argmax_rows(logits)
+    return logits.float().argmax(dim=1) if logits.device.type == "cpu" else logits.argmax(dim=1)
 
 
 def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

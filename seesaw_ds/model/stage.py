@@ -282,10 +282,12 @@ class StageModel(nn.Module):
         if self.compiled is None:
             self.compiled = CompiledLayers(_run_layer)
 
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+    def head(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
+        """Logits of ``hidden``'s rows, in float32 (``float32=False``: in the model's dtype, for a caller that
+        only takes their argmax)."""
         logits = self.lm_head(self.norm(hidden))
         if self.logit_divisor is not None:
             logits = logits / self.logit_divisor
         if self.logit_softcap is not None:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
-        return logits.float()
+        return logits.float() if float32 else logits

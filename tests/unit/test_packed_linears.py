@@ -12,7 +12,7 @@ from torch import nn
 from seesaw_ds.backends import deepspeed as backend
 
 pytestmark = pytest.mark.skipif(not backend.can_pack_cpu_linears(torch.device("cpu"), torch.bfloat16),
-                                reason="this torch has no oneDNN")
+                                reason="no oneDNN bf16 path on this CPU (it needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT)")
 
 
 def _layers(dtype):
