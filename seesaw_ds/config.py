@@ -30,7 +30,9 @@ class ModelConfig:
     (bit-identical results, faster calls; memory: each layout's shard of the weights once more beside the
     node-shared copy). false: the weights stay views of the node-shared copy. Either way, on a CPU with
     AVX512_BF16 inputs of one or two rows (decode at batch 1-2) stream the views through the extension's
-    few-row kernel, which needs no copy."""
+    few-row kernel, which needs no copy. On a CPU whose oneDNN has no bf16 path (AVX2 only) the copies are the
+    weights widened to float32 (twice the bytes; 5-7x faster than the emulated bf16 GEMM), and false widens
+    the views at every call (the same bits, slower)."""
     compile: str = "${oc.env:SEESAW_MODEL_COMPILE,auto}"
     """torch.compile (inductor) of the decoder layers: true, false, or auto (bf16/fp16 on an accelerator or
     a CPU with AMX, where it measured faster; eager elsewhere). The default is $SEESAW_MODEL_COMPILE where set

@@ -75,7 +75,8 @@ def start(model_path: str, layouts: dict[str, Layout], *, device_tokens: int | N
     host = HostWeights(checkpoint, plan, env.node, parse_dtype(dtype, checkpoint.config_dtype),
                        pin=backend.accelerator_name() != "cpu")
     if env.rank == 0 and backend.accelerator_name() == "cpu":
-        warning = bf16_warning(str(host.dtype))  # None unless bf16 on a CPU without native bf16
+        # None unless bf16 on a CPU without native bf16
+        warning = bf16_warning(str(host.dtype), widened=backend.widens_bf16())
         if warning:
             log.warning("%s", warning)
     staging = staging_factory(topology, checkpoint.dims, host.dtype) if staging_factory else None

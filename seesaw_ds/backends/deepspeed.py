@@ -8,6 +8,12 @@
   freezing pass does): the same results bit for bit, without oneDNN re-laying the weight out on every call
   (measured 1.2-3.4x faster per call on the real model's decode shapes, docs/benchmarks.md). The copy costs
   the stage's weight bytes once more per layout; ``model.cpu_prepack=false`` keeps the views only.
+  Where oneDNN has no bf16 path (an AVX2-only CPU: no AVX-512 BW/VL/DQ, no AVX-NE-CONVERT) torch falls back
+  to an emulated bf16 GEMM (~6 GFLOP/s a core on the AMD EPYC without AVX-512, against ~35 in float32);
+  there the copy is the weight widened to float32, and the linear widens its input and rounds its output to
+  bf16 once: float32 sums of the same bf16 products rounded once, as oneDNN's bf16 path computes them,
+  5-7x faster (:func:`widens_bf16`; twice the weight bytes once more). The views widen the weight at every
+  call and then make the same call, so ``model.cpu_prepack=false`` gives the same bits there too.
 
 The rest of the backend lies beside this module, one concern each: ``accelerator.py`` (the device, its
 streams and events, the host-to-device probe), ``comm.py`` (start-up, device groups, the TP all-reduce,
@@ -18,6 +24,7 @@ new code imports the module that owns a name.
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -78,9 +85,51 @@ except (AttributeError, RuntimeError):  # a torch without oneDNN: can_pack_cpu_l
     _LINEAR = None
 
 
+@functools.cache
+def widens_bf16() -> bool:
+    """Whether this CPU's bf16 linears run on float32 copies of their weights: oneDNN has no bf16 path here
+    (it needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT), so torch's own bf16 GEMM would be emulated."""
+    return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def _prepacked(weight: torch.Tensor, rows_hint: int) -> torch.Tensor:
+    """``weight``'s copy: oneDNN-prepacked bf16 where oneDNN multiplies bf16, else widened to float32 and left
+    row-major (prepacking it measured within 7% on SmolLM2's shapes, and the views' calls then match)."""
+    if widens_bf16():
+        return _widened(weight)
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), rows_hint)
+
+
+def _widened(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` in float32, row-major whatever its strides (a row shard lies transposed in the host copy)."""
+    return weight.to(torch.float32, memory_format=torch.contiguous_format)
+
+
+def _widened_linear(x: torch.Tensor, weight32: torch.Tensor) -> torch.Tensor:
+    """``x @ weight32.T`` with ``x`` widened to float32, rounded once to ``x``'s dtype: MKL's GEMM at one or two
+    rows (0.13 against oneDNN's 0.19-0.42 ms at SmolLM2's gate_proj), oneDNN above (7-43% faster at 64 rows,
+    the head included). The one spelling for the float32 copies and the views alike."""
+    x32 = x.float()
+    if x.numel() <= 2 * x.shape[-1]:
+        return nn.functional.linear(x32, weight32).to(x.dtype)
+    return _LINEAR(x32, weight32, None, "none", [], "").to(x.dtype)
+
+
 def _packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """``x @ W.T`` over a oneDNN-prepacked ``W``: the one spelling of the call, eager and in the operator."""
+    """``x @ W.T`` over a oneDNN-prepacked ``W``, or over a float32 copy of a bf16 stage's weight
+    (:func:`widens_bf16`): the one spelling of the call, eager and in the operator."""
+    if packed.dtype != x.dtype:
+        return _widened_linear(x, packed)
     return _LINEAR(x, packed, None, "none", [], "")
+
+
+def _views_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` over an unpacked view (``model.cpu_prepack=false``): ``F.linear``, or where bf16 is
+    widened (:func:`widens_bf16`) the float32 copies' call over the weight widened now (the emulated bf16
+    GEMM is slower than widening at every call: 15 against 40 ms at 64 rows of SmolLM2's gate_proj)."""
+    if x.dtype == torch.bfloat16 and widens_bf16():
+        return _widened_linear(x, _widened(weight))
+    return nn.functional.linear(x, weight)
 
 
 @torch.library.custom_op("seesaw::packed_linear", mutates_args=())
@@ -142,14 +191,14 @@ def _packed_matmul(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
             whole = packed_linear_op(x, group.packed, sum(group.sizes))
             return whole.split(group.sizes, -1)[module.seesaw_index]
         if packed is None:  # model.cpu_prepack=false: the views
-            return nn.functional.linear(x, module.weight)
+            return _views_linear(x, module.weight)
         return packed_linear_op(x, packed, module.weight.shape[0])
     if group is not None:
         return group.output(module.seesaw_index, x)
     kernel = _few_row_kernel(module.seesaw_few_rows, x)
     if kernel is not None:
         return kernel(x, [module.weight])
-    return nn.functional.linear(x, module.weight) if packed is None else _packed_linear(x, packed)
+    return _views_linear(x, module.weight) if packed is None else _packed_linear(x, packed)
 
 
 class PackedLinearLayer(ds_layers.LinearLayer):
@@ -182,10 +231,10 @@ _PACKED = ((PackedLinearLayer, ds_layers.LinearLayer), (PackedLinearAllreduce, d
 
 
 def can_pack_cpu_linears(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether :func:`pack_cpu_linears` applies: bfloat16 weights computed on a CPU whose oneDNN has a bf16
-    path (AVX-512 BW/VL/DQ or AVX-NE-CONVERT: on an AVX2-only CPU oneDNN refuses to reorder a bf16 weight)."""
+    """Whether :func:`pack_cpu_linears` applies: bfloat16 weights computed on a CPU with oneDNN (with a bf16
+    path or without one: :func:`widens_bf16`)."""
     return device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available() \
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -203,11 +252,12 @@ def _packable(module: nn.Module) -> type | None:
 
 def _pack(module: nn.Module, packed_class: type, packed: torch.Tensor | None, group: SiblingGroup | None = None,
           index: int = 0, few_rows=None) -> int:
+    copy = packed if group is None else group.packed
     module.seesaw_packed, module.seesaw_group, module.seesaw_index = packed, group, index
     # the few-row kernel reads the weight row by row: a row-parallel shard, which lies transposed, stays with oneDNN
     module.seesaw_few_rows = few_rows if module.weight.stride(-1) == 1 else None
     module.__class__ = packed_class
-    return 0 if packed is None and group is None else module.weight.numel() * module.weight.element_size()
+    return 0 if copy is None else module.weight.numel() * copy.element_size()
 
 
 def pack_cpu_linears(root: nn.Module, rows_hint: int = 64, *, fuse_siblings: bool = False, prepack: bool = True,
@@ -231,8 +281,7 @@ def pack_cpu_linears(root: nn.Module, rows_hint: int = 64, *, fuse_siblings: boo
             if None in classes or len({member.weight.shape[1] for member in members}) != 1:
                 continue
             weights = [member.weight.detach() for member in members]
-            group = SiblingGroup(torch.ops.mkldnn._reorder_linear_weight(torch.cat(weights).contiguous(), rows_hint),
-                                 weights, few_rows)
+            group = SiblingGroup(_prepacked(torch.cat(weights), rows_hint), weights, few_rows)
             for index, (member, packed_class) in enumerate(zip(members, classes)):
                 packed_bytes += _pack(member, packed_class, None, group, index)
     for module in list(root.modules()):
@@ -240,6 +289,6 @@ def pack_cpu_linears(root: nn.Module, rows_hint: int = 64, *, fuse_siblings: boo
         if packed_class is not None:
             packed = None
             if prepack:
-                packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach().contiguous(), rows_hint)
+                packed = _prepacked(module.weight.detach(), rows_hint)
             packed_bytes += _pack(module, packed_class, packed, few_rows=few_rows)
     return packed_bytes

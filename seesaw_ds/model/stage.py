@@ -89,9 +89,11 @@ class StageModel(nn.Module):
         # An eager stage (``fuse_siblings``) packs q/k/v and gate/up as one GEMM each. Inputs of one or two rows
         # (decode at batch 1-2) stream the views through the extension's few-row kernel where that is faster,
         # packed or not.
+        # Where oneDNN has no bf16 path (backend.widens_bf16) the copies are float32, and the views widen at
+        # every call rather than take torch's emulated bf16 GEMM.
         packable = backend.can_pack_cpu_linears(device, host.dtype)
         few_rows = kernels.few_row_linear() if packable else None
-        if packable and (prepack or few_rows is not None):
+        if packable and (prepack or few_rows is not None or backend.widens_bf16()):
             backend.pack_cpu_linears(self, fuse_siblings=fuse_siblings, prepack=prepack, few_rows=few_rows)
         if torch.device(device).type == "cpu":
             fuse_rms_norms(self)  # transformers' Llama-recipe norms in one kernel call each

@@ -27,6 +27,8 @@ def test_bf16_without_native_support_warns_once_with_the_measured_rates():
     assert "20 GFLOP/s against 80 GFLOP/s" in message and "0.25x" in message
     assert "avx512_bf16" in message and "model.dtype=float32" in message and "\n" not in message
     assert bf16_warning("torch.bfloat16", ZEN3, rates([])) is not None  # host.dtype's spelling
+    widened = bf16_warning("bfloat16", ZEN3, rates([]), widened=True)
+    assert "widened to float32" in widened and "model.cpu_prepack=true" in widened and "\n" not in widened
 
 
 def test_no_warning_with_native_bf16_other_dtypes_or_unknown_cpus_and_nothing_measured():

@@ -94,7 +94,7 @@ class _Layer(nn.Module):
     NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")
 
 
-@pytest.mark.skipif(not backend.can_pack_cpu_linears(torch.device("cpu"), torch.bfloat16),
+@pytest.mark.skipif(not backend.can_pack_cpu_linears(torch.device("cpu"), torch.bfloat16) or backend.widens_bf16(),
                     reason="no oneDNN bf16 path on this CPU (it needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT)")
 @pytest.mark.parametrize("prepack", [True, False])
 @pytest.mark.parametrize("rows", [1, 2, 3, 64])
