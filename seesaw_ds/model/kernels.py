@@ -216,6 +216,11 @@ LINEAR_ROWS = 2
 prepacked GEMM: one or two rows measured 1.6x faster on the AMD EPYC with AVX512_BF16 (csrc/linear_rows.cpp);
 at four they were even."""
 
+LINEAR_ROWS_AVX2 = 1
+"""The same for the ``avx2`` build's portable loop, against the float32 copies an AVX2-only CPU's bf16 linears run
+on (backends.deepspeed.widens_bf16): 30 layers' gate_proj at one row 6.97 against MKL's 11.0 ms on one thread,
+4.28 against 11.7 on two; at two rows 21.0 against 16.6 on one thread (AMD EPYC without AVX-512)."""
+
 
 def linear_rows(x: torch.Tensor, weights: list[torch.Tensor], portable: bool = False) -> torch.Tensor:
     """``x`` [..., K] (bf16, at most four rows) against each of ``weights`` [N_i, K] (bf16, rows contiguous,
@@ -225,13 +230,16 @@ def linear_rows(x: torch.Tensor, weights: list[torch.Tensor], portable: bool = F
 
 
 def few_row_linear():
-    """``(linear, LINEAR_ROWS)`` where streaming the weights measured faster than oneDNN at a few rows (the
-    ``avx512bf16`` build), else None: what the backend's prepacked linears are given
+    """``(linear, most rows)`` where streaming the weights measured faster than the GEMM at a few rows (the
+    ``avx512bf16`` build: :data:`LINEAR_ROWS`; the ``avx2`` build: :data:`LINEAR_ROWS_AVX2`), else None: what
+    the backend's prepacked linears are given
     (:func:`seesaw_ds.backends.deepspeed.pack_cpu_linears`' ``few_rows``). ``linear(x, weights)`` is the extension's own
     call: nothing in Python around it (a step makes ~120 such calls)."""
-    if load() is None or _module.linear_rows_loop() != "avx512_bf16":
+    if load() is None:
         return None
-    return _module.linear_rows, LINEAR_ROWS
+    if _module.linear_rows_loop() == "avx512_bf16":
+        return _module.linear_rows, LINEAR_ROWS
+    return (_module.linear_rows, LINEAR_ROWS_AVX2) if isa() == "avx2" else None
 
 
 class SpanRuns:

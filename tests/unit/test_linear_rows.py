@@ -62,8 +62,11 @@ def test_what_it_refuses():
         kernels.linear_rows(torch.randn(1, 16).bfloat16(), [torch.randn(8, 17).bfloat16()])
 
 
-def test_the_stage_gets_it_with_the_bf16_dot_build():
-    assert (kernels.few_row_linear() is not None) == (kernels.isa() == "avx512bf16")
+def test_the_stage_gets_it_with_the_bf16_dot_build_and_at_one_row_with_the_avx2_build():
+    few_rows = kernels.few_row_linear()
+    assert (few_rows is not None) == (kernels.isa() in ("avx512bf16", "avx2"))
+    if few_rows is not None:
+        assert few_rows[1] == (kernels.LINEAR_ROWS if kernels.isa() == "avx512bf16" else kernels.LINEAR_ROWS_AVX2)
 
 
 class _Spy:
