@@ -24,7 +24,6 @@ new code imports the module that owns a name.
 """
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch
@@ -85,11 +84,20 @@ except (AttributeError, RuntimeError):  # a torch without oneDNN: can_pack_cpu_l
     _LINEAR = None
 
 
-@functools.cache
+def _onednn_lacks_bf16() -> bool:
+    try:
+        return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):  # a torch without oneDNN: nothing is packed (can_pack_cpu_linears)
+        return False
+
+
+_WIDENS_BF16 = _onednn_lacks_bf16()  # read once: a constant to torch.compile too
+
+
 def widens_bf16() -> bool:
     """Whether this CPU's bf16 linears run on float32 copies of their weights: oneDNN has no bf16 path here
     (it needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT), so torch's own bf16 GEMM would be emulated."""
-    return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return _WIDENS_BF16
 
 
 def _prepacked(weight: torch.Tensor, rows_hint: int) -> torch.Tensor:
@@ -110,7 +118,7 @@ def _widened_linear(x: torch.Tensor, weight32: torch.Tensor) -> torch.Tensor:
     rows (0.13 against oneDNN's 0.19-0.42 ms at SmolLM2's gate_proj), oneDNN above (7-43% faster at 64 rows,
     the head included). The one spelling for the float32 copies and the views alike."""
     x32 = x.float()
-    if x.numel() <= 2 * x.shape[-1]:
+    if x.numel() <= 2 * x.shape[-1] or torch.compiler.is_compiling():  # (inductor lowers no bare oneDNN call)
         return nn.functional.linear(x32, weight32).to(x.dtype)
     return _LINEAR(x32, weight32, None, "none", [], "").to(x.dtype)
 

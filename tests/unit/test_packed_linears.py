@@ -140,3 +140,15 @@ def test_an_eager_bf16_stage_with_fused_siblings_gives_the_views_logits(family_m
     views = _executor(family_models[case], "bfloat16", False, prepack=False)
     for got, want in zip(_generate(fused), _generate(views)):
         assert torch.equal(got, want)
+
+
+def test_the_views_linear_compiles_whole():
+    """``model.cpu_prepack=false`` under ``torch.compile``: the views' linear (widened where oneDNN has no bf16
+    path) is traced without a graph break, and its result is the eager one within a bf16 rounding."""
+    layer = _layers(torch.bfloat16)["column"]
+    backend.pack_cpu_linears(layer, prepack=False)
+    x = torch.randn(5, 576).bfloat16()
+    want = layer(x)
+    got = torch.compile(layer, fullgraph=True, dynamic=False)(x)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    assert ((got.float() - want.float()).abs() <= want.float().abs() * 2.0 ** -7 + 1e-3).all()
