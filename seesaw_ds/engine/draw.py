@@ -9,7 +9,7 @@ temperature / min-p / top-k / top-p sampling.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -173,6 +173,15 @@ def _sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams], uniform
     return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=vocab_size - 1)
 
 
+def argmax_suffices(params: Sequence[SamplingParams], banned: Iterable[Sequence[int]] | None = None,
+                    token_bitmasks: Iterable[Any] | None = None) -> bool:
+    """Whether every row's next token is its logits' argmax and nothing else: each greedy with nothing to
+    process (penalties, bias, bad words), no bans, no grammar mask (pure). The worker asks it before the
+    forward (the logits may then stay in the model's dtype), :func:`sample_next_tokens` after."""
+    return all(p.greedy and not needs_processing(p) for p in params) and not any(banned or ()) \
+        and not any(mask is not None for mask in token_bitmasks or ())
+
+
 def sample_next_tokens(logits: torch.Tensor, params: Sequence[SamplingParams], seeds: Sequence[int],
                        steps: Sequence[int], banned: Sequence[Sequence[int]] | None = None,
                        histories: Sequence[TokenHistory | None] | None = None,
@@ -192,8 +201,7 @@ def sample_next_tokens(logits: torch.Tensor, params: Sequence[SamplingParams], s
         raise ValueError(f"sample_next_tokens: {num_rows} logit rows but {len(params)} params, {len(seeds)} "
                          f"seeds, {len(steps)} steps, {None if banned is None else len(banned)} banned lists")
     if logits.dtype != torch.float32:  # the model's dtype (Executor.forward's argmax_only): for argmax rows
-        if all(p.greedy and not needs_processing(p) for p in params) and not any(banned or ()) \
-                and not any(mask is not None for mask in token_bitmasks or ()):
+        if argmax_suffices(params, banned, token_bitmasks):
             return kernels.argmax(logits)
         logits = logits.float()
     processed = _apply_bans(apply_token_bitmasks(logits, token_bitmasks), banned)

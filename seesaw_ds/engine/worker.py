@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from seesaw_ds.engine.logprobs import TokenLogprobs, token_logprobs
-from seesaw_ds.engine.penalties import TokenHistory, needs_history, needs_processing
-from seesaw_ds.engine.sampling import SamplingParams, sample_next_tokens
+from seesaw_ds.engine.penalties import TokenHistory, needs_history
+from seesaw_ds.engine.sampling import SamplingParams, argmax_suffices, sample_next_tokens
 from seesaw_ds.faults import fault_point
 from seesaw_ds.kv.staging import StagedSeq
 from seesaw_ds.model.executor import Executor, ForwardPlan
@@ -119,14 +119,13 @@ class Worker:
     def _argmax_only(self, message: StepMessage) -> bool:
         """Whether this step's tokens are each row's argmax and nothing else reads the logits: every sequence
         greedy, without logprobs, penalties, bans or a grammar (then the logits stay in the model's dtype)."""
-        if message.banned or message.token_bitmasks or not message.forward:
+        if not message.forward:
             return False
-        for work in message.forward.seqs:
-            info = self.sampling.get(work.seq_id)
-            if info is None or not info.params.greedy or info.params.logprobs is not None \
-                    or needs_processing(info.params):
-                return False
-        return True
+        infos = [self.sampling.get(work.seq_id) for work in message.forward.seqs]
+        if any(info is None or info.params.logprobs is not None for info in infos):
+            return False
+        return argmax_suffices([info.params for info in infos], message.banned.values(),
+                               message.token_bitmasks.values())
 
     def _record_history(self, message: StepMessage) -> None:
         """Prefill: start the history with the prompt; decode: append the token fed (the last one sampled)."""

@@ -61,3 +61,17 @@ def test_sampler_takes_bf16_logits_of_greedy_rows_and_widens_the_rest():
     assert torch.equal(banned_tokens, sample_next_tokens(logits.float(), greedy, seeds, steps, banned))
     biased = [SamplingParams(temperature=0.0, logit_bias={7: 100.0})] + greedy[1:]
     assert sample_next_tokens(logits, biased, seeds, steps)[0] == 7
+
+
+def test_argmax_suffices_only_for_greedy_rows_with_nothing_else_to_apply():
+    from seesaw_ds.engine.sampling import argmax_suffices
+
+    greedy = [SamplingParams(temperature=0.0)] * 3
+    assert argmax_suffices(greedy) and argmax_suffices(greedy, [[], [], []], [None, None, None])
+    assert argmax_suffices(greedy, {}.values(), {}.values())  # the worker's step message: dicts by sequence
+    assert not argmax_suffices([SamplingParams(temperature=0.8)] + greedy[1:])
+    assert not argmax_suffices([SamplingParams(temperature=0.0, logit_bias={7: 1.0})] + greedy[1:])
+    assert not argmax_suffices([SamplingParams(temperature=0.0, repetition_penalty=1.3)] + greedy[1:])
+    assert not argmax_suffices(greedy, [[], [5], []])
+    assert not argmax_suffices(greedy, {4: [5]}.values())
+    assert not argmax_suffices(greedy, None, [None, object(), None])
