@@ -11,9 +11,10 @@ which reads the per-batch metadata passed down as the ``seesaw`` keyword:
 
 Each path is one call per layer into a backend: on a CPU, ``kernels.py`` (the decode step over the block
 table: the new K/V written and attention, one C++ call; and the packed prefill loop in C++); on an
-accelerator, ``device_attention.py`` (variable-length flash attention for the packed prefill). Decode reads
+accelerator, ``device_attention.py`` (variable-length flash attention for the packed prefill, the paged Triton
+decode kernel on CUDA). Decode reads
 only tensors (:class:`DecodeMeta`: views of the executor's persistent step buffers) and one host-known int.
-Where the CPU kernel does not apply (decode on an accelerator, or no compiler), decode gathers each
+Where neither kernel applies (an accelerator without Triton, or no compiler on a CPU), decode gathers each
 sequence's whole blocks through the block table into one batch padded to the step's longest sequence, once
 per layer, and computes grouped scores with two batched matmuls (:func:`_decode_padded`: twice the KV traffic
 of a paged kernel, but no per-sequence launches, no host sync and no per-shape set-up); the per-sequence SDPA
@@ -146,6 +147,11 @@ def _decode(layer: int, query, key, value, meta: DecodeMeta, scaling, window, so
     cache.write_slots(layer, meta.write_slots, key[:, :, 0], value[:, :, 0])
     if meta.reference:
         return _decode_reference(layer, query, meta, flat_keys, flat_values, scaling, window, softcap)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = device_attention.decode(query[:, :, 0], flat_keys, flat_values, meta.block_table, meta.lengths,
+                                  meta.max_length, cache.block_size, scale, window, softcap)
+    if out is not None:
+        return out[:, :, None]
     return _decode_padded(query, meta, flat_keys, flat_values, scaling, window, softcap)
 
 

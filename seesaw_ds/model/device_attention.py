@@ -13,8 +13,11 @@ instead of 2. So:
   in use has it, the dtype is half or bfloat16 and the call needs neither a window nor a soft-cap. Its use is
   checked once per process against per-prompt SDPA on a small random batch of the same heads and head size;
   a mismatch or error turns it off with one warning, and the caller's per-prompt loop runs instead.
-- **decode** needs no kernel of its own here: attention.py gathers each sequence's KV into a padded batch
-  and computes grouped scores with two batched matmuls (:func:`seesaw_ds.model.attention._decode_padded`).
+- **decode** on CUDA is the paged Triton kernel (:mod:`seesaw_ds.model.triton_decode`: the block table read
+  on the device, no gather), checked once per process and shape against a direct computation on a small
+  random fragmented cache (:func:`decode`); a mismatch, a compile error or no Triton turns it off with one
+  warning, and attention.py gathers each sequence's KV into a padded batch and computes grouped scores with
+  two batched matmuls instead (:func:`seesaw_ds.model.attention._decode_padded`).
 
 Written here rather than taken from FlashInfer or flash-attn because neither is installed where the engine
 runs (their wheels are tied to a torch and CUDA build); a paged kernel from either plugs in beside these.
@@ -27,11 +30,13 @@ import logging
 
 import torch
 
+from seesaw_ds.model import triton_decode
 from seesaw_ds.model.attention_reference import prefill_reference
 
 log = logging.getLogger(__name__)
 
 _state: dict[tuple, bool] = {}  # (device type, dtype, Hq, Hkv, D) -> varlen flash verified usable
+_decode_state: dict[tuple, bool] = {}  # (device type, dtype, Hq, Hkv, D, block, window?, soft-cap?) -> paged ok
 
 
 def configure(device: torch.device) -> None:
@@ -67,30 +72,39 @@ def _call_varlen(varlen_attn, query, key, value, cu, max_len: int, scaling: floa
     return varlen_attn(query, key, value, cu, cu, max_len, max_len, **kwargs)
 
 
+def _checked(state: dict, key_of_call: tuple, trial, refusal: str) -> bool:
+    """Whether a kernel passed its one check for ``key_of_call``: ``trial() -> (ok, why)`` runs once, any
+    exception refusing the kernel; a refusal is one warning (``refusal`` % why), and the result is kept."""
+    if key_of_call in state:
+        return state[key_of_call]
+    try:
+        ok, why = trial()
+    except Exception as exc:  # noqa: BLE001 - any failure means: do not use it
+        ok, why = False, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    if not ok:
+        log.warning(refusal, why)
+    state[key_of_call] = ok
+    return ok
+
+
 def _usable(key_of_call: tuple, device: torch.device, dtype: torch.dtype, n_q: int, n_kv: int, dim: int) -> bool:
-    if key_of_call in _state:
-        return _state[key_of_call]
-    varlen_attn = _varlen()
-    ok, why = False, "torch has no torch.nn.attention.varlen"
-    if varlen_attn is not None:
+    def trial() -> tuple[bool, str]:
+        varlen_attn = _varlen()
+        if varlen_attn is None:
+            return False, "torch has no torch.nn.attention.varlen"
         generator = torch.Generator(device=device).manual_seed(0)
         bounds = [0, 5, 16, 19]
         make = lambda heads: torch.randn(heads, bounds[-1], dim, generator=generator, device=device, dtype=dtype)
         query, key, value = make(n_q), make(n_kv), make(n_kv)
-        try:
-            cu = torch.tensor(bounds, dtype=torch.int32, device=device)
-            got = _call_varlen(varlen_attn, query.transpose(0, 1).contiguous(), key.transpose(0, 1).contiguous(),
-                               value.transpose(0, 1).contiguous(), cu, 11, dim ** -0.5).transpose(0, 1)
-            want = prefill_reference(query[None], key[None], value[None], bounds, dim ** -0.5, None)[0]
-            error = (got.float() - want.float()).abs().max().item()
-            ok, why = error <= 2e-2, f"it differs from per-prompt SDPA by {error:.3g}"
-        except Exception as exc:  # noqa: BLE001 - any failure means: do not use it
-            why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-    if not ok:
-        log.warning("seesaw_ds: variable-length flash attention is not used for prefill (%s); one SDPA call per "
-                    "prompt instead", why)
-    _state[key_of_call] = ok
-    return ok
+        cu = torch.tensor(bounds, dtype=torch.int32, device=device)
+        got = _call_varlen(varlen_attn, query.transpose(0, 1).contiguous(), key.transpose(0, 1).contiguous(),
+                           value.transpose(0, 1).contiguous(), cu, 11, dim ** -0.5).transpose(0, 1)
+        want = prefill_reference(query[None], key[None], value[None], bounds, dim ** -0.5, None)[0]
+        error = (got.float() - want.float()).abs().max().item()
+        return error <= 2e-2, f"it differs from per-prompt SDPA by {error:.3g}"
+
+    return _checked(_state, key_of_call, trial, "seesaw_ds: variable-length flash attention is not used for prefill "
+                    "(%s); one SDPA call per prompt instead")
 
 
 def prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: list[int], scaling: float,
@@ -113,6 +127,64 @@ def prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seql
     return out.transpose(0, 1)
 
 
+def _paged_reference(query, keys, values, tables: list[list[int]], lengths: list[int], block: int, scale: float,
+                     window: int | None, softcap: float | None) -> torch.Tensor:
+    """One query token per sequence over its slots (read through its block table), float32, written out."""
+    outputs = []
+    group = query.shape[1] // keys.shape[1]
+    for row, (table, length) in enumerate(zip(tables, lengths)):
+        slots = torch.tensor([b * block + t for b in table for t in range(block)][:length], device=query.device)
+        if window:
+            slots = slots[-window:]
+        k = keys[slots].float().repeat_interleave(group, dim=1)              # [L, Hq, D]
+        v = values[slots].float().repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,lhd->hl", query[row].float(), k) * scale
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
+        outputs.append(torch.einsum("hl,lhd->hd", torch.softmax(scores, dim=-1), v))
+    return torch.stack(outputs)
+
+
+def _decode_usable(key_of_call: tuple, query: torch.Tensor, n_kv: int, block: int, window, softcap) -> bool:
+    def trial() -> tuple[bool, str]:
+        if not triton_decode.available():
+            return False, "Triton cannot be imported"
+        device, dtype, (n_q, dim) = query.device, query.dtype, query.shape[1:]
+        generator = torch.Generator(device=device).manual_seed(0)
+        blocks = 12
+        keys = torch.randn(blocks * block, n_kv, dim, generator=generator, device=device, dtype=dtype)
+        values = torch.randn(blocks * block, n_kv, dim, generator=generator, device=device, dtype=dtype)
+        tables, lengths = [[3, 0, 7], [5], [1, 9, 2, 11]], [2 * block + 1, 1, 4 * block]   # fragmented, ragged
+        sample = torch.randn(len(lengths), n_q, dim, generator=generator, device=device, dtype=dtype)
+        table = torch.tensor([t + [0] * (4 - len(t)) for t in tables], device=device)
+        got = triton_decode.paged_decode_attention(sample, keys, values, table, torch.tensor(lengths, device=device),
+                                                   max(lengths), block, dim ** -0.5, window, softcap, blocks_per_part=2)
+        want = _paged_reference(sample, keys, values, tables, lengths, block, dim ** -0.5, window, softcap)
+        error = (got.float() - want).abs().max().item()
+        tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+        return error <= tolerance, f"it differs from a direct computation by {error:.3g}"
+
+    return _checked(_decode_state, key_of_call, trial, "seesaw_ds: the paged Triton decode kernel is not used (%s); "
+                    "decode gathers each sequence's KV into a padded batch instead")
+
+
+def decode(query: torch.Tensor, flat_keys: torch.Tensor, flat_values: torch.Tensor, block_table: torch.Tensor,
+           lengths: torch.Tensor, max_length: int, block_size: int, scaling: float, window: int | None,
+           softcap: float | None) -> torch.Tensor | None:
+    """One query token per sequence over the paged cache on CUDA, one kernel (two over long sequences):
+    ``query`` [N, Hq, D], the cache views [slots, Hkv, D]; returns [N, Hq, D], or None where the paged kernel
+    does not apply (not CUDA, no Triton, or its first check failed: the caller gathers a padded batch)."""
+    if not triton_decode.applies(query):
+        return None
+    n_kv = flat_keys.shape[1]
+    key_of_call = (query.device.type, query.dtype, query.shape[1], n_kv, query.shape[-1], block_size,
+                   bool(window), bool(softcap))
+    if query.shape[1] % n_kv or not _decode_usable(key_of_call, query, n_kv, block_size, window, softcap):
+        return None
+    return triton_decode.paged_decode_attention(query, flat_keys, flat_values, block_table, lengths, max_length,
+                                                block_size, scaling, window, softcap)
+
+
 def describe(device: torch.device) -> str:
     """What attention ran on ``device`` in this process, in words (for reports)."""
     if device.type == "cpu":
@@ -123,4 +195,8 @@ def describe(device: torch.device) -> str:
                (False, True): "prefill through varlen flash attention for some shapes"}[tuple(used)]
     cudnn_off = device.type == "cuda" and not torch.backends.cuda.cudnn_sdp_enabled()
     cudnn = "cuDNN SDPA off" if cudnn_off else "SDPA defaults"
-    return f"{prefill}; decode a padded gather and grouped matmuls; {cudnn}"
+    paged = sorted({ok for key, ok in _decode_state.items() if key[0] == device.type})
+    decode = {(): "decode a padded gather and grouped matmuls", (False,): "decode a padded gather and grouped matmuls "
+              "(the paged Triton kernel refused)", (True,): "decode the paged Triton kernel",
+              (False, True): "decode the paged Triton kernel for some shapes"}[tuple(paged)]
+    return f"{prefill}; {decode}; {cudnn}"

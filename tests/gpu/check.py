@@ -434,7 +434,76 @@ def bandwidth(work: Path, device, sizes: dict) -> dict:
             "shard_bytes": shard_bytes, "layers": dims.num_layers}
 
 
+def attention_kernel(device, sizes: dict) -> dict:
+    """One decode attention call of the 8B shape over a fragmented paged cache: the paged Triton kernel (CUDA)
+    against the padded gather it replaces, time per call, bytes each must read, and their largest difference."""
+    import torch
+
+    from seesaw_ds.model import device_attention
+    from seesaw_ds.model.attention import _grouped
+
+    heads, kv_heads, dim = sizes["heads"], sizes["kv_heads"], sizes["hidden"] // sizes["heads"]
+    block, dtype = 16, torch.bfloat16
+    generator = torch.Generator(device="cpu").manual_seed(5)
+    rows = {}
+    for batch, context in ((max(sizes["batches"]), sizes["context"]), (1, 8 * sizes["context"])):
+        blocks_each = -(-context // block)
+        total = batch * blocks_each + 8
+        keys = torch.randn(total * block, kv_heads, dim, generator=generator).to(device, dtype)
+        values = torch.randn(total * block, kv_heads, dim, generator=generator).to(device, dtype)
+        table = torch.randperm(total, generator=generator)[:batch * blocks_each].view(batch, blocks_each).to(device)
+        lengths = torch.full((batch,), context, dtype=torch.long, device=device)
+        query = torch.randn(batch, heads, dim, generator=generator).to(device, dtype)
+        scale = dim ** -0.5
+
+        def padded():
+            shape = (-1, block, kv_heads, dim)
+            k = keys.view(shape)[table].flatten(1, 2).transpose(1, 2)
+            v = values.view(shape)[table].flatten(1, 2).transpose(1, 2)
+            valid = torch.arange(blocks_each * block, device=device)[None, :] < lengths[:, None]
+            return _grouped(query[:, :, None], k, v, valid, scale)[:, :, 0]
+
+        def paged():
+            return device_attention.decode(query, keys, values, table, lengths, context, block, scale, None, None)
+
+        def timed(call) -> float:
+            for _ in range(3):
+                call()
+            _synchronize(device)
+            began = time.perf_counter()
+            for _ in range(20):
+                call()
+            _synchronize(device)
+            return (time.perf_counter() - began) / 20
+
+        kv_bytes = 2 * batch * context * kv_heads * dim * keys.element_size()
+        row = {"batch": batch, "context": context, "kv_bytes": kv_bytes, "padded_s": timed(padded)}
+        out = paged()
+        if out is not None:
+            row["paged_s"] = timed(paged)
+            row["max_abs_diff"] = (out.float() - padded().float()).abs().max().item()
+        rows[f"{batch}x{context}"] = row
+    return {"rows": rows, "shape": (heads, kv_heads, dim, block)}
+
+
 # --------------------------------------------------------------------------------------------- report
+def _attention_lines(part: dict, hbm_GBps: float | None) -> list[str]:
+    heads, kv_heads, dim, block = part["shape"]
+    lines = [f"{heads} query heads over {kv_heads} KV heads of {dim}, bf16, block size 16, a shuffled block table; "
+             "one layer's call.", "",
+             "| batch x context | KV bytes | padded gather us | paged kernel us | paged GB/s | of HBM | max abs diff |",
+             "|---|---|---|---|---|---|---|"]
+    for name, row in part["rows"].items():
+        if "paged_s" not in row:
+            lines.append(f"| {name} | {row['kv_bytes']} | {row['padded_s'] * 1e6:.0f} | (CUDA only) | | | |")
+            continue
+        rate = row["kv_bytes"] / row["paged_s"] / 1e9
+        share = f"{rate / hbm_GBps * 100:.0f}%" if hbm_GBps else "-"
+        lines.append(f"| {name} | {row['kv_bytes']} | {row['padded_s'] * 1e6:.0f} | {row['paged_s'] * 1e6:.0f} | "
+                     f"{rate:.0f} | {share} | {row['max_abs_diff']:.3g} |")
+    return lines
+
+
 def _gbps(nbytes: float, seconds: float) -> str:
     return f"{nbytes / seconds / 1e9:.1f}" if seconds else "-"
 
@@ -503,7 +572,10 @@ def write_report(path: Path, header: dict, parts: dict, on_cpu: bool) -> None:
                 ("steps", "2. The executor step by step: staging, swap-in, eviction, a forced re-activation",
                  _steps_lines),
                 ("bandwidth", "3. Bandwidth: a Llama-3-8B-shaped model, random bf16 weights",
-                 lambda band: _bandwidth_lines(band, (CPU_SIZES if on_cpu else GPU_SIZES)["h2d_bytes"])))
+                 lambda band: _bandwidth_lines(band, (CPU_SIZES if on_cpu else GPU_SIZES)["h2d_bytes"])),
+                ("attention", "4. Decode attention: the paged Triton kernel against the padded gather",
+                 lambda part: _attention_lines(part, (parts.get("bandwidth") or {}).get("hbm_GBps")
+                                               if isinstance(parts.get("bandwidth"), dict) else None)))
     for name, title, render in sections:
         part = parts.get(name)
         lines += [f"## {title}", "", *(render(part) if isinstance(part, dict) else [f"- **FAILED**: {part}"]), ""]
@@ -557,7 +629,8 @@ def main(argv: list[str]) -> int:
     parts: dict = {}
     durations: dict[str, float] = {}
     for name, run in (("job", lambda: whole_job(work, device)), ("steps", lambda: executor_steps(work, device)),
-                      ("bandwidth", lambda: bandwidth(work, device, sizes))):
+                      ("bandwidth", lambda: bandwidth(work, device, sizes)),
+                      ("attention", lambda: attention_kernel(device, sizes))):
         step_began = time.perf_counter()
         try:
             parts[name] = run()
