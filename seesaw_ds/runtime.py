@@ -64,11 +64,16 @@ def start(model_path: str, layouts: dict[str, Layout], *, device_tokens: int | N
     validate_model_layouts(checkpoint, layouts, env.world_size)
     dist_env.export_torch_env(env, master_addr)
     dist_env.export_extension_dir()  # DeepSpeed's CPU shm all-reduce builds into this venv
-    device_index = None
+    device_index, shared_device = None, False
     if backend.accelerator_name() != "cpu":
-        device_index = dist_env.device_index(env.info.host_local_rank, backend.device_count())
+        devices = backend.device_count()
+        device_index = dist_env.device_index(env.info.host_local_rank, devices)
         dist_env.export_device_rank(device_index)  # DeepSpeed binds its process group to LOCAL_RANK's device
-    backend.init_comm(comm_timeout_s, device_index)
+        crowded_host = max(env.world.allgather(env.info.host_local_size if env.info.host_local_size > devices else 0))
+        shared_device = crowded_host > 0  # every rank decides alike: NCCL takes one rank a device
+        if shared_device and env.rank == 0:
+            log.warning("%s", backend.shared_device_line(crowded_host, devices, backend.native_comm_backend()))
+    backend.init_comm(comm_timeout_s, device_index, shared_device)
     topology = build_topology(env, layouts)
     template = build_template(checkpoint.config)
     plan = plan_host_tensors(checkpoint, parameter_shapes(template))

@@ -3,6 +3,11 @@ caller exported), device groups, barriers, point-to-point sends of device tensor
 (DeepSpeed's inference all-reduce; its CPU shared-memory kernel only where ``use_shm_allreduce`` allows it:
 it ignores the process group, so it is valid only for a world-sized group on one node) and a gather to
 the group's first rank. Host tensors go through seesaw_ds/backends/routes.py instead.
+
+Two ranks on one GPU (the only multi-rank setting a one-GPU machine has): NCCL refuses two ranks on one
+device, so there the device groups run on gloo (:func:`device_backend`), and device tensors cross it through
+host memory (a copy out, gloo, a copy back): gloo's point-to-point and gather take host tensors only. Every
+rank must agree, so the caller decides from the whole job (``shared_device``).
 """
 from __future__ import annotations
 
@@ -16,17 +21,42 @@ from deepspeed.accelerator import get_accelerator
 from seesaw_ds.backends.routes import HostGroup, HostTensorThroughDeviceGroup, require_device_route
 
 
-def init_comm(timeout_s: float, device_index: int | None) -> None:
+_through_host = False
+"""Device tensors cross the device groups through host memory (gloo on an accelerator: ranks share a GPU)."""
+
+
+def device_backend(accelerator: str, native: str, shared_device: bool) -> str:
+    """The device groups' backend (pure): gloo on a CPU, and on an accelerator some of whose devices drive
+    more than one rank of the job (NCCL takes one rank a device); else the accelerator's own (``native``)."""
+    return "gloo" if accelerator == "cpu" or shared_device else native
+
+
+def native_comm_backend() -> str:
+    """The accelerator's own communication backend (NCCL on CUDA)."""
+    return get_accelerator().communication_backend_name()
+
+
+def shared_device_line(ranks_on_host: int, devices: int, native: str) -> str:
+    """What a job whose ranks share devices is told, once (rank 0)."""
+    return (f"seesaw_ds: {ranks_on_host} ranks share {devices} GPU(s) on a host; {native} takes one rank a "
+            f"device, so the device groups run on gloo and device tensors cross them through host memory (slower "
+            f"than {native}: for tests and one-GPU machines, not for speed)")
+
+
+def init_comm(timeout_s: float, device_index: int | None, shared_device: bool = False) -> None:
     """Start deepspeed.comm over the exported RANK/WORLD_SIZE/MASTER_* variables (once per process), bound
-    to accelerator ``device_index`` (None on a CPU). The caller exports the environment first
+    to accelerator ``device_index`` (None on a CPU); ``shared_device``: some device of the job drives more
+    than one rank (every rank must pass the same). The caller exports the environment first
     (seesaw_ds/runtime.py: the JIT build directory, LOCAL_RANK = ``device_index``); this module reads no
     rank of its own."""
+    global _through_host
     if ds_comm.is_initialized():
         return
     accel = get_accelerator()
     if accel.device_name() != "cpu":
         accel.set_device(device_index)
-    backend = "gloo" if accel.device_name() == "cpu" else accel.communication_backend_name()
+    backend = device_backend(accel.device_name(), accel.communication_backend_name(), shared_device)
+    _through_host = backend == "gloo" and accel.device_name() != "cpu"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                timeout=timedelta(seconds=timeout_s))
     _unlink_shm_allreduce_files()
@@ -70,15 +100,43 @@ def barrier(group=None) -> None:
     ds_comm.barrier(group=group)
 
 
+class _Sent:
+    """A send's handle that keeps its host copy alive until ``wait()`` (the through-host path)."""
+
+    def __init__(self, work, host: torch.Tensor):
+        self._work, self._host = work, host
+
+    def wait(self):
+        result = self._work.wait()
+        self._host = None
+        return result
+
+    def is_completed(self) -> bool:
+        return self._work.is_completed()
+
+
+def _on_host(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` crosses a device group through a host copy (gloo on an accelerator)."""
+    return _through_host and tensor.device.type != "cpu"
+
+
 def recv(tensor: torch.Tensor, src: int) -> None:
     """Blocking point-to-point receive of a device tensor from global rank ``src`` (the world device group)."""
     require_device_route(tensor, None)
+    if _on_host(tensor):
+        host = torch.empty(tensor.shape, dtype=tensor.dtype)
+        ds_comm.recv(host, src=src)
+        tensor.copy_(host)
+        return
     ds_comm.recv(tensor, src=src)
 
 
 def isend(tensor: torch.Tensor, dst: int):
     """Non-blocking send of a device tensor to global rank ``dst``; returns a handle with ``wait()``."""
     require_device_route(tensor, None)
+    if _on_host(tensor):
+        host = tensor.to("cpu")
+        return _Sent(ds_comm.isend(host, dst=dst), host)
     return ds_comm.isend(tensor, dst=dst)
 
 
@@ -86,7 +144,12 @@ def gather_to_first(tensor: torch.Tensor, group, ranks: tuple[int, ...]) -> list
     """Every rank's equal-shaped device ``tensor`` over device ``group`` (global ``ranks``, in group order),
     gathered on ``ranks[0]``: the list there, None on the others."""
     require_device_route(tensor, group)
-    parts = [torch.empty_like(tensor) for _ in ranks] if ds_comm.get_rank() == ranks[0] else None
+    first = ds_comm.get_rank() == ranks[0]
+    if _on_host(tensor):
+        parts = [torch.empty(tensor.shape, dtype=tensor.dtype) for _ in ranks] if first else None
+        ds_comm.gather(tensor.to("cpu"), gather_list=parts, dst=ranks[0], group=group)
+        return [part.to(tensor.device) for part in parts] if first else None
+    parts = [torch.empty_like(tensor) for _ in ranks] if first else None
     ds_comm.gather(tensor, gather_list=parts, dst=ranks[0], group=group)
     return parts
 
@@ -96,4 +159,9 @@ def all_reduce(tensor: torch.Tensor, group) -> None:
     valid)."""
     if isinstance(group, HostGroup):
         raise HostTensorThroughDeviceGroup(f"{group!r} is a host group; activations are reduced over device groups")
+    if _on_host(tensor):
+        host = tensor.to("cpu")
+        ds_comm.inference_all_reduce(host, group=group)
+        tensor.copy_(host)
+        return
     ds_comm.inference_all_reduce(tensor, group=group)
