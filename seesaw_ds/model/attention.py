@@ -30,12 +30,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from seesaw_ds.kv.blocks import blocks_for, leading_pieces, runs
 from seesaw_ds.model import device_attention, kernels
-from seesaw_ds.model.attention_reference import eager as _eager
+from seesaw_ds.model.attention_reference import one_token as _one_token
 from seesaw_ds.model.attention_reference import prefill_reference as _prefill_reference
 
 ATTENTION_NAME = "seesaw"
@@ -138,8 +137,8 @@ def _decode(layer: int, query, key, value, meta: DecodeMeta, scaling, window, so
     if meta.ready is not None:
         meta.ready(layer)
     flat_keys, flat_values = cache.flat(layer)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if not meta.reference and kernels.applies(flat_keys):  # the K/V write and attention in one call
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         out = kernels.paged_decode_attention(query[:, :, 0], key[:, :, 0], value[:, :, 0], flat_keys, flat_values,
                                              meta.block_table, meta.lengths, meta.write_slots, cache.block_size,
                                              scale, window, softcap)
@@ -147,7 +146,6 @@ def _decode(layer: int, query, key, value, meta: DecodeMeta, scaling, window, so
     cache.write_slots(layer, meta.write_slots, key[:, :, 0], value[:, :, 0])
     if meta.reference:
         return _decode_reference(layer, query, meta, flat_keys, flat_values, scaling, window, softcap)
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = device_attention.decode(query[:, :, 0], flat_keys, flat_values, meta.block_table, meta.lengths,
                                   meta.max_length, cache.block_size, scale, window, softcap)
     if out is not None:
@@ -194,17 +192,12 @@ def _grouped(query, keys, values, valid, scaling, softcap=None) -> torch.Tensor:
 def _decode_reference(layer: int, query, meta: DecodeMeta, flat_keys, flat_values, scaling, window, softcap=None):
     """One SDPA (or eager, soft-capped) call per sequence over its gathered spans: the path where the kernel
     does not apply, and the tests' reference."""
-    gqa = query.shape[1] != flat_keys.shape[1]
     outputs = []
     for one_query, spans in zip(query.split(1), meta.spans()):
         keys, values = meta.cache.sequence_kv(layer, spans, flat_keys, flat_values)  # one span: a view
         if window and keys.shape[1] > window:
             keys, values = keys[:, -window:], values[:, -window:]
-        if softcap:
-            outputs.append(_eager(one_query, keys[None], values[None], None, scaling, softcap))
-            continue
-        outputs.append(F.scaled_dot_product_attention(one_query, keys[None], values[None], scale=scaling,
-                                                      enable_gqa=gqa))
+        outputs.append(_one_token(one_query, keys, values, scaling, softcap))
     return torch.cat(outputs)
 
 

@@ -31,6 +31,15 @@ def eager(query, key, value, mask: torch.Tensor | None, scaling: float, softcap:
     return torch.matmul(weights, value)
 
 
+def one_token(query, keys, values, scaling, softcap=None) -> torch.Tensor:
+    """One sequence's new token over its gathered KV: query [1, Hq, 1, D], keys/values [Hkv, L, D]; eager
+    where soft-capped, else SDPA (GQA without repeating the KV heads)."""
+    if softcap:
+        return eager(query, keys[None], values[None], None, scaling, softcap)
+    return F.scaled_dot_product_attention(query, keys[None], values[None], scale=scaling,
+                                          enable_gqa=query.shape[1] != keys.shape[0])
+
+
 def prefill_reference(query, key, value, bounds: list[int], scaling, window, softcap=None,
                       contexts=None) -> torch.Tensor:
     """One SDPA (or eager, soft-capped) call per prompt: the path without the extension (and, on an

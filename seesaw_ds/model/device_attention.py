@@ -31,7 +31,7 @@ import logging
 import torch
 
 from seesaw_ds.model import triton_decode
-from seesaw_ds.model.attention_reference import prefill_reference
+from seesaw_ds.model.attention_reference import one_token, prefill_reference
 
 log = logging.getLogger(__name__)
 
@@ -129,19 +129,14 @@ def prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seql
 
 def _paged_reference(query, keys, values, tables: list[list[int]], lengths: list[int], block: int, scale: float,
                      window: int | None, softcap: float | None) -> torch.Tensor:
-    """One query token per sequence over its slots (read through its block table), float32, written out."""
+    """One query token per sequence over its slots (read through its block table), in float32."""
     outputs = []
-    group = query.shape[1] // keys.shape[1]
     for row, (table, length) in enumerate(zip(tables, lengths)):
         slots = torch.tensor([b * block + t for b in table for t in range(block)][:length], device=query.device)
         if window:
             slots = slots[-window:]
-        k = keys[slots].float().repeat_interleave(group, dim=1)              # [L, Hq, D]
-        v = values[slots].float().repeat_interleave(group, dim=1)
-        scores = torch.einsum("hd,lhd->hl", query[row].float(), k) * scale
-        if softcap:
-            scores = torch.tanh(scores / softcap) * softcap
-        outputs.append(torch.einsum("hl,lhd->hd", torch.softmax(scores, dim=-1), v))
+        k, v = keys[slots].float().transpose(0, 1), values[slots].float().transpose(0, 1)   # [Hkv, L, D]
+        outputs.append(one_token(query[row].float()[None, :, None], k, v, scale, softcap)[0, :, 0])
     return torch.stack(outputs)
 
 
