@@ -39,6 +39,13 @@ class ModelConfig:
     (the test suite runs eager that way). A stage compiles at most three graphs (one layer's call, shared by
     every layer), cached on disk under $SEESAW_CACHE/inductor, so a second job on the node starts warm;
     compile seconds are in the metrics and on the progress line (seesaw_ds/model/compiled.py)."""
+    cuda_graphs: str = "auto"
+    """CUDA graphs of the decode step, one per batch-size bucket (1, 2, 4, then multiples of 8 up to
+    scheduler.max_decode_seqs), captured on first use after an eager warm-up and again after each layout switch,
+    each checked against that warm-up: true, false, or auto (a bucket keeps its graph where its replay measured
+    faster than the eager step). Only on CUDA, for one-stage decode layouts whose all-reduce is NCCL's and
+    families without experts or length-dependent rotary embeddings; capture seconds count as compile seconds
+    (seesaw_ds/model/graphs.py)."""
 
 
 @dataclass

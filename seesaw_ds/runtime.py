@@ -48,7 +48,8 @@ def start(model_path: str, layouts: dict[str, Layout], *, device_tokens: int | N
           ranks_per_node: int | None = None, dtype: str | None = None, trust_remote_code: bool = False, comm_timeout_s: float = 600.0, staging_factory=None,
           prefill_micro_batches: int = 8, device_memory_fraction: float | None = None,
           max_model_len: int | None = None, max_decode_seqs: int | None = None,
-          master_addr: str | None = None, cpu_prepack: bool = True, compile: str | bool = "auto") -> Runtime:
+          master_addr: str | None = None, cpu_prepack: bool = True, compile: str | bool = "auto",
+          cuda_graphs: str | bool = "auto") -> Runtime:
     """Start this rank (collective over MPI.COMM_WORLD). Raises ValueError subclasses on bad settings.
 
     ``layouts`` names every layout the executor can switch to (a job has "prefill" and "decode").
@@ -90,5 +91,6 @@ def start(model_path: str, layouts: dict[str, Layout], *, device_tokens: int | N
                         block_size=block_size, staging=staging, prefill_micro_batches=prefill_micro_batches,
                         device_memory_fraction=device_memory_fraction,
                         device_tokens_cap=max_replica_tokens(max_len, max_decode_seqs), prepack=cpu_prepack,
-                        compile=compile, max_decode_seqs=max_decode_seqs, max_model_len=max_len)
+                        compile=compile, max_decode_seqs=max_decode_seqs, max_model_len=max_len,
+                        cuda_graphs=cuda_graphs)
     return Runtime(topology=topology, checkpoint=checkpoint, host=host, executor=executor, layouts=layouts)

@@ -36,6 +36,12 @@ def native_comm_backend() -> str:
     return get_accelerator().communication_backend_name()
 
 
+def device_groups_capturable() -> bool:
+    """Whether the device groups' collectives can be recorded in a CUDA graph: NCCL's can, gloo's through
+    host memory cannot (a copy to the host and a host-side wait)."""
+    return not _through_host
+
+
 def shared_device_line(ranks_on_host: int, devices: int, native: str) -> str:
     """What a job whose ranks share devices is told, once (rank 0)."""
     return (f"seesaw_ds: {ranks_on_host} ranks share {devices} GPU(s) on a host; {native} takes one rank a "

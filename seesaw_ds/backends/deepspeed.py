@@ -33,8 +33,9 @@ from deepspeed.module_inject import layers as ds_layers
 
 from seesaw_ds.backends.accelerator import (Streams, accelerator_name, device, device_count,  # noqa: F401
                                             host_to_device_GBps)
-from seesaw_ds.backends.comm import (all_reduce, barrier, gather_to_first, init_comm, isend,  # noqa: F401
-                                     native_comm_backend, new_group, recv, shared_device_line, use_shm_allreduce)
+from seesaw_ds.backends.comm import (all_reduce, barrier, device_groups_capturable, gather_to_first,  # noqa: F401
+                                     init_comm, isend, native_comm_backend, new_group, recv, shared_device_line,
+                                     use_shm_allreduce)
 from seesaw_ds.backends.routes import (HOST_TAG, HostGroup, HostTensorThroughDeviceGroup, TransferCheck,  # noqa: F401
                                        host_empty, host_isend, host_recv, mark_host, new_host_group,
                                        register_host_memory, unregister_host_memory)

@@ -46,6 +46,8 @@ def compose_settings(overrides: list[str]):
         raise ConfigError(f"launch.nproc={settings.launch.nproc} must be >= 1")
     if str(settings.model.compile).lower() not in ("auto", "true", "false"):
         raise ConfigError(f"model.compile={settings.model.compile!r}: expected auto, true or false")
+    if str(settings.model.cuda_graphs).lower() not in ("auto", "true", "false"):
+        raise ConfigError(f"model.cuda_graphs={settings.model.cuda_graphs!r}: expected auto, true or false")
     return settings, cfg
 
 

@@ -158,7 +158,8 @@ def _run(settings, run_dir: Path, agree, stop: StopRequest) -> int:
             prefill_micro_batches=settings.parallel.prefill_micro_batches,
             device_memory_fraction=settings.kv.device_memory_fraction, max_model_len=settings.model.max_model_len,
             max_decode_seqs=settings.scheduler.max_decode_seqs, master_addr=settings.launch.master_addr,
-            cpu_prepack=settings.model.cpu_prepack, compile=settings.model.compile)
+            cpu_prepack=settings.model.cpu_prepack, compile=settings.model.compile,
+            cuda_graphs=settings.model.cuda_graphs)
         error = None
     except ValueError as start_error:
         error = str(start_error)

@@ -1,8 +1,9 @@
 """The device-tier KV cache of one rank: paged blocks for the layers and KV heads this rank holds.
 
-Blocks are ``[block_size, kv_heads, head_dim]`` (token-major inside a block, which makes appending one token
-per sequence a single indexed write); one tensor per K and V of shape
-``[layers, blocks, block_size, kv_heads, head_dim]``. Layers are addressed by their global index.
+Blocks are ``[block_size, kv_heads, head_dim]`` (token-major inside a block, which makes appending one token per
+sequence a single indexed write); one tensor per K and V of shape ``[layers, blocks, block_size, kv_heads,
+head_dim]``. Layers are addressed by their global index. One block more than the allocator hands out is the
+scratch block of a CUDA graph's padding rows.
 """
 from __future__ import annotations
 
@@ -19,7 +20,10 @@ class DeviceKVCache:
                  dtype: torch.dtype, device: torch.device):
         self.layers = layers
         self.block_size = block_size
-        shape = (len(layers), num_blocks, block_size, num_kv_heads, head_dim)
+        self.scratch_block = num_blocks
+        """One block past the allocator's, owned by no sequence: the padding rows of a CUDA graph's decode step
+        write and read it (seesaw_ds/model/graphs.py)."""
+        shape = (len(layers), num_blocks + 1, block_size, num_kv_heads, head_dim)
         # Zeroed off a CPU: the accelerator's padded attention reads whole blocks, slots not yet written
         # included, and masks them; a NaN left in reused device memory would survive the mask (0 * NaN) in
         # the weighted sum of values. On a CPU the kernel reads a slot only after its token was written, so

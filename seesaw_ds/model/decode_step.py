@@ -83,14 +83,20 @@ class DecodeBuffers:
             self._streams.synchronize(self._copied)
             self._copied = None
 
-    def fill(self, token_ids: list[int], positions: list[int], tables: list[list[int]]) -> DecodeStep:
+    def fill(self, token_ids: list[int], positions: list[int], tables: list[list[int]], rows: int | None = None,
+             pad_block: int = 0) -> DecodeStep:
         """Write one step: sequence n feeds ``token_ids[n]`` at ``positions[n]``, its KV in blocks
-        ``tables[n]`` (which hold at least ``positions[n] + 1`` tokens); returns the step's views."""
+        ``tables[n]`` (which hold at least ``positions[n] + 1`` tokens); returns the step's views.
+
+        ``rows`` (a CUDA graph's bucket, at least the sequences): the step has that many rows, those past the
+        sequences padding that feed token 0 at position 0 and write and read block ``pad_block`` alone (a block
+        no sequence owns)."""
         n = len(token_ids)
+        rows = n if rows is None else rows
         lengths = np.asarray(positions, dtype=np.int64) + 1
         needed = blocks_for(lengths, self.block_size)
         widest = int(needed.max())
-        self._fit(n, widest)
+        self._fit(rows, widest)
         self._wait_for_copy()
         vectors, table = self._vectors, self._table
         vectors[0, :n] = token_ids
@@ -99,18 +105,20 @@ class DecodeBuffers:
         for row, (blocks, count) in enumerate(zip(tables, needed.tolist())):
             table[row, :count] = blocks[:count]
         last = lengths - 1
-        rows = np.arange(n)
-        vectors[2, :n] = table[rows, last // self.block_size] * self.block_size + last % self.block_size
+        vectors[2, :n] = table[np.arange(n), last // self.block_size] * self.block_size + last % self.block_size
+        if rows > n:
+            vectors[:, n:rows] = ((0,), (0,), (pad_block * self.block_size,), (1,))
+            table[n:rows, 0] = pad_block
         storage = self.storage
         if storage is not self.host:
-            used = FIELDS * self.max_seqs + n * self.max_blocks
+            used = FIELDS * self.max_seqs + rows * self.max_blocks
             storage[:used].copy_(self.host[:used], non_blocking=True)
             if self._streams is not None:
                 self._copied = self._streams.record(self._streams.current())
         per_seq = storage[:FIELDS * self.max_seqs].view(FIELDS, self.max_seqs)
         block_table = storage[FIELDS * self.max_seqs:].view(self.max_seqs, self.max_blocks)
-        return DecodeStep(token_ids=per_seq[0, :n], positions=per_seq[1, :n], write_slots=per_seq[2, :n],
-                          lengths=per_seq[3, :n], block_table=block_table[:n],
+        return DecodeStep(token_ids=per_seq[0, :rows], positions=per_seq[1, :rows], write_slots=per_seq[2, :rows],
+                          lengths=per_seq[3, :rows], block_table=block_table[:rows],
                           max_length=int(lengths.max()))
 
 

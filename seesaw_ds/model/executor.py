@@ -9,8 +9,9 @@ last position.
 """
 from __future__ import annotations
 
+import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -19,13 +20,14 @@ from seesaw_ds.distributed.groups import Topology
 from seesaw_ds.distributed.layout import kv_head_range, layer_range
 from seesaw_ds.kv import sizing
 from seesaw_ds.kv.device import DeviceKVCache
-from seesaw_ds.model import compiled, device_attention, kernels
+from seesaw_ds.model import compiled, device_attention, graphs, kernels
 from seesaw_ds.model.attention import DecodeMeta, PrefillMeta
 from seesaw_ds.model.decode_step import DecodeBuffers, table_width
 from seesaw_ds.model.families import ModelSpec
 from seesaw_ds.model.loader import HostWeights
 from seesaw_ds.model.stage import StageModel
 
+log = logging.getLogger(__name__)
 
 @dataclass
 class SeqWork:
@@ -86,7 +88,8 @@ class Executor:
                  device_tokens: int | None, block_size: int = 16, device: torch.device | None = None, staging=None,
                  prefill_micro_batches: int = 8, device_memory_fraction: float | None = None,
                  device_tokens_cap: int | None = None, prepack: bool = True, compile: str | bool = False,
-                 max_decode_seqs: int | None = None, max_model_len: int | None = None):
+                 max_decode_seqs: int | None = None, max_model_len: int | None = None,
+                 cuda_graphs: str | bool = "auto", graph_backend=None):
         self.topology = topology
         self.dims = dims = spec.dims
         self.device = device or backend.device()
@@ -120,6 +123,13 @@ class Executor:
         self.max_model_len = max_model_len
         """Tokens a sequence may reach (model.max_model_len): the width of the step buffers' block table."""
         self._step_buffers: dict[int, DecodeBuffers] = {}  # per pipeline micro-batch: the decode step's inputs
+        # model.cuda_graphs: the decode step's graphs (graph_backend: a stand-in, the CPU tests' ReplayFake)
+        mode = graphs.resolve(cuda_graphs, self.device) if graph_backend is None else str(cuda_graphs).lower()
+        self.graphs: graphs.DecodeGraphs | None = None
+        if mode != "false":
+            self.graphs = graphs.DecodeGraphs(mode, graphs.buckets(max_decode_seqs or DecodeBuffers.MIN_ROWS),
+                                              graph_backend or graphs.CudaGraphs(self.device))
+        self._graph_refusals: dict[int, str | None] = {}
         self.caches: dict[object, DeviceKVCache] = {}
         self.active: str | None = None
         self.switches: list[SwitchStats] = []
@@ -134,6 +144,8 @@ class Executor:
             if self.active is not None:
                 self.stages[self.active].to_host()
             moved = stage.to_device()
+            if self.graphs is not None:
+                self.graphs.drop()  # they read the weights that just moved
         backend.use_shm_allreduce(self.topology.layouts[name].shm_allreduce)
         self.active = name
         stats = SwitchStats(name, moved, stage.shard_bytes, time.perf_counter() - start)
@@ -142,8 +154,10 @@ class Executor:
 
     @property
     def compile_seconds(self) -> float:
-        """Seconds this rank spent compiling graphs so far (0 when eager)."""
-        return sum(stage.compiled.compile_seconds for stage in set(self.stages.values()) if stage.compiled)
+        """Seconds this rank spent compiling graphs so far, torch.compile's and CUDA graphs' captures (0 when
+        eager)."""
+        captured = self.graphs.capture_seconds if self.graphs is not None else 0.0
+        return captured + sum(stage.compiled.compile_seconds for stage in set(self.stages.values()) if stage.compiled)
 
     @property
     def groups(self):
@@ -183,18 +197,12 @@ class Executor:
         batches = micro_batches(mine, pp * self.prefill_micro_batches if prefill and pp > 1 else pp, by_tokens=prefill)
         pending_sends, seq_ids, logits = [], [], []
         with torch.inference_mode():
+            rows = None if prefill or len(batches) != 1 else self._graph_rows(stage, len(batches[0]))
             for index, batch in enumerate(batches):
-                meta, token_ids, positions = (self._prefill_inputs(batch, cache, plan.sink) if prefill
-                                              else self._decode_inputs(batch, cache, ready, index))
-                if groups.is_first_stage:
-                    hidden = stage.embed_tokens(token_ids)
+                if rows is not None:
+                    hidden = self._decode_graphed(stage, batch, cache, ready, rows)
                 else:
-                    hidden = torch.empty((*token_ids.shape, self.dims.hidden_size), dtype=self.dtype,
-                                         device=self.device)
-                    backend.recv(hidden, groups.prev_rank)
-                segments = meta.cu_seqlens if prefill else list(range(len(batch) + 1))
-                furthest = (max(s.start + len(s.tokens) for s in batch) if prefill else meta.max_length) - 1
-                hidden = stage.run_layers(hidden, positions, meta, segments, max_position=furthest)
+                    hidden = self._stage_forward(stage, batch, cache, ready, index, plan.sink, prefill)
                 if groups.is_last_stage:
                     if prefill:
                         last = self._last_positions(batch)
@@ -214,6 +222,61 @@ class Executor:
         if len(logits) > 1:
             return seq_ids, torch.cat(logits)
         return seq_ids, (logits[0] if logits else None)  # one micro-batch: no copy (256 x 49152 floats: 50 MB)
+
+    def _stage_forward(self, stage: StageModel, batch: list[SeqWork], cache, ready, index: int, sink: str,
+                       prefill: bool) -> torch.Tensor:
+        """This stage's layers over a micro-batch, eagerly (hidden states in from the previous stage or the
+        embedding); prefill ``[1, T, hidden]``, decode ``[N, 1, hidden]``."""
+        groups = self.groups
+        meta, token_ids, positions = (self._prefill_inputs(batch, cache, sink) if prefill
+                                      else self._decode_inputs(batch, cache, ready, index))
+        if groups.is_first_stage:
+            hidden = stage.embed_tokens(token_ids)
+        else:
+            hidden = torch.empty((*token_ids.shape, self.dims.hidden_size), dtype=self.dtype, device=self.device)
+            backend.recv(hidden, groups.prev_rank)
+        segments = meta.cu_seqlens if prefill else list(range(len(batch) + 1))
+        furthest = (max(s.start + len(s.tokens) for s in batch) if prefill else meta.max_length) - 1
+        return stage.run_layers(hidden, positions, meta, segments, max_position=furthest)
+
+    def _graph_rows(self, stage: StageModel, n: int) -> int | None:
+        """The CUDA graph bucket a decode step of ``n`` sequences runs as, or None: eagerly."""
+        if self.graphs is None:
+            return None
+        key = id(stage)
+        if key not in self._graph_refusals:
+            refusal = stage.graph_refusal()
+            if refusal is None and stage.tp > 1 and not backend.device_groups_capturable():
+                refusal = "its tensor-parallel all-reduce goes through host memory (ranks share a GPU)"
+            self._graph_refusals[key] = refusal
+            if refusal is not None and self.topology.env.rank == 0:
+                (log.warning if self.graphs.mode == "true" else log.info)(
+                    "seesaw_ds: decode steps under layout %s run without CUDA graphs: %s", self.active, refusal)
+        return None if self._graph_refusals[key] else self.graphs.bucket(n)
+
+    def _decode_graphed(self, stage: StageModel, batch: list[SeqWork], cache: DeviceKVCache, ready,
+                        rows: int) -> torch.Tensor:
+        """A decode step as the CUDA graph of bucket ``rows`` (seesaw_ds/model/graphs.py): the step buffers
+        filled and padded to ``rows``, attention sized for the longest sequence the buffers hold, the swap-in
+        (``ready``) landed first; returns the real rows' hidden states ``[N, 1, hidden]``."""
+        ensure, tables = cache.allocator.ensure, cache.allocator.tables
+        for s in batch:
+            ensure(s.seq_id, s.start + 1)
+        buffers = self.step_buffers(0)
+        step = buffers.fill([s.tokens[-1] for s in batch], [s.start for s in batch],
+                            [tables[s.seq_id] for s in batch], rows=rows, pad_block=cache.scratch_block)
+        if ready is not None:
+            for layer in cache.layers:
+                ready(layer)
+        span = buffers.max_blocks * self.block_size  # positions and KV lengths any row of the buffers can have
+        meta = replace(DecodeMeta.of(cache, step), max_length=span)
+        token_ids, positions, segments = step.token_ids[:, None], step.positions[:, None], list(range(rows + 1))
+
+        def body() -> torch.Tensor:
+            return stage.run_layers(stage.embed_tokens(token_ids), positions, meta, segments, max_position=span - 1)
+
+        generation = lambda: (id(stage), stage.placements, stage.rope.generation, buffers.reallocations)
+        return self.graphs.run(rows, body, generation)[:len(batch)]
 
     @staticmethod
     def _prompt_logits(stage, flat_hidden: torch.Tensor, batch: list[SeqWork], out: dict) -> None:

@@ -43,6 +43,8 @@ class SequenceRope(nn.Module):
         self.per_sequence = per_sequence
         # layer type -> ([P, dim] cos, sin, (dtype, device) of the hidden states they were made for)
         self._tables: dict[str | None, tuple[torch.Tensor, torch.Tensor, tuple]] = {}
+        self.generation = 0
+        """Tables made so far: a CUDA graph that read a table is captured again once it changes."""
 
     def table(self, hidden: torch.Tensor, positions: int, layer_type: str | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,6 +60,7 @@ class SequenceRope(nn.Module):
         size = max(self.MIN_TABLE, positions, 2 * have[0].shape[0] if have is not None else 0)
         cos, sin = self._call(hidden, torch.arange(size, device=hidden.device)[None, :], layer_type)
         self._tables[layer_type] = cos[0], sin[0], made_for
+        self.generation += 1
         return cos[0], sin[0]
 
     def _reset(self, layer_type: str | None) -> None:

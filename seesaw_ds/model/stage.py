@@ -57,6 +57,8 @@ class StageModel(nn.Module):
         self.layer_ids = layer_range(spec.dims.num_layers, groups.layout.pp, groups.pp_index)
         self.host_params: list[tuple[nn.Module, str, torch.Tensor]] = []
         self._weight_stream = None  # the stream weight copies run on (an accelerator only; made on first use)
+        self.placements = 0
+        """Times the weights were put on the device (each time in new tensors: a CUDA graph reads the latest)."""
         self.compiled: CompiledLayers | None = None  # the layers under torch.compile (compile())
         family, config = spec.family, template.config
         base = template.model
@@ -227,6 +229,7 @@ class StageModel(nn.Module):
         timed: bytes over seconds against the host-to-device bandwidth)."""
         if self.device.type == "cpu":
             return 0
+        self.placements += 1
         streams = backend.Streams(self.device)
         if self._weight_stream is None:
             self._weight_stream = streams.new_stream()
@@ -278,6 +281,16 @@ class StageModel(nn.Module):
                 current.layer = index
                 hidden = run(layer, hidden, position_ids, position_embeddings)
         return hidden
+
+    def graph_refusal(self) -> str | None:
+        """Why this stage's decode step cannot be one CUDA graph (seesaw_ds/model/graphs.py), or None."""
+        if self.groups.layout.pp > 1:
+            return "its hidden states cross pipeline stages point-to-point in the middle of a step"
+        if self.rope.per_sequence:
+            return "its rotary embedding depends on each sequence's length (computed per sequence on the host)"
+        if any(isinstance(module, ShardedExperts) for module in self.modules()):
+            return "its experts pick their tokens on the host (shapes that depend on the routing)"
+        return None
 
     def compile(self) -> None:
         """Run the decoder layers under ``torch.compile`` from now on (:mod:`seesaw_ds.model.compiled`)."""

@@ -284,6 +284,17 @@ class Sequences:
         self.rt.executor.evict([self.staged[s] for s in seqs], "decode")
 
 
+def _graphs_used(executor) -> str:
+    """What the decode step's CUDA graphs did in a run, in words."""
+    graphs = executor.graphs
+    if graphs is None:
+        return "off (model.cuda_graphs resolved to false here)"
+    if graphs.disabled:
+        return f"turned off: {graphs.disabled}"
+    return (f"{graphs.captures} captures ({graphs.capture_seconds:.2f} s), {graphs.replays} replays, kept for "
+            f"buckets {sorted(size for size, kept in graphs.verdicts.items() if kept)}")
+
+
 def executor_steps(work: Path, device) -> dict:
     import torch
 
@@ -315,7 +326,7 @@ def executor_steps(work: Path, device) -> dict:
                                            [torch.stack(seqs.logits[i]) for i in everyone]),
               "transformers_bf16": reference.transformers_bf16, "reactivation_bytes": moved,
               "reactivation_s": reactivation_s, "swap_in_bytes": stats.swap_in_bytes,
-              "swap_out_bytes": stats.swap_out_bytes}
+              "swap_out_bytes": stats.swap_out_bytes, "graphs": _graphs_used(rt.executor)}
     rt.executor.staging.close()
     rt.close()
     return result
@@ -376,7 +387,7 @@ def bandwidth(work: Path, device, sizes: dict) -> dict:
     h2d = backend.host_to_device_GBps(sizes["h2d_bytes"])
     hbm = _hbm_GBps(sizes["hbm_bytes"], device)
     batch, context, steps = max(sizes["batches"]), sizes["context"], sizes["decode_steps"]
-    max_new = len(sizes["batches"]) * (steps + 2) + 2  # sequence 0 decodes in every batch size
+    max_new = 2 * len(sizes["batches"]) * (steps + 3) + 2  # sequence 0 decodes in every batch size, twice
     began = time.perf_counter()
     rt = _start(model_dir, staging_tokens=batch * (context + max_new), device_tokens=batch * (context + max_new + 16))
     start_s = time.perf_counter() - began
@@ -411,27 +422,41 @@ def bandwidth(work: Path, device, sizes: dict) -> dict:
     shard_bytes = stage.shard_bytes
     dims = rt.checkpoint.dims
     kv_token_bytes = dims.num_layers * 2 * dims.num_kv_heads * dims.head_dim * 2
+    graphs_made = _graph_stand_in(executor, device)
     for size in sorted(sizes["batches"]):
         group = everyone[:size]
-        for _ in range(2):                          # warm-up: the new batch shape's kernels
-            seqs.decode(group)
-        _synchronize(device)
-        began = time.perf_counter()
-        for _ in range(steps):
-            seqs.decode(group)
-        _synchronize(device)
-        seconds = (time.perf_counter() - began) / steps
-        context_now = sum(seqs.length(s) for s in group)
-        step_bytes = shard_bytes + context_now * kv_token_bytes
-        decode[size] = {"step_s": seconds, "tokens_per_s": size / seconds, "step_bytes": step_bytes,
-                        "roofline_tokens_per_s": size / (step_bytes / (hbm * 1e9))}
+        decode[size] = {}
+        for mode, graphs in (("eager", None), ("graphs", graphs_made)):
+            executor.graphs = graphs
+            for _ in range(3):                      # warm-up: the new batch shape's kernels, the graph's capture
+                seqs.decode(group)
+            _synchronize(device)
+            began = time.perf_counter()
+            for _ in range(steps):
+                seqs.decode(group)
+            _synchronize(device)
+            seconds = (time.perf_counter() - began) / steps
+            context_now = sum(seqs.length(s) for s in group)
+            step_bytes = shard_bytes + context_now * kv_token_bytes
+            decode[size][mode] = {"step_s": seconds, "tokens_per_s": size / seconds, "step_bytes": step_bytes,
+                                  "roofline_tokens_per_s": size / (step_bytes / (hbm * 1e9))}
+    graphs_line = _graphs_used(executor)
     rt.executor.staging.close()
     rt.close()
     return {"build_s": build_s, "start_s": start_s, "h2d_GBps": h2d, "hbm_GBps": hbm,
             "first_activation": (first.bytes_moved, first.seconds), "reshard_bytes": reshard_bytes,
             "reshard_s": reshard_s, "prefill_tokens": batch * context, "prefill_s": prefill_s,
             "swap_out": (out_bytes, out_s), "swap_in": (in_bytes, in_s, swap_in_wall), "decode": decode,
-            "shard_bytes": shard_bytes, "layers": dims.num_layers}
+            "shard_bytes": shard_bytes, "layers": dims.num_layers, "graphs": graphs_line}
+
+
+def _graph_stand_in(executor, device):
+    """Decode graphs kept for every bucket (``true``: timed whatever ``auto`` would decide), CUDA's or, in the
+    CPU rehearsal, the replaying stand-in."""
+    from seesaw_ds.model import graphs
+
+    backend = graphs.CudaGraphs(device) if device.type == "cuda" else graphs.ReplayFake()
+    return graphs.DecodeGraphs("true", graphs.buckets(executor.step_buffers().max_seqs), backend)
 
 
 def attention_kernel(device, sizes: dict) -> dict:
@@ -525,6 +550,7 @@ def _steps_lines(steps: dict) -> list[str]:
             f"and back ({steps['reactivation_bytes']} B in {steps['reactivation_s'] * 1e3:.1f} ms) -> decode -> "
             f"evict two sequences -> swap them in again -> decode",
             f"- against transformers in float32: {_line(steps['agreement'])} — **{verdict}**",
+            f"- CUDA graphs (`model.cuda_graphs=auto`): {steps['graphs']}",
             f"- transformers `generate` in bf16, judged alike: {_line(steps['transformers_bf16'])}"]
 
 
@@ -549,14 +575,16 @@ def _bandwidth_lines(band: dict, h2d_bytes: int) -> list[str]:
              f"{out_s:.3f} | {_gbps(out_bytes, out_s)} | copy thread, behind a {band['prefill_s']:.2f} s prefill |",
              f"| KV swap-in (staging -> pinned -> device, per layer) | {in_bytes} | {in_s:.3f} | {_gbps(in_bytes, in_s)} "
              f"| {h2d or 0:.1f} H2D |", "",
-             "| decode batch | step ms | tokens/s | bytes read per step | HBM roofline tokens/s | of roofline |",
-             "|---|---|---|---|---|---|"]
-    for size, row in band["decode"].items():
-        share = row["tokens_per_s"] / row["roofline_tokens_per_s"] * 100
-        lines.append(f"| {size} | {row['step_s'] * 1e3:.2f} | {row['tokens_per_s']:.0f} | {row['step_bytes']} | "
-                     f"{row['roofline_tokens_per_s']:.0f} | {share:.0f}% |")
+             "| decode batch | step | step ms | tokens/s | bytes read per step | HBM roofline tokens/s | of roofline |",
+             "|---|---|---|---|---|---|---|"]
+    for size, modes in band["decode"].items():
+        for mode, row in modes.items():
+            share = row["tokens_per_s"] / row["roofline_tokens_per_s"] * 100
+            lines.append(f"| {size} | {mode} | {row['step_s'] * 1e3:.2f} | {row['tokens_per_s']:.0f} | "
+                         f"{row['step_bytes']} | {row['roofline_tokens_per_s']:.0f} | {share:.0f}% |")
     return lines + ["", "The roofline reads every weight of the layout once and every sequence's KV once per step at "
-                    "the measured HBM bandwidth."]
+                    "the measured HBM bandwidth. `graphs`: the decode step as CUDA graphs (`model.cuda_graphs=true`; "
+                    f"{band['graphs']}); `eager`: without."]
 
 
 def write_report(path: Path, header: dict, parts: dict, on_cpu: bool) -> None:

@@ -4,14 +4,13 @@ and how many separate kernels one decoder layer runs in a decode step, eager and
 from __future__ import annotations
 
 import collections
-from types import SimpleNamespace
-
 import pytest
 import torch
 
 import tiny_families as tf
 from seesaw_ds.model import kernels
 from seesaw_ds.model.compiled import resolve
+from one_rank import PROMPTS, executor as _executor, generate as _generate
 
 CPU = torch.device("cpu")
 
@@ -33,47 +32,6 @@ def test_when_auto_compiles(mode, device, dtype, flags, want):
 def test_a_bad_mode_names_the_value():
     with pytest.raises(ValueError, match="model.compile='sometimes'"):
         resolve("sometimes", CPU, torch.bfloat16, cpu_flags=set())
-
-
-def _executor(checkpoint_dir, dtype: str, compile_mode: bool, prepack: bool = True):
-    """A one-rank executor over a real checkpoint (node-shared weights over MPI.COMM_SELF)."""
-    from mpi4py import MPI
-
-    from seesaw_ds.distributed.layout import Layout
-    from seesaw_ds.model.executor import Executor
-    from seesaw_ds.model.loader import HostWeights, open_checkpoint, parse_dtype, plan_host_tensors
-    from seesaw_ds.model.template import build_template, parameter_shapes
-
-    checkpoint = open_checkpoint(str(checkpoint_dir))
-    template = build_template(checkpoint.config)
-    plan = plan_host_tensors(checkpoint, parameter_shapes(template))
-    host = HostWeights(checkpoint, plan, MPI.COMM_SELF, parse_dtype(dtype, checkpoint.config_dtype))
-    groups = SimpleNamespace(layout=Layout(), dp_index=0, pp_index=0, tp_index=0, tp_ranks=(0,), pp_ranks=(0,),
-                             tp_group=None, tp_host_group=None, shm_allreduce=False, is_first_stage=True,
-                             is_last_stage=True, prev_rank=None, next_rank=None)
-    topology = SimpleNamespace(layouts={"prefill": groups, "decode": groups}, instance_rank=0)
-    executor = Executor(topology, host, template, checkpoint.spec, device_tokens=4096, device=CPU,
-                        compile=compile_mode, prepack=prepack)
-    executor.activate("decode")
-    return executor
-
-
-PROMPTS = [[5, 9, 17, 33, 2, 8, 101], [7, 3, 250, 11], [4] * 13]
-
-
-def _generate(executor, steps: int = 5) -> list[torch.Tensor]:
-    """Logits of a packed prefill of PROMPTS, then of ``steps`` greedy decode steps."""
-    from seesaw_ds.model.executor import ForwardPlan, SeqWork
-
-    _, logits = executor.forward(ForwardPlan("prefill", [SeqWork(i, 0, p) for i, p in enumerate(PROMPTS)],
-                                             sink="device"))
-    out, lengths = [logits], [len(p) for p in PROMPTS]
-    for _ in range(steps):
-        tokens = out[-1].argmax(-1).tolist()
-        work = [SeqWork(i, 0, [tokens[i]], start=lengths[i]) for i in range(len(PROMPTS))]
-        out.append(executor.forward(ForwardPlan("decode", work))[1])
-        lengths = [n + 1 for n in lengths]
-    return out
 
 
 @pytest.mark.parametrize("case", ["llama3", "gemma2"])

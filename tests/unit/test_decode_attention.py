@@ -129,7 +129,7 @@ def test_kernel_reads_fragmented_block_tables(dtype, heads, kv_heads, window, so
 
 
 def _as_float(cache: DeviceKVCache) -> DeviceKVCache:
-    copy = DeviceKVCache(cache.layers, cache.keys.shape[1], cache.block_size, cache.keys.shape[3], cache.keys.shape[4],
+    copy = DeviceKVCache(cache.layers, cache.scratch_block, cache.block_size, cache.keys.shape[3], cache.keys.shape[4],
                          torch.float32, torch.device("cpu"))
     copy.allocator = cache.allocator
     copy.keys.copy_(cache.keys)

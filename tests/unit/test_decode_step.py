@@ -130,3 +130,15 @@ def test_decode_forward_reuses_its_buffers_and_reads_nothing_back(family_models,
         results[path] = tokens, logits
     assert results["kernel"][0] == results["padded"][0]
     torch.testing.assert_close(results["kernel"][1], results["padded"][1], atol=1e-4, rtol=1e-4)
+
+
+def test_padding_rows_of_a_graph_bucket_read_and_write_the_scratch_block_alone():
+    buffers = DecodeBuffers(CPU, block_size=4, max_seqs=8, max_blocks=6)
+    step = buffers.fill([11, 12, 13], [0, 5, 17], [[3], [7, 9], [1, 2, 4, 8, 5]], rows=6, pad_block=40)
+    assert step.token_ids.tolist() == [11, 12, 13, 0, 0, 0] and step.positions.tolist() == [0, 5, 17, 0, 0, 0]
+    assert step.lengths.tolist() == [1, 6, 18, 1, 1, 1] and step.max_length == 18  # the real rows' longest
+    assert step.write_slots.tolist()[3:] == [160] * 3 and step.block_table[3:, 0].tolist() == [40] * 3
+    assert step.write_slots.tolist()[:3] == [12, 9 * 4 + 1, 5 * 4 + 1]
+    fewer = buffers.fill([21], [2], [[0]], rows=2, pad_block=40)  # the same storage, rows re-padded
+    assert fewer.token_ids.tolist() == [21, 0] and fewer.lengths.tolist() == [3, 1]
+    assert fewer.token_ids.data_ptr() == step.token_ids.data_ptr() and buffers.reallocations == 0

@@ -240,6 +240,7 @@ def test_cpu_device_tier_touches_its_first_blocks_up_to_the_byte_limit(monkeypat
     for tensor in (cache.keys, cache.values):
         for layer in tensor:  # 24 MiB a layer
             pages = _resident_pages(layer)
-            # blocks 0-3 of a layer: 24 KiB; the rest untouched
-            assert all(pages[:6]) and not any(pages[8:]), (sum(pages), pages[:10])
+            # blocks 0-3 of a layer: 24 KiB; the rest untouched but the last page, which the next layer's first
+            # block shares (a layer is 4,096 blocks and the scratch block: not a whole number of pages)
+            assert all(pages[:6]) and not any(pages[8:-1]), (sum(pages), pages[:10])
             assert float(layer[:4].float().abs().sum()) == 0.0
