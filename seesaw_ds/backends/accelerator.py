@@ -1,6 +1,6 @@
 """The accelerator as DeepSpeed's abstraction sees it: its name, this rank's device, and its streams and events
 for copies beside compute (no-ops on a CPU); ``host_to_device_GBps`` measures the pinned host-to-device
-bandwidth (the GPU check)."""
+bandwidth (the GPU check); ``mapped_view`` gives kernels on a GPU direct access to registered host memory."""
 from __future__ import annotations
 
 import contextlib
@@ -99,3 +99,43 @@ def host_to_device_GBps(nbytes: int = 256 << 20, repeats: int = 5) -> float | No
         end.synchronize()
         best = min(best, start.elapsed_time(end) / 1e3)
     return nbytes / best / 1e9
+
+
+CU_MEMHOSTREGISTER_DEFAULT = 0
+
+
+def mapped_view(host: torch.Tensor, target: torch.device) -> torch.Tensor | None:
+    """``host`` as a tensor on CUDA device ``target`` over the same bytes, or None where there is no such view.
+
+    Page-locked host memory registered with the driver (``cudaHostRegister``, default flags) is mapped into the
+    devices' address space on every 64-bit system (unified addressing): kernels read and write it across PCIe,
+    with no copy in between. The driver gives its device address (``cuMemHostGetDevicePointer``, through
+    ``libcuda.so.1``, which every CUDA driver installs) and torch wraps it through ``__cuda_array_interface__``
+    (torch accepts a registered host pointer there). ``host`` must be contiguous, registered, and outlive the
+    view."""
+    if target.type != "cuda" or not host.is_contiguous():
+        return None
+    import ctypes
+
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    address = ctypes.c_uint64()
+    code = driver.cuMemHostGetDevicePointer_v2(ctypes.byref(address), ctypes.c_void_p(host.data_ptr()),
+                                               ctypes.c_uint(CU_MEMHOSTREGISTER_DEFAULT))
+    if code != 0 or not address.value:
+        return None
+    nbytes = host.numel() * host.element_size()
+
+    class _Bytes:
+        __cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (address.value, False),
+                                    "version": 2}
+    try:
+        raw = torch.as_tensor(_Bytes())  # no device given: never a copy
+    except (RuntimeError, TypeError, ValueError):
+        return None
+    index = target.index if target.index is not None else torch.cuda.current_device()
+    if raw.device.type != "cuda" or raw.device.index != index or raw.data_ptr() != address.value:
+        return None
+    return raw.view(host.dtype).view(host.shape)

@@ -32,7 +32,7 @@ from torch import nn
 from deepspeed.module_inject import layers as ds_layers
 
 from seesaw_ds.backends.accelerator import (Streams, accelerator_name, device, device_count,  # noqa: F401
-                                            host_to_device_GBps)
+                                            host_to_device_GBps, mapped_view)
 from seesaw_ds.backends.comm import (all_reduce, barrier, device_groups_capturable, gather_to_first,  # noqa: F401
                                      init_comm, isend, native_comm_backend, new_group, recv, shared_device_line,
                                      use_shm_allreduce)

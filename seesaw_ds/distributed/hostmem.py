@@ -110,6 +110,11 @@ class NodeSharedBuffer:
         if failed and node_comm.Get_rank() == 0:
             log.warning(pin_failure_message(self.nbytes, worst, failed, node_comm.Get_size(), memlock_limit()))
 
+    @property
+    def pinned(self) -> bool:
+        """Whether this rank registered the buffer with the CUDA driver (page-locked, mapped for its device)."""
+        return self._pinned
+
     def view(self, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A typed view of ``shape`` starting ``offset`` bytes in."""
         numel = int(np.prod(shape)) if shape else 1

@@ -20,6 +20,7 @@ no MPI: the area as a tensor, and the copies into and out of it.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,6 +37,8 @@ from seesaw_ds.kv.blocks import leading_pieces
 from seesaw_ds.kv.plan import kv_writes, plan_kv_reshard
 from seesaw_ds.kv.sizing import node_shared_available_bytes, warm_units
 from seesaw_ds.kv.transfer import DeviceCopies, LayerReady
+
+log = logging.getLogger(__name__)
 
 
 def one_openmp_thread() -> None:
@@ -199,10 +202,17 @@ class TransferStats:
 
 class HostKV:
     """A staging tensor ``[layer, k|v, kv_head, token_slot, head_dim]`` and the copies into and out of it,
-    made on one background thread. Needs no MPI: ``kv`` may be any host tensor."""
+    made on one background thread. Needs no MPI: ``kv`` may be any host tensor.
 
-    def __init__(self, kv: torch.Tensor, dims: ModelDims, dtype: torch.dtype, copies: DeviceCopies):
+    ``mapped`` is the area as the compute device addresses it: on an accelerator its view in the device's
+    address space (page-locked memory mapped for the device, :func:`mapped_view`), through which swaps run as
+    device copies straight between the area and the paged cache; None where there is none (copies then go
+    through pinned bounce blocks). On a CPU it is the area itself."""
+
+    def __init__(self, kv: torch.Tensor, dims: ModelDims, dtype: torch.dtype, copies: DeviceCopies,
+                 mapped: torch.Tensor | None = None):
         self.kv = kv
+        self.mapped = mapped if copies.enabled else kv
         self.dims = dims
         self.dtype = dtype
         self.capacity = kv.shape[3]
@@ -237,6 +247,14 @@ class HostKV:
         each ``(extents, lo, hi)`` into those extents. On an accelerator they first go to a pinned block on
         the side stream, which the copy thread waits for; on a CPU it reads them directly."""
         copies, event = self.copies, None
+        if copies.enabled and self.mapped is not None:  # device kernels write the mapped area: no bounce block
+            copies.begin()
+            event = copies.on_side(lambda: self._store_spans(self.mapped, layer, heads, keys, values, spans),
+                                   keep=(keys, values))
+            self._pending.append(self._worker.submit(self._wait_for, event))
+            with self._lock:
+                self.stats.swap_out_bytes += 2 * keys.numel() * keys.element_size()
+            return
         if copies.enabled:
             block, event = copies.download(keys, values)
             keys, values = block[0], block[1]
@@ -244,13 +262,23 @@ class HostKV:
         def copy() -> float:
             began = time.perf_counter()
             copies.streams.synchronize(event)
-            for extents, lo, hi in spans:
-                self._store(layer, 0, heads, extents, keys[:, lo:hi])
-                self._store(layer, 1, heads, extents, values[:, lo:hi])
+            self._store_spans(self.kv, layer, heads, keys, values, spans)
             return time.perf_counter() - began
         self._pending.append(self._worker.submit(copy))
         with self._lock:
             self.stats.swap_out_bytes += 2 * keys.numel() * keys.element_size()
+
+    def _wait_for(self, event) -> float:
+        """The copy thread's part of a swap-out made by device kernels: wait until they are done."""
+        began = time.perf_counter()
+        self.copies.streams.synchronize(event)
+        return time.perf_counter() - began
+
+    def _store_spans(self, area: torch.Tensor, layer: int, heads: range, keys: torch.Tensor, values: torch.Tensor,
+                     spans) -> None:
+        for extents, lo, hi in spans:
+            self._store(layer, 0, heads, extents, keys[:, lo:hi], area)
+            self._store(layer, 1, heads, extents, values[:, lo:hi], area)
 
     def finish_writes(self) -> None:
         """Wait for outstanding swap-out copies (before the blocks are read or the step is reported)."""
@@ -260,10 +288,13 @@ class HostKV:
         self.stats.swap_out_seconds += copied
         self.stats.swap_out_wait_seconds += time.perf_counter() - began
 
-    def _store(self, layer: int, kv_index: int, heads: range, extents, data: torch.Tensor) -> None:
-        """Write ``data`` (``[heads, tokens, head_dim]``) into a sequence's extents, from its first token."""
+    def _store(self, layer: int, kv_index: int, heads: range, extents, data: torch.Tensor,
+               area: torch.Tensor | None = None) -> None:
+        """Write ``data`` (``[heads, tokens, head_dim]``) into a sequence's extents, from its first token, through
+        ``area`` (the area or its mapped view; default the area)."""
+        area = self.kv if area is None else area
         for start, offset, take in leading_pieces(extents, data.shape[1]):
-            self.kv[layer, kv_index, heads.start:heads.stop, start:start + take] = data[:, offset:offset + take]
+            area[layer, kv_index, heads.start:heads.stop, start:start + take] = data[:, offset:offset + take]
 
     # ------------------------------------------------------------ reads
     def read(self, layer: int, heads: range, extents, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -273,10 +304,12 @@ class HostKV:
         block = self._load(range(layer, layer + 1), heads, extents, tokens)[0]
         return block[0], block[1]
 
-    def _load(self, layers: range, heads: range, extents, tokens: int) -> torch.Tensor:
+    def _load(self, layers: range, heads: range, extents, tokens: int, area: torch.Tensor | None = None
+              ) -> torch.Tensor:
         """A sequence's K/V for ``layers`` x ``heads``: ``[layers, 2, heads, tokens, head_dim]`` (a view of
-        the area when the sequence is one extent)."""
-        parts = [self.kv[layers.start:layers.stop, :, heads.start:heads.stop, start:start + take]
+        the area when the sequence is one extent), read through ``area`` (the area or its mapped view)."""
+        area = self.kv if area is None else area
+        parts = [area[layers.start:layers.stop, :, heads.start:heads.stop, start:start + take]
                  for start, _, take in leading_pieces(extents, tokens)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=3)
 
@@ -315,6 +348,27 @@ def first_touch_slots(kv: torch.Tensor, slots: int, rank: int, size: int) -> Non
         kv[mine.start:mine.stop, :, :, :slots].zero_()
 
 
+def checked_mapping(kv: torch.Tensor, mapped: torch.Tensor | None, slot: int) -> torch.Tensor | None:
+    """``mapped`` (the area ``kv`` as a device sees it) where it reads what the host wrote and the host reads
+    what it wrote, else None; checked once, on token slot ``slot`` of layer 0 (each node rank its own, before
+    anything is staged)."""
+    if mapped is None:
+        return None
+    slot %= kv.shape[3]
+    row, seen = kv[0, 0, 0, slot], mapped[0, 0, 0, slot]
+    pattern = (torch.arange(row.numel(), dtype=torch.float32) % 61 + slot).to(kv.dtype)
+    try:
+        row.copy_(pattern)
+        read_ok = torch.equal((seen * 1).cpu(), pattern)   # a device kernel reading the mapped host memory
+        seen.neg_()                                         # and one writing it
+        if mapped.device.type == "cuda":
+            torch.cuda.synchronize(mapped.device)
+        written_ok = torch.equal(row, pattern.neg())
+    except RuntimeError:
+        return None
+    return mapped if read_ok and written_ok else None
+
+
 class StagingArea(HostKV):
     """This rank's handle on its instance's staging area (collective over the instance to create)."""
 
@@ -335,7 +389,16 @@ class StagingArea(HostKV):
             settle(self._comm)
             self._comm.Barrier()
         backend.register_host_memory(kv)
-        super().__init__(kv, dims, dtype, DeviceCopies(backend.Streams(backend.device())))
+        device = backend.device()
+        mapped = None
+        if pin:  # collective: every node rank joins the count, mapped or not
+            if self._buffer.pinned:
+                mapped = checked_mapping(kv, backend.mapped_view(kv, device), self._comm.Get_rank())
+            unmapped = self._comm.allreduce(int(mapped is None))
+            if unmapped and self._comm.Get_rank() == 0:
+                log.info("seesaw_ds: the KV staging area has no working device mapping on %d of %d rank(s) of this "
+                         "node: their swaps go through pinned bounce blocks (slower)", unmapped, self._comm.Get_size())
+        super().__init__(kv, dims, dtype, DeviceCopies(backend.Streams(device)), mapped)
 
     def prefill_sink(self, batch, bounds: list[int], groups):
         """A prefill sink writing this rank's share of each sequence's new K/V into its extents, asynchronously."""
@@ -404,6 +467,7 @@ class StagingArea(HostKV):
     def close(self) -> None:
         """Stop the worker and release the shared memory (collective over the instance's node ranks)."""
         self.close_worker()
+        self.mapped = None  # the device view goes before the memory under it
         self._comm.Barrier()
         backend.unregister_host_memory(self.kv)
         self.kv = None
@@ -415,8 +479,10 @@ class SwapIn:
     """An in-flight swap-in: layers land in the device tier in order; ``wait(layer)`` blocks on one.
 
     On a CPU the copy thread writes each layer's pieces straight from the area (or a received block) into
-    the cache; on an accelerator it queues them through :meth:`DeviceCopies.upload_layer`. Either way it
-    then publishes the layer to :class:`~seesaw_ds.kv.transfer.LayerReady`.
+    the cache; on an accelerator the same code runs as device copies from the area's mapped view, queued on the
+    side stream (received blocks, and every piece where the area is not mapped, through
+    :meth:`DeviceCopies.upload_layer`). Either way it then publishes the layer to
+    :class:`~seesaw_ds.kv.transfer.LayerReady`.
     """
 
     def __init__(self, area: HostKV, cache, local_reads, received, heads: range, present: dict[int, int]):
@@ -441,26 +507,36 @@ class SwapIn:
         area, copies = self.area, self.area.copies
         try:
             for layer in cache.layers:
-                if copies.enabled:
-                    event = copies.upload_layer(cache, layer, [self._piece(layer, item, heads)
-                                                               for item in by_layer[layer] if self._copies(item[0])])
-                else:
+                items = [item for item in by_layer[layer] if self._copies(item[0])]
+                if not copies.enabled:
+                    self._write_layer(cache, layer, items, heads)
                     event = None
-                    for staged, kv_heads, block in by_layer[layer]:
-                        if not self._copies(staged):
-                            continue
-                        skip = self.present.get(staged.seq_id, 0)
-                        if block is None:  # a local piece: read it from the area now (a view: no copy)
-                            block = area._load(range(layer, layer + 1), kv_heads, staged.extents,
-                                               staged.num_tokens)[0]
-                        lo, hi = kv_heads.start - heads.start, kv_heads.stop - heads.start
-                        cache.write_heads(layer, staged.seq_id, block[0, :, skip:], block[1, :, skip:], lo, hi,
-                                          start=skip)
+                elif area.mapped is not None:  # device copies straight from the mapped area; received blocks uploaded
+                    received = [item for item in items if item[2] is not None]
+                    if received:
+                        copies.upload_layer(cache, layer, [self._piece(layer, item, heads) for item in received])
+                    local = [item for item in items if item[2] is None]
+                    event = copies.on_side(lambda: self._write_layer(cache, layer, local, heads))
+                else:
+                    event = copies.upload_layer(cache, layer, [self._piece(layer, item, heads) for item in items])
                 self.ready.publish(layer, event)
             copies.streams.synchronize(self.ready.last_event)  # the thread's time is the copy's
         finally:
             self.ready.release_all()
         return time.perf_counter() - began
+
+    def _write_layer(self, cache, layer: int, items, heads: range) -> None:
+        """Write one layer's pieces into ``cache``: local pieces read through the area as the cache's device
+        addresses it (on a CPU the area, on a GPU its mapped view: a view, no copy), received ones from their
+        host blocks."""
+        area = self.area
+        for staged, kv_heads, block in items:
+            skip = self.present.get(staged.seq_id, 0)
+            if block is None:
+                block = area._load(range(layer, layer + 1), kv_heads, staged.extents, staged.num_tokens,
+                                   area.mapped)[0]
+            lo, hi = kv_heads.start - heads.start, kv_heads.stop - heads.start
+            cache.write_heads(layer, staged.seq_id, block[0, :, skip:], block[1, :, skip:], lo, hi, start=skip)
 
     def _copies(self, staged: StagedSeq) -> bool:
         """Does the sequence have tokens to copy (not all of it already in the device tier)?"""

@@ -12,8 +12,13 @@ On an accelerator (streams from :class:`seesaw_ds.backends.deepspeed.Streams`):
   ordered after the compute that produced them; the copy thread waits for that copy's event and writes the
   block into the staging area while the forward pass goes on.
 
-On the host (CPU) the streams are no-ops and nothing here is used: the staging area and the cache are
-both host memory, and the copy thread writes from one into the other directly, with no block in between.
+Where the pinned staging area is mapped into the device's address space (the usual case on a 64-bit system,
+:func:`seesaw_ds.backends.accelerator.mapped_view`), neither bounce block is used: the copies run as device
+kernels between the paged cache and the area itself, across PCIe, on the side stream (:meth:`DeviceCopies.on_side`),
+the same code as on the host. Pieces received from another node stay host blocks and take the upload above.
+
+On the host (CPU) the streams are no-ops: the staging area and the cache are both host memory, and the copy
+thread writes from one into the other directly, with no block in between.
 """
 from __future__ import annotations
 
@@ -88,6 +93,17 @@ class DeviceCopies:
         compute = self.streams.current()
         self.streams.wait_stream(self.side, compute)
         return compute
+
+    def on_side(self, write: Callable[[], None], keep: tuple[torch.Tensor, ...] = ()):
+        """Queue ``write``'s kernels (copies between device tensors and the mapped staging area) on the side
+        stream; returns the event after them. ``keep``: device tensors they read that the compute stream may
+        free meanwhile. (A swap-out's caller orders the side stream after compute first: :meth:`begin`.)"""
+        with self.streams.use(self.side):
+            write()
+            event = self.streams.record(self.side)
+        for tensor in keep:
+            self.streams.keep(tensor, self.side)
+        return event
 
     def download(self, keys: torch.Tensor, values: torch.Tensor):
         """Queue a copy of ``keys``/``values`` (``[heads, T, head_dim]`` on the device) into one pinned host

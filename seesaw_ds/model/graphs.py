@@ -25,7 +25,8 @@ every activation that moves weights, and each bucket is captured again on its fi
 
 Checks: every capture is replayed once right after it and its hidden states compared with the eager warm-up's
 (the same step, the same kernels): a graph that reads stale memory gives other numbers, and then graphs are
-off for the rest of the run, said in one warning. Under ``auto`` a bucket keeps its graph only where the
+off for the rest of the run, said in one warning; so is a capture that fails (an operation the capture
+refuses), the step's eager result standing. Under ``auto`` a bucket keeps its graph only where the
 replay measured faster than the eager step (both timed to the device's completion, once per bucket); under
 ``true`` it keeps it regardless.
 
@@ -187,24 +188,31 @@ class DecodeGraphs:
         warm = body().clone()                     # the step as it runs eagerly (what the replay must match)
         graphs.synchronize()
         eager_s = time.perf_counter() - eager_began
-        graph, output = graphs.capture(body)
-        replay_began = time.perf_counter()
-        graphs.replay(graph, output)
-        graphs.synchronize()
+        try:
+            graph, output = graphs.capture(body)
+            replay_began = time.perf_counter()
+            graphs.replay(graph, output)
+            graphs.synchronize()
+        except RuntimeError as error:  # something in the step the capture refuses (a host sync, a host copy)
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            return self._disable(f"capturing the decode step's graph of {size} rows failed ({first_line})", warm)
         replay_s = time.perf_counter() - replay_began
         self.captures += 1
         self.capture_seconds += time.perf_counter() - began
         difference = (output.float() - warm.float()).abs().max().item() if output.numel() else 0.0
         scale = warm.float().abs().max().item() if warm.numel() else 0.0
         if not difference <= 1e-2 * max(scale, 1.0):  # also NaN
-            self.disabled = (f"the decode step's graph of {size} rows did not reproduce its eager step (largest "
-                             f"difference {difference:.3g}); decode steps run eagerly (model.cuda_graphs=false "
-                             f"silences this)")
-            log.warning("seesaw_ds: %s", self.disabled)
-            self.drop()
-            return warm
+            return self._disable(f"the decode step's graph of {size} rows did not reproduce its eager step "
+                                 f"(largest difference {difference:.3g})", warm)
         if size not in self.verdicts:
             self.verdicts[size] = self.mode == "true" or replay_s < eager_s
         if self.verdicts[size]:
             self._captured[size] = (graph, output)
         return output
+
+    def _disable(self, why: str, result: torch.Tensor) -> torch.Tensor:
+        """Graphs off for the rest of the run, said once; the step's eager ``result`` stands."""
+        self.disabled = f"{why}; decode steps run eagerly (model.cuda_graphs=false silences this)"
+        log.warning("seesaw_ds: %s", self.disabled)
+        self.drop()
+        return result

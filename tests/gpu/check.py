@@ -11,7 +11,11 @@
    again, and every step's logits within ``LOGITS_TOLERANCE`` of the float32 model's.
 3. **Bandwidth** on a Llama-3-8B-shaped model with random bf16 weights (fewer layers), built on the GPU:
    pinned host-to-device and HBM bandwidth measured; a re-shard's bytes and seconds against the first; KV
-   swap-out and swap-in through staging; decode throughput against the HBM roofline.
+   swap-out and swap-in through staging, through bounce blocks and straight from the mapped area; decode
+   throughput against the HBM roofline, eager and as CUDA graphs.
+4. **Decode attention**: the paged Triton kernel against the padded gather at the 8B shape.
+5. **Two ranks on the one GPU**: whole jobs pp2 -> tp2 and dp2 -> tp2 under mpiexec (the carried MPICH where
+   the machine has none), tokens judged as in part 1.
 
 Without CUDA it prints one line and exits 0. ``SEESAW_GPU_CHECK_ON_CPU=1`` runs every step on the CPU at
 tiny sizes (a rehearsal; the report goes to runs/gpu-rehearsal.md unless ``SEESAW_GPU_CHECK_REPORT`` says
@@ -29,6 +33,9 @@ import time
 import traceback
 from pathlib import Path
 
+START_ENV = dict(os.environ)
+"""The environment as run.sh gave it, before a part's rank exported its own (MASTER_PORT, RANK, ...): what the
+two-rank jobs of part 5 start from (they would otherwise try to listen on this process's port)."""
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 MAX_TOKENS = 12
@@ -412,12 +419,29 @@ def bandwidth(work: Path, device, sizes: dict) -> dict:
     _synchronize(device)
     prefill_s = time.perf_counter() - began
     out_bytes, out_s = stats.swap_out_bytes, stats.swap_out_seconds
-    began = time.perf_counter()
-    swap = seqs.swap_in(everyone)
-    seqs.finish(swap)                               # alone, not overlapped: its own bandwidth
-    _synchronize(device)
-    swap_in_wall = time.perf_counter() - began
-    in_bytes, in_s = stats.swap_in_bytes, stats.swap_in_seconds
+    area = executor.staging
+    mapped = area.mapped                            # the default path (None: the area has no device mapping)
+    swaps = {}
+    for path, view in (("bounce", None), ("mapped", mapped)):
+        if path == "mapped" and view is None:
+            continue
+        area.mapped = view
+        for direction in ("in", "out"):             # staged -> device -> staged again, alone: each its own bandwidth
+            moved, spent = (stats.swap_in_bytes, stats.swap_in_seconds) if direction == "in" else \
+                (stats.swap_out_bytes, stats.swap_out_seconds)
+            _synchronize(device)
+            began = time.perf_counter()
+            if direction == "in":
+                seqs.finish(seqs.swap_in(everyone))
+            else:
+                seqs.evict(everyone)                # device tier -> staging (decode's eviction)
+            _synchronize(device)
+            wall = time.perf_counter() - began
+            after = (stats.swap_in_bytes, stats.swap_in_seconds) if direction == "in" else \
+                (stats.swap_out_bytes, stats.swap_out_seconds)
+            swaps[(path, direction)] = (after[0] - moved, after[1] - spent, wall)
+    area.mapped = mapped
+    seqs.finish(seqs.swap_in(everyone))             # back in the device tier for the decode steps
     decode = {}
     shard_bytes = stage.shard_bytes
     dims = rt.checkpoint.dims
@@ -446,7 +470,7 @@ def bandwidth(work: Path, device, sizes: dict) -> dict:
     return {"build_s": build_s, "start_s": start_s, "h2d_GBps": h2d, "hbm_GBps": hbm,
             "first_activation": (first.bytes_moved, first.seconds), "reshard_bytes": reshard_bytes,
             "reshard_s": reshard_s, "prefill_tokens": batch * context, "prefill_s": prefill_s,
-            "swap_out": (out_bytes, out_s), "swap_in": (in_bytes, in_s, swap_in_wall), "decode": decode,
+            "swap_out": (out_bytes, out_s), "swaps": swaps, "decode": decode,
             "shard_bytes": shard_bytes, "layers": dims.num_layers, "graphs": graphs_line}
 
 
@@ -511,6 +535,82 @@ def attention_kernel(device, sizes: dict) -> dict:
     return {"rows": rows, "shape": (heads, kv_heads, dim, block)}
 
 
+# --------------------------------------------------------------------------------------------- part 5
+#: The two-rank jobs: both layouts of each pair on the same two ranks, which share the one GPU.
+TWO_RANK_JOBS = {"pp2 -> tp2": ["parallel=seesaw_pp2_tp2"],
+                 "dp2 -> tp2": ["parallel.prefill={dp: 2, tp: 1, pp: 1}", "parallel.decode={dp: 1, tp: 2, pp: 1}"]}
+
+
+def _mpiexec() -> str | None:
+    """The MPI launcher: on PATH (run.sh puts the carried MPICH there), else beside this Python."""
+    found = shutil.which("mpiexec")
+    beside = Path(sys.executable).parent / "mpiexec"
+    return found or (str(beside) if beside.exists() else None)
+
+
+def two_ranks(work: Path, device) -> dict:
+    """Two ranks on the one device, as ``launch/run.py`` starts them under mpiexec: the multi-rank CUDA path
+    (device groups on gloo through host memory, since NCCL takes one rank a device; re-shards between two
+    layouts; KV re-sharded through staging). Each job's tokens judged against the float32 model as in part 1."""
+    import subprocess
+
+    from seesaw_ds.model.tiny import make_tiny_model
+
+    mpiexec = _mpiexec()
+    if mpiexec is None:
+        raise RuntimeError("no MPI launcher here: carry tests/gpu/wheels with its MPICH wheel "
+                           "(tests/gpu/fetch_wheels.sh), which run.sh puts on PATH")
+    model_dir = work / "tiny"
+    if not model_dir.exists():
+        make_tiny_model(model_dir, "llama", num_layers=5)
+    prompts = _prompts(JOB_PROMPT_LENGTHS, seed=7)
+    input_path = work / "two-ranks-input.jsonl"
+    input_path.write_text("".join(json.dumps({"custom_id": f"req-{i}", "prompt_token_ids": p}) + "\n"
+                                  for i, p in enumerate(prompts)))
+    reference = Reference(model_dir, prompts, MAX_TOKENS, device)
+    jobs = {}
+    for index, (name, layout) in enumerate(TWO_RANK_JOBS.items()):
+        run_dir = work / f"two-ranks-{index}"
+        output = run_dir / "out.jsonl"
+        command = [sys.executable, str(REPO / "launch" / "run.py"), f"model.path={model_dir}", "model.dtype=bfloat16",
+                   f"io.input={input_path}", f"io.output={output}", "launch.nproc=2", f"launch.mpiexec={mpiexec}",
+                   *layout, f"sampling.max_tokens={MAX_TOKENS}", "sampling.temperature=0", "sampling.ignore_eos=true",
+                   "kv.host_tokens=160", "kv.device_tokens=64", "kv.block_size=4", "scheduler.max_prefill_tokens=48",
+                   f"run_dir={run_dir}"]
+        began = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, timeout=TWO_RANK_TIMEOUT_S, env=START_ENV)
+        seconds = time.perf_counter() - began
+        said = done.stdout + done.stderr
+        if done.returncode != 0:
+            jobs[name] = {"error": f"exit {done.returncode}: " + " | ".join(said.strip().splitlines()[-6:]),
+                          "job_s": seconds}
+            continue
+        records = {json.loads(line)["custom_id"]: json.loads(line) for line in output.read_text().splitlines()}
+        metrics = json.loads(output.with_suffix(".metrics.json").read_text())
+        jobs[name] = {"agreement": reference.judge([records[f"req-{i}"]["token_ids"] for i in range(len(prompts))]),
+                      "job_s": seconds, "transitions": metrics["num_transitions"],
+                      "shared_device": "share" in said and "through host memory" in said}
+    ok = all("agreement" in job and job["agreement"]["ok"] for job in jobs.values())
+    return {"jobs": jobs, "agreement": {"ok": ok}, "mpiexec": mpiexec}
+
+
+TWO_RANK_TIMEOUT_S = 150
+
+
+def _two_rank_lines(part: dict) -> list[str]:
+    lines = [f"- tiny Llama (5 layers), {len(JOB_PROMPT_LENGTHS)} requests x {MAX_TOKENS} greedy tokens, bf16, "
+             f"`launch/run.py launch.nproc=2` under `{part['mpiexec']}`, both ranks on the one device"]
+    for name, job in part["jobs"].items():
+        if "error" in job:
+            lines.append(f"- {name}: **FAILED** after {job['job_s']:.0f} s: {job['error']}")
+            continue
+        verdict = "PASS" if job["agreement"]["ok"] else "FAIL"
+        shared = "; the device groups on gloo through host memory, said at start" if job["shared_device"] else ""
+        lines.append(f"- {name}: {job['transitions']} phase switches, {job['job_s']:.0f} s{shared}; against "
+                     f"transformers in float32: {_line(job['agreement'])} — **{verdict}**")
+    return lines
+
+
 # --------------------------------------------------------------------------------------------- report
 def _attention_lines(part: dict, hbm_GBps: float | None) -> list[str]:
     heads, kv_heads, dim, block = part["shape"]
@@ -554,12 +654,15 @@ def _steps_lines(steps: dict) -> list[str]:
             f"- transformers `generate` in bf16, judged alike: {_line(steps['transformers_bf16'])}"]
 
 
+SWAP_PATHS = {"bounce": "through a pinned bounce block, one copy a layer",
+              "mapped": "device copies straight from the mapped pinned area"}
+
+
 def _bandwidth_lines(band: dict, h2d_bytes: int) -> list[str]:
     h2d = band["h2d_GBps"]
     moved, seconds = band["first_activation"]
     reshard_bytes, reshard_s = band["reshard_bytes"], band["reshard_s"]
     out_bytes, out_s = band["swap_out"]
-    in_bytes, in_s, _ = band["swap_in"]
     share = f"{reshard_bytes / reshard_s / 1e9 / h2d * 100:.0f}% of H2D" if h2d and reshard_s else "-"
     lines = [f"{band['layers']} layers, {band['shard_bytes'] / 2**30:.2f} GiB of weights; built on the device and "
              f"saved in {band['build_s']:.0f} s, loaded into pinned host memory in {band['start_s']:.0f} s.", "",
@@ -571,10 +674,11 @@ def _bandwidth_lines(band: dict, h2d_bytes: int) -> list[str]:
              f"| {h2d or 0:.1f} H2D |",
              f"| re-shard: weights back onto the device (best of 3) | {reshard_bytes} | {reshard_s:.3f} | "
              f"{_gbps(reshard_bytes, reshard_s)} | {share} |",
-             f"| KV swap-out ({band['prefill_tokens']} prompt tokens, device -> pinned -> staging) | {out_bytes} | "
+             f"| KV swap-out ({band['prefill_tokens']} prompt tokens, prefill -> staging, default path) | {out_bytes} | "
              f"{out_s:.3f} | {_gbps(out_bytes, out_s)} | copy thread, behind a {band['prefill_s']:.2f} s prefill |",
-             f"| KV swap-in (staging -> pinned -> device, per layer) | {in_bytes} | {in_s:.3f} | {_gbps(in_bytes, in_s)} "
-             f"| {h2d or 0:.1f} H2D |", "",
+             *(f"| KV swap-{direction} ({'staging -> device' if direction == 'in' else 'device -> staging'}, "
+               f"{SWAP_PATHS[path]}) | {moved} | {spent:.3f} | {_gbps(moved, spent)} | {h2d or 0:.1f} H2D; "
+               f"wall {wall:.3f} s |" for (path, direction), (moved, spent, wall) in band["swaps"].items()), "",
              "| decode batch | step | step ms | tokens/s | bytes read per step | HBM roofline tokens/s | of roofline |",
              "|---|---|---|---|---|---|---|"]
     for size, modes in band["decode"].items():
@@ -603,7 +707,9 @@ def write_report(path: Path, header: dict, parts: dict, on_cpu: bool) -> None:
                  lambda band: _bandwidth_lines(band, (CPU_SIZES if on_cpu else GPU_SIZES)["h2d_bytes"])),
                 ("attention", "4. Decode attention: the paged Triton kernel against the padded gather",
                  lambda part: _attention_lines(part, (parts.get("bandwidth") or {}).get("hbm_GBps")
-                                               if isinstance(parts.get("bandwidth"), dict) else None)))
+                                               if isinstance(parts.get("bandwidth"), dict) else None)),
+                ("two_ranks", "5. Two ranks sharing the one GPU: whole jobs, pp2 -> tp2 and dp2 -> tp2",
+                 _two_rank_lines))
     for name, title, render in sections:
         part = parts.get(name)
         lines += [f"## {title}", "", *(render(part) if isinstance(part, dict) else [f"- **FAILED**: {part}"]), ""]
@@ -658,7 +764,8 @@ def main(argv: list[str]) -> int:
     durations: dict[str, float] = {}
     for name, run in (("job", lambda: whole_job(work, device)), ("steps", lambda: executor_steps(work, device)),
                       ("bandwidth", lambda: bandwidth(work, device, sizes)),
-                      ("attention", lambda: attention_kernel(device, sizes))):
+                      ("attention", lambda: attention_kernel(device, sizes)),
+                      ("two_ranks", lambda: two_ranks(work, device))):
         step_began = time.perf_counter()
         try:
             parts[name] = run()

@@ -7,7 +7,8 @@
 #
 # Python: $SEESAW_PYTHON, else the project's .venv, else python3 on PATH. What that Python lacks of DeepSpeed,
 # Hydra and their dependencies is unpacked from tests/gpu/wheels/ (tests/gpu/fetch_wheels.sh, run where
-# there is a network) into tests/gpu/.deps/. Without an MPI library the one rank runs on a stand-in.
+# there is a network) into tests/gpu/.deps/, MPICH's launcher and library among them where the machine has
+# none (the two-rank jobs of part 5 need it); without an MPI library the one rank of parts 1-4 runs on a stand-in.
 set -uo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 here="$repo/tests/gpu"
@@ -29,5 +30,8 @@ elif [ "$probe" -ne 0 ]; then
 fi
 "$python" "$here/deps.py" --wheels "$here/wheels" --target "$here/.deps" ${SEESAW_GPU_CHECK_FORCE_DEPS:+--force $SEESAW_GPU_CHECK_FORCE_DEPS} || exit 1
 export PYTHONPATH="$here/.deps:$repo${PYTHONPATH:+:$PYTHONPATH}"
+if [ -x "$here/.deps/mpi/bin/mpiexec" ]; then   # the carried MPICH (deps.py): its launcher, its library for mpi4py
+    export PATH="$here/.deps/mpi/bin:$PATH" MPI4PY_LIBMPI="$here/.deps/mpi/lib/libmpi.so.12"
+fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}" PYTHONUNBUFFERED=1
 exec timeout -k 10 "${SEESAW_GPU_CHECK_TIMEOUT_S:-460}" "$python" "$here/check.py"

@@ -1,7 +1,8 @@
 """The GPU check script (tests/gpu/run.sh) on a machine without CUDA: one line, exit 0; and its CPU rehearsal
 (SEESAW_GPU_CHECK_ON_CPU=1 with the single-rank MPI stand-in the GPU machines need): every step it runs on a
 GPU — the whole job in bf16, staging, swap-in, eviction, a forced re-activation, the bandwidth part, the
-decode attention part (its padded gather; the paged Triton kernel is CUDA's) — runs
+decode attention part (its padded gather; the paged Triton kernel is CUDA's), the two-rank jobs under the
+venv's mpiexec — runs
 here at tiny sizes and writes its report, tokens and logits judged against the same model in float32
 (tests/gpu/test_check_criterion.py: the criterion itself, and that it fails a wrong token or logits)."""
 from __future__ import annotations
@@ -35,7 +36,9 @@ def test_cpu_rehearsal_runs_every_step(tmp_path):
     text = report.read_text()
     assert "A CPU rehearsal" in text and "single-rank stand-in" in text
     assert "old figures" not in text and text.rstrip().endswith("## Notes kept"), "the hand-written part is kept"
-    assert text.count("**PASS**") == 2 and "FAILED" not in text
+    assert text.count("**PASS**") == 4 and "FAILED" not in text  # parts 1, 2 and the two two-rank jobs
     assert "| decode batch |" in text and "re-shard" in text
     assert "4. Decode attention" in text and "| 4x32 |" in text and "(CUDA only)" in text  # Triton: on CUDA
+    assert "5. Two ranks sharing the one GPU" in text and "- pp2 -> tp2:" in text and "- dp2 -> tp2:" in text
+    assert "| 4 | graphs |" in text and "mapped pinned area" in text  # CUDA graphs (stand-in), direct swaps
     assert not list(tmp_path.glob("gpu-check-*")), "the work folder (checkpoints) is removed"

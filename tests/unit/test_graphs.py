@@ -114,6 +114,25 @@ def test_a_replay_that_does_not_reproduce_its_warm_up_turns_graphs_off(caplog):
     assert sum("did not reproduce its eager step" in r.getMessage() for r in caplog.records) == 1
 
 
+class Refusing(ReplayFake):
+    """A capture that fails as CUDA's does on a host sync inside the step."""
+
+    def capture(self, body):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore detail")
+
+
+def test_a_failed_capture_turns_graphs_off_and_the_eager_step_stands(caplog):
+    decode = DecodeGraphs("auto", [1, 2, 4], Refusing())
+    body = Counter()
+    body.value += 3
+    with caplog.at_level(logging.WARNING):
+        out = decode.run(4, body)
+    assert out.tolist() == [3.0] * 3 and decode.bucket(1) is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "seesaw_ds: capturing the decode step's graph of 4 rows failed (CUDA error: operation not permitted when "
+        "stream is capturing); decode steps run eagerly (model.cuda_graphs=false silences this)"]
+
+
 class SlowReplay(ReplayFake):
     def replay(self, graph, output):
         time.sleep(0.05)

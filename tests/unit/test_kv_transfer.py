@@ -84,9 +84,11 @@ class FakeStreams:
         self._add("keep", stream.name)
 
 
-def _area(streams) -> HostKV:
+def _area(streams, mapped: bool = False) -> HostKV:
+    """The staging tensor; ``mapped``: on the (fake) accelerator, the area mapped into its address space (the
+    copies are device kernels on the side stream straight between area and cache), else through pinned blocks."""
     kv = torch.zeros(DIMS.num_layers, 2, DIMS.num_kv_heads, CAPACITY, DIMS.head_dim)
-    return HostKV(kv, DIMS, torch.float32, DeviceCopies(streams))
+    return HostKV(kv, DIMS, torch.float32, DeviceCopies(streams), kv if mapped else None)
 
 
 def _cache(heads: int, streams=None) -> DeviceKVCache:
@@ -125,9 +127,10 @@ def _fill(area: HostKV) -> None:
     area.finish_writes()
 
 
-def test_swap_out_same_bytes_on_both_paths_and_device_path_orders_after_compute():
+@pytest.mark.parametrize("mapped", [False, True], ids=["bounce", "mapped"])
+def test_swap_out_same_bytes_on_both_paths_and_device_path_orders_after_compute(mapped):
     cpu, fake_streams = _area(backend.Streams(torch.device("cpu"))), FakeStreams()
-    fake = _area(fake_streams)
+    fake = _area(fake_streams, mapped)
     assert not cpu.copies.enabled and fake.copies.enabled
     _fill(cpu)
     _fill(fake)
@@ -162,9 +165,10 @@ def _swap_in(area: HostKV, streams=None) -> tuple[DeviceKVCache, object]:
     return cache, swap
 
 
-def test_swap_in_same_cache_on_both_paths_with_per_layer_events():
+@pytest.mark.parametrize("mapped", [False, True], ids=["bounce", "mapped"])
+def test_swap_in_same_cache_on_both_paths_with_per_layer_events(mapped):
     cpu, fake_streams = _area(backend.Streams(torch.device("cpu"))), FakeStreams()
-    fake = _area(fake_streams)
+    fake = _area(fake_streams, mapped)
     _fill(cpu)
     _fill(fake)
     expected, swap = _swap_in(cpu)
@@ -313,3 +317,16 @@ def test_the_copy_thread_runs_its_copies_alone_and_leaves_the_forwards_threads()
         assert len(os.listdir("/proc/self/task")) == threads
     finally:
         torch.set_num_threads(previous)
+
+
+def test_a_mapping_is_kept_only_where_both_sides_see_each_others_writes():
+    from seesaw_ds.kv.staging import checked_mapping
+
+    kv = torch.zeros(DIMS.num_layers, 2, DIMS.num_kv_heads, CAPACITY, DIMS.head_dim, dtype=torch.bfloat16)
+    assert checked_mapping(kv, kv, slot=3) is kv                      # the same bytes: kept
+    assert checked_mapping(kv, kv.clone(), slot=CAPACITY + 5) is None  # another copy: not a view of the area
+    assert checked_mapping(kv, None, slot=0) is None
+
+
+def test_no_mapped_view_off_cuda():
+    assert backend.mapped_view(torch.zeros(4), torch.device("cpu")) is None
