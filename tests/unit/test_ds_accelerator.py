@@ -1,0 +1,32 @@
+"""Without a CUDA device, importing the backends names DeepSpeed's accelerator first (``DS_ACCELERATOR=cpu``):
+DeepSpeed's detection would pick the same CPU accelerator but warn every rank that it found no GPU."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+PROBE = ("import os\nfrom seesaw_ds.backends import accelerator\n"
+         "print(os.environ.get('DS_ACCELERATOR'), accelerator.accelerator_name())")
+
+
+def _probe(**env) -> subprocess.CompletedProcess:
+    clean = {key: value for key, value in os.environ.items() if key != "DS_ACCELERATOR"}
+    return subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120,
+                          env={**clean, **env})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present: DeepSpeed detects it")
+def test_no_gpu_no_detection_warning_and_the_cpu_accelerator():
+    done = _probe()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["cpu", "cpu"]
+    assert "unable to detect" not in done.stderr + done.stdout
+
+
+def test_a_users_choice_is_kept():
+    done = _probe(DS_ACCELERATOR="cpu")
+    assert done.returncode == 0 and done.stdout.split() == ["cpu", "cpu"], done.stderr
