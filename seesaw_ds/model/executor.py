@@ -259,18 +259,14 @@ class Executor:
         """A decode step as the CUDA graph of bucket ``rows`` (seesaw_ds/model/graphs.py): the step buffers
         filled and padded to ``rows``, attention sized for the longest sequence the buffers hold, the swap-in
         (``ready``) landed first; returns the real rows' hidden states ``[N, 1, hidden]``."""
-        ensure, tables = cache.allocator.ensure, cache.allocator.tables
-        for s in batch:
-            ensure(s.seq_id, s.start + 1)
-        buffers = self.step_buffers(0)
-        step = buffers.fill([s.tokens[-1] for s in batch], [s.start for s in batch],
-                            [tables[s.seq_id] for s in batch], rows=rows, pad_block=cache.scratch_block)
+        meta, token_ids, positions = self._decode_inputs(batch, cache, None, rows=rows)
         if ready is not None:
             for layer in cache.layers:
                 ready(layer)
+        buffers = self.step_buffers(0)
         span = buffers.max_blocks * self.block_size  # positions and KV lengths any row of the buffers can have
-        meta = replace(DecodeMeta.of(cache, step), max_length=span)
-        token_ids, positions, segments = step.token_ids[:, None], step.positions[:, None], list(range(rows + 1))
+        meta = replace(meta, max_length=span)
+        segments = list(range(rows + 1))
 
         def body() -> torch.Tensor:
             return stage.run_layers(stage.embed_tokens(token_ids), positions, meta, segments, max_position=span - 1)
@@ -324,14 +320,17 @@ class Executor:
             return keys.to(self.device, non_blocking=True), values.to(self.device, non_blocking=True)
         return read
 
-    def _decode_inputs(self, batch: list[SeqWork], cache: DeviceKVCache, ready, micro_batch: int = 0):
+    def _decode_inputs(self, batch: list[SeqWork], cache: DeviceKVCache, ready, micro_batch: int = 0,
+                       rows: int | None = None):
         """A decode micro-batch's inputs: written into the persistent step buffers (one copy to the device),
-        the metadata and the token ids and positions ``[N, 1]`` as views of them."""
+        the metadata and the token ids and positions ``[N, 1]`` as views of them (``rows``: padded to a CUDA
+        graph's bucket, the padding on the cache's scratch block)."""
         ensure, tables = cache.allocator.ensure, cache.allocator.tables
         for s in batch:
             ensure(s.seq_id, s.start + 1)
         step = self.step_buffers(micro_batch).fill([s.tokens[-1] for s in batch], [s.start for s in batch],
-                                                   [tables[s.seq_id] for s in batch])
+                                                   [tables[s.seq_id] for s in batch], rows=rows,
+                                                   pad_block=cache.scratch_block)
         return DecodeMeta.of(cache, step, ready), step.token_ids[:, None], step.positions[:, None]
 
     def step_buffers(self, micro_batch: int = 0) -> DecodeBuffers:
