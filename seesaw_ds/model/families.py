@@ -37,6 +37,9 @@ PLAN_KINDS = MappingProxyType({
     "rowwise": ShardKind.ROW,
     "rowwise_split_input": ShardKind.ROW,
     "replicated_with_grad_allreduce": ShardKind.REPLICATED,
+    # The embedding's vocabulary split across ranks (transformers 5.17 adds it to every tied model's plan):
+    # every rank holds the embedding whole here (``ModelSpec.role``), which gives the same output.
+    "embedding_rowwise": ShardKind.REPLICATED,
 })
 """transformers TP-plan styles and the shard kind seesaw_ds gives them."""
 

@@ -34,6 +34,19 @@ def test_llama_roles_come_from_transformers_plan():
     assert spec.role("model.embed_tokens.weight", (256, 64)).kind is ShardKind.REPLICATED
 
 
+def test_a_vocab_split_embedding_in_the_plan_is_served_whole():
+    """transformers 5.17 adds embed_tokens='embedding_rowwise' to a tied model's plan: every rank keeps the
+    embedding whole (the same output), and a style nobody handles is still refused."""
+    config = _config("qwen2", tie_word_embeddings=True)
+    config.base_model_tp_plan = {**config.base_model_tp_plan, "embed_tokens": "embedding_rowwise"}
+    spec = _spec(config)
+    assert spec.role("model.embed_tokens.weight", (256, 64)).kind is ShardKind.REPLICATED
+    assert spec.role("model.layers.0.mlp.down_proj.weight", (64, 128)).kind is ShardKind.ROW
+    config.base_model_tp_plan = {**config.base_model_tp_plan, "embed_tokens": "sequence_parallel_made_up"}
+    with pytest.raises(ModelNotSupported, match="embed_tokens='sequence_parallel_made_up' is not handled"):
+        _spec(config)
+
+
 def test_fused_phi3_blocks_and_local_config():
     spec = _spec(_config("phi3"))
     qkv = spec.role("model.layers.0.self_attn.qkv_proj.weight", (128, 64))
