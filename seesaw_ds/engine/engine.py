@@ -373,8 +373,15 @@ def _metrics(summaries: list[dict], coordinator: Coordinator) -> dict:
 
 
 def _plot_timeline(leader: Leader, path: Path) -> None:
-    """The seesaw itself: staging occupancy and phase per step, as a PNG."""
-    import matplotlib
+    """The seesaw itself: staging occupancy and phase per step, as a PNG. Without matplotlib (a declared
+    dependency, but a cluster's own Python may lack it) one warning and no picture: the answers and
+    metrics.json are written already, and a finished job does not fail over its picture."""
+    try:
+        import matplotlib
+    except ImportError:
+        log.warning("the timeline %s is not drawn: matplotlib is not installed (pip install matplotlib); the "
+                    "answers and the metrics are complete", path)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -465,7 +465,10 @@ class StagingArea(HostKV):
         return backend.host_empty(shape, self.dtype)
 
     def close(self) -> None:
-        """Stop the worker and release the shared memory (collective over the instance's node ranks)."""
+        """Stop the worker and release the shared memory (collective over the instance's node ranks); a
+        second call does nothing (the communicator is freed by the first)."""
+        if self.kv is None:
+            return
         self.close_worker()
         self.mapped = None  # the device view goes before the memory under it
         self._comm.Barrier()

@@ -334,7 +334,6 @@ def executor_steps(work: Path, device) -> dict:
               "transformers_bf16": reference.transformers_bf16, "reactivation_bytes": moved,
               "reactivation_s": reactivation_s, "swap_in_bytes": stats.swap_in_bytes,
               "swap_out_bytes": stats.swap_out_bytes, "graphs": _graphs_used(rt.executor)}
-    rt.executor.staging.close()
     rt.close()
     return result
 
@@ -465,7 +464,6 @@ def bandwidth(work: Path, device, sizes: dict) -> dict:
             decode[size][mode] = {"step_s": seconds, "tokens_per_s": size / seconds, "step_bytes": step_bytes,
                                   "roofline_tokens_per_s": size / (step_bytes / (hbm * 1e9))}
     graphs_line = _graphs_used(executor)
-    rt.executor.staging.close()
     rt.close()
     return {"build_s": build_s, "start_s": start_s, "h2d_GBps": h2d, "hbm_GBps": hbm,
             "first_activation": (first.bytes_moved, first.seconds), "reshard_bytes": reshard_bytes,

@@ -9,7 +9,8 @@ Hydra with its OmegaConf and ANTLR), so that versions always match.
 MPI: where no ``mpiexec`` is found (on PATH or beside this Python), the MPICH wheel's programs and libraries
 (its ``*.data/data`` part) go to ``TARGET/mpi`` (run.sh puts its ``bin`` on PATH and names its ``libmpi`` to
 mpi4py through ``MPI4PY_LIBMPI``), with mpi4py 4's wheel where this Python's mpi4py is older (mpi4py 4 loads
-an MPI library named at run time).
+an MPI library named at run time). The target is emptied first at every run, so it holds only what this
+Python lacks.
 
     python tests/gpu/deps.py --wheels tests/gpu/wheels --target tests/gpu/.deps [--force NAME ...]
 """
@@ -93,6 +94,9 @@ def main(argv: list[str]) -> int:
     mpich = not has_mpi_launcher() or "mpich" in forced
     if mpich and missing("mpi4py", (4, 0), forced):
         wanted.append("mpi4py")
+    # Emptied every time: what another Python unpacked here (its compiled modules, its MPICH) must not reach
+    # this one through run.sh's PYTHONPATH and PATH.
+    shutil.rmtree(args.target, ignore_errors=True)
     if not wanted and not mpich:
         print("[gpu check] DeepSpeed, Hydra, an MPI launcher and their dependencies are installed", flush=True)
         return 0

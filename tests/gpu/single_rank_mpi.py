@@ -31,42 +31,60 @@ class Status:
 
 
 class Comm:
-    """A communicator of this one process."""
+    """A communicator of this one process. Freed, it refuses every call, as MPI does on the MPI_COMM_NULL
+    that mpi4py's ``Free`` leaves behind (a rehearsal on this stand-in then fails where real MPI would)."""
+
+    def __init__(self) -> None:
+        self._freed = False
+
+    def _live(self) -> None:
+        if self._freed:
+            raise RuntimeError("single-rank MPI stand-in: a call on a freed communicator (MPI_COMM_NULL)")
 
     def Get_rank(self) -> int:
+        self._live()
         return 0
 
     def Get_size(self) -> int:
+        self._live()
         return 1
 
     def Split(self, color: int = 0, key: int = 0) -> "Comm":
+        self._live()
         return Comm()
 
     def Split_type(self, split_type: int, key: int = 0, info=None) -> "Comm":
+        self._live()
         return Comm()
 
     def Dup(self) -> "Comm":
+        self._live()
         return Comm()
 
     def allgather(self, obj):
+        self._live()
         return [obj]
 
     def gather(self, obj, root: int = 0):
+        self._live()
         return [obj]
 
     def bcast(self, obj, root: int = 0):
+        self._live()
         return obj
 
     def allreduce(self, obj, op=None):
+        self._live()
         return obj
 
     def Barrier(self) -> None:
-        pass
+        self._live()
 
     barrier = Barrier
 
     def Free(self) -> None:
-        pass
+        self._live()
+        self._freed = True
 
     def Iprobe(self, source: int = ANY_SOURCE, tag: int = ANY_TAG, status=None) -> bool:
         return False

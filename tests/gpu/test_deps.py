@@ -39,3 +39,17 @@ def test_forced_mpich_comes_from_the_wheels_folder_and_a_missing_one_is_named(tm
     _mpich_wheel(wheels / "mpich-9.9-py3-none-any.whl")
     assert deps.main(["--wheels", str(wheels), "--target", str(target), "--force", "mpich"]) == 0
     assert (target / "mpi" / "bin" / "mpiexec").exists()
+
+
+def test_what_another_python_unpacked_is_gone_when_this_one_needs_nothing(tmp_path, monkeypatch, capsys):
+    """run.sh puts the target first on PYTHONPATH and its MPICH on PATH: a Python that lacks nothing must not
+    inherit another Python's compiled modules from an earlier run."""
+    target = tmp_path / "deps"
+    (target / "mpi" / "bin").mkdir(parents=True)
+    (target / "mpi4py").mkdir()
+    (target / "mpi4py" / "MPI.cpython-312-x86_64-linux-gnu.so").write_text("another Python's")
+    monkeypatch.setattr(deps, "missing", lambda *args: False)
+    monkeypatch.setattr(deps, "has_mpi_launcher", lambda: True)
+    assert deps.main(["--wheels", str(tmp_path / "wheels"), "--target", str(target)]) == 0
+    assert not target.exists()
+    assert "are installed" in capsys.readouterr().out

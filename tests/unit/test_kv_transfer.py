@@ -330,3 +330,21 @@ def test_a_mapping_is_kept_only_where_both_sides_see_each_others_writes():
 
 def test_no_mapped_view_off_cuda():
     assert backend.mapped_view(torch.zeros(4), torch.device("cpu")) is None
+
+
+def test_a_staging_area_closed_twice_frees_its_communicator_once():
+    """close() frees the area's node communicator (real MPI leaves MPI_COMM_NULL behind, on which a second
+    Barrier fails): a second close() does nothing."""
+    from mpi4py import MPI
+
+    from seesaw_ds.kv.staging import StagingArea
+
+    env = SimpleNamespace(node=MPI.COMM_SELF, rank=0)
+    topology = SimpleNamespace(env=env, instance_index=0, instance_rank=0)
+    dims = ModelDims(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, hidden_size=32, intermediate_size=64,
+                     vocab_size=100)
+    area = StagingArea(topology, dims, torch.float32, capacity_tokens=16)
+    assert area.kv.shape == (2, 2, 2, 16, 8)
+    area.close()
+    assert area.kv is None and area._comm == MPI.COMM_NULL
+    area.close()
