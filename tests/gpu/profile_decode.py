@@ -101,7 +101,6 @@ def main(argv: list[str]) -> int:
         print(f"[profile] batch {size}: executor decode step {ours * 1e3:.2f} ms", flush=True)
         print(table_device, flush=True)
         print(table_host[:6000], flush=True)
-    rt.executor.staging.close()
     rt.close()
     for size in sorted(sizes["batches"]):
         hf = _hf_step_s(model_dir, size, context, steps, device)
