@@ -259,6 +259,14 @@ class SpanRuns:
         self.count = pairs[:, 1].contiguous()
 
 
+def state() -> str:
+    """The extension's state in words, building nothing: which build is loaded, why it failed, or that nothing
+    asked for it yet (what a CUDA-only run should say)."""
+    if _module is not None:
+        return f"loaded ({_module.__name__})"
+    return f"unavailable ({_failed})" if _failed is not None else "not loaded"
+
+
 def built() -> bool:
     """Whether the extension is available (built here, or loadable)."""
     return load() is not None

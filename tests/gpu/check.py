@@ -776,7 +776,9 @@ def main(argv: list[str]) -> int:
     shutil.rmtree(work, ignore_errors=True)
     from seesaw_ds.model import device_attention
 
-    header["attention"] = device_attention.describe(device)
+    from seesaw_ds.model import kernels
+
+    header["attention"] = f"{device_attention.describe(device)}; the CPU kernels' extension: {kernels.state()}"
     header["total_s"] = time.perf_counter() - began
     header["parts"] = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in durations.items())
     write_report(report, header, parts, on_cpu)

@@ -138,3 +138,18 @@ def test_kernel_loads_past_a_stale_lock(tmp_path):
     assert "LOADED True" in proc.stdout, proc.stdout + proc.stderr
     assert "stale JIT build lock" in proc.stderr
     assert not (target / "lock").exists()
+
+
+def test_the_extensions_state_in_words_builds_nothing(monkeypatch):
+    """What the GPU check reports: a CUDA-only run should never have asked for the CPU kernels."""
+    from types import SimpleNamespace
+
+    from seesaw_ds.model import kernels
+
+    monkeypatch.setattr(kernels, "_module", None)
+    monkeypatch.setattr(kernels, "_failed", None)
+    assert kernels.state() == "not loaded" and kernels._module is None
+    monkeypatch.setattr(kernels, "_failed", "OSError: no C++ compiler")
+    assert kernels.state() == "unavailable (OSError: no C++ compiler)"
+    monkeypatch.setattr(kernels, "_module", SimpleNamespace(__name__="seesaw_decode_attention_avx2"))
+    assert kernels.state() == "loaded (seesaw_decode_attention_avx2)"
