@@ -689,7 +689,31 @@ def _bandwidth_lines(band: dict, h2d_bytes: int) -> list[str]:
                     f"{band['graphs']}); `eager`: without."]
 
 
+SECTIONS = (("job", "1. The whole job, bf16, one rank"),
+            ("steps", "2. The executor step by step: staging, swap-in, eviction, a forced re-activation"),
+            ("bandwidth", "3. Bandwidth: a Llama-3-8B-shaped model, random bf16 weights"),
+            ("attention", "4. Decode attention: the paged Triton kernel against the padded gather"),
+            ("two_ranks", "5. Two ranks sharing the one GPU: whole jobs, pp2 -> tp2 and dp2 -> tp2"))
+
+
+def section_lines(name: str, parts: dict, on_cpu: bool) -> list[str]:
+    """Part ``name``'s lines of the report: its figures, its failure, or that the check never reached it."""
+    if name not in parts:
+        return ["- **not reached**: the check ended before this part (its time limit, run.sh's "
+                "`SEESAW_GPU_CHECK_TIMEOUT_S`, or a crash)"]
+    part = parts[name]
+    if not isinstance(part, dict):
+        return [f"- **FAILED**: {part}"]
+    band = parts.get("bandwidth")
+    render = {"job": _job_lines, "steps": _steps_lines,
+              "bandwidth": lambda p: _bandwidth_lines(p, (CPU_SIZES if on_cpu else GPU_SIZES)["h2d_bytes"]),
+              "attention": lambda p: _attention_lines(p, band.get("hbm_GBps") if isinstance(band, dict) else None),
+              "two_ranks": _two_rank_lines}[name]
+    return render(part)
+
+
 def write_report(path: Path, header: dict, parts: dict, on_cpu: bool) -> None:
+    """The page: written after every part, so that a check stopped by its time limit still leaves what it measured."""
     lines = ["# GPU check", ""]
     if on_cpu:
         lines += ["**A CPU rehearsal** (`SEESAW_GPU_CHECK_ON_CPU=1`, tiny sizes): every step of "
@@ -698,19 +722,8 @@ def write_report(path: Path, header: dict, parts: dict, on_cpu: bool) -> None:
               f"(CUDA {header['cuda']}), transformers {header['transformers']}, deepspeed {header['deepspeed']}, "
               f"Python {header['python']}, MPI: {header['mpi']}, DeepSpeed accelerator: {header['accelerator']}. "
               f"Total {header['total_s']:.0f} s ({header['parts']}). Attention: {header['attention']}.", ""]
-    sections = (("job", "1. The whole job, bf16, one rank", _job_lines),
-                ("steps", "2. The executor step by step: staging, swap-in, eviction, a forced re-activation",
-                 _steps_lines),
-                ("bandwidth", "3. Bandwidth: a Llama-3-8B-shaped model, random bf16 weights",
-                 lambda band: _bandwidth_lines(band, (CPU_SIZES if on_cpu else GPU_SIZES)["h2d_bytes"])),
-                ("attention", "4. Decode attention: the paged Triton kernel against the padded gather",
-                 lambda part: _attention_lines(part, (parts.get("bandwidth") or {}).get("hbm_GBps")
-                                               if isinstance(parts.get("bandwidth"), dict) else None)),
-                ("two_ranks", "5. Two ranks sharing the one GPU: whole jobs, pp2 -> tp2 and dp2 -> tp2",
-                 _two_rank_lines))
-    for name, title, render in sections:
-        part = parts.get(name)
-        lines += [f"## {title}", "", *(render(part) if isinstance(part, dict) else [f"- **FAILED**: {part}"]), ""]
+    for name, title in SECTIONS:
+        lines += [f"## {title}", "", *section_lines(name, parts, on_cpu), ""]
     lines += ["---", "Written by `bash tests/gpu/run.sh` (what each part runs: `tests/gpu/check.py`; the wheels a "
               "GPU machine without DeepSpeed or Hydra needs: `tests/gpu/fetch_wheels.sh`; NCCL, Slurm and a first "
               "multi-GPU run: `docs/cluster.md`)."]
@@ -719,6 +732,15 @@ def write_report(path: Path, header: dict, parts: dict, on_cpu: bool) -> None:
         lines += ["", KEPT + kept.rstrip("\n")]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
+
+
+def _summarise(header: dict, durations: dict, device, began: float) -> None:
+    """The header's running totals and which attention (and CPU extension) the parts so far used."""
+    from seesaw_ds.model import device_attention, kernels
+
+    header["attention"] = f"{device_attention.describe(device)}; the CPU kernels' extension: {kernels.state()}"
+    header["total_s"] = time.perf_counter() - began
+    header["parts"] = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in durations.items())
 
 
 def main(argv: list[str]) -> int:
@@ -773,15 +795,11 @@ def main(argv: list[str]) -> int:
         durations[name] = time.perf_counter() - step_began
         outcome = "done" if isinstance(parts[name], dict) else f"FAILED ({parts[name]})"
         print(f"[gpu check] {name}: {outcome} in {durations[name]:.1f} s", flush=True)
+        for line in section_lines(name, parts, on_cpu):  # the output alone carries the figures too
+            print(f"[gpu check]   {line}", flush=True)
+        _summarise(header, durations, device, began)
+        write_report(report, header, parts, on_cpu)
     shutil.rmtree(work, ignore_errors=True)
-    from seesaw_ds.model import device_attention
-
-    from seesaw_ds.model import kernels
-
-    header["attention"] = f"{device_attention.describe(device)}; the CPU kernels' extension: {kernels.state()}"
-    header["total_s"] = time.perf_counter() - began
-    header["parts"] = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in durations.items())
-    write_report(report, header, parts, on_cpu)
     failed = [name for name, part in parts.items()
               if not isinstance(part, dict) or not part.get("agreement", {"ok": True})["ok"]]
     print(f"[gpu check] {'FAILED: ' + ', '.join(failed) if failed else 'all parts passed'}; "

@@ -43,3 +43,19 @@ def test_a_token_far_off_the_top_or_logits_beyond_the_tolerance_fail(reference):
     assert not reference.judge(reference.paths, logits)["ok"]
     logits[1][3, 7] -= 0.02 * check.LOGITS_TOLERANCE
     assert reference.judge(reference.paths, logits)["ok"]
+
+
+def test_the_report_written_after_a_part_keeps_it_and_says_what_was_not_reached(tmp_path):
+    """The check rewrites the page after every part: a run stopped by its time limit leaves what it measured, the
+    failed part's reason, and the parts it never reached, with the hand-written part below the marker kept."""
+    header = {"device": "NVIDIA H100", "when": "2026-12-07 10:00", "torch": "2.11.0", "cuda": "13.0",
+              "transformers": "5.17.0", "deepspeed": "0.19.8", "python": "3.12", "mpi": "mpi4py",
+              "accelerator": "cuda", "total_s": 61.0, "parts": "job 50 s, steps 11 s",
+              "attention": "paged Triton; the CPU kernels' extension: not loaded"}
+    page = tmp_path / "gpu.md"
+    page.write_text(f"old figures\n{check.KEPT}\nwhat was learnt\n")
+    check.write_report(page, header, {"job": "RuntimeError: capture failed", "steps": "ValueError: off"}, False)
+    text = page.read_text()
+    assert "old figures" not in text and text.endswith(f"{check.KEPT}\nwhat was learnt\n")
+    assert "- **FAILED**: RuntimeError: capture failed" in text and "- **FAILED**: ValueError: off" in text
+    assert text.count("**not reached**") == 3 and "extension: not loaded" in text
