@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check: one command, one GPU, a few minutes (under 8); writes docs/gpu.md (tests/gpu/check.py says
+# The GPU check: one command, one GPU, at most 6 minutes (its time limit; the page is written after every part,
+# so a stopped check keeps what it measured); writes docs/gpu.md (tests/gpu/check.py says
 # what it runs). Without a CUDA device it prints one line and exits 0.
 #
 #   bash tests/gpu/run.sh                              # on a GPU machine
@@ -34,4 +35,4 @@ if [ -x "$here/.deps/mpi/bin/mpiexec" ]; then   # the carried MPICH (deps.py): i
     export PATH="$here/.deps/mpi/bin:$PATH" MPI4PY_LIBMPI="$here/.deps/mpi/lib/libmpi.so.12"
 fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}" PYTHONUNBUFFERED=1
-exec timeout -k 10 "${SEESAW_GPU_CHECK_TIMEOUT_S:-460}" "$python" "$here/check.py"
+exec timeout -k 10 "${SEESAW_GPU_CHECK_TIMEOUT_S:-360}" "$python" "$here/check.py"
