@@ -64,6 +64,9 @@ def check_before_launch(settings) -> None:
     from seesaw_ds.cli.passed_checks import check_digest, passed_before, remember_pass
 
     check_sampling(settings)
+    from seesaw_ds.model.loader import parse_dtype
+
+    parse_dtype(settings.model.dtype, None)  # the name alone: ranks would refuse it only after starting
     if settings.kv.prefix_window_tokens < 1:
         raise ValueError(f"kv.prefix_window_tokens={settings.kv.prefix_window_tokens} must be >= 1 (prompt tokens "
                          "read ahead, at least scheduler.max_prefill_tokens are)")

@@ -73,13 +73,14 @@ def bad_cases(model: Path, prompts: Path, pickle_dir: Path, tmp: Path) -> dict[s
         "missing input": ([base[0], f"io.input={tmp / 'missing.jsonl'}", base[2]], ["io.input=", "missing.jsonl"]),
         "no micro-batches": (base + ["parallel.prefill_micro_batches=0"], ["parallel.prefill_micro_batches=0"]),
         "no prefix window": (base + ["kv.prefix_window_tokens=0"], ["kv.prefix_window_tokens=0"]),
+        "unknown dtype": (base + ["model.dtype=float8"], ["model.dtype='float8'", "bfloat16"]),
     }
 
 
 CASE_NAMES = ["mistyped key", "wrong type", "unknown preset", "unknown model preset", "tp not dividing heads",
               "pp beyond layers", "ranks not dividing nproc", "rank counts differ", "missing model dir", "pickle only",
               "bad sampling default", "bad sampling type", "unwritable output", "missing input", "no micro-batches",
-              "no prefix window"]
+              "no prefix window", "unknown dtype"]
 
 
 @pytest.mark.parametrize("case", CASE_NAMES)
