@@ -11,6 +11,9 @@ rank must agree, so the caller decides from the whole job (``shared_device``).
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import sys
 from datetime import timedelta
 
 import torch
@@ -63,9 +66,24 @@ def init_comm(timeout_s: float, device_index: int | None, shared_device: bool = 
         accel.set_device(device_index)
     backend = device_backend(accel.device_name(), accel.communication_backend_name(), shared_device)
     _through_host = backend == "gloo" and accel.device_name() != "cpu"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                               timeout=timedelta(seconds=timeout_s))
+    without_build_notices(lambda: deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                                             verbose=False, timeout=timedelta(seconds=timeout_s)))
     _unlink_shm_allreduce_files()
+
+
+def without_build_notices(call) -> None:
+    """Run ``call`` with DeepSpeed's "DeepSpeed <op> built successfully" lines dropped from standard output:
+    it prints one per rank on every start, built or loaded from the cache, which says nothing to a user (a
+    build that fails still raises). Anything else ``call`` prints passes through, also when it raises."""
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(said):
+            call()
+    finally:
+        kept = [line for line in said.getvalue().splitlines()
+                if not (line.startswith("DeepSpeed ") and line.endswith(" built successfully"))]
+        if kept:
+            print("\n".join(kept), file=sys.stdout, flush=True)
 
 
 def _unlink_shm_allreduce_files() -> None:
