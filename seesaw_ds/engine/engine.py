@@ -133,10 +133,12 @@ class Coordinator:
 def _progress_line(leader: Leader, coordinator: Coordinator | None, total: int | None, phase: str) -> str:
     elapsed = max(leader.elapsed, 1e-9)
     done = coordinator.answered if coordinator else leader.stats.finished
+    rejected = coordinator.num_errors if coordinator else 0
     rate = done / elapsed
-    eta = f"{(total - done) / rate:.0f}s" if total and rate > 0 else "?"
+    eta = f"{max(0, total - done - rejected) / rate:.0f}s" if total and rate > 0 else "?"
     staging = leader.scheduler.staging_used_tokens / max(1, leader.extents.capacity)
-    return (f"[seesaw_ds] phase={phase} done={done}/{total if total is not None else '?'} req/s={rate:.2f} "
+    return (f"[seesaw_ds] phase={phase} done={done}/{total if total is not None else '?'} "
+            f"{f'rejected={rejected} ' if rejected else ''}req/s={rate:.2f} "
             f"in_tok/s={leader.stats.prompt_tokens / elapsed:.1f} out_tok/s={leader.stats.output_tokens / elapsed:.1f} "
             f"staging={staging:.0%} transitions={leader.scheduler.num_transitions} "
             f"compile={leader.stats.compile_seconds:.0f}s eta={eta}")
@@ -264,6 +266,9 @@ def run_job(settings: JobConfig, runtime, run_dir: Path, *, tokenizer=None, stop
             paths.metrics.write_text(json.dumps(metrics, indent=2))
             _plot_timeline(leader, paths.timeline)
             print(_progress_line(leader, coordinator, total, "done"), flush=True)
+            if coordinator.num_errors:
+                print(f"[seesaw_ds] {coordinator.num_errors} request(s) rejected, not answered: {paths.errors} has "
+                      f"one line each, with its input line and the reason", flush=True)
             coordinator.close()
     settle(world)  # global rank 0 writes the metrics and the timeline meanwhile
     preempted = any(world.allgather(preempted))

@@ -53,3 +53,7 @@ def test_bad_rows_are_recorded_and_the_job_goes_on(default_model, tmp_path):
     print("\n".join(table))
     metrics = json.loads((tmp_path / "out.metrics.json").read_text())
     assert metrics["num_errors"] == len(BAD_LINES) and metrics["num_requests"] == 3
+    # The terminal says so too: the last progress line counts them, and one line names the file.
+    done_line = next(line for line in proc.stdout.splitlines() if "phase=done" in line)
+    assert f"done=3/{len(lines)} rejected={len(BAD_LINES)} " in done_line, done_line
+    assert f"{len(BAD_LINES)} request(s) rejected, not answered: {tmp_path / 'out.errors.jsonl'}" in proc.stdout
