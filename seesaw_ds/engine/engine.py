@@ -193,12 +193,16 @@ def run_job(settings: JobConfig, runtime, run_dir: Path, *, tokenizer=None, stop
                                               vocab_size=runtime.checkpoint.dims.vocab_size, skip_ids=answered,
                                               skip_lines=skip_lines,
                                               length_switch=runtime.checkpoint.spec.length_switch)
-            total = _count_lines(input_path) - len(answered)
+            # One line per answer and per rejected input line: what is left is the rest of the input.
+            answered_before = _count_lines(paths.output) if paths.output.exists() else 0
+            total = _count_lines(input_path) - answered_before - len(skip_lines)
             coordinator = Coordinator(world, paths, stream, topology.num_instances,
                                       runtime.checkpoint.path.name)
             source = coordinator.source
-            if answered:
-                log.warning("resuming: %d requests already answered in %s are skipped", len(answered), paths.output)
+            if answered_before or skip_lines:
+                log.warning("resuming: %d requests already answered in %s are skipped%s", answered_before,
+                            paths.output, f", and {len(skip_lines)} input lines already rejected in {paths.errors}"
+                            if skip_lines else "")
         else:
             source = RemoteSource(world)
         layouts = runtime.layouts

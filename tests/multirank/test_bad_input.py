@@ -57,3 +57,12 @@ def test_bad_rows_are_recorded_and_the_job_goes_on(default_model, tmp_path):
     done_line = next(line for line in proc.stdout.splitlines() if "phase=done" in line)
     assert f"done=3/{len(lines)} rejected={len(BAD_LINES)} " in done_line, done_line
     assert f"{len(BAD_LINES)} request(s) rejected, not answered: {tmp_path / 'out.errors.jsonl'}" in proc.stdout
+    # Run again on the same output: nothing is left, and the resume says what it skipped, answers and rejections.
+    again = run_command([sys.executable, str(REPO / "launch" / "run.py"), f"model.path={default_model}",
+                         f"io.input={input_path}", f"io.output={output}", f"+run_dir={tmp_path / 'again'}"],
+                        timeout=600, cwd=tmp_path)
+    said = again.stdout + again.stderr
+    assert (f"resuming: 3 requests already answered in {output} are skipped, and {len(BAD_LINES)} input lines "
+            f"already rejected in {tmp_path / 'out.errors.jsonl'}") in said, said[-3000:]
+    assert "phase=done done=0/0 " in said, said[-3000:]
+    assert sorted(json.loads(line)["custom_id"] for line in output.read_text().splitlines()) == sorted(answered)
