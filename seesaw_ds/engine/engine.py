@@ -182,7 +182,9 @@ def run_job(settings: JobConfig, runtime, run_dir: Path, *, tokenizer=None, stop
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(runtime.checkpoint.path)
         generation = read_generation_defaults(runtime.checkpoint.path)
         if world.Get_rank() == 0:
-            answered = scan_answered(paths.output, paths.errors)
+            answered = scan_answered(paths.output)
+            answered_before = len(answered)  # the output holds each custom_id once
+            scan_answered(paths.errors, into=answered)
             skip_lines = scan_error_lines(paths.errors) if paths.errors.exists() else set()
             input_path = Path(settings.io.input)
             job_sampling = {k: v for k, v in asdict(settings.sampling).items() if v is not None}
@@ -193,8 +195,7 @@ def run_job(settings: JobConfig, runtime, run_dir: Path, *, tokenizer=None, stop
                                               vocab_size=runtime.checkpoint.dims.vocab_size, skip_ids=answered,
                                               skip_lines=skip_lines,
                                               length_switch=runtime.checkpoint.spec.length_switch)
-            # One line per answer and per rejected input line: what is left is the rest of the input.
-            answered_before = _count_lines(paths.output) if paths.output.exists() else 0
+            # One input line per answer and per rejected line: what is left is the rest of the input.
             total = _count_lines(input_path) - answered_before - len(skip_lines)
             coordinator = Coordinator(world, paths, stream, topology.num_instances,
                                       runtime.checkpoint.path.name)

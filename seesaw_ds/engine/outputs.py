@@ -211,15 +211,16 @@ def _scan(path: str | os.PathLike, *, repair: bool) -> Iterator[dict]:
         os.truncate(path, good_end)
 
 
-def scan_answered(path: str | os.PathLike, errors_path: str | os.PathLike | None = None) -> IdIndex:
+def scan_answered(path: str | os.PathLike, errors_path: str | os.PathLike | None = None, *,
+                  into: IdIndex | None = None) -> IdIndex:
     """custom_ids already written to the output file (and to the errors file, if given), as a compact
     :class:`~seesaw_ds.engine.requests.IdIndex` (``in`` and ``len``; ~24 bytes per id, so resuming a job of
-    millions of lines does not hold millions of strings).
+    millions of lines does not hold millions of strings); added to ``into`` when given.
 
     A missing file counts as empty. A torn last line (no trailing newline, or invalid JSON at the end) is
     cut off each file, with a warning, so that appending resumes on a line boundary.
     """
-    answered = IdIndex()
+    answered = IdIndex() if into is None else into
     for file_path in (path, errors_path):
         if file_path is None:
             continue

@@ -341,6 +341,9 @@ def test_scan_answered_cuts_a_torn_last_line(tmp_path, caplog):
         answered = scan_answered(out, errors)
     assert len(answered) == 3 and all(i in answered for i in "abe") and "c" not in answered
     assert out.read_bytes() == whole and "torn" in caplog.text
+    outputs_only = scan_answered(out)  # a resume counts the answers alone, then adds the rejected ids
+    assert len(outputs_only) == 2
+    assert scan_answered(errors, into=outputs_only) is outputs_only and len(outputs_only) == 3 and "e" in outputs_only
     assert scan_error_lines(errors) == {3, 7}
     with JsonlAppender(out) as appender:
         appender.write({"custom_id": "c", "text": "3"})
