@@ -244,17 +244,19 @@ class HostKV:
 
     def _write_async(self, layer: int, heads: range, keys: torch.Tensor, values: torch.Tensor, spans) -> None:
         """Store ``keys``/``values`` ``[heads, T, head_dim]`` on the copy thread: token columns ``lo:hi`` of
-        each ``(extents, lo, hi)`` into those extents. On an accelerator they first go to a pinned block on
-        the side stream, which the copy thread waits for; on a CPU it reads them directly."""
-        copies, event = self.copies, None
+        each ``(extents, lo, hi)`` into those extents. On an accelerator, device kernels write them into the
+        mapped area on the side stream, or (unmapped) they first go to a pinned block on the side stream; the
+        copy thread waits for either. On a CPU it reads them directly."""
+        copies = self.copies
+        with self._lock:
+            self.stats.swap_out_bytes += 2 * keys.numel() * keys.element_size()
         if copies.enabled and self.mapped is not None:  # device kernels write the mapped area: no bounce block
             copies.begin()
             event = copies.on_side(lambda: self._store_spans(self.mapped, layer, heads, keys, values, spans),
                                    keep=(keys, values))
             self._pending.append(self._worker.submit(self._wait_for, event))
-            with self._lock:
-                self.stats.swap_out_bytes += 2 * keys.numel() * keys.element_size()
             return
+        event = None
         if copies.enabled:
             block, event = copies.download(keys, values)
             keys, values = block[0], block[1]
@@ -265,8 +267,6 @@ class HostKV:
             self._store_spans(self.kv, layer, heads, keys, values, spans)
             return time.perf_counter() - began
         self._pending.append(self._worker.submit(copy))
-        with self._lock:
-            self.stats.swap_out_bytes += 2 * keys.numel() * keys.element_size()
 
     def _wait_for(self, event) -> float:
         """The copy thread's part of a swap-out made by device kernels: wait until they are done."""
