@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import sys
 from datetime import timedelta
 
 import torch
@@ -83,7 +82,7 @@ def without_build_notices(call) -> None:
         kept = [line for line in said.getvalue().splitlines()
                 if not (line.startswith("DeepSpeed ") and line.endswith(" built successfully"))]
         if kept:
-            print("\n".join(kept), file=sys.stdout, flush=True)
+            print("\n".join(kept), flush=True)
 
 
 def _unlink_shm_allreduce_files() -> None:

@@ -62,10 +62,9 @@ def check_before_launch(settings) -> None:
     """What can be checked before any rank starts: the model directory and the layouts against it
     (ValueError naming the value and the fix)."""
     from seesaw_ds.cli.passed_checks import check_digest, passed_before, remember_pass
-
-    check_sampling(settings)
     from seesaw_ds.model.loader import parse_dtype
 
+    check_sampling(settings)
     parse_dtype(settings.model.dtype, None)  # the name alone: ranks would refuse it only after starting
     if settings.kv.prefix_window_tokens < 1:
         raise ValueError(f"kv.prefix_window_tokens={settings.kv.prefix_window_tokens} must be >= 1 (prompt tokens "

@@ -54,13 +54,19 @@ def _names(tree: ast.AST) -> set[str]:
     return names
 
 
+def _parsed(source: str) -> ast.AST:
+    """The syntax tree, each node knowing its parent (``_names`` keeps only whole attribute chains)."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        for child in ast.iter_child_nodes(node):
+            child.parent = node
+    return tree
+
+
 def test_every_library_name_in_the_sources_resolves():
     missing = []
     for path in SOURCES:
-        tree = ast.parse(path.read_text())
-        for node in ast.walk(tree):
-            for child in ast.iter_child_nodes(node):
-                child.parent = node
+        tree = _parsed(path.read_text())
         for dotted in sorted(_names(tree)):
             try:
                 _resolve(dotted)
@@ -70,11 +76,7 @@ def test_every_library_name_in_the_sources_resolves():
 
 
 def test_the_check_finds_a_missing_name():
-    tree = ast.parse("import torch\ntorch.cuda.graph\ntorch.cuda.no_such_graph_api\n")
-    for node in ast.walk(tree):
-        for child in ast.iter_child_nodes(node):
-            child.parent = node
-    names = _names(tree)
+    names = _names(_parsed("import torch\ntorch.cuda.graph\ntorch.cuda.no_such_graph_api\n"))
     assert names == {"torch", "torch.cuda.graph", "torch.cuda.no_such_graph_api"}
     _resolve("torch.cuda.graph")
     with pytest.raises((AttributeError, ImportError)):
