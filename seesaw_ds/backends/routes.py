@@ -107,6 +107,16 @@ def host_recv(tensor: torch.Tensor, src: int, group: HostGroup) -> None:
     ds_comm.recv(tensor, src=src, group=group.process_group)
 
 
+def host_any(flags: list[bool], group: HostGroup | None) -> list[bool]:
+    """Each of ``flags`` OR-ed over the ranks of host ``group`` (None or one rank: ``flags`` as they are); every
+    rank of the group calls it with as many flags."""
+    if group is None or len(group.ranks) < 2:
+        return list(flags)
+    values = mark_host(torch.tensor([int(bool(flag)) for flag in flags], dtype=torch.int32))
+    ds_comm.all_reduce(values, op=ds_comm.ReduceOp.MAX, group=group.process_group)
+    return [bool(value) for value in values.tolist()]
+
+
 def _require_host_group(group) -> None:
     if not isinstance(group, HostGroup):
         raise HostTensorThroughDeviceGroup(f"host transfers go through a HostGroup, not {group!r}")

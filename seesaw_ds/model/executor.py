@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from seesaw_ds.backends import deepspeed as backend
+from seesaw_ds.backends import routes
 from seesaw_ds.distributed.groups import Topology
 from seesaw_ds.distributed.layout import kv_head_range, layer_range
 from seesaw_ds.kv import sizing
@@ -141,11 +142,11 @@ class Executor:
         stage = self.stages[name]
         moved = 0
         if self.active is None or self.stages[self.active] is not stage:
+            if self.graphs is not None:
+                self.graphs.drop()  # they read the weights about to move; their pool goes before the new weights come
             if self.active is not None:
                 self.stages[self.active].to_host()
             moved = stage.to_device()
-            if self.graphs is not None:
-                self.graphs.drop()  # they read the weights that just moved
         backend.use_shm_allreduce(self.topology.layouts[name].shm_allreduce)
         self.active = name
         stats = SwitchStats(name, moved, stage.shard_bytes, time.perf_counter() - start)
@@ -272,7 +273,8 @@ class Executor:
             return stage.run_layers(stage.embed_tokens(token_ids), positions, meta, segments, max_position=span - 1)
 
         generation = lambda: (id(stage), stage.placements, stage.rope.generation, buffers.reallocations)
-        return self.graphs.run(rows, body, generation)[:len(batch)]
+        agree = lambda flags: routes.host_any(flags, stage.groups.tp_host_group)  # the group decides together
+        return self.graphs.run(rows, body, generation, agree)[:len(batch)]
 
     @staticmethod
     def _prompt_logits(stage, flat_hidden: torch.Tensor, batch: list[SeqWork], out: dict) -> None:

@@ -27,18 +27,16 @@ from seesaw_ds.backends import deepspeed as backend
 
 
 class ScaledEmbedding(nn.Module):
-    """``embedding(ids) * scale``; ``scale`` a 0-d tensor in the weights' dtype, a float, or None."""
+    """``embedding(ids) * scale``; ``scale`` a Python float or None. A float, not a 0-d tensor: a tensor on the
+    host would be copied to the device at every call, a blocking copy that no CUDA graph can capture."""
 
-    def __init__(self, scale: torch.Tensor | float | None):
+    def __init__(self, scale: float | None):
         super().__init__()
         self.scale = scale
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         hidden = F.embedding(token_ids, self.weight)
-        if self.scale is None:
-            return hidden
-        scale = self.scale.to(hidden.device) if isinstance(self.scale, torch.Tensor) else self.scale
-        return hidden * scale
+        return hidden if self.scale is None else hidden * self.scale
 
 
 class SplitColumnLinear(nn.Module):

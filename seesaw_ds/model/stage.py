@@ -66,7 +66,8 @@ class StageModel(nn.Module):
         if groups.is_first_stage:
             scale = None
             if family.embed_scale_sqrt_hidden:
-                scale = torch.tensor(config.hidden_size ** 0.5).to(host.dtype)
+                # sqrt(hidden) rounded to the weights' dtype, as transformers' Gemma does (its normalizer)
+                scale = float(torch.tensor(config.hidden_size ** 0.5).to(host.dtype))
             elif family.embed_multiplier:
                 scale = float(getattr(config, family.embed_multiplier))
             self.embed = ScaledEmbedding(scale)

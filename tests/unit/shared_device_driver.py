@@ -1,6 +1,7 @@
 """One rank of a two-rank gloo world whose device tensors cross it through host memory, as two ranks sharing
 one GPU do (seesaw_ds/backends/comm.py): the CPU stands in for the device, so the copy out and back is
-forced. Prints "OK <case> <values>" per case.
+forced. Then the OR of flags over the host twin that a group's CUDA graphs decide by. Prints "OK <case>
+<values>" per case.
 
     RANK=r WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=p python shared_device_driver.py
 """
@@ -38,6 +39,9 @@ def main() -> None:
     print(f"OK all_reduce {total.tolist()}", flush=True)
     parts = comm.gather_to_first(torch.full((2,), float(rank)), world, (0, 1))
     print(f"OK gather {None if parts is None else [p.tolist() for p in parts]}", flush=True)
+    from seesaw_ds.backends import routes
+    flags = routes.host_any([rank == 0, False, rank == 1], routes.new_host_group([0, 1]))
+    print(f"OK host_any {flags}", flush=True)  # what a tensor-parallel group's ranks agree (model/graphs.py)
     comm.barrier()
 
 

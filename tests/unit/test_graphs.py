@@ -6,6 +6,7 @@ or tensor taken at capture time instead of from the step buffers would show as o
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import pytest
@@ -148,6 +149,135 @@ def test_auto_keeps_a_graph_only_where_its_replay_was_faster():
     assert forced.verdicts == {4: True} and forced.bucket(3) == 4
 
 
+class Peers:
+    """``agree`` as a tensor-parallel group would answer: this rank's flags OR-ed with the other rank's, one
+    list of them per call (``None``: all False)."""
+
+    def __init__(self, *others):
+        self.others = list(others)
+        self.calls = []
+
+    def __call__(self, flags):
+        self.calls.append(list(flags))
+        other = self.others.pop(0) if self.others else None
+        return [mine or (other is not None and theirs) for mine, theirs in zip(flags, other or flags)]
+
+
+def test_a_capture_that_failed_on_another_rank_turns_graphs_off_here_without_a_replay(caplog):
+    fake = ReplayFake()
+    decode = DecodeGraphs("true", [1, 2, 4], fake)
+    with caplog.at_level(logging.WARNING):
+        out = decode.run(2, Counter(), agree=Peers([True]))
+    assert out.tolist() == [0.0] * 3 and decode.disabled and fake.replays == 0  # no collective left unpaired
+    assert "failed (on another rank of its tensor-parallel group)" in caplog.records[0].getMessage()
+
+
+def test_a_replay_that_differed_on_another_rank_turns_graphs_off_here(caplog):
+    decode = DecodeGraphs("true", [1, 2, 4], ReplayFake())
+    with caplog.at_level(logging.WARNING):
+        decode.run(2, Counter(), agree=Peers(None, [True, False]))
+    assert decode.disabled and "did not reproduce its eager step (on another rank" in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize("mode,kept", [("auto", False), ("true", True)])
+def test_a_replay_slower_on_another_rank_counts_for_both_under_auto(mode, kept):
+    decode = DecodeGraphs(mode, [1, 2, 4], ReplayFake())
+    peers = Peers(None, [False, True])
+    decode.run(4, Counter(), agree=peers)
+    assert decode.verdicts == {4: kept} and decode.disabled is None
+    assert [len(flags) for flags in peers.calls] == [1, 2]  # capture failed?, then differed? and slower?
+
+
+class FreshGraphs(ReplayFake):
+    """Each capture returns a graph object of its own, so a test can see when the last reference goes."""
+
+    class Graph:
+        def __init__(self, body):
+            self.body = body
+
+        def __call__(self):
+            return self.body()
+
+    def capture(self, body):
+        graph, output = super().capture(body)
+        return FreshGraphs.Graph(graph), output
+
+
+def test_a_graph_measured_slower_lives_until_its_pool_is_dropped():
+    """torch refuses a capture into a pool whose graphs were all freed while some of its blocks stayed: every
+    graph of the current pool is kept until the pool goes."""
+    import gc
+    import weakref
+
+    decode = DecodeGraphs("auto", [1, 2, 4], FreshGraphs())
+    captured = []
+    backend_capture = decode.graphs.capture
+
+    def capture(body):
+        graph, output = backend_capture(body)
+        captured.append(weakref.ref(graph))
+        return graph, output
+    decode.graphs.capture = capture
+    decode.run(4, Counter(), agree=Peers(None, [False, True]))  # slower on the other rank: not replayed here
+    gc.collect()
+    assert decode.verdicts == {4: False} and captured[0]() is not None
+    decode.drop()
+    gc.collect()
+    assert captured[0]() is None
+
+
+def test_a_rows_difference_is_judged_on_its_own_scale():
+    reference = torch.tensor([[1000.0, 0.5, 0.0], [0.5, 0.25, 0.5]])
+    off = reference.clone()
+    off[1, 1] += 0.5                                         # half the scale of row 1: far off, small beside row 0
+    assert graphs.row_difference(reference, reference) == 0.0
+    assert graphs.row_difference(off, reference) == pytest.approx(0.5)
+    assert math.isnan(graphs.row_difference(off * float("nan"), reference))  # which `not <= 1e-2` refuses
+
+
+def test_a_capture_that_fails_puts_the_stream_and_the_allocator_back(monkeypatch):
+    """``torch.cuda.graph`` ends the capture before it restores the stream; an invalidated capture raises there.
+    CudaGraphs.capture puts the step's stream back, stops routing allocations to the pool, and lets the error
+    go on, its first line the cause's (the CUDA calls are stood in for: there is no GPU here)."""
+    calls = []
+
+    class Capture:
+        def __init__(self, graph, pool, capture_error_mode):
+            calls.append(("capture", pool, capture_error_mode))
+
+        def __enter__(self):
+            calls.append("stream switched")
+
+        def __exit__(self, *exc):
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: (0, 7))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+    monkeypatch.setattr(torch.cuda, "graph", Capture)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "the step's stream")
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda stream: calls.append(("set_stream", stream)))
+    monkeypatch.setattr(torch.cuda.memory, "_cuda_endAllocateToPool",
+                        lambda device, pool: calls.append(("end pool", device, pool)), raising=False)
+
+    def body():
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
+    backend = graphs.CudaGraphs(torch.device("cuda", 0))
+    with pytest.raises(RuntimeError) as raised:
+        backend.capture(body)
+    assert calls == [("capture", (0, 7), "thread_local"), "stream switched", ("set_stream", "the step's stream"),
+                     ("end pool", 0, (0, 7))]
+    assert backend._pool is None
+    assert graphs._first_line(raised.value) == "CUDA error: operation not permitted when stream is capturing"
+
+
+def test_gemmas_embedding_scale_is_a_number_not_a_host_tensor(family_models, one_torch_thread):
+    """A 0-d host tensor would be copied to the device at every step: a blocking copy no graph can capture."""
+    executor = one_rank_executor(family_models["gemma2"], "bfloat16", max_decode_seqs=8)
+    scale = executor.stages["decode"].embed.scale
+    hidden = executor.stages["decode"].embed.weight.shape[1]
+    assert type(scale) is float and scale == float(torch.tensor(hidden ** 0.5).to(torch.bfloat16))
+
+
 def _steps(executor, batches) -> list[torch.Tensor]:
     """A prefill of PROMPTS, then one decode step per entry of ``batches`` (the sequences it runs), greedy."""
     from seesaw_ds.model.executor import ForwardPlan, SeqWork
@@ -179,7 +309,8 @@ def test_graphed_decode_steps_give_eager_logits_and_tokens(family_models, one_to
     graphed_executor = one_rank_executor(family_models[case], "float32", max_decode_seqs=8, cuda_graphs="true",
                                          graph_backend=fake)
     graphed = _steps(graphed_executor, BATCHES)
-    assert fake.captures == 3 and fake.replays == 3 + len(BATCHES) - 3  # one capture (and its check) per bucket
+    # one capture per bucket, each replayed twice (checked, then timed), then a replay per later step
+    assert fake.captures == 3 and fake.replays == 2 * 3 + len(BATCHES) - 3
     assert graphed_executor.graphs.disabled is None
     for want, got in zip(eager, graphed):
         assert (want - got).abs().max().item() <= 1e-4

@@ -41,6 +41,14 @@ def test_device_tensors_cross_gloo_through_host_memory():
     for rank, (out, err) in zip(ranks, outputs):
         assert rank.returncode == 0, err[-3000:]
     first, second = ([line for line in out.splitlines() if line.startswith("OK ")] for out, _ in outputs)
+    agreed = "OK host_any [True, False, True]"
     assert first == ["OK p2p [2.5, 2.5, 2.5]", "OK all_reduce [3.0, 3.0, 3.0, 3.0, 3.0]",
-                     "OK gather [[0.0, 0.0], [1.0, 1.0]]"]
-    assert second == ["OK p2p [10.0, 11.0, 12.0, 13.0]", "OK all_reduce [3.0, 3.0, 3.0, 3.0, 3.0]", "OK gather None"]
+                     "OK gather [[0.0, 0.0], [1.0, 1.0]]", agreed]
+    assert second == ["OK p2p [10.0, 11.0, 12.0, 13.0]", "OK all_reduce [3.0, 3.0, 3.0, 3.0, 3.0]", "OK gather None",
+                      agreed]
+
+
+def test_a_rank_alone_agrees_with_itself():
+    from seesaw_ds.backends import routes
+
+    assert routes.host_any([True, False], None) == [True, False]
