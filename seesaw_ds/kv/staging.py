@@ -351,22 +351,34 @@ def first_touch_slots(kv: torch.Tensor, slots: int, rank: int, size: int) -> Non
 def checked_mapping(kv: torch.Tensor, mapped: torch.Tensor | None, slot: int) -> torch.Tensor | None:
     """``mapped`` (the area ``kv`` as a device sees it) where it reads what the host wrote and the host reads
     what it wrote, else None; checked once, on token slot ``slot`` of layer 0 (each node rank its own, before
-    anything is staged)."""
+    anything is staged). Both ways a swap reaches the area are checked: device kernels reading and writing it
+    (strided pieces), and ``copy_`` between a contiguous piece of it and a device tensor, which torch runs as a
+    memory copy (``cudaMemcpyAsync``) on the mapped host address (a rank holding one KV head swaps so)."""
     if mapped is None:
         return None
     slot %= kv.shape[3]
     row, seen = kv[0, 0, 0, slot], mapped[0, 0, 0, slot]
     pattern = (torch.arange(row.numel(), dtype=torch.float32) % 61 + slot).to(kv.dtype)
+
+    def settled() -> None:
+        if mapped.device.type == "cuda":
+            torch.cuda.synchronize(mapped.device)
+
     try:
         row.copy_(pattern)
         read_ok = torch.equal((seen * 1).cpu(), pattern)   # a device kernel reading the mapped host memory
         seen.neg_()                                         # and one writing it
-        if mapped.device.type == "cuda":
-            torch.cuda.synchronize(mapped.device)
+        settled()
         written_ok = torch.equal(row, pattern.neg())
+        on_device = torch.zeros_like(seen)
+        on_device.copy_(seen)                               # a memory copy from the mapped host memory
+        copied_ok = torch.equal(on_device.cpu(), pattern.neg())
+        seen.copy_(on_device.neg())                         # and one into it
+        settled()
+        copied_back_ok = torch.equal(row, pattern)
     except RuntimeError:
         return None
-    return mapped if read_ok and written_ok else None
+    return mapped if read_ok and written_ok and copied_ok and copied_back_ok else None
 
 
 class StagingArea(HostKV):

@@ -17,7 +17,12 @@ instead of 2. So:
   on the device, no gather), checked once per process and shape against a direct computation on a small
   random fragmented cache (:func:`decode`); a mismatch, a compile error or no Triton turns it off with one
   warning, and attention.py gathers each sequence's KV into a padded batch and computes grouped scores with
-  two batched matmuls instead (:func:`seesaw_ds.model.attention._decode_padded`).
+  two batched matmuls instead (:func:`seesaw_ds.model.attention._decode_padded`). The check runs both compiled
+  variants a step meets first: one partition (the kernel writes the output; every step up to 512 tokens at
+  block size 16) and two partitions with the merge kernel, an empty partition among them; and, where the
+  model has a sliding window, a window shorter than its sequences, so that the masking runs (the key keeps
+  only whether there is one: a real window, thousands of tokens, would mask nothing in so small a cache).
+  Four partitions and more are first compiled in the step that needs them (a power of two each: few).
 
 Written here rather than taken from FlashInfer or flash-attn because neither is installed where the engine
 runs (their wheels are tied to a torch and CUDA build); a paged kernel from either plugs in beside these.
@@ -152,12 +157,22 @@ def _decode_usable(key_of_call: tuple, query: torch.Tensor, n_kv: int, block: in
         tables, lengths = [[3, 0, 7], [5], [1, 9, 2, 11]], [2 * block + 1, 1, 4 * block]   # fragmented, ragged
         sample = torch.randn(len(lengths), n_q, dim, generator=generator, device=device, dtype=dtype)
         table = torch.tensor([t + [0] * (4 - len(t)) for t in tables], device=device)
-        got = triton_decode.paged_decode_attention(sample, keys, values, table, torch.tensor(lengths, device=device),
-                                                   max(lengths), block, dim ** -0.5, window, softcap, blocks_per_part=2)
-        want = _paged_reference(sample, keys, values, tables, lengths, block, dim ** -0.5, window, softcap)
-        error = (got.float() - want).abs().max().item()
+        lengths_on_device = torch.tensor(lengths, device=device)
+        # a window shorter than the sequences (a real one would mask nothing here): the last sequence skips whole
+        # blocks and masks part of the next
+        shown = min(window, block + 3) if window else None
+        want = _paged_reference(sample, keys, values, tables, lengths, block, dim ** -0.5, shown, softcap)
         tolerance = 1e-4 if dtype == torch.float32 else 2e-2
-        return error <= tolerance, f"it differs from a direct computation by {error:.3g}"
+        # one partition (every step whose longest sequence fits in BLOCKS_PER_PART blocks) and two, merged
+        for blocks_per_part in (triton_decode.BLOCKS_PER_PART, 2):
+            got = triton_decode.paged_decode_attention(sample, keys, values, table, lengths_on_device, max(lengths),
+                                                       block, dim ** -0.5, shown, softcap,
+                                                       blocks_per_part=blocks_per_part)
+            error = (got.float() - want).abs().max().item()
+            if not error <= tolerance:
+                parts = triton_decode.launch_partitions(max(lengths), block, blocks_per_part)
+                return False, f"it differs from a direct computation by {error:.3g} over {parts} partition(s)"
+        return True, ""
 
     return _checked(_decode_state, key_of_call, trial, "seesaw_ds: the paged Triton decode kernel is not used (%s); "
                     "decode gathers each sequence's KV into a padded batch instead")

@@ -13,6 +13,11 @@ pays for the padding; this kernel reads each valid token's K and V once, straigh
 - Long sequences are split over partitions of :data:`BLOCKS_PER_PART` blocks so that a small batch still fills
   the GPU; a second kernel merges the partitions' (max, sum, weighted sum) into the output. One partition
   writes the output directly.
+- The partition count is a compile-time constant of both kernels, so it is launched rounded up to a power of
+  two (:func:`launch_partitions`): the extra partitions hold no blocks, store (-inf, 0, 0) and weigh 0 in the
+  merge. A decode whose longest sequence grows then compiles a new variant only when the count doubles (log2
+  variants, not one per 512 tokens); :mod:`seesaw_ds.model.device_attention` checks the single-partition one
+  and a multi-partition one before first use, larger counts are first compiled in the step that needs them.
 - Every shape the kernel sees is an argument: the grid depends only on the batch size and the partitions
   (``max_length`` is known on the host), so nothing here synchronises with the device.
 
@@ -72,6 +77,14 @@ def partitions(max_length: int, block_size: int, blocks_per_part: int = BLOCKS_P
     return max(1, -(-blocks // blocks_per_part))
 
 
+def launch_partitions(max_length: int, block_size: int, blocks_per_part: int = BLOCKS_PER_PART) -> int:
+    """Partitions the kernels are launched (and compiled) with: :func:`partitions` rounded up to a power of two,
+    so that a growing sequence compiles a new variant only when the count doubles; the partitions past the
+    longest sequence's blocks are empty (their (-inf, 0, 0) weighs 0 in the merge). 1 only where one partition
+    holds every block: the only case in which the kernel writes the output itself."""
+    return _pow2(partitions(max_length, block_size, blocks_per_part))
+
+
 def paged_decode_attention(query: torch.Tensor, flat_keys: torch.Tensor, flat_values: torch.Tensor,
                            block_table: torch.Tensor, lengths: torch.Tensor, max_length: int, block_size: int,
                            scale: float, window: int | None = None, softcap: float | None = None, *,
@@ -89,7 +102,7 @@ def paged_decode_attention(query: torch.Tensor, flat_keys: torch.Tensor, flat_va
     out = torch.empty((n, heads, dim), dtype=query.dtype, device=query.device)
     if n == 0:
         return out
-    parts = partitions(max_length, block_size, blocks_per_part)
+    parts = launch_partitions(max_length, block_size, blocks_per_part)   # a power of two: few compiled variants
     attend, merge = _kernels()
     group = heads // kv_heads
     if parts > 1:

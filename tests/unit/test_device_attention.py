@@ -97,3 +97,60 @@ def test_configure_leaves_the_cpu_alone():
     before = torch.backends.cuda.cudnn_sdp_enabled()
     device_attention.configure(torch.device("cpu"))
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
+def _paged_stand_in(calls: list, broken_parts: int | None = None, ignores_window: bool = False):
+    """A stand-in for triton_decode.paged_decode_attention that records each call's launch partition count and
+    window and answers with the direct reference: wrong where it launches ``broken_parts`` partitions, or
+    computed without the window (``ignores_window``)."""
+    from seesaw_ds.model import triton_decode
+
+    def paged(query, keys, values, table, lengths, max_length, block, scale, window=None, softcap=None, *,
+              blocks_per_part=triton_decode.BLOCKS_PER_PART):
+        parts = triton_decode.launch_partitions(max_length, block, blocks_per_part)
+        calls.append((parts, window, max(lengths.tolist())))
+        lengths = lengths.tolist()
+        tables = [row[:-(-length // block)] for row, length in zip(table.tolist(), lengths)]
+        out = device_attention._paged_reference(query, keys, values, tables, lengths, block, scale,
+                                                None if ignores_window else window, softcap).to(query.dtype)
+        return out + 1 if parts == broken_parts else out
+    return paged
+
+
+def _decode_check(monkeypatch, paged, window, softcap=None, block=16):
+    from seesaw_ds.model import triton_decode
+
+    monkeypatch.setattr(device_attention, "_decode_state", {})
+    monkeypatch.setattr(triton_decode, "available", lambda: True)
+    monkeypatch.setattr(triton_decode, "paged_decode_attention", paged)
+    query = torch.randn(3, 6, 16)
+    return device_attention._decode_usable(("cpu", window, softcap), query, 2, block, window, softcap)
+
+
+@pytest.mark.parametrize("window,softcap", [(None, None), (4096, None), (8, 50.0)])
+def test_the_decode_check_runs_one_partition_and_several_and_a_window_that_masks(monkeypatch, window, softcap):
+    """The first-use check launches the single-partition variant (the kernel stores the output: every step of
+    up to 512 tokens) and a multi-partition one (the merge kernel); with a sliding window, one shorter than its
+    sequences, however long the model's (the key keeps only whether there is a window)."""
+    calls = []
+    assert _decode_check(monkeypatch, _paged_stand_in(calls), window, softcap)
+    assert sorted(parts for parts, _, _ in calls) == [1, 2]
+    for _, shown, longest in calls:
+        if window is None:
+            assert shown is None
+        else:
+            assert 0 < shown <= window and shown < longest
+
+
+@pytest.mark.parametrize("broken_parts", [1, 2])
+def test_a_kernel_wrong_in_either_partition_variant_is_refused(monkeypatch, caplog, broken_parts):
+    with caplog.at_level(logging.WARNING, logger=device_attention.__name__):
+        assert not _decode_check(monkeypatch, _paged_stand_in([], broken_parts=broken_parts), None)
+    warnings = [r.getMessage() for r in caplog.records if "paged Triton decode kernel" in r.getMessage()]
+    assert len(warnings) == 1 and f"over {broken_parts} partition(s)" in warnings[0]
+
+
+def test_a_kernel_that_ignores_a_long_window_is_refused(monkeypatch):
+    """A window of 4096 tokens masks nothing in the check's sequences (4 blocks at most): the check shortens it."""
+    assert not _decode_check(monkeypatch, _paged_stand_in([], ignores_window=True), 4096)
+    assert _decode_check(monkeypatch, _paged_stand_in([], ignores_window=True), None)

@@ -328,6 +328,36 @@ def test_a_mapping_is_kept_only_where_both_sides_see_each_others_writes():
     assert checked_mapping(kv, None, slot=0) is None
 
 
+class _KernelsOnlyView(torch.Tensor):
+    """A stand-in for a mapped view whose kernels reach the host memory but whose memory copies do not:
+    ``copy_`` touching it (a cudaMemcpyAsync on the mapped address, on a GPU) raises or leaves it unchanged."""
+
+    raises = True
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.copy_:
+            if cls.raises:
+                raise RuntimeError("CUDA error: invalid argument")
+            return args[0]
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@pytest.mark.parametrize("raises", [True, False], ids=["copy-raises", "copy-dropped"])
+def test_a_mapping_whose_memory_copies_fail_is_refused(monkeypatch, raises):
+    """Swaps of a rank with one KV head copy contiguous pieces between the mapped area and the device
+    (copy_, a memory copy): the check tries that too, not only kernels reading and writing the area."""
+    from seesaw_ds.kv.staging import checked_mapping
+
+    monkeypatch.setattr(_KernelsOnlyView, "raises", raises)
+    kv = torch.zeros(DIMS.num_layers, 2, DIMS.num_kv_heads, CAPACITY, DIMS.head_dim, dtype=torch.bfloat16)
+    blind = kv.as_subclass(_KernelsOnlyView)
+    assert blind.data_ptr() == kv.data_ptr()
+    blind[0, 0, 0, 3].fill_(2)                                        # its kernels do reach the area
+    assert bool((kv[0, 0, 0, 3] == 2).all())
+    assert checked_mapping(kv, blind, slot=3) is None
+
+
 def test_no_mapped_view_off_cuda():
     assert backend.mapped_view(torch.zeros(4), torch.device("cpu")) is None
 

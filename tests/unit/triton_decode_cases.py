@@ -1,8 +1,9 @@
 """The GPU's paged decode attention (seesaw_ds/model/triton_decode.py), run on the CPU under Triton's
 interpreter (``TRITON_INTERPRET=1`` before Triton is imported: test_triton_decode.py runs this file so): equal
 to the per-sequence SDPA reference for every cache dtype, GQA ratio (a group that is no power of two too),
-head size, window, soft-cap and block size, with fragmented block tables, split over partitions or not; what
-the block table holds past a sequence's blocks is never read; the check a GPU runs before its first use."""
+head size, window, soft-cap and block size, with fragmented block tables, split over partitions or not (the
+partition count rounded up to a power of two: empty partitions merged in); what the block table holds past a
+sequence's blocks is never read; the check a GPU runs before its first use, over both compiled variants."""
 from __future__ import annotations
 
 import os
@@ -67,7 +68,25 @@ def test_triton_decode_at_the_default_block_size_over_partitions():
     keys, values = cache.flat(0)
     want = _decode_reference(0, query, meta, keys, values, 0.125, None, None)
     assert triton_decode.partitions(meta.max_length, 16, 4) == 5
+    assert triton_decode.launch_partitions(meta.max_length, 16, 4) == 8   # 3 empty for every sequence
     torch.testing.assert_close(_kernel(query, meta, keys, values, 0.125, None, None, 4), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_decode_over_a_partition_count_rounded_up_with_a_window(dtype):
+    """3 partitions of the longest sequence's blocks launched as 4: the last is empty for every sequence, and
+    the window leaves the longest one's first partition empty too (every block of it before the window)."""
+    torch.manual_seed(6)
+    lengths = [190, 1, 70]
+    cache, meta = _fragmented(2, 32, dtype, 16, lengths, blocks=24)
+    query = torch.randn(len(lengths), 4, 1, 32, dtype=dtype)
+    keys, values = cache.flat(0)
+    assert triton_decode.partitions(meta.max_length, 16, 4) == 3
+    assert triton_decode.launch_partitions(meta.max_length, 16, 4) == 4
+    want = _decode_reference(0, query, meta, keys, values, 0.2, 100, 25.0)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(_kernel(query, meta, keys, values, 0.2, 100, 25.0, 4), want, atol=tolerance,
+                               rtol=tolerance)
 
 
 def test_triton_decode_reads_only_each_sequences_own_blocks():
@@ -98,10 +117,11 @@ def test_triton_decode_refuses_what_it_cannot_serve():
     assert not triton_decode.applies(query)  # a CPU tensor: the CPU kernel or the padded path serve it
 
 
-@pytest.mark.parametrize("window,softcap", [(None, None), (5, 30.0)])
+@pytest.mark.parametrize("window,softcap", [(None, None), (5, 30.0), (4096, None)])
 def test_the_first_use_check_accepts_the_kernel_and_its_reference_agrees(window, softcap):
-    """device_attention checks the kernel once per shape before a GPU decode uses it; here (CPU tensors, the
-    interpreter) the same check, and its direct reference equal to the per-sequence SDPA reference."""
+    """device_attention checks the kernel once per shape before a GPU decode uses it (one partition and two,
+    a long window shortened to mask within the check's sequences); here (CPU tensors, the interpreter) the same
+    check, and its direct reference equal to the per-sequence SDPA reference."""
     from seesaw_ds.model import device_attention
 
     query = torch.randn(3, 6, 16)
