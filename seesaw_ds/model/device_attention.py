@@ -22,7 +22,8 @@ instead of 2. So:
   block size 16) and two partitions with the merge kernel, an empty partition among them; and, where the
   model has a sliding window, a window shorter than its sequences, so that the masking runs (the key keeps
   only whether there is one: a real window, thousands of tokens, would mask nothing in so small a cache).
-  Four partitions and more are first compiled in the step that needs them (a power of two each: few).
+  Four partitions and more (a power of two each: few) are checked the same way when a step first needs them,
+  a failure falling back for that count alone.
 
 Written here rather than taken from FlashInfer or flash-attn because neither is installed where the engine
 runs (their wheels are tied to a torch and CUDA build); a paged kernel from either plugs in beside these.
@@ -145,7 +146,11 @@ def _paged_reference(query, keys, values, tables: list[list[int]], lengths: list
     return torch.stack(outputs)
 
 
-def _decode_usable(key_of_call: tuple, query: torch.Tensor, n_kv: int, block: int, window, softcap) -> bool:
+def _decode_usable(key_of_call: tuple, query: torch.Tensor, n_kv: int, block: int, window, softcap,
+                   parts: int = 1) -> bool:
+    """Whether the Triton kernel passed its check for ``key_of_call``: with ``parts`` 1 (a shape's first call)
+    the one-partition variant and the two-partition one; with more (a power of two), that count's variant, each
+    count once, after the shape's first check passed."""
     def trial() -> tuple[bool, str]:
         if not triton_decode.available():
             return False, "Triton cannot be imported"
@@ -163,19 +168,26 @@ def _decode_usable(key_of_call: tuple, query: torch.Tensor, n_kv: int, block: in
         shown = min(window, block + 3) if window else None
         want = _paged_reference(sample, keys, values, tables, lengths, block, dim ** -0.5, shown, softcap)
         tolerance = 1e-4 if dtype == torch.float32 else 2e-2
-        # one partition (every step whose longest sequence fits in BLOCKS_PER_PART blocks) and two, merged
-        for blocks_per_part in (triton_decode.BLOCKS_PER_PART, 2):
-            got = triton_decode.paged_decode_attention(sample, keys, values, table, lengths_on_device, max(lengths),
+        # (blocks a partition, the longest length the launch is sized for): one partition (every step whose
+        # longest sequence fits in BLOCKS_PER_PART blocks) and two, merged; or ``parts`` of one block each, the
+        # sequences' blocks in the first four, the rest empty (as in a graphed step sized for its buffers)
+        variants = ([(triton_decode.BLOCKS_PER_PART, max(lengths)), (2, max(lengths))] if parts == 1
+                    else [(1, parts * block)])
+        for blocks_per_part, max_length in variants:
+            got = triton_decode.paged_decode_attention(sample, keys, values, table, lengths_on_device, max_length,
                                                        block, dim ** -0.5, shown, softcap,
                                                        blocks_per_part=blocks_per_part)
             error = (got.float() - want).abs().max().item()
             if not error <= tolerance:
-                parts = triton_decode.launch_partitions(max(lengths), block, blocks_per_part)
-                return False, f"it differs from a direct computation by {error:.3g} over {parts} partition(s)"
+                launched = triton_decode.launch_partitions(max_length, block, blocks_per_part)
+                return False, f"it differs from a direct computation by {error:.3g} over {launched} partition(s)"
         return True, ""
 
-    return _checked(_decode_state, key_of_call, trial, "seesaw_ds: the paged Triton decode kernel is not used (%s); "
-                    "decode gathers each sequence's KV into a padded batch instead")
+    if parts > 2 and not _decode_usable(key_of_call, query, n_kv, block, window, softcap):
+        return False
+    return _checked(_decode_state, key_of_call + ((parts,) if parts > 2 else ()), trial,
+                    "seesaw_ds: the paged Triton decode kernel is not used (%s); decode gathers each sequence's KV "
+                    "into a padded batch instead" + (f" where it would launch {parts} partitions" if parts > 2 else ""))
 
 
 def decode(query: torch.Tensor, flat_keys: torch.Tensor, flat_values: torch.Tensor, block_table: torch.Tensor,
@@ -189,7 +201,8 @@ def decode(query: torch.Tensor, flat_keys: torch.Tensor, flat_values: torch.Tens
     n_kv = flat_keys.shape[1]
     key_of_call = (query.device.type, query.dtype, query.shape[1], n_kv, query.shape[-1], block_size,
                    bool(window), bool(softcap))
-    if query.shape[1] % n_kv or not _decode_usable(key_of_call, query, n_kv, block_size, window, softcap):
+    parts = triton_decode.launch_partitions(max_length, block_size)
+    if query.shape[1] % n_kv or not _decode_usable(key_of_call, query, n_kv, block_size, window, softcap, parts):
         return None
     return triton_decode.paged_decode_attention(query, flat_keys, flat_values, block_table, lengths, max_length,
                                                 block_size, scaling, window, softcap)

@@ -17,7 +17,7 @@ pays for the padding; this kernel reads each valid token's K and V once, straigh
   two (:func:`launch_partitions`): the extra partitions hold no blocks, store (-inf, 0, 0) and weigh 0 in the
   merge. A decode whose longest sequence grows then compiles a new variant only when the count doubles (log2
   variants, not one per 512 tokens); :mod:`seesaw_ds.model.device_attention` checks the single-partition one
-  and a multi-partition one before first use, larger counts are first compiled in the step that needs them.
+  and a multi-partition one before first use, and each larger count before the first step that launches it.
 - Every shape the kernel sees is an argument: the grid depends only on the batch size and the partitions
   (``max_length`` is known on the host), so nothing here synchronises with the device.
 

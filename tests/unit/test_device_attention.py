@@ -117,14 +117,14 @@ def _paged_stand_in(calls: list, broken_parts: int | None = None, ignores_window
     return paged
 
 
-def _decode_check(monkeypatch, paged, window, softcap=None, block=16):
+def _decode_check(monkeypatch, paged, window, softcap=None, block=16, parts=1, state=None):
     from seesaw_ds.model import triton_decode
 
-    monkeypatch.setattr(device_attention, "_decode_state", {})
+    monkeypatch.setattr(device_attention, "_decode_state", {} if state is None else state)
     monkeypatch.setattr(triton_decode, "available", lambda: True)
     monkeypatch.setattr(triton_decode, "paged_decode_attention", paged)
     query = torch.randn(3, 6, 16)
-    return device_attention._decode_usable(("cpu", window, softcap), query, 2, block, window, softcap)
+    return device_attention._decode_usable(("cpu", window, softcap), query, 2, block, window, softcap, parts)
 
 
 @pytest.mark.parametrize("window,softcap", [(None, None), (4096, None), (8, 50.0)])
@@ -154,3 +154,24 @@ def test_a_kernel_that_ignores_a_long_window_is_refused(monkeypatch):
     """A window of 4096 tokens masks nothing in the check's sequences (4 blocks at most): the check shortens it."""
     assert not _decode_check(monkeypatch, _paged_stand_in([], ignores_window=True), 4096)
     assert _decode_check(monkeypatch, _paged_stand_in([], ignores_window=True), None)
+
+
+def test_a_larger_partition_count_is_checked_once_before_its_first_step(monkeypatch):
+    """A graphed step is sized for its buffers (a long span, most partitions empty): its count, 8 here, is
+    checked when first met, after the shape's own check, and then kept."""
+    calls, state = [], {}
+    assert _decode_check(monkeypatch, _paged_stand_in(calls), None, parts=8, state=state)
+    assert sorted(parts for parts, _, _ in calls) == [1, 2, 8]
+    assert _decode_check(monkeypatch, _paged_stand_in(calls), None, parts=8, state=state)
+    assert _decode_check(monkeypatch, _paged_stand_in(calls), None, parts=2, state=state)
+    assert len(calls) == 3                                   # nothing checked twice
+
+
+def test_a_kernel_wrong_only_at_a_larger_count_falls_back_for_that_count_alone(monkeypatch, caplog):
+    state = {}
+    with caplog.at_level(logging.WARNING, logger=device_attention.__name__):
+        assert not _decode_check(monkeypatch, _paged_stand_in([], broken_parts=16), None, parts=16, state=state)
+        assert _decode_check(monkeypatch, _paged_stand_in([], broken_parts=16), None, parts=1, state=state)
+        assert _decode_check(monkeypatch, _paged_stand_in([], broken_parts=16), None, parts=4, state=state)
+    warnings = [r.getMessage() for r in caplog.records if "paged Triton decode kernel" in r.getMessage()]
+    assert len(warnings) == 1 and "over 16 partition(s)" in warnings[0] and "launch 16 partitions" in warnings[0]

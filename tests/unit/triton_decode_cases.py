@@ -127,6 +127,7 @@ def test_the_first_use_check_accepts_the_kernel_and_its_reference_agrees(window,
     query = torch.randn(3, 6, 16)
     device_attention._decode_state.clear()
     assert device_attention._decode_usable(("cpu",), query, 2, 4, window, softcap)
+    assert device_attention._decode_usable(("cpu",), query, 2, 4, window, softcap, parts=8)  # 4 with blocks, 4 empty
     torch.manual_seed(4)
     lengths = [1, 6, 13]
     cache, meta = _fragmented(2, 16, torch.float32, 4, lengths, blocks=20)
