@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from seesaw_ds.backends import deepspeed as backend
+from seesaw_ds.backends.accelerator import device_identity
 from seesaw_ds.cpu_dtype import bf16_warning
 from seesaw_ds.distributed import env as dist_env
 from seesaw_ds.distributed.groups import Topology, build_topology
@@ -70,10 +71,11 @@ def start(model_path: str, layouts: dict[str, Layout], *, device_tokens: int | N
         devices = backend.device_count()
         device_index = dist_env.device_index(env.info.host_local_rank, devices)
         dist_env.export_device_rank(device_index)  # DeepSpeed binds its process group to LOCAL_RANK's device
-        crowded_host = max(env.world.allgather(env.info.host_local_size if env.info.host_local_size > devices else 0))
-        shared_device = crowded_host > 0  # every rank decides alike: NCCL takes one rank a device
+        mine = (env.info.hostname, device_identity(device_index))
+        env.ranks_per_device, sharers = dist_env.sharing(env.world.allgather(mine), mine)
+        shared_device = sharers is not None  # every rank decides alike: NCCL takes one rank a device
         if shared_device and env.rank == 0:
-            log.warning("%s", backend.shared_device_line(crowded_host, devices, backend.native_comm_backend()))
+            log.warning("%s", backend.shared_device_line(*sharers, backend.native_comm_backend()))
     backend.init_comm(comm_timeout_s, device_index, shared_device)
     topology = build_topology(env, layouts)
     template = build_template(checkpoint.config)

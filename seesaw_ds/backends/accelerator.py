@@ -28,6 +28,21 @@ def device_count() -> int:
     return 0 if accel.device_name() == "cpu" else accel.device_count()
 
 
+def device_identity(index: int) -> str:
+    """What tells device ``index`` apart from every other device of its host, whatever each process sees:
+    its UUID on CUDA (a rank bound to one GPU by Slurm or CUDA_VISIBLE_DEVICES sees it as device 0, as every
+    other rank sees its own), else the accelerator's name and the index."""
+    if accelerator_name() == "cuda":
+        properties = torch.cuda.get_device_properties(index)
+        uuid = getattr(properties, "uuid", None)
+        if uuid is not None:
+            return f"cuda {uuid}"
+        bus = tuple(getattr(properties, name, None) for name in ("pci_domain_id", "pci_bus_id", "pci_device_id"))
+        if None not in bus:
+            return f"cuda pci {bus}"
+    return f"{accelerator_name()}:{index}"
+
+
 class Streams:
     """The accelerator's streams and events (DeepSpeed's accelerator abstraction), for copies that run
     beside compute. When the compute device is the host, ``enabled`` is False and every method is a no-op:
@@ -37,6 +52,14 @@ class Streams:
         self._accel = get_accelerator()
         self.device = device
         self.enabled = device.type != "cpu" and self._accel.Stream is not None
+        self._index = device.index if device.index is not None or not self.enabled else self._accel.current_device()
+
+    def bind_thread(self) -> None:
+        """Make the device the calling thread's current one. A new thread starts on device 0: leaving a stream
+        context there makes device 0 current, which creates a context of its own on GPU 0 in every rank that
+        drives another GPU (hundreds of MB each, on the card whose KV tier rank 0 already sized)."""
+        if self.enabled:
+            self._accel.set_device(self._index)
 
     def new_stream(self):
         """A stream of its own (None on the host)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,8 @@ class DistEnv:
     info: RankInfo
     world: MPI.Comm
     node: MPI.Comm
+    ranks_per_device: int = 1
+    """Ranks of the job driving this rank's device, itself included (:func:`sharing`; 1 on a CPU)."""
 
     @property
     def rank(self) -> int:
@@ -156,6 +159,19 @@ def device_index(host_local_rank: int, device_count: int) -> int:
         raise ValueError(f"no accelerator visible to this rank (device count {device_count}); check "
                          f"CUDA_VISIBLE_DEVICES / the job's --gpus")
     return host_local_rank % device_count
+
+
+def sharing(devices: list[tuple[str, str]], mine: tuple[str, str]) -> tuple[int, tuple[int, int] | None]:
+    """From every rank's (host name, device identity) (pure): how many ranks drive ``mine`` (this rank's),
+    and, where any device drives more than one rank, (ranks, devices) of the first host where one does (for
+    the line that says so); else None. By identity, not by count: ranks that Slurm or CUDA_VISIBLE_DEVICES
+    bind to one GPU each all see their own as device 0."""
+    ranks = Counter(devices)
+    crowded = next((host for (host, _), n in ranks.items() if n > 1), None)
+    if crowded is None:
+        return ranks[mine], None
+    on_host = [device for host, device in devices if host == crowded]
+    return ranks[mine], (len(on_host), len(set(on_host)))
 
 
 def export_device_rank(index: int) -> None:

@@ -16,7 +16,6 @@ to tokens (pure, but for the readers of /proc, /sys and the device, and one agre
 """
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -220,8 +219,7 @@ def size_device_tier(topology, dims: ModelDims, dtype: torch.dtype, device: torc
     per_token = rank_bytes_per_token(dims, dtype, readers)
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        ranks_per_device = math.ceil(env.info.host_local_size / max(1, torch.cuda.device_count()))
-        budget = cuda_device_budget(total, free, fraction, weight_bytes, ranks_per_device)
+        budget = cuda_device_budget(total, free, fraction, weight_bytes, env.ranks_per_device)
         where = f"{fraction:g} of {total / 2**30:.1f} GiB on {device}"
     else:
         available = host_available_bytes()

@@ -217,7 +217,8 @@ class HostKV:
         self.dtype = dtype
         self.capacity = kv.shape[3]
         self.copies = copies
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seesaw-kv", initializer=one_openmp_thread)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seesaw-kv",
+                                          initializer=lambda: (one_openmp_thread(), copies.streams.bind_thread()))
         self._pending: list[Future] = []
         self.stats = TransferStats()
         self._lock = threading.Lock()

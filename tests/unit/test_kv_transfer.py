@@ -83,6 +83,9 @@ class FakeStreams:
     def keep(self, tensor, stream) -> None:
         self._add("keep", stream.name)
 
+    def bind_thread(self) -> None:
+        self._add("bind", threading.current_thread().name)
+
 
 def _area(streams, mapped: bool = False) -> HostKV:
     """The staging tensor; ``mapped``: on the (fake) accelerator, the area mapped into its address space (the
@@ -148,6 +151,9 @@ def test_swap_out_same_bytes_on_both_paths_and_device_path_orders_after_compute(
     assert [entry for entry in log if entry[0] == "wait_stream"] == [("wait_stream", "side", "compute")] * 3
     assert [entry[1] for entry in log if entry[0] == "synchronize"] == records
     assert sum(entry[0] == "keep" for entry in log) == 2 * DIMS.num_layers
+    # the copy thread made the rank's device its own before its first copy (a new thread starts on device 0)
+    first_of_thread = next(entry for entry in log if entry[0] in ("bind", "synchronize"))
+    assert first_of_thread[0] == "bind" and first_of_thread[1].startswith("seesaw-kv")
 
 
 def _swap_in(area: HostKV, streams=None) -> tuple[DeviceKVCache, object]:

@@ -24,6 +24,29 @@ def test_the_device_groups_backend():
     assert "\n" not in line
 
 
+def test_ranks_share_a_device_by_its_identity_not_by_how_many_devices_each_sees():
+    """Slurm's --gpus-per-task=1 (or a CUDA_VISIBLE_DEVICES per rank) shows each of 4 ranks one GPU, its own,
+    as device 0: they share nothing (the count rule, 4 ranks > 1 visible device, put them all on gloo and
+    sized each rank's KV tier for 4 ranks on the card)."""
+    from seesaw_ds.distributed.env import sharing
+
+    bound = [("node1", f"cuda GPU-{i}") for i in range(4)]
+    assert sharing(bound, bound[2]) == (1, None)
+    one_gpu = [("node1", "cuda GPU-0")] * 2
+    assert sharing(one_gpu, one_gpu[0]) == (2, (2, 1))
+    # two nodes: the second's 3 ranks on 2 GPUs (one of them twice); the first's ranks alone on theirs
+    mixed = [("a", "cuda GPU-0"), ("a", "cuda GPU-1"), ("b", "cuda GPU-7"), ("b", "cuda GPU-8"), ("b", "cuda GPU-7")]
+    assert sharing(mixed, mixed[0]) == (1, (3, 2)) and sharing(mixed, mixed[2]) == (2, (3, 2))
+    # the same identity on two hosts is two devices (a host's ranks cannot reach another's GPU)
+    assert sharing([("a", "cuda:0"), ("b", "cuda:0")], ("a", "cuda:0")) == (1, None)
+
+
+def test_a_device_identity_on_a_cpu_is_the_accelerators_name_and_index():
+    from seesaw_ds.backends.accelerator import device_identity
+
+    assert device_identity(0) == "cpu:0"
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
