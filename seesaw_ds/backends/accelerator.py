@@ -33,13 +33,7 @@ def device_identity(index: int) -> str:
     its UUID on CUDA (a rank bound to one GPU by Slurm or CUDA_VISIBLE_DEVICES sees it as device 0, as every
     other rank sees its own), else the accelerator's name and the index."""
     if accelerator_name() == "cuda":
-        properties = torch.cuda.get_device_properties(index)
-        uuid = getattr(properties, "uuid", None)
-        if uuid is not None:
-            return f"cuda {uuid}"
-        bus = tuple(getattr(properties, name, None) for name in ("pci_domain_id", "pci_bus_id", "pci_device_id"))
-        if None not in bus:
-            return f"cuda pci {bus}"
+        return f"cuda {torch.cuda.get_device_properties(index).uuid}"
     return f"{accelerator_name()}:{index}"
 
 
@@ -52,7 +46,10 @@ class Streams:
         self._accel = get_accelerator()
         self.device = device
         self.enabled = device.type != "cpu" and self._accel.Stream is not None
-        self._index = device.index if device.index is not None or not self.enabled else self._accel.current_device()
+        # the index, taken on the thread that makes the streams: another thread's current device starts at 0
+        self._index = device.index
+        if self._index is None and self.enabled:
+            self._index = self._accel.current_device()
 
     def bind_thread(self) -> None:
         """Make the device the calling thread's current one. A new thread starts on device 0: leaving a stream

@@ -183,11 +183,13 @@ def _decode_usable(key_of_call: tuple, query: torch.Tensor, n_kv: int, block: in
                 return False, f"it differs from a direct computation by {error:.3g} over {launched} partition(s)"
         return True, ""
 
-    if parts > 2 and not _decode_usable(key_of_call, query, n_kv, block, window, softcap):
-        return False
-    return _checked(_decode_state, key_of_call + ((parts,) if parts > 2 else ()), trial,
-                    "seesaw_ds: the paged Triton decode kernel is not used (%s); decode gathers each sequence's KV "
-                    "into a padded batch instead" + (f" where it would launch {parts} partitions" if parts > 2 else ""))
+    refusal = ("seesaw_ds: the paged Triton decode kernel is not used (%s); decode gathers each sequence's KV into "
+               "a padded batch instead")
+    if parts <= 2:
+        return _checked(_decode_state, key_of_call, trial, refusal)
+    return (_decode_usable(key_of_call, query, n_kv, block, window, softcap)
+            and _checked(_decode_state, key_of_call + (parts,), trial, refusal + f" where it would launch {parts} "
+                         "partitions"))
 
 
 def decode(query: torch.Tensor, flat_keys: torch.Tensor, flat_values: torch.Tensor, block_table: torch.Tensor,
